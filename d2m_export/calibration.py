@@ -1,0 +1,75 @@
+"""Run the dense model on calibration text and record, per layer, what LF-UC scores need.
+
+For layer l we keep the residual stream entering it (`h[l]`, with `h[L]` the stream leaving
+the last layer) and the stream entering its post-attention norm (`r[l]`), from which the MLP
+input `u_l = γ_l ⊙ rms_normalise(r[l])` follows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from d2m_export.corpora import load_text, token_windows
+
+CALIBRATION_CORPUS = "calibration"
+
+
+@dataclass
+class Activations:
+    h: list[torch.Tensor]        # L+1 tensors [tokens, hidden]
+    r: list[torch.Tensor]        # L tensors [tokens, hidden]: input of each post-attention norm
+    gamma: list[torch.Tensor]    # L post-attention norm weights
+    eps: float
+    tokens: int
+    _x_hat: dict = field(default_factory=dict, repr=False)
+
+    def normalized(self, layer: int) -> torch.Tensor:
+        """rms_normalise(r[layer]), before the norm's weight γ."""
+        if layer not in self._x_hat:
+            r = self.r[layer]
+            self._x_hat[layer] = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self._x_hat[layer]
+
+    def mlp_input(self, layer: int, gamma_of: int | None = None) -> torch.Tensor:
+        """u for `layer`'s residual, scaled by the norm weight of `gamma_of` (default: its own)."""
+        return self.normalized(layer) * self.gamma[layer if gamma_of is None else gamma_of]
+
+
+def calibration_ids(tokenizer, tokens: int, window: int = 256) -> torch.Tensor:
+    return token_windows(tokenizer, load_text(CALIBRATION_CORPUS), window, tokens)
+
+
+@torch.inference_mode()
+def collect(model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = True) -> Activations:
+    layers = model.model.layers
+    h: list[list[torch.Tensor]] = [[] for _ in range(len(layers) + 1)]
+    r: list[list[torch.Tensor]] = [[] for _ in range(len(layers))]
+    hooks = []
+    for i, layer in enumerate(layers):
+        hooks.append(layer.register_forward_pre_hook(
+            lambda mod, args, kwargs, i=i: h[i].append(_hidden(args, kwargs)), with_kwargs=True))
+        hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(
+            lambda mod, args, i=i: r[i].append(args[0].reshape(-1, args[0].shape[-1]).float())))
+    hooks.append(layers[-1].register_forward_hook(
+        lambda mod, args, out: h[-1].append(_flat(out[0] if isinstance(out, tuple) else out))))
+    try:
+        from tqdm import tqdm
+        batches = range(0, len(input_ids), batch_size)
+        for start in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
+            model(input_ids=input_ids[start:start + batch_size], use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return Activations(
+        h=[torch.cat(x) for x in h], r=[torch.cat(x) for x in r],
+        gamma=[layer.post_attention_layernorm.weight.detach().float() for layer in layers],
+        eps=float(layers[0].post_attention_layernorm.variance_epsilon), tokens=int(input_ids.numel()))
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1]).float()
+
+
+def _hidden(args, kwargs) -> torch.Tensor:
+    return _flat(args[0] if args else kwargs["hidden_states"])

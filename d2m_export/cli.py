@@ -1,0 +1,146 @@
+"""`d2m-export`: the command line. Each subcommand is a thin shell over `pipeline`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from d2m_export import __version__
+from d2m_export.errors import ParityError, UserError
+
+DEFAULT_TASKS = ["arc_easy", "hellaswag", "piqa"]
+
+
+def _options(args):
+    from d2m_export.plan import Options
+
+    return Options(host_mode=args.host_mode, top_k=args.top_k, num_experts=args.num_experts,
+                   router_init=args.router_init, alpha=args.alpha, beta=args.beta)
+
+
+def cmd_analyze(args) -> int:
+    from d2m_export.pipeline import analyze
+
+    result = analyze(args.model, Path(args.out), calib_tokens=args.calib_tokens)
+    best = sorted((b for b in result["blocks"] if b["length"] > 1), key=lambda b: b["angular_distance"])[:5]
+    print(f"wrote {args.out}/similarity.json and similarity.png ({result['calibration_tokens']} calibration tokens)")
+    for b in best:
+        print(f"  layers {b['start']}..{b['start'] + b['length'] - 1}: angular distance {b['angular_distance']:.3f}, "
+              f"MLP-input cos {b['mlp_input_cos']:.3f}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from d2m_export.pipeline import convert
+
+    record = convert(args.model, Path(args.out), method_name=args.method, plan_file=args.plan,
+                     target_ratio=args.target_active_ratio, threshold=args.threshold, options=_options(args),
+                     analysis=args.analysis, calib_tokens=args.calib_tokens, max_block=args.max_block,
+                     min_mlp_cos=args.min_mlp_cos)
+    p = record["params"]
+    blocks = ", ".join(f"{b['host']}←{b['donors']}" for b in record["plan"]["blocks"]) or "none"
+    print(f"{record['method']}: wrote {record['architecture']} to {args.out} in {record['wall_s']} s")
+    print(f"  blocks (host←donors): {blocks}")
+    print(f"  active params {p['active'] / 1e6:.1f}M of dense {p['dense_active'] / 1e6:.1f}M "
+          f"(ratio {p['active_ratio']:.3f}); total {p['total'] / 1e6:.1f}M")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from d2m_export.pipeline import evaluate
+
+    result = evaluate(args.model, Path(args.out) if args.out else None, tasks=args.tasks, limit=args.limit,
+                      ppl_tokens=args.ppl_tokens, batch_size=args.batch_size)
+    ppl = result["perplexity"]
+    print(f"{result['model']}: perplexity {ppl['value']:.2f} ({ppl['corpus']}, {ppl['tokens']} tokens)")
+    for name, r in result["tasks"].items():
+        print(f"  {name:<14} acc {r['acc']:.3f}  acc_norm {r['acc_norm']:.3f}  (n={r['n']})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from d2m_export.demo import run_demo
+
+    return run_demo(Path(args.out), model=args.model, ratio=args.target_active_ratio, limit=args.limit,
+                    tasks=args.tasks)
+
+
+def _add_model(p):
+    p.add_argument("--model", default=None, help="embedded name (smollm2-135m, the default) or a Hugging Face folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="d2m-export", description=(
+        "Turn dense LLMs into faster Mixture-of-Experts models and export them to edge runtimes."))
+    parser.add_argument("--version", action="version", version=f"d2m-export {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("analyze", help="score layer blocks for redundancy (JSON + heatmap)")
+    _add_model(p)
+    p.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens (Brown corpus; default 2048)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("convert", help="convert a dense model: lfuc (default), prune or upcycle")
+    _add_model(p)
+    p.add_argument("--method", default="lfuc", help="lfuc | prune | upcycle")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--plan", type=Path, help="YAML/JSON plan: blocks: [{host: 10, donors: [11, 12]}]")
+    how.add_argument("--target-active-ratio", type=float, help="active decode weights ÷ dense (default 0.8)")
+    how.add_argument("--threshold", type=float, help="fuse every block whose angular distance is at most δ")
+    p.add_argument("--analysis", type=Path, help="reuse a similarity.json from `analyze` instead of recalibrating")
+    p.add_argument("--calib-tokens", type=int, default=2048)
+    p.add_argument("--max-block", type=int, default=4, help="longest block considered, in layers (default 4)")
+    p.add_argument("--min-mlp-cos", type=float, default=-1.0, help="skip blocks whose MLP-input cosine is lower")
+    p.add_argument("--host-mode", default="shared", help="host MLP as an always-on shared expert or a routed one")
+    p.add_argument("--top-k", type=int, default=1, help="routed experts per token (default 1)")
+    p.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer (replicated); default: as needed")
+    p.add_argument("--router-init", default="zero", help="zero | calibrated")
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of the host MLP")
+    p.add_argument("--beta", type=float, default=1.0, help="weight of each selected routed expert")
+    p.add_argument("--out", required=True, help="output directory (a Hugging Face checkpoint)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("eval", help="perplexity (Austen) and zero-shot tasks")
+    _add_model(p)
+    p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, help="tasks (default: arc_easy hellaswag piqa)")
+    p.add_argument("--limit", type=int, default=None, help="first N documents per task")
+    p.add_argument("--ppl-tokens", type=int, default=10240, help="held-out tokens for perplexity (default 10240)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", help="write the results as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="analyze → convert (LF-UC and pruning) → eval, and print the comparison")
+    _add_model(p)
+    p.add_argument("--target-active-ratio", type=float, default=0.8)
+    p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS)
+    p.add_argument("--limit", type=int, default=150)
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"d2m-export: error: {e}", file=sys.stderr)
+        return 2
+    except ParityError as e:
+        print(f"d2m-export: parity check failed: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

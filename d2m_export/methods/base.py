@@ -1,0 +1,101 @@
+"""The interface every conversion method implements, and the registry that names them."""
+from __future__ import annotations
+
+import torch
+
+from d2m_export.errors import UserError
+from d2m_export.models import ARCHITECTURES
+from d2m_export.plan import Plan
+
+METHODS: dict[str, "Method"] = {}
+
+
+def register(cls):
+    METHODS[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> "Method":
+    if name not in METHODS:
+        raise UserError(f"unknown --method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+class Method:
+    name: str
+    description: str
+    allow_empty_donors = False
+
+    def output_config(self, dense_config, plan: Plan):
+        """The config of the converted model (no weights): what the planner costs."""
+        raise NotImplementedError
+
+    def build(self, model, plan: Plan, acts=None):
+        """Return the converted model; `acts` are calibration activations when the method uses them."""
+        raise NotImplementedError
+
+    def scored_block(self, host: int, n_donors: int) -> tuple[int, int]:
+        """(start, length) of the analysis block whose redundancy a candidate (host, n donors) relies on."""
+        return host, n_donors + 1
+
+
+def check_convertible(config) -> None:
+    arch = ARCHITECTURES.get(config.model_type)
+    if arch is None or arch.is_moe:
+        raise UserError(f"this method converts dense models ({', '.join(k for k, a in ARCHITECTURES.items() if not a.is_moe)});"
+                        f" got {config.model_type!r}")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise UserError("models with an o_proj or MLP bias are not supported yet (attention_bias/mlp_bias is set)")
+    if getattr(config, "use_sliding_window", False):
+        raise UserError("models with sliding-window attention are not supported yet (use_sliding_window is set)")
+
+
+def moe_config(dense_config, *, num_layers: int, mlp_only_layers: list[int], num_experts: int, top_k: int,
+               shared_size: int):
+    """A Qwen2MoeConfig that keeps the dense model's attention, norms and vocabulary."""
+    from transformers import Qwen2MoeConfig
+
+    d = dense_config
+    return Qwen2MoeConfig(
+        vocab_size=d.vocab_size, hidden_size=d.hidden_size, intermediate_size=d.intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=d.num_attention_heads,
+        num_key_value_heads=d.num_key_value_heads, head_dim=getattr(d, "head_dim", None) or d.hidden_size // d.num_attention_heads,
+        hidden_act=d.hidden_act, max_position_embeddings=d.max_position_embeddings, rms_norm_eps=d.rms_norm_eps,
+        rope_parameters=dict(d.rope_parameters), tie_word_embeddings=d.tie_word_embeddings,
+        bos_token_id=d.bos_token_id, eos_token_id=d.eos_token_id, pad_token_id=d.pad_token_id,
+        qkv_bias=ARCHITECTURES[d.model_type].qkv_bias, use_sliding_window=False,
+        moe_intermediate_size=d.intermediate_size, shared_expert_intermediate_size=shared_size,
+        num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=True,
+        mlp_only_layers=mlp_only_layers, decoder_sparse_step=1, router_aux_loss_coef=0.01)
+
+
+def shared_state(src_sd: dict, kept: list[int], skip_mlp_of: set[int] = frozenset()) -> dict:
+    """Embeddings, final norm, LM head, and each kept layer's attention/norms (and MLP unless skipped),
+    renumbered so that kept[i] becomes layer i."""
+    out = {k: v for k, v in src_sd.items() if not k.startswith("model.layers.")}
+    for new, old in enumerate(kept):
+        prefix = f"model.layers.{old}."
+        for k, v in src_sd.items():
+            if k.startswith(prefix):
+                rest = k[len(prefix):]
+                if rest.startswith("mlp.") and old in skip_mlp_of:
+                    continue
+                out[f"model.layers.{new}.{rest}"] = v
+    return out
+
+
+def instantiate(config, state: dict):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if config.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    result = model.load_state_dict({k: v.detach().clone().contiguous() for k, v in state.items()}, strict=False)
+    missing = [k for k in result.missing_keys if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"conversion mapped weights wrongly: missing {missing[:5]}, "
+                           f"unexpected {result.unexpected_keys[:5]}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.eval()
+    return model

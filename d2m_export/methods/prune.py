@@ -1,0 +1,31 @@
+"""Layer pruning baseline (ShortGPT / Gromov et al.): drop the plan's donor layers outright."""
+from __future__ import annotations
+
+import copy
+
+from d2m_export.methods.base import Method, check_convertible, instantiate, register, shared_state
+from d2m_export.plan import Plan
+
+
+@register
+class Prune(Method):
+    name = "prune"
+    description = "drop the donor layers outright (attention and MLP)"
+
+    def output_config(self, dense_config, plan: Plan):
+        check_convertible(dense_config)
+        config = copy.deepcopy(dense_config)
+        kept = [i for i in range(plan.num_layers) if i not in set(plan.donors)]
+        config.num_hidden_layers = len(kept)
+        if getattr(config, "layer_types", None):
+            config.layer_types = [config.layer_types[i] for i in kept]
+        return config
+
+    def build(self, model, plan: Plan, acts=None):
+        config = self.output_config(model.config, plan)
+        kept = [i for i in range(plan.num_layers) if i not in set(plan.donors)]
+        return instantiate(config, shared_state(model.state_dict(), kept))
+
+    def scored_block(self, host: int, n_donors: int) -> tuple[int, int]:
+        # The host survives whole: what is removed is the stretch of donors after it.
+        return host + 1, n_donors

@@ -1,0 +1,47 @@
+"""Sparse upcycling baseline (Komatsuzaki et al.): every MLP copied into N experts, new router.
+
+With a zero router every selected copy gets weight 1/k and the copies are equal, so the
+upcycled model reproduces the dense one exactly; active parameters do not fall.
+"""
+from __future__ import annotations
+
+import torch
+
+from d2m_export.methods.base import Method, check_convertible, instantiate, moe_config, register, shared_state
+from d2m_export.plan import Plan
+
+
+@register
+class Upcycle(Method):
+    name = "upcycle"
+    description = "copy each MLP into N experts behind a new zero router"
+    allow_empty_donors = True
+
+    def _layers(self, plan: Plan) -> list[int]:
+        return [b.host for b in plan.blocks] if plan.blocks else list(range(plan.num_layers))
+
+    def output_config(self, dense_config, plan: Plan):
+        check_convertible(dense_config)
+        upcycled = set(self._layers(plan))
+        n = plan.options.num_experts or 4
+        return moe_config(dense_config, num_layers=plan.num_layers,
+                          mlp_only_layers=[i for i in range(plan.num_layers) if i not in upcycled],
+                          num_experts=n, top_k=plan.options.top_k, shared_size=0)
+
+    def build(self, model, plan: Plan, acts=None):
+        config = self.output_config(model.config, plan)
+        src = model.state_dict()
+        layers = self._layers(plan)
+        state = shared_state(src, list(range(plan.num_layers)), skip_mlp_of=set(layers))
+        n, h = config.num_experts, config.hidden_size
+        for i in layers:
+            p = f"model.layers.{i}.mlp."
+            gate_up = torch.cat([src[p + "gate_proj.weight"], src[p + "up_proj.weight"]])
+            state[p + "experts.gate_up_proj"] = gate_up.expand(n, -1, -1)
+            state[p + "experts.down_proj"] = src[p + "down_proj.weight"].expand(n, -1, -1)
+            state[p + "gate.weight"] = torch.zeros(n, h)
+            state[p + "shared_expert.gate_proj.weight"] = torch.zeros(0, h)
+            state[p + "shared_expert.up_proj.weight"] = torch.zeros(0, h)
+            state[p + "shared_expert.down_proj.weight"] = torch.zeros(h, 0)
+            state[p + "shared_expert_gate.weight"] = torch.zeros(1, h)
+        return instantiate(config, state)

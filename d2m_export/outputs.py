@@ -1,0 +1,83 @@
+"""Atomic outputs: a crash or bad input never leaves a half-written artifact that looks complete.
+
+Every directory d2m-export writes carries a marker file; an existing path without it is
+somebody else's and is never overwritten.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from d2m_export import __version__
+from d2m_export.errors import UserError
+
+MARKER = ".d2m-export"
+GENERATOR = "d2m-export"
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse an existing path that is not an (empty) directory or one of ours."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"--out {out} exists and is a file, not a d2m-export output directory; pick another path")
+    if any(out.iterdir()) and not (out / MARKER).exists():
+        raise UserError(f"--out {out} exists and was not written by d2m-export; pick another path or remove it")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path):
+    """Yield a temporary sibling directory; on success it replaces `out` in one rename."""
+    out = Path(out)
+    check_output_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        (tmp / MARKER).write_text(f"{GENERATOR} {__version__}\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_output_file(path: Path) -> None:
+    """A JSON output may replace only a JSON file that d2m-export wrote."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise UserError(f"--out {path} is a directory; give a file name such as results.json")
+    try:
+        ours = json.loads(path.read_text()).get("generator") == GENERATOR
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        ours = False
+    if not ours:
+        raise UserError(f"--out {path} exists and was not written by d2m-export; pick another path or remove it")
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write `payload` (tagged as ours) to `path` via a temporary file and one rename."""
+    path = Path(path)
+    check_output_file(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"generator": GENERATOR, **payload}, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

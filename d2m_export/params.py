@@ -1,0 +1,54 @@
+"""Parameter counts per decode step, read off a config: what the roofline and the planner use.
+
+"Active" means the weights one decode token reads: every attention and norm, the LM head,
+dense MLPs, and for MoE layers the router, the shared expert and `top_k` routed experts.
+An untied input embedding costs one row per token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    active: int
+    total: int
+
+
+def _get(cfg, key, default=None):
+    return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
+
+
+def param_counts(cfg) -> ParamCounts:
+    h = _get(cfg, "hidden_size")
+    heads, kv = _get(cfg, "num_attention_heads"), _get(cfg, "num_key_value_heads") or _get(cfg, "num_attention_heads")
+    hd = _get(cfg, "head_dim") or h // heads
+    model_type = _get(cfg, "model_type")
+    qkv_bias = model_type == "qwen2" or (model_type == "qwen2_moe" and _get(cfg, "qkv_bias", True))
+    attn = h * heads * hd * 2 + h * kv * hd * 2 + (heads * hd + 2 * kv * hd if qkv_bias else 0)
+    layers = _get(cfg, "num_hidden_layers")
+    num_experts = _get(cfg, "num_experts", 0) or 0
+    moe_layers = set()
+    if model_type == "qwen2_moe" and num_experts:
+        step = _get(cfg, "decoder_sparse_step", 1)
+        skip = set(_get(cfg, "mlp_only_layers", None) or [])
+        moe_layers = {i for i in range(layers) if i not in skip and (i + 1) % step == 0}
+    active = total = 0
+    for i in range(layers):
+        active += attn + 2 * h
+        total += attn + 2 * h
+        if i in moe_layers:
+            shared = 3 * h * _get(cfg, "shared_expert_intermediate_size", 0) + h
+            expert = 3 * h * _get(cfg, "moe_intermediate_size")
+            router = num_experts * h
+            active += router + shared + _get(cfg, "num_experts_per_tok") * expert
+            total += router + shared + num_experts * expert
+        else:
+            mlp = 3 * h * _get(cfg, "intermediate_size")
+            active += mlp
+            total += mlp
+    vocab = _get(cfg, "vocab_size")
+    head = vocab * h + h                      # LM head + final norm
+    embed_total = 0 if _get(cfg, "tie_word_embeddings", False) else vocab * h
+    embed_active = 0 if _get(cfg, "tie_word_embeddings", False) else h
+    return ParamCounts(active=active + head + embed_active, total=total + head + embed_total)

@@ -1,0 +1,127 @@
+"""The stages, each with a serialisable hand-off: analysis JSON → plan → checkpoint → eval JSON."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from d2m_export.errors import UserError
+from d2m_export.models import load_model, model_label
+from d2m_export.outputs import atomic_dir, check_output_dir, check_output_file, write_json
+from d2m_export.params import param_counts
+from d2m_export.plan import Options, Plan, read_plan_file
+
+DEFAULT_RATIO = 0.8
+
+
+def analyze(model_spec, out: Path, calib_tokens: int = 2048, progress: bool = True) -> dict:
+    from d2m_export.analysis import plot_heatmap, score_blocks
+    from d2m_export.calibration import calibration_ids, collect
+
+    check_output_dir(out)
+    model, tokenizer, _ = load_model(model_spec)
+    acts = collect(model, calibration_ids(tokenizer, calib_tokens), progress=progress)
+    result = {"model": model_label(model_spec), "num_layers": len(acts.r), "calibration_tokens": acts.tokens,
+              "calibration_corpus": "brown", "blocks": score_blocks(acts)}
+    with atomic_dir(out) as tmp:
+        (tmp / "similarity.json").write_text(json.dumps(result, indent=1) + "\n")
+        plot_heatmap(result["blocks"], result["num_layers"],
+                     f"{result['model']}: block redundancy on {acts.tokens} calibration tokens",
+                     tmp / "similarity.png")
+    return result
+
+
+def _analysis_table(path: Path, num_layers: int) -> dict:
+    from d2m_export.analysis import block_table
+
+    try:
+        data = json.loads(Path(path).read_text())
+        blocks = data["blocks"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--analysis {path} is not a similarity.json written by `d2m-export analyze` ({e})") from None
+    if data.get("num_layers") != num_layers:
+        raise UserError(f"--analysis {path} describes {data.get('num_layers')} layers, the model has {num_layers}")
+    return block_table(blocks)
+
+
+def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | None = None,
+            target_ratio: float | None = None, threshold: float | None = None, options: Options | None = None,
+            analysis: Path | None = None, calib_tokens: int = 2048, max_block: int = 4,
+            min_mlp_cos: float = -1.0, progress: bool = True) -> dict:
+    from d2m_export.methods import get_method
+    from d2m_export.planner import active_ratio, plan_by_ratio, plan_by_threshold
+
+    method = get_method(method_name)
+    options = options or Options()
+    options.validate()
+    if sum(x is not None for x in (plan_file, target_ratio, threshold)) > 1:
+        raise UserError("give at most one of --plan, --target-active-ratio, --threshold")
+    plan_data = read_plan_file(plan_file) if plan_file else None
+    check_output_dir(out)
+    t0 = time.time()
+    model, tokenizer, _ = load_model(model_spec)
+    num_layers = model.config.num_hidden_layers
+    if model.config.model_type not in ("llama", "qwen2"):
+        raise UserError(f"convert --method {method_name} needs a dense Llama or Qwen2 model; "
+                        f"{model_label(model_spec)} is {model.config.model_type}")
+
+    acts = table = None
+    needs_table = plan_data is None and method.name != "upcycle"
+    if needs_table and analysis:
+        table = _analysis_table(analysis, num_layers)
+    if (needs_table and table is None) or options.router_init == "calibrated":
+        from d2m_export.analysis import block_table, score_blocks
+        from d2m_export.calibration import calibration_ids, collect
+        acts = collect(model, calibration_ids(tokenizer, calib_tokens), progress=progress)
+        if needs_table and table is None:
+            table = block_table(score_blocks(acts))
+
+    if plan_data is not None:
+        plan = Plan.from_dict(plan_data, method=method.name, num_layers=num_layers)
+        if plan_data.get("options") is None:
+            plan.options = options
+    elif method.name == "upcycle":
+        plan = Plan(method.name, num_layers, [], options)
+    elif threshold is not None:
+        plan = plan_by_threshold(method, model.config, table, threshold, options, max_block, min_mlp_cos)
+    else:
+        plan = plan_by_ratio(method, model.config, table, target_ratio or DEFAULT_RATIO, options,
+                             max_block, min_mlp_cos)
+    plan.validate(allow_empty_donors=method.allow_empty_donors)
+
+    converted = method.build(model, plan, acts)
+    dense, new = param_counts(model.config), param_counts(converted.config)
+    record = {
+        "base_model": model_label(model_spec), "method": method.name, "plan": plan.to_dict(),
+        "params": {"dense_active": dense.active, "dense_total": dense.total, "active": new.active,
+                   "total": new.total, "active_ratio": round(active_ratio(method, model.config, plan), 6)},
+        "architecture": type(converted).__name__,
+        "scores": [table[method.scored_block(b.host, len(b.donors))] for b in plan.blocks if b.donors] if table else None,
+        "wall_s": None,
+    }
+    with atomic_dir(out) as tmp:
+        converted.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record["wall_s"] = round(time.time() - t0, 1)
+        (tmp / "d2m_plan.json").write_text(json.dumps({"generator": "d2m-export", **record}, indent=2) + "\n")
+    return record
+
+
+def evaluate(model_spec, out: Path | None, tasks: list[str], limit: int | None, ppl_tokens: int = 10240,
+             batch_size: int = 8) -> dict:
+    from d2m_export import evaluation
+
+    unknown = [t for t in tasks if t not in evaluation.available_tasks()]
+    if unknown:
+        raise UserError(f"unknown task {unknown[0]!r}; available: {', '.join(evaluation.available_tasks())}")
+    if out:
+        check_output_file(out)
+    model, tokenizer, model_dir = load_model(model_spec)
+    t0 = time.time()
+    result = evaluation.evaluate(model, tokenizer, tasks=tasks, limit=limit, ppl_tokens=ppl_tokens,
+                                 batch_size=batch_size)
+    result = {"model": model_label(model_spec), **result,
+              "params": param_counts(model.config).__dict__, "wall_s": round(time.time() - t0, 1)}
+    if out:
+        write_json(out, result)
+    return result

@@ -1,0 +1,99 @@
+"""Fusion plans: which layers host, which donate; chosen from a file, a ratio or a threshold.
+
+A plan is plain data (it round-trips through `d2m_plan.json`); methods turn it into models.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from d2m_export.errors import UserError
+
+
+@dataclass
+class Block:
+    host: int
+    donors: list[int]
+
+
+@dataclass
+class Options:
+    host_mode: str = "shared"        # host MLP as an always-on shared expert, or one of the routed experts
+    top_k: int = 1
+    num_experts: int | None = None   # None: as many as the largest block has distinct experts
+    router_init: str = "zero"        # zero | calibrated
+    alpha: float = 1.0               # weight of the host's (shared) MLP
+    beta: float = 1.0                # weight of each selected routed expert under a uniform router
+
+    def validate(self) -> None:
+        if self.host_mode not in ("shared", "routed"):
+            raise UserError(f"--host-mode must be shared or routed, not {self.host_mode!r}")
+        if self.router_init not in ("zero", "calibrated"):
+            raise UserError(f"--router-init must be zero or calibrated, not {self.router_init!r}")
+        if self.top_k < 1:
+            raise UserError(f"--top-k must be at least 1, not {self.top_k}")
+        if self.num_experts is not None and self.num_experts < self.top_k:
+            raise UserError(f"--num-experts {self.num_experts} is below --top-k {self.top_k}")
+
+
+@dataclass
+class Plan:
+    method: str
+    num_layers: int
+    blocks: list[Block] = field(default_factory=list)
+    options: Options = field(default_factory=Options)
+
+    def validate(self, allow_empty_donors: bool = False) -> None:
+        seen: dict[int, int] = {}
+        for b in self.blocks:
+            layers = [b.host, *b.donors]
+            for layer in layers:
+                if not (isinstance(layer, int) and 0 <= layer < self.num_layers):
+                    raise UserError(f"plan names layer {layer}, but the model has layers 0..{self.num_layers - 1}")
+                if layer in seen:
+                    raise UserError(f"plan blocks overlap: layer {layer} is in the block of host {seen[layer]} "
+                                    f"and of host {b.host}")
+                seen[layer] = b.host
+            if not b.donors and not allow_empty_donors:
+                raise UserError(f"plan block with host {b.host} has no donors")
+            if b.donors and b.donors != list(range(b.host + 1, b.host + 1 + len(b.donors))):
+                raise UserError(f"plan block with host {b.host}: donors {b.donors} must be the layers right after "
+                                f"the host, in order ({b.host + 1}, {b.host + 2}, ...)")
+        self.options.validate()
+
+    @property
+    def donors(self) -> list[int]:
+        return sorted(d for b in self.blocks for d in b.donors)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, method: str | None = None, num_layers: int | None = None) -> "Plan":
+        try:
+            blocks = [Block(host=b["host"], donors=list(b.get("donors", []))) if isinstance(b, dict)
+                      else Block(host=list(b)[0], donors=list(b)[1:]) for b in d.get("blocks", [])]
+            options = Options(**d.get("options", {}))
+        except (KeyError, TypeError, IndexError) as e:
+            raise UserError(f"plan is malformed ({e}); expected blocks: [{{host: 3, donors: [4, 5]}}, ...]") from None
+        return cls(method=method or d.get("method", "lfuc"), num_layers=num_layers or d["num_layers"],
+                   blocks=blocks, options=options)
+
+
+def read_plan_file(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--plan {path} not found")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # yaml and json raise unrelated types
+        raise UserError(f"--plan {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--plan {path}: expected a mapping with a 'blocks' list")
+    return data.get("plan", data)   # accept a d2m_plan.json as a plan file too

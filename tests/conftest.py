@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random Llama/Qwen2 models saved as Hugging Face folders."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Tiny layers under a real 49k vocabulary: the LM head dominates the active parameters.
+TINY = dict(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, rms_norm_eps=1e-5)
+
+
+def tiny_dense(arch: str = "llama", seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    model = model_cls(cfg_cls(**{**TINY, **overrides})).eval()
+    with torch.no_grad():   # non-trivial norm weights, so that γ folding is exercised
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif p.ndim == 1:  # biases
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """The embedded SmolLM2 tokenizer, saved once (tiny models share its vocabulary)."""
+    from transformers import AutoTokenizer
+
+    from d2m_export.models import EMBEDDED
+    import importlib.util
+    from pathlib import Path
+
+    package, filename = EMBEDDED["smollm2-135m"]
+    gguf_dir = Path(list(importlib.util.find_spec(package).submodule_search_locations)[0])
+    out = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def tiny_model_dir(request, tmp_path, tokenizer_dir):
+    import shutil
+
+    model = tiny_dense(request.param)
+    out = tmp_path / f"tiny-{request.param}"
+    model.save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out

@@ -1,0 +1,142 @@
+"""The command line on tiny models: outputs, and one-line errors with exit code 2 for bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from d2m_export.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_user_error(code, err, *needles):
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("d2m-export: error:")]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_analyze_writes_json_and_heatmap(capsys, tiny_model_dir, tmp_path):
+    out = tmp_path / "analysis"
+    code, stdout, err = run(capsys, "analyze", "--model", tiny_model_dir, "--calib-tokens", 256, "--out", out)
+    assert code == 0, err
+    data = json.loads((out / "similarity.json").read_text())
+    assert {"model", "num_layers", "calibration_tokens", "blocks"} <= data.keys()
+    assert data["num_layers"] == 6 and data["calibration_tokens"] == 256
+    assert len(data["blocks"]) == 6 * 7 // 2
+    b = data["blocks"][0]
+    assert set(b) == {"start", "length", "angular_distance", "mlp_input_cos"}
+    assert (out / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("method", ["lfuc", "prune", "upcycle"])
+def test_convert_by_ratio_writes_loadable_checkpoint(capsys, tiny_model_dir, tmp_path, method):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / method
+    ratio = [] if method == "upcycle" else ["--target-active-ratio", 0.995]
+    code, stdout, err = run(capsys, "convert", "--model", tiny_model_dir, "--method", method, *ratio,
+                            "--calib-tokens", 256, "--out", out)
+    assert code == 0, err
+    plan = json.loads((out / "d2m_plan.json").read_text())
+    assert plan["method"] == method and plan["base_model"] == str(tiny_model_dir)
+    if method != "upcycle":
+        assert plan["params"]["active_ratio"] <= 0.995 and plan["plan"]["blocks"]
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_convert_with_plan_file_and_calibrated_router(capsys, tiny_model_dir, tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("blocks:\n  - {host: 1, donors: [2, 3]}\n")
+    out = tmp_path / "fused"
+    code, _, err = run(capsys, "convert", "--model", tiny_model_dir, "--plan", plan, "--router-init", "calibrated",
+                       "--calib-tokens", 256, "--out", out)
+    assert code == 0, err
+    record = json.loads((out / "d2m_plan.json").read_text())
+    assert record["plan"]["blocks"] == [{"host": 1, "donors": [2, 3]}]
+    assert record["plan"]["options"]["router_init"] == "calibrated"
+
+
+def test_missing_model_dir(capsys, tmp_path):
+    code, _, err = run(capsys, "analyze", "--model", tmp_path / "nope", "--out", tmp_path / "o")
+    assert_user_error(code, err, "not found")
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_model_dir(capsys, tiny_model_dir, tmp_path):
+    (tiny_model_dir / "config.json").write_text("{not json")
+    code, _, err = run(capsys, "convert", "--model", tiny_model_dir, "--out", tmp_path / "o")
+    assert_user_error(code, err, "corrupt")
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_weights(capsys, tiny_model_dir, tmp_path):
+    (tiny_model_dir / "model.safetensors").write_bytes(b"garbage")
+    code, _, err = run(capsys, "convert", "--model", tiny_model_dir, "--out", tmp_path / "o")
+    assert_user_error(code, err, "cannot load")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_architecture(capsys, tmp_path):
+    d = tmp_path / "gpt2"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    code, _, err = run(capsys, "eval", "--model", d, "--out", tmp_path / "e.json")
+    assert_user_error(code, err, "unsupported architecture 'gpt2'", "llama", "qwen2")
+
+
+@pytest.mark.parametrize("plan_text, needle", [
+    ("blocks:\n  - {host: 4, donors: [5, 6]}\n", "layer 6"),
+    ("blocks:\n  - {host: 1, donors: [2, 3]}\n  - {host: 3, donors: [4]}\n", "overlap"),
+    ("blocks:\n  - {host: 1, donors: [3]}\n", "right after the host"),
+    ("blocks: [", "not valid"),
+])
+def test_bad_plans(capsys, tiny_model_dir, tmp_path, plan_text, needle):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(plan_text)
+    code, _, err = run(capsys, "convert", "--model", tiny_model_dir, "--plan", plan, "--out", tmp_path / "o")
+    assert_user_error(code, err, needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_task(capsys, tiny_model_dir, tmp_path):
+    code, _, err = run(capsys, "eval", "--model", tiny_model_dir, "--tasks", "arc_easy", "no_such_task",
+                       "--out", tmp_path / "e.json")
+    assert_user_error(code, err, "no_such_task", "arc_easy")
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_output_that_is_not_ours_is_left_alone(capsys, tiny_model_dir, tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep me")
+    code, _, err = run(capsys, "convert", "--model", tiny_model_dir, "--out", theirs)
+    assert_user_error(code, err, "not written by d2m-export")
+    assert sorted(p.name for p in theirs.iterdir()) == ["notes.txt"]
+    their_file = tmp_path / "e.json"
+    their_file.write_text('{"mine": true}')
+    code, _, err = run(capsys, "eval", "--model", tiny_model_dir, "--out", their_file)
+    assert_user_error(code, err, "not written by d2m-export")
+    assert their_file.read_text() == '{"mine": true}'
+
+
+def test_rerun_replaces_our_own_output(capsys, tiny_model_dir, tmp_path):
+    out = tmp_path / "fused"
+    for _ in range(2):
+        code, _, err = run(capsys, "convert", "--model", tiny_model_dir, "--target-active-ratio", 0.995,
+                           "--calib-tokens", 256, "--out", out)
+        assert code == 0, err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fused")]
+
+
+def test_unreachable_ratio(capsys, tiny_model_dir, tmp_path):
+    code, _, err = run(capsys, "convert", "--model", tiny_model_dir, "--target-active-ratio", 0.05,
+                       "--calib-tokens", 256, "--out", tmp_path / "o")
+    assert_user_error(code, err, "cannot reach")
+    assert not (tmp_path / "o").exists()
