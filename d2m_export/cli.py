@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-mode", default="shared", help="host MLP as an always-on shared expert or a routed one")
     p.add_argument("--top-k", type=int, default=1, help="routed experts per token (default 1)")
     p.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer (replicated); default: as needed")
-    p.add_argument("--router-init", default="zero", help="zero | calibrated")
+    p.add_argument("--router-init", default="calibrated",
+                   help="calibrated (default: route to the expert with the largest output) | zero")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the host MLP")
     p.add_argument("--beta", type=float, default=1.0, help="weight of each selected routed expert")
     p.add_argument("--out", required=True, help="output directory (a Hugging Face checkpoint)")

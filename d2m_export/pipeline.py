@@ -65,15 +65,16 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
         raise UserError(f"convert --method {method_name} needs a dense Llama or Qwen2 model; "
                         f"{model_label(model_spec)} is {model.config.model_type}")
 
+    from d2m_export.analysis import block_table, score_blocks
+    from d2m_export.calibration import calibration_ids, collect
+
     acts = table = None
-    needs_table = plan_data is None and method.name != "upcycle"
-    if needs_table and analysis:
-        table = _analysis_table(analysis, num_layers)
-    if (needs_table and table is None) or options.router_init == "calibrated":
-        from d2m_export.analysis import block_table, score_blocks
-        from d2m_export.calibration import calibration_ids, collect
-        acts = collect(model, calibration_ids(tokenizer, calib_tokens), progress=progress)
-        if needs_table and table is None:
+    calibrate = lambda: collect(model, calibration_ids(tokenizer, calib_tokens), progress=progress)  # noqa: E731
+    if plan_data is None and method.name != "upcycle":
+        if analysis:
+            table = _analysis_table(analysis, num_layers)
+        else:
+            acts = calibrate()
             table = block_table(score_blocks(acts))
 
     if plan_data is not None:
@@ -88,6 +89,8 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
         plan = plan_by_ratio(method, model.config, table, target_ratio or DEFAULT_RATIO, options,
                              max_block, min_mlp_cos)
     plan.validate(allow_empty_donors=method.allow_empty_donors)
+    if acts is None and method.name == "lfuc" and plan.options.router_init == "calibrated" and plan.blocks:
+        acts = calibrate()
 
     converted = method.build(model, plan, acts)
     dense, new = param_counts(model.config), param_counts(converted.config)

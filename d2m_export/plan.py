@@ -22,7 +22,7 @@ class Options:
     host_mode: str = "shared"        # host MLP as an always-on shared expert, or one of the routed experts
     top_k: int = 1
     num_experts: int | None = None   # None: as many as the largest block has distinct experts
-    router_init: str = "zero"        # zero | calibrated
+    router_init: str = "calibrated"  # calibrated (fitted on calibration data) | zero
     alpha: float = 1.0               # weight of the host's (shared) MLP
     beta: float = 1.0                # weight of each selected routed expert under a uniform router
 

@@ -69,7 +69,8 @@ def test_batched_scores_match_unbatched(model, tokenizer, task, limit):
 def test_batched_scores_match_unbatched_moe(moe_model, tokenizer):
     flat = [req for doc in evaluation.task_docs("arc_easy", 2) for req in doc.requests]
     batched = evaluation.loglikelihoods(moe_model, tokenizer, flat, batch_size=4, progress=False)
-    assert batched == pytest.approx([reference_loglikelihood(moe_model, tokenizer, c, x) for c, x in flat], abs=1e-4)
+    reference = [reference_loglikelihood(moe_model, tokenizer, c, x) for c, x in flat]
+    assert batched == pytest.approx(reference, abs=1e-4)
 
 
 def test_perplexity_is_exp_mean_nll(model, tokenizer):

@@ -35,8 +35,9 @@ class Method:
         raise NotImplementedError
 
     def scored_block(self, host: int, n_donors: int) -> tuple[int, int]:
-        """(start, length) of the analysis block whose redundancy a candidate (host, n donors) relies on."""
-        return host, n_donors + 1
+        """(start, length) of the analysis block whose redundancy a candidate (host, n donors) relies on:
+        the stretch of donors, since the host layer keeps its attention and MLP whole."""
+        return host + 1, n_donors
 
 
 def check_convertible(config) -> None:

@@ -25,7 +25,3 @@ class Prune(Method):
         config = self.output_config(model.config, plan)
         kept = [i for i in range(plan.num_layers) if i not in set(plan.donors)]
         return instantiate(config, shared_state(model.state_dict(), kept))
-
-    def scored_block(self, host: int, n_donors: int) -> tuple[int, int]:
-        # The host survives whole: what is removed is the stretch of donors after it.
-        return host + 1, n_donors

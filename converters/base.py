@@ -1,0 +1,134 @@
+"""The shape every export target follows, and the one `export` entry point.
+
+An exporter turns a Hugging Face model folder into runtime artifacts in a temporary directory.
+`export` does everything around it, the same way for every target: validate the request,
+resolve the model, write atomically, copy the tokenizer, run the parity check in the REAL
+runtime against the transformers reference, and write `manifest.json`. A failed parity check
+raises `ParityError` inside the atomic write, so nothing is left at `out`.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+import shutil
+import time
+from pathlib import Path
+
+from d2m_export.errors import UserError
+from d2m_export.models import model_label, read_config, resolve_model
+from d2m_export.outputs import GENERATOR, atomic_dir, check_output_dir
+
+TARGETS: dict[str, "Exporter"] = {}
+MANIFEST = "manifest.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+
+
+def register_target(name: str):
+    """Class decorator: `@register_target("gguf")` registers one instance under that name."""
+    def wrap(cls):
+        cls.name = name
+        TARGETS[name] = cls()
+        return cls
+    return wrap
+
+
+class Exporter:
+    name: str
+    description: str = ""
+    quants: tuple[str, ...] = ()
+    default_quant: str = ""
+    # quant -> (largest allowed max |logit error|, smallest fraction of greedy tokens that must match).
+    # Lossless quants must match every greedy token; lossy ones get a floor that a broken export misses.
+    tolerances: dict[str, tuple[float, float]] = {}
+
+    def export(self, model_dir: Path, quant: str, out_tmp: Path) -> list[str]:
+        """Write the artifact(s) for `model_dir` into `out_tmp`; return their file names."""
+        raise NotImplementedError
+
+    def details(self, out_tmp: Path, files: list[str]) -> dict:
+        """Target-specific facts for the manifest (read back from the artifacts)."""
+        return {}
+
+
+def _discover() -> None:
+    """Import every exporter module in this package so that its decorator registers it."""
+    import converters
+    for info in pkgutil.iter_modules(converters.__path__):
+        if info.name not in ("base", "parity") and not info.name.startswith("_"):
+            importlib.import_module(f"converters.{info.name}")
+
+
+def get_target(name: str | None) -> Exporter:
+    _discover()
+    if name not in TARGETS:
+        raise UserError(f"unknown --target {name!r}; choose one of {', '.join(sorted(TARGETS))}")
+    return TARGETS[name]
+
+
+def check_quant(exporter: Exporter, quant: str | None) -> str:
+    quant = (quant or exporter.default_quant).lower()
+    if quant not in exporter.quants:
+        raise UserError(f"--quant {quant!r} is not offered for --target {exporter.name}; "
+                        f"choose one of {', '.join(exporter.quants)}")
+    return quant
+
+
+def model_record(model_dir: Path) -> tuple[str | None, dict | None]:
+    """(base_model, plan) from a d2m_plan.json beside the model, if there is one."""
+    path = Path(model_dir) / "d2m_plan.json"
+    if not path.is_file():
+        return None, None
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        raise UserError(f"{path} is corrupt; re-run `d2m-export convert`") from None
+    return record.get("base_model"), record.get("plan")
+
+
+def copy_tokenizer(model_dir: Path, out_tmp: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(model_dir) / name).is_file():
+            shutil.copy2(Path(model_dir) / name, Path(out_tmp) / name)
+            copied.append(name)
+    if "tokenizer.json" not in copied:
+        raise UserError(f"{model_dir} has no tokenizer.json; the export needs the model's (fast) tokenizer")
+    return copied
+
+
+def _write_manifest(out_tmp: Path, manifest: dict) -> None:
+    (Path(out_tmp) / MANIFEST).write_text(json.dumps({"generator": GENERATOR, **manifest}, indent=2) + "\n")
+
+
+def export(target: str, model_spec, quant: str | None, out: Path, threads: int | None = None,
+           new_tokens: int = 32) -> dict:
+    """Export `model_spec` for `target` at `quant` into `out`, checked against transformers."""
+    from converters.parity import check_parity
+
+    exporter = get_target(target)
+    quant = check_quant(exporter, quant)
+    out = Path(out)
+    check_output_dir(out)
+    model_dir = resolve_model(model_spec)
+    config = read_config(model_dir)
+    base_model, plan = model_record(model_dir)
+    t0 = time.time()
+    with atomic_dir(out) as tmp:
+        files = exporter.export(model_dir, quant, tmp)
+        manifest = {
+            "target": exporter.name, "files": files, "model": model_label(model_spec),
+            "base_model": base_model or model_label(model_spec), "plan": plan, "quant": quant,
+            "context_length": config.get("max_position_embeddings"),
+            "tokenizer": copy_tokenizer(model_dir, tmp),
+            "sizes_mb": {f: round((tmp / f).stat().st_size / 2**20, 2) for f in files},
+            exporter.name: exporter.details(tmp, files),
+            "parity": None,
+        }
+        _write_manifest(tmp, manifest)           # the runner reads it to load the export
+        export_s = time.time() - t0
+        manifest["parity"] = check_parity(exporter, model_dir, tmp, quant, threads=threads, new_tokens=new_tokens)
+        manifest["wall_s"] = {"export": round(export_s, 1), "parity": round(time.time() - t0 - export_s, 1)}
+        _write_manifest(tmp, manifest)
+    return manifest

@@ -1,0 +1,148 @@
+"""Tokenizer metadata for GGUF, written the way llama.cpp's converter writes a BPE (gpt2-style) vocab.
+
+- `tokenizer.ggml.model = "gpt2"`; `tokens` in id order (ids the tokenizer lacks become
+  `[PAD<id>]`, type UNUSED); added tokens are CONTROL when special (or `<|...|>`-shaped), else
+  USER_DEFINED; everything else NORMAL;
+- merges, bos/eos/unk/padding ids and the chat template via `gguf.SpecialVocab`;
+- `add_bos_token` as the tokenizer actually behaves (does encoding prepend BOS?);
+- `tokenizer.ggml.pre`, the pre-tokenizer llama.cpp must emulate, read from the structure of
+  tokenizer.json's `pre_tokenizer`. A model derived from an embedded GGUF model takes it from
+  that GGUF instead: transformers' GGUF loader rebuilds a plain GPT-2 byte-level pre-tokenizer,
+  dropping e.g. SmolLM2's digit splitting, which the original ("smollm") has.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import gguf
+
+from d2m_export.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Split regexes of well-known BPE pre-tokenizers (as they appear in tokenizer.json files).
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_TAIL = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+SPLIT_PATTERNS = {
+    _CONTRACTIONS + r"\p{N}" + _TAIL: "qwen2",
+    _CONTRACTIONS + r"\p{N}{1,3}" + _TAIL: "llama-bpe",
+}
+
+
+def _pre_from_structure(pre: dict | None) -> str | None:
+    if not pre:
+        return None
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        return SPLIT_PATTERNS.get(steps[0].get("pattern", {}).get("Regex"))
+    return None
+
+
+def embedded_origin(model_dir: Path) -> Path | None:
+    """The packaged GGUF a model folder comes from (the embedded model, or a conversion of it)."""
+    import importlib.util
+
+    from d2m_export.models import EMBEDDED
+    from d2m_export.paths import cache_dir
+
+    names = [n for n in EMBEDDED if Path(model_dir).resolve() == (cache_dir() / "models" / n).resolve()]
+    plan = Path(model_dir) / "d2m_plan.json"
+    if not names and plan.is_file():
+        try:
+            base = json.loads(plan.read_text()).get("base_model")
+        except ValueError:
+            base = None
+        names = [base] if base in EMBEDDED else []
+    if not names:
+        return None
+    package, filename = EMBEDDED[names[0]]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    return path if path.is_file() else None
+
+
+def _gguf_string(path: Path, key: str) -> str | None:
+    field = gguf.GGUFReader(path).fields.get(key)
+    return field.contents() if field is not None else None
+
+
+def pre_tokenizer(model_dir: Path, tokenizer_json: dict) -> str:
+    origin = embedded_origin(model_dir)
+    if origin is not None and (pre := _gguf_string(origin, "tokenizer.ggml.pre")):
+        return pre
+    pre = _pre_from_structure(tokenizer_json.get("pre_tokenizer"))
+    if pre is None:
+        log.warning("unrecognised BPE pre-tokenizer in %s/tokenizer.json; llama.cpp will use its default, "
+                    "which may split text differently", model_dir)
+        return "default"
+    return pre
+
+
+def _looks_special(text: str) -> bool:
+    return (text.startswith("<|") and text.endswith("|>")) or text in ("<pad>", "<mask>")
+
+
+def vocab_tokens(tokenizer_json: dict, n_vocab: int) -> tuple[list[str], list[int]]:
+    model = tokenizer_json.get("model", {})
+    if model.get("type") != "BPE":
+        raise UserError(f"the gguf target reads BPE (gpt2-style) tokenizers; this one is {model.get('type')!r}")
+    by_id = {i: t for t, i in model["vocab"].items()}
+    added = {t["id"]: t for t in tokenizer_json.get("added_tokens", [])}
+    by_id.update({i: t["content"] for i, t in added.items()})
+    if max(by_id) >= n_vocab:
+        raise UserError(f"the tokenizer has token id {max(by_id)} but the model's vocabulary is {n_vocab}")
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            special = added[i].get("special") or _looks_special(by_id[i])
+            tokens.append(by_id[i] if special else by_id[i].replace("\u2581", " "))
+            types.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def adds_bos(model_dir: Path, bos_id: int | None) -> bool:
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json")).encode("Hello").ids
+    return bos_id is not None and bool(ids) and ids[0] == bos_id
+
+
+def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> str:
+    """Write the tokenizer metadata; return the pre-tokenizer name used."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{model_dir} has no tokenizer.json; the gguf target needs the model's fast tokenizer")
+    tokenizer_json = json.loads(path.read_text(encoding="utf-8"))
+    tokens, types = vocab_tokens(tokenizer_json, n_vocab)
+    pre = pre_tokenizer(model_dir, tokenizer_json)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+    special.add_special_token["bos"] = adds_bos(model_dir, special.special_token_ids.get("bos"))
+    config = json.loads((Path(model_dir) / "tokenizer_config.json").read_text()) \
+        if (Path(model_dir) / "tokenizer_config.json").is_file() else {}
+    if isinstance(config.get("add_prefix_space"), bool):
+        writer.add_add_space_prefix(config["add_prefix_space"])
+    elif (origin := embedded_origin(model_dir)) is not None:
+        field = gguf.GGUFReader(origin).fields.get("tokenizer.ggml.add_space_prefix")
+        if field is not None:
+            writer.add_add_space_prefix(bool(field.contents()))
+    special.add_to_gguf(writer, quiet=True)
+    return pre

@@ -1,0 +1,83 @@
+"""The parity check every export passes before it is renamed into place.
+
+Reference: the transformers model (fp32) decoding each prompt greedily. The export runs in its
+real runtime under teacher forcing: it is fed the reference's own tokens, so each step's logits
+compare like for like and one divergence does not cascade. `greedy_match` counts the steps at
+which the runtime's argmax equals the reference's greedy token; when every step matches, the
+runtime's own greedy decoding reproduces the reference's tokens exactly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from d2m_export.errors import ParityError
+
+PROMPTS = (
+    "The quick brown fox jumps over the lazy dog. Once upon a time, in a small village by the sea,",
+    "Question: Why do leaves change colour in the autumn?\nAnswer:",
+)
+
+
+def reference_greedy(model, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], np.ndarray]:
+    """Greedy tokens and the logits that chose them ([new_tokens, vocab]), from transformers."""
+    import torch
+
+    tokens, logits = [], []
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+        for step in range(new_tokens):
+            row = out.logits[0, -1].float()
+            logits.append(row.numpy().copy())
+            tokens.append(int(row.argmax()))
+            if step + 1 < new_tokens:
+                out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values,
+                            use_cache=True)
+    return tokens, np.stack(logits)
+
+
+def runtime_forced(runner, prompt_ids: list[int], tokens: list[int]) -> np.ndarray:
+    """The runtime's logits at each step when fed the reference's tokens."""
+    rows = [runner.prefill(prompt_ids)]
+    for token in tokens[:-1]:
+        rows.append(runner.decode(token))
+    return np.stack(rows)
+
+
+def check_parity(exporter, model_dir: Path, export_dir: Path, quant: str, threads: int | None = None,
+                 new_tokens: int = 32, prompts: tuple[str, ...] = PROMPTS) -> dict:
+    from d2m_export.models import load_model
+    from runtimes.base import read_manifest, runner_class
+
+    model, tokenizer, _ = load_model(model_dir)
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    n_ctx = max(len(ids) for ids in encoded) + new_tokens + 8
+    runner = runner_class(exporter.name)(threads=threads, kv_type="f32", n_ctx=n_ctx)
+    runner.manifest = read_manifest(export_dir)
+    per_prompt = []
+    with runner.load(export_dir):
+        for text, ids in zip(prompts, encoded):
+            ref_tokens, ref_logits = reference_greedy(model, ids, new_tokens)
+            got = runtime_forced(runner, ids, ref_tokens)
+            per_prompt.append({
+                "text": text, "prompt_tokens": len(ids),
+                "max_abs_logit_err": float(np.abs(got - ref_logits).max()),
+                "greedy_match": int((got.argmax(-1) == np.array(ref_tokens)).sum()),
+                "greedy_total": len(ref_tokens),
+                "reference_tokens": ref_tokens,
+            })
+    del model
+    err = max(p["max_abs_logit_err"] for p in per_prompt)
+    match = sum(p["greedy_match"] for p in per_prompt)
+    total = sum(p["greedy_total"] for p in per_prompt)
+    max_err, min_frac = exporter.tolerances[quant]
+    result = {"max_abs_logit_err": err, "greedy_match": match, "greedy_total": total,
+              "reference": "transformers fp32, greedy", "kv_cache": "f32",
+              "tolerance": {"max_abs_logit_err": max_err, "min_greedy_fraction": min_frac},
+              "prompts": per_prompt}
+    if not (err <= max_err and match >= min_frac * total):   # also catches NaN
+        raise ParityError(f"{exporter.name} {quant}: {match}/{total} greedy tokens match the transformers reference "
+                          f"(need {int(np.ceil(min_frac * total))}), max |logit error| {err:.3g} "
+                          f"(allowed {max_err:g})")
+    return result

@@ -1,0 +1,134 @@
+"""The interface every runner implements, and the registry that names them by export target.
+
+A runner loads one export directory (an artifact plus `manifest.json` and the tokenizer files)
+and runs it in the real runtime: `prefill` a prompt, then `decode` one token at a time. Both
+return the logits of the last position as a 1-D float32 numpy array, so that the parity check
+and the benchmark never depend on a runtime's own sampling code.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pkgutil
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from d2m_export.errors import UserError
+
+RUNNERS: dict[str, type["Runner"]] = {}
+MANIFEST = "manifest.json"
+
+
+def register_runner(target: str):
+    """Class decorator: `@register_runner("gguf")` makes the class the runner for that target."""
+    def wrap(cls):
+        cls.target = target
+        RUNNERS[target] = cls
+        return cls
+    return wrap
+
+
+def _discover() -> None:
+    """Import every runner module in this package so that its decorator registers it."""
+    import runtimes
+    for info in pkgutil.iter_modules(runtimes.__path__):
+        if info.name not in ("base", "bench"):
+            importlib.import_module(f"runtimes.{info.name}")
+
+
+def default_threads() -> int:
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+class Runner:
+    target: str
+
+    def __init__(self, threads: int | None = None, **options):
+        self.threads = threads or default_threads()
+        self.options = options
+        self.export_dir: Path | None = None
+        self.manifest: dict = {}
+
+    # --- what each runtime implements -------------------------------------------------
+    def load(self, export_dir: Path) -> "Runner":
+        raise NotImplementedError
+
+    def prefill(self, token_ids: list[int]) -> np.ndarray:
+        """Start a new sequence with `token_ids`; return the logits of its last position."""
+        raise NotImplementedError
+
+    def decode(self, token_id: int) -> np.ndarray:
+        """Append one token to the current sequence; return its logits."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget the current sequence (its KV cache)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    # --- shared on top of prefill/decode ------------------------------------------------
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, stop_ids: Iterable[int] = (),
+                 on_token: Callable[[int], None] | None = None) -> list[int]:
+        """Greedy decoding: the argmax of each step's logits, up to `max_new_tokens` or a stop id."""
+        stop = set(stop_ids)
+        out: list[int] = []
+        if max_new_tokens <= 0:
+            return out
+        logits = self.prefill(list(prompt_ids))
+        while True:
+            token = int(np.argmax(logits))
+            out.append(token)
+            if on_token:
+                on_token(token)
+            if token in stop or len(out) >= max_new_tokens:
+                return out
+            logits = self.decode(token)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_manifest(export_dir: Path) -> dict:
+    path = Path(export_dir) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{export_dir} is not a d2m-export export directory ({MANIFEST} missing)")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path} is corrupt ({e})") from None
+    if not isinstance(manifest, dict) or "target" not in manifest:
+        raise UserError(f"{path} names no target")
+    return manifest
+
+
+def runner_class(target: str) -> type[Runner]:
+    _discover()
+    if target not in RUNNERS:
+        raise UserError(f"no runner for target {target!r}; runners: {', '.join(sorted(RUNNERS)) or 'none'}")
+    return RUNNERS[target]
+
+
+def load_runner(export_dir: Path, threads: int | None = None, **options) -> Runner:
+    """The runner for an export directory, chosen by its manifest's `target`, loaded."""
+    manifest = read_manifest(export_dir)
+    runner = runner_class(manifest["target"])(threads=threads, **options)
+    runner.manifest = manifest
+    return runner.load(Path(export_dir))
+
+
+def load_tokenizer(export_dir: Path):
+    """The exported tokenizer (`tokenizer.json`, copied beside the artifact), without transformers."""
+    from tokenizers import Tokenizer
+
+    path = Path(export_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{export_dir} has no tokenizer.json")
+    return Tokenizer.from_file(str(path))
