@@ -61,6 +61,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from d2m_export.train import TrainConfig, train
+
+    fields = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)}
+    if not fields.get("corpora"):
+        fields.pop("corpora", None)
+    result = train(TrainConfig(**fields))
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"trained {result['steps']} steps, {result['tokens']} tokens; model, train_log.jsonl, loss.png "
+              f"in {args.out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from d2m_export.demo import run_demo
 
@@ -114,6 +127,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", help="write the results as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="continual pre-training (CPT); runs under torchrun/accelerate too")
+    p.add_argument("--model", required=True, help="the checkpoint to train (a converted model, or any supported one)")
+    p.add_argument("--out", required=True, help="output directory: final model, checkpoints/, logs")
+    p.add_argument("--corpus", dest="corpora", action="append",
+                   help="training text: brown, olmo-passages, or a .txt/.jsonl/.parquet file (repeatable; "
+                        "default: brown and olmo-passages)")
+    p.add_argument("--tokens", type=int, default=200_000, help="training budget in tokens (default 200k)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass")
+    p.add_argument("--global-batch", type=int, default=16, help="sequences per optimizer step (all processes)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 (autocast)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-only", default="all", help="all | moe (experts, shared experts, routers) | router")
+    p.add_argument("--balance-loss-weight", type=float, default=0.01, help="Switch load-balancing loss weight")
+    p.add_argument("--z-loss-weight", type=float, default=0.0, help="router z-loss weight (0: off)")
+    p.add_argument("--distill-from", default=None, help="teacher model: adds forward KL on logits")
+    p.add_argument("--distill-weight", type=float, default=0.5, help="loss = (1-w)·CE + w·KL when distilling")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps")
+    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="analyze → convert (LF-UC and pruning) → eval, and print the comparison")
     _add_model(p)

@@ -51,6 +51,7 @@ class Runner:
         self.options = options
         self.export_dir: Path | None = None
         self.manifest: dict = {}
+        self.settings: dict = {}          # what the runtime was actually set to (for reports)
 
     # --- what each runtime implements -------------------------------------------------
     def load(self, export_dir: Path) -> "Runner":

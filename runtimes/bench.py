@@ -53,7 +53,7 @@ def bench(export_dir: Path, prompt_tokens: int = 64, new_tokens: int = 64, threa
                 prefill_s.append(t1 - t0)
                 decode_s.append(sum(steps))
                 step_ms.append(statistics.median(steps) * 1e3)
-        manifest = runner.manifest
+        manifest, settings = runner.manifest, runner.settings
     return {
         "target": manifest["target"], "quant": manifest.get("quant"), "threads": threads,
         "model": manifest.get("model"), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
@@ -62,5 +62,6 @@ def bench(export_dir: Path, prompt_tokens: int = 64, new_tokens: int = 64, threa
         "decode_tokens_per_s": round(new_tokens / statistics.median(decode_s), 2),
         "decode_ms_per_token_p50": round(statistics.median(step_ms), 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "runtime_settings": settings,
         "artifact_mb": round(sum((export_dir / f).stat().st_size for f in manifest.get("files", [])) / 2**20, 1),
     }

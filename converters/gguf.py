@@ -1,0 +1,243 @@
+"""GGUF for stock llama.cpp: dense Llama/Qwen2 as llama.cpp's own converter writes them, LF-UC MoE as `step35`.
+
+Dense models use the `llama` architecture (Llama; q/k rows re-ordered from rotate-half to
+llama.cpp's adjacent-pair RoPE layout) or `qwen2` (NEOX RoPE: weights as they are).
+
+Our Qwen2MoE outputs mix dense and MoE layers freely, which no Qwen-family architecture in
+llama.cpp accepts. `step35` does, exactly (DESIGN.md §3): a layer is MoE when it has
+`ffn_gate_inp`, else it runs its dense `ffn_*`; shared experts are always on and ungated;
+RoPE is NEOX. Its pitfalls, each handled below:
+1. its KV cache is always the sliding-window kind and needs one SWA layer: the last layer is
+   flagged SWA with a window no context reaches, i.e. full attention;
+2. full-attention layers use half of `rope.dimension_count`: write 2 × head_dim there and
+   head_dim as `rope.dimension_count_swa` (and the same `rope.freq_base_swa`);
+3. gating must be set to softmax with renormalisation explicitly (its default is sigmoid);
+4. the shared expert has no gate: Qwen2MoE's zero `shared_expert_gate` gives sigmoid(0) = 0.5,
+   folded into `ffn_down_shexp`;
+5. a MoE layer without shared-expert tensors would add silu(x) (llama.cpp's FFN with no
+   weights is the activation alone), so the routed-host variant gets a zero shared expert of
+   width 1;
+6. `output.weight` is required (no fallback to the token embedding): tied models store a copy.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from converters.base import Exporter, register_target
+from converters.gguf_vocab import add_vocab
+from d2m_export.errors import UserError
+from d2m_export.models import read_config
+
+log = logging.getLogger(__name__)
+Q = gguf.GGMLQuantizationType
+T = gguf.MODEL_TENSOR
+QTYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen2_moe": "step35"}    # HF model_type -> GGUF architecture
+SWA_WINDOW = 1 << 20      # "sliding" window of the one SWA-flagged step35 layer: wider than any context
+
+# HF name inside a layer -> GGUF tensor (one table owns the mapping)
+LAYER_TENSORS = {
+    "input_layernorm": T.ATTN_NORM, "post_attention_layernorm": T.FFN_NORM,
+    "self_attn.q_proj": T.ATTN_Q, "self_attn.k_proj": T.ATTN_K, "self_attn.v_proj": T.ATTN_V,
+    "self_attn.o_proj": T.ATTN_OUT,
+    "mlp.gate_proj": T.FFN_GATE, "mlp.up_proj": T.FFN_UP, "mlp.down_proj": T.FFN_DOWN,
+    "mlp.gate": T.FFN_GATE_INP,
+    "mlp.shared_expert.gate_proj": T.FFN_GATE_SHEXP, "mlp.shared_expert.up_proj": T.FFN_UP_SHEXP,
+    "mlp.shared_expert.down_proj": T.FFN_DOWN_SHEXP,
+}
+GLOBAL_TENSORS = {"model.embed_tokens": T.TOKEN_EMBD, "model.norm": T.OUTPUT_NORM, "lm_head": T.OUTPUT}
+
+
+def tname(kind, bid: int | None = None, suffix: str = ".weight") -> str:
+    return gguf.TENSOR_NAMES[kind].format(bid=bid) + suffix
+
+
+def tensor_type(name: str, shape: tuple[int, ...], quant: str, head: str) -> tuple[Q, str | None]:
+    """The GGML type of one tensor (numpy shape), and why it differs from `quant`, if it does.
+
+    As llama.cpp's converter: 1-D tensors, norms, biases and the router stay f32. For q4_0 the
+    output head (`head`) is kept at q8_0, as llama.cpp's quantizer keeps it above 4 bits. Block
+    types need rows that are a multiple of 32 values; other tensors fall back to f16."""
+    if len(shape) <= 1 or name.endswith("_norm.weight") or ".ffn_gate_inp." in name or not name.endswith(".weight"):
+        return Q.F32, None
+    want, why = QTYPES[quant], None
+    if quant == "q4_0" and name == head:
+        want, why = Q.Q8_0, "output head kept at q8_0"
+    if want in (Q.Q8_0, Q.Q4_0) and shape[-1] % gguf.GGML_QUANT_SIZES[want][0]:
+        return Q.F16, f"row size {shape[-1]} is not a multiple of {gguf.GGML_QUANT_SIZES[want][0]}"
+    return want, why
+
+
+def rope_rows_to_pairs(w: np.ndarray, heads: int) -> np.ndarray:
+    """Llama q/k rows: HF's rotate-half order (first half, second half of each head) -> llama.cpp's
+    interleaved pairs (its `llama` architecture rotates adjacent elements)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def load_state(model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}, model.config
+
+
+def layer_tensors(state: dict, cfg, arch: str):
+    """(GGUF name, array) for every layer tensor, experts split and shared expert folded."""
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for hf, kind in LAYER_TENSORS.items():
+            for suffix in (".weight", ".bias"):
+                w = state.get(p + hf + suffix)
+                if w is None:
+                    continue
+                if arch == "llama" and hf in ("self_attn.q_proj", "self_attn.k_proj"):
+                    w = rope_rows_to_pairs(w, heads if hf.endswith("q_proj") else kv_heads)
+                if hf == "mlp.shared_expert.down_proj":
+                    w = w * _shared_gate_scale(state, p)
+                if hf.startswith("mlp.shared_expert.") and w.size == 0:   # routed host: zero width-1 expert
+                    w = np.zeros((1, w.shape[1]) if w.shape[0] == 0 else (w.shape[0], 1), np.float32)
+                yield tname(kind, i, suffix), w
+        if p + "mlp.experts.gate_up_proj" in state:
+            gate_up, down = state[p + "mlp.experts.gate_up_proj"], state[p + "mlp.experts.down_proj"]
+            n_ff = gate_up.shape[1] // 2                          # [E, 2I, H]: gate rows, then up rows
+            yield tname(T.FFN_GATE_EXP, i), np.ascontiguousarray(gate_up[:, :n_ff])
+            yield tname(T.FFN_UP_EXP, i), np.ascontiguousarray(gate_up[:, n_ff:])
+            yield tname(T.FFN_DOWN_EXP, i), down                  # [E, H, I]
+
+
+def _shared_gate_scale(state: dict, prefix: str) -> float:
+    gate = state.get(prefix + "mlp.shared_expert_gate.weight")
+    if gate is None:
+        return 1.0
+    if np.any(gate != 0):
+        raise UserError(f"{prefix}mlp.shared_expert_gate is not zero: an input-dependent shared-expert gate "
+                        "has no stock llama.cpp equivalent in a mixed dense/MoE model")
+    return 0.5                                                    # sigmoid(0)
+
+
+def all_tensors(state: dict, cfg, arch: str):
+    for hf, kind in GLOBAL_TENSORS.items():
+        w = state.get(hf + ".weight")
+        if kind == T.OUTPUT and cfg.tie_word_embeddings:
+            if arch != "step35":
+                continue                                          # llama/qwen2 fall back to token_embd
+            w = state["model.embed_tokens.weight"]                # step35 requires output.weight
+        if w is not None:
+            yield tname(kind), w
+    yield from layer_tensors(state, cfg, arch)
+
+
+def rope_theta(cfg) -> float:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+
+
+def check_rope(cfg, arch: str) -> dict:
+    params = dict(getattr(cfg, "rope_parameters", None) or {})
+    kind = params.get("rope_type", "default")
+    if kind == "default" or (kind == "linear" and arch != "step35"):
+        return params
+    raise UserError(f"RoPE type {kind!r} is not supported by the gguf target for {cfg.model_type} yet")
+
+
+def add_metadata(w: gguf.GGUFWriter, cfg, arch: str, quant: str, name: str) -> None:
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rope = check_rope(cfg, arch)
+    w.add_name(name)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(rope_theta(cfg))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if rope.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    if arch == "llama":
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_rope_dimension_count(head_dim)
+    if arch == "step35" or getattr(cfg, "head_dim", None) is not None:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if arch == "step35":
+        w.add_rope_dimension_count(2 * head_dim)                  # halved by llama.cpp for full attention
+        w.add_rope_dimension_count_swa(head_dim)
+        w.add_rope_freq_base_swa(rope_theta(cfg))
+        w.add_sliding_window(max(SWA_WINDOW, cfg.max_position_embeddings))
+        w.add_sliding_window_pattern([i == cfg.num_hidden_layers - 1 for i in range(cfg.num_hidden_layers)])
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size or 1)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+        w.add_expert_weights_norm(bool(cfg.norm_topk_prob))
+        w.add_expert_weights_scale(1.0)
+    w.add_file_type(FILE_TYPES[quant])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def head_tensor(names: list[str]) -> str:
+    """The tensor llama.cpp multiplies the final hidden state with (the token embedding when tied)."""
+    return tname(T.OUTPUT) if tname(T.OUTPUT) in names else tname(T.TOKEN_EMBD)
+
+
+@register_target("gguf")
+class GGUFExporter(Exporter):
+    description = "llama.cpp (GGUF): llama/qwen2 for dense models, step35 for LF-UC mixtures"
+    quants = ("f32", "f16", "q8_0", "q4_0")
+    default_quant = "f32"
+    tolerances = {"f32": (1e-2, 1.0), "f16": (0.5, 0.9), "q8_0": (1.0, 0.75), "q4_0": (4.0, 0.4)}
+
+    def export(self, model_dir: Path, quant: str, out_tmp: Path) -> list[str]:
+        model_type = read_config(model_dir).get("model_type")
+        if model_type not in ARCHS:
+            raise UserError(f"the gguf target exports {', '.join(ARCHS)} models, not {model_type!r}")
+        if model_type == "qwen2" and read_config(model_dir).get("use_sliding_window"):
+            raise UserError("Qwen2 models with use_sliding_window are not supported by the gguf target yet")
+        state, cfg = load_state(model_dir)
+        arch = ARCHS[model_type]
+        filename = f"model-{quant}.gguf"
+        writer = gguf.GGUFWriter(Path(out_tmp) / filename, arch)
+        add_metadata(writer, cfg, arch, quant, Path(model_dir).name)
+        add_vocab(writer, model_dir, cfg.vocab_size)
+        tensors = list(all_tensors(state, cfg, arch))
+        head = head_tensor([n for n, _ in tensors])
+        for name, data in tensors:
+            qtype, _ = tensor_type(name, data.shape, quant, head)
+            data = np.ascontiguousarray(data, dtype=np.float32)
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype) if qtype != Q.F32 else data, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return [filename]
+
+    def details(self, out_tmp: Path, files: list[str]) -> dict:
+        reader = gguf.GGUFReader(Path(out_tmp) / files[0])
+        arch = reader.fields["general.architecture"].contents()
+        quant = next(q for q, ft in FILE_TYPES.items() if ft == reader.fields["general.file_type"].contents())
+        names = [t.name for t in reader.tensors]
+        head, types, deviations = head_tensor(names), {}, []
+        for t in reader.tensors:
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+            _, why = tensor_type(t.name, tuple(int(n) for n in reversed(t.shape)), quant, head)
+            if why:
+                deviations.append({"tensor": t.name, "type": t.tensor_type.name, "why": why})
+        return {"architecture": arch, "tokenizer_pre": reader.fields["tokenizer.ggml.pre"].contents(),
+                "tensor_types": types, "quant_fallbacks": deviations,
+                "output_copies_embedding": _same_rows(reader, "output.weight", "token_embd.weight")}
+
+
+def _same_rows(reader: gguf.GGUFReader, a: str, b: str) -> bool:
+    t = {x.name: x for x in reader.tensors}
+    return a in t and b in t and np.array_equal(t[a].data[:4], t[b].data[:4])

@@ -1,0 +1,94 @@
+"""ONNX Runtime: one decoder graph for prefill and decode, MoE layers sparse in `com.microsoft.MoE`.
+
+The graph is built directly from the weights (`converters.onnx_graph`): a decoder of this kind is
+about ten node types, and building it by hand keeps every operator one that ONNX Runtime's CPU
+provider runs natively: GroupQueryAttention (in-place KV cache), MoE/QMoE (only the selected
+experts run), SkipSimplifiedLayerNormalization, MatMul or MatMulNBits.
+
+Files: `model.onnx` (the graph) and `model.onnx.data` (its weights, as ONNX external data, so the
+2 GB protobuf limit never applies). A tied embedding / LM head is stored once.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from converters.base import Exporter, register_target
+from d2m_export.errors import UserError
+from d2m_export.models import ARCHITECTURES, read_config
+
+log = logging.getLogger(__name__)
+GRAPH_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+MAX_POSITIONS = 32768      # rotary table rows (and so the longest sequence) at most
+
+
+@register_target("onnx")
+class OnnxExporter(Exporter):
+    description = "ONNX Runtime (CPU): decoder graph with KV cache; MoE layers as com.microsoft.MoE / QMoE"
+    quants = ("fp32", "int8", "int4")
+    default_quant = "fp32"
+    # fp32 runs the same arithmetic in another order: every greedy token must match.
+    tolerances = {"fp32": (1e-2, 1.0), "int8": (1.0, 0.75), "int4": (4.0, 0.4)}
+
+    def export(self, model_dir: Path, quant: str, out_tmp: Path) -> list[str]:
+        import onnx
+
+        model_type = read_config(model_dir).get("model_type")
+        if model_type not in ARCHITECTURES:
+            raise UserError(f"the onnx target exports {', '.join(ARCHITECTURES)} models, not {model_type!r}")
+        proto = build_model(model_dir, quant)
+        out_tmp = Path(out_tmp)
+        onnx.save_model(proto, out_tmp / GRAPH_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
+        onnx.checker.check_model(str(out_tmp / GRAPH_FILE))
+        return [GRAPH_FILE, DATA_FILE]
+
+    def details(self, out_tmp: Path, files: list[str]) -> dict:
+        import onnx
+
+        proto = onnx.load(str(Path(out_tmp) / files[0]), load_external_data=False)
+        ops: dict[str, int] = {}
+        for node in proto.graph.node:
+            key = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
+            ops[key] = ops.get(key, 0) + 1
+        meta = {p.key: p.value for p in proto.metadata_props}
+        past = [i for i in proto.graph.input if i.name.startswith("past_key_values.")]
+        dims = [d.dim_value for d in past[0].type.tensor_type.shape.dim] if past else []
+        return {"graph": files[0], "opset": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
+                "ops": dict(sorted(ops.items())), "moe_nodes": ops.get("com.microsoft.MoE", 0) + ops.get("com.microsoft.QMoE", 0),
+                "num_layers": len(past) // 2, "kv_heads": dims[1] if dims else None,
+                "kv_head_dim": dims[3] if dims else None,
+                "max_positions": int(meta.get("max_positions", 0)) or None,
+                "weights": meta.get("weights")}
+
+
+def build_model(model_dir: Path, quant: str):
+    """The ONNX ModelProto for a Hugging Face folder, at `quant`."""
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from converters.onnx_graph import Graph, Linears, build_graph, rotary_tables, spec_of
+    from converters.onnx_quant import quantized_linears
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    except Exception as e:  # transformers and safetensors raise unrelated types
+        raise UserError(f"cannot load the model in {model_dir}: {str(e).strip().splitlines()[0] if str(e).strip() else e}") from None
+    config = model.config
+    spec = spec_of(config, max_positions=min(int(config.max_position_embeddings), MAX_POSITIONS))
+    cos, sin = rotary_tables(model, spec)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    if tied:
+        sd.pop("lm_head.weight", None)
+    del model
+    g = Graph()
+    lin = Linears(g) if quant == "fp32" else quantized_linears(g, quant)
+    proto = build_graph(spec, sd, cos, sin, lin, tied=tied)
+    onnx.helper.set_model_props(proto, {"max_positions": str(spec.max_positions), "weights": lin.describe()["weights"],
+                                        "model_type": config.model_type})
+    return proto

@@ -1,0 +1,308 @@
+"""A decoder-only LM as an ONNX graph, built node by node from a transformers state dict.
+
+One graph serves prefill and decode. Its interface is optimum's (`input_ids`, `attention_mask`,
+`position_ids`, `past_key_values.N.key/value` -> `logits`, `present.N.key/value`, caches in
+BNSH layout), and every operator has an ONNX Runtime CPU kernel:
+
+- attention is `com.microsoft.GroupQueryAttention` (rotary inside, causal, grouped KV heads). It
+  also accepts one preallocated cache buffer bound as both `past_key_values.N.*` and
+  `present.N.*`: the new keys are written in place, nothing is concatenated or copied per step.
+  Then `attention_mask` is as long as the valid sequence (past + new), not as the buffer;
+- an MoE layer is one `com.microsoft.MoE` (fp32) or `QMoE` node: the kernel takes the raw router
+  logits, does softmax -> top-k -> renormalise, and runs only the selected experts. The kernel
+  has no shared expert, so Qwen2-MoE's shared expert is an ordinary MLP beside the node, gated
+  by sigmoid(shared_expert_gate(x)) — folded into its down-projection when that gate is zero;
+- RMSNorm and the residual adds are `SkipSimplifiedLayerNormalization`.
+
+The kernel's SwiGLU is `G * sigmoid(alpha * G) * (L + beta)`; alpha = 1, beta = 0 and no clamp
+make it silu(gate) * up, with gate/up rows interleaved in fc1 (`swiglu_fusion=1`).
+
+GroupQueryAttention needs a head size that is a multiple of 16. Smaller heads are padded: each
+half of a rotary head goes to the start of the corresponding half of the padded head, so the
+rotate-half pairing is kept; the padding rows of q/k/v are zero and the matching o_proj columns
+are zero, and the softmax scale stays 1/sqrt(real head size). The result is exact.
+
+Weights enter through `Linears`, which decides how each projection is stored (fp32 MatMul, or a
+quantized MatMulNBits / QMoE, see `converters.onnx_quant`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from d2m_export.errors import UserError
+
+OPSET = 23
+MS = "com.microsoft"
+GQA_HEAD_MULTIPLE = 16
+
+
+@dataclass
+class Graph:
+    """Nodes and initializers, with unique names."""
+    nodes: list = field(default_factory=list)
+    initializers: list = field(default_factory=list)
+    names: set = field(default_factory=set)
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.names:
+            name, i = f"{base}_{i}", i + 1
+        self.names.add(name)
+        return name
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        name = self.fresh(name)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "",
+           **attrs) -> str | list[str]:
+        """Add one node; return its output name (or names, when `outputs` > 1 or a list)."""
+        node_name = self.fresh(name)
+        outs = outputs if isinstance(outputs, list) else [f"{node_name}/out{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=node_name, domain=domain or None, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the graph needs to know about the model, read off its config."""
+    num_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    max_positions: int
+    moe_top_k: int
+    norm_topk_prob: bool
+
+    @property
+    def head_dim_padded(self) -> int:
+        return -(-self.head_dim // GQA_HEAD_MULTIPLE) * GQA_HEAD_MULTIPLE
+
+
+def spec_of(config, max_positions: int) -> Spec:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise UserError(f"the onnx target supports SiLU MLPs; this model uses {config.hidden_act!r}")
+    if getattr(config, "use_sliding_window", False):
+        raise UserError("models with sliding-window attention are not supported by the onnx target yet")
+    if getattr(config, "mlp_bias", False):
+        raise UserError("models with MLP biases are not supported by the onnx target yet")
+    if head_dim % 2:
+        raise UserError(f"head size {head_dim} is odd; rotary embeddings need an even head size")
+    return Spec(num_layers=config.num_hidden_layers, hidden=config.hidden_size, heads=heads,
+                kv_heads=config.num_key_value_heads or heads, head_dim=head_dim, vocab=config.vocab_size,
+                eps=float(config.rms_norm_eps), max_positions=max_positions,
+                moe_top_k=int(getattr(config, "num_experts_per_tok", 0) or 0),
+                norm_topk_prob=bool(getattr(config, "norm_topk_prob", True)))
+
+
+def rotary_tables(model, spec: Spec) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin caches [max_positions, head_dim_padded / 2], computed by the model's own rotary module
+    (so every RoPE variant transformers implements, with its attention scaling, comes out as it does)."""
+    import torch
+
+    rope = model.model.rotary_emb
+    if getattr(rope, "rope_type", "default") == "dynamic":
+        raise UserError("dynamic RoPE scaling depends on the sequence length; the onnx target does not support it")
+    with torch.no_grad():
+        pos = torch.arange(spec.max_positions)[None]
+        cos, sin = rope(torch.zeros(1, dtype=torch.float32), pos)
+    half, halfp = spec.head_dim // 2, spec.head_dim_padded // 2
+    cos_t = np.ones((spec.max_positions, halfp), np.float32)
+    sin_t = np.zeros((spec.max_positions, halfp), np.float32)
+    cos_t[:, :half] = cos[0, :, :half].float().numpy()
+    sin_t[:, :half] = sin[0, :, :half].float().numpy()
+    return cos_t, sin_t
+
+
+def head_slots(spec: Spec) -> np.ndarray:
+    """Where each real head dimension goes in the padded head (identity when no padding is needed)."""
+    half, halfp = spec.head_dim // 2, spec.head_dim_padded // 2
+    return np.concatenate([np.arange(half), halfp + np.arange(half)])
+
+
+def pad_heads_rows(w: np.ndarray, n_heads: int, spec: Spec) -> np.ndarray:
+    """[n_heads * head_dim, ...] rows -> [n_heads * head_dim_padded, ...], zero rows in the padding."""
+    hd, hdp = spec.head_dim, spec.head_dim_padded
+    if hd == hdp:
+        return w
+    out = np.zeros((n_heads, hdp) + w.shape[1:], w.dtype)
+    out[:, head_slots(spec)] = w.reshape((n_heads, hd) + w.shape[1:])
+    return out.reshape((n_heads * hdp,) + w.shape[1:])
+
+
+def pad_heads_cols(w: np.ndarray, n_heads: int, spec: Spec) -> np.ndarray:
+    return pad_heads_rows(w.T, n_heads, spec).T
+
+
+def interleave_gate_up(gate_up: np.ndarray) -> np.ndarray:
+    """[E, 2I, H] as [gate; up] -> rows interleaved g0, u0, g1, u1, ... (the kernel's swiglu_fusion=1)."""
+    e, two_i, h = gate_up.shape
+    i = two_i // 2
+    return np.stack([gate_up[:, :i], gate_up[:, i:]], axis=2).reshape(e, two_i, h)
+
+
+class Linears:
+    """fp32 storage of projections: y = x @ W.T (+ b). Quantized variants override `matmul` and `moe`."""
+    quant = "fp32"
+
+    def __init__(self, g: Graph):
+        self.g = g
+
+    def matmul(self, x: str, weight: np.ndarray, name: str, output: str | None = None) -> str:
+        """x [..., in] times weight [out, in] transposed."""
+        return self.g.op("MatMul", [x, self.g.const(f"{name}.weight_t", weight.T.astype(np.float32))], name,
+                         outputs=[output] if output else 1)
+
+    def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None, name: str) -> str:
+        y = self.matmul(x, weight, name)
+        if bias is not None:
+            y = self.g.op("Add", [y, self.g.const(f"{name}.bias", bias.astype(np.float32))], f"{name}.add_bias")
+        return y
+
+    def moe(self, x: str, router_logits: str, fc1: np.ndarray, fc2: np.ndarray, k: int, normalize: bool,
+            name: str) -> str:
+        """Routed experts: fc1 [E, 2I, H] (gate/up interleaved), fc2 [E, H, I]."""
+        g = self.g
+        return g.op("MoE", [x, router_logits, g.const(f"{name}.fc1", fc1.astype(np.float32)), "",
+                            g.const(f"{name}.fc2", fc2.astype(np.float32))], name, domain=MS,
+                    **moe_attrs(k, normalize))
+
+    def embedding_and_head(self, embed: np.ndarray, lm_head: np.ndarray | None, input_ids: str):
+        """The token embedding of `input_ids` and a function x -> logits. A tied head (`lm_head` None) is
+        stored once, as [H, V] for the MatMul; the embedding gathers its columns."""
+        g = self.g
+        if lm_head is not None:
+            hidden = g.op("Gather", [g.const("embed_tokens.weight", embed.astype(np.float32)), input_ids], "embed", axis=0)
+            return hidden, lambda x: self.matmul(x, lm_head, "lm_head", output="logits")
+        head = g.const("lm_head.weight_t", embed.T.astype(np.float32))
+        hidden = g.op("Transpose", [g.op("Gather", [head, input_ids], "embed.gather", axis=1)], "embed.transpose",
+                      perm=[1, 2, 0])
+        return hidden, lambda x: g.op("MatMul", [x, head], "lm_head", outputs=["logits"])
+
+    def describe(self) -> dict:
+        return {"weights": "fp32"}
+
+
+def moe_attrs(k: int, normalize: bool) -> dict:
+    return dict(k=int(k), activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
+                normalize_routing_weights=int(normalize))
+
+
+def build_graph(spec: Spec, sd: dict[str, np.ndarray], cos: np.ndarray, sin: np.ndarray, lin: Linears,
+                tied: bool, name: str = "decoder") -> onnx.ModelProto:
+    """The whole decoder. `sd` maps transformers parameter names to fp32 numpy arrays."""
+    g = lin.g
+    hd, hdp = spec.head_dim, spec.head_dim_padded
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("attention_mask", i64, ["batch_size", "total_sequence_length"]),
+              helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length", spec.vocab])]
+    for i in range(spec.num_layers):
+        for kv in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", f32,
+                                                        ["batch_size", spec.kv_heads, "past_sequence_length", hdp]))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", f32,
+                                                         ["batch_size", spec.kv_heads, "present_sequence_length", hdp]))
+
+    # sequence bookkeeping for GroupQueryAttention: seqlens_k = valid length - 1, total = mask length
+    mask_len = g.op("ReduceSum", ["attention_mask", g.const("axes_1", np.array([1], np.int64))], "mask_sum", keepdims=0)
+    seqlens_k = g.op("Cast", [g.op("Sub", [mask_len, g.const("one_i64", np.array(1, np.int64))], "seqlens_minus_1")],
+                     "seqlens_k", to=TensorProto.INT32)
+    total = g.op("Cast", [g.op("Gather", [g.op("Shape", ["attention_mask"], "mask_shape"),
+                                          g.const("idx_1", np.array(1, np.int64))], "mask_len", axis=0)],
+                 "total_seq_len", to=TensorProto.INT32)
+    cos_c, sin_c = g.const("rotary.cos", cos), g.const("rotary.sin", sin)
+
+    hidden, lm_head = lin.embedding_and_head(sd["model.embed_tokens.weight"], None if tied else sd["lm_head.weight"],
+                                             "input_ids")
+
+    def rms(x, skip, weight_key, name):
+        """(normed, residual sum) — the residual is x + skip when a skip is given."""
+        gamma = g.const(f"{weight_key}", sd[weight_key].astype(np.float32))
+        if skip is None:
+            return g.op("RMSNormalization", [x, gamma], name, axis=-1, epsilon=spec.eps), x
+        normed, _, _, total_sum = g.op("SkipSimplifiedLayerNormalization", [x, skip, gamma], name,
+                                       outputs=[f"{name}/normed", "", "", f"{name}/sum"], domain=MS, epsilon=spec.eps)
+        return normed, total_sum
+
+    def mlp(x, prefix, name, down_scale=1.0):
+        gu = lin.matmul(x, np.concatenate([sd[f"{prefix}gate_proj.weight"], sd[f"{prefix}up_proj.weight"]]),
+                        f"{name}.gate_up")
+        gate, up = g.op("Split", [gu], f"{name}.split", outputs=2, axis=-1, num_outputs=2)
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{name}.sigmoid")], f"{name}.silu"), up],
+                   f"{name}.act")
+        return lin.matmul(act, sd[f"{prefix}down_proj.weight"] * down_scale, f"{name}.down")
+
+    x, residual = rms(hidden, None, "model.layers.0.input_layernorm.weight", "layers.0.input_norm")
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        wq = pad_heads_rows(sd[a + "q_proj.weight"], spec.heads, spec)
+        wk = pad_heads_rows(sd[a + "k_proj.weight"], spec.kv_heads, spec)
+        wv = pad_heads_rows(sd[a + "v_proj.weight"], spec.kv_heads, spec)
+        bias = None
+        if a + "q_proj.bias" in sd:
+            bias = np.concatenate([pad_heads_rows(sd[a + f"{n}_proj.bias"], h, spec)
+                                   for n, h in (("q", spec.heads), ("k", spec.kv_heads), ("v", spec.kv_heads))])
+        qkv = lin.linear(x, np.concatenate([wq, wk, wv]), bias, f"layers.{i}.qkv")
+        attn, _, _ = g.op("GroupQueryAttention",
+                          [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total,
+                           cos_c, sin_c, "position_ids"], f"layers.{i}.attn",
+                          outputs=[f"layers.{i}.attn/out", f"present.{i}.key", f"present.{i}.value"], domain=MS,
+                          num_heads=spec.heads, kv_num_heads=spec.kv_heads, do_rotary=1, rotary_interleaved=0,
+                          scale=float(hd ** -0.5))
+        o = lin.linear(attn, pad_heads_cols(sd[a + "o_proj.weight"], spec.heads, spec), sd.get(a + "o_proj.bias"),
+                       f"layers.{i}.o_proj")
+        x, residual = rms(o, residual, p + "post_attention_layernorm.weight", f"layers.{i}.post_attn_norm")
+
+        m = p + "mlp."
+        if m + "experts.gate_up_proj" in sd:
+            ffn = moe_block(g, lin, spec, sd, m, x, f"layers.{i}.moe", mlp)
+        else:
+            ffn = mlp(x, m, f"layers.{i}.mlp")
+        last = i == spec.num_layers - 1
+        norm_key = "model.norm.weight" if last else f"model.layers.{i + 1}.input_layernorm.weight"
+        x, residual = rms(ffn, residual, norm_key, "final_norm" if last else f"layers.{i + 1}.input_norm")
+
+    lm_head(x)                                            # writes the graph output "logits"
+
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                              producer_name="d2m-export")
+    model.ir_version = 10
+    return model
+
+
+def moe_block(g: Graph, lin: Linears, spec: Spec, sd: dict, m: str, x: str, name: str, mlp) -> str:
+    """Qwen2-MoE sparse block: routed experts in one MoE node, plus the (gated) shared expert beside it."""
+    router_w = sd[m + "gate.weight"]                      # [E, H]
+    num_experts = router_w.shape[0]
+    logits = g.op("MatMul", [x, g.const(f"{name}.router.weight_t", router_w.T.astype(np.float32))], f"{name}.router")
+    logits_2d = g.op("Reshape", [logits, g.const(f"{name}.router_shape", np.array([-1, num_experts], np.int64))],
+                     f"{name}.router_2d")
+    routed = lin.moe(x, logits_2d, interleave_gate_up(sd[m + "experts.gate_up_proj"]), sd[m + "experts.down_proj"],
+                     spec.moe_top_k, spec.norm_topk_prob, f"{name}.experts")
+    shared_width = sd.get(m + "shared_expert.gate_proj.weight", np.zeros((0, 1))).shape[0]
+    if shared_width == 0:
+        return routed
+    gate_w = sd[m + "shared_expert_gate.weight"]          # [1, H]
+    if not gate_w.any():                                  # sigmoid(0) = 0.5, folded into the down-projection
+        shared = mlp(x, m + "shared_expert.", f"{name}.shared", down_scale=0.5)
+    else:
+        shared = g.op("Mul", [mlp(x, m + "shared_expert.", f"{name}.shared"),
+                              g.op("Sigmoid", [g.op("MatMul", [x, g.const(f"{name}.shared_gate.weight_t",
+                                                                         gate_w.T.astype(np.float32))],
+                                                    f"{name}.shared_gate")], f"{name}.shared_gate_sigmoid")],
+                      f"{name}.shared_gated")
+    return g.op("Add", [routed, shared], f"{name}.sum")

@@ -1,0 +1,352 @@
+"""Continual pre-training (CPT): the recipe, top to bottom.
+
+causal-LM loss (or a mix with forward KL to a teacher) + Switch load-balancing loss + optional
+router z-loss; AdamW, warm-up then cosine; gradient accumulation and clipping; bf16 autocast
+or fp32. Under `torchrun`/`accelerate launch` each rank takes its share of the micro-batches of
+every global batch (DDP), so the loss curve does not depend on the number of processes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from d2m_export import checkpoints
+from d2m_export.data import DEFAULT_TRAIN_CORPORA, batch_indices, pack
+from d2m_export.errors import UserError
+from d2m_export.models import load_model, model_label
+from d2m_export.outputs import MARKER, GENERATOR, check_output_dir
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    out: str
+    corpora: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN_CORPORA))
+    tokens: int = 200_000
+    seq_len: int = 256
+    micro_batch: int = 4
+    global_batch: int = 16           # sequences per optimizer step, over all processes
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int | None = None  # default: 5% of the steps
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    dtype: str = "fp32"              # fp32 | bf16 (autocast)
+    seed: int = 0
+    train_only: str = "all"          # all | moe | router
+    balance_loss_weight: float = 0.01
+    z_loss_weight: float = 0.0
+    distill_from: str | None = None
+    distill_weight: float = 0.5      # loss = (1 - w)·CE + w·KL(teacher || student) when distilling
+    save_every: int = 50
+    keep_last: int = 2
+    resume: bool = False
+    progress: bool = True
+
+
+class Routers:
+    """Forward hooks on every MoE router: its logits and top-k choices of the last forward."""
+
+    def __init__(self, model):
+        self.routers = [m for name, m in model.named_modules() if type(m).__name__.endswith("TopKRouter")]
+        self.logits: list[torch.Tensor] = []
+        self.chosen: list[torch.Tensor] = []
+        self.hooks = [r.register_forward_hook(self._hook) for r in self.routers]
+
+    def _hook(self, module, args, out):
+        self.logits.append(out[0])
+        self.chosen.append(out[2])
+
+    def clear(self):
+        self.logits, self.chosen = [], []
+
+
+def balance_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """Switch-style N·Σ f_i·P_i, averaged over MoE layers."""
+    losses = []
+    for logits in router_logits:
+        probs = logits.float().softmax(-1)
+        n = probs.shape[-1]
+        chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, n).sum(1).float()
+        losses.append(n * (chosen.mean(0) / top_k * probs.mean(0)).sum())
+    return torch.stack(losses).mean()
+
+
+def z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([torch.logsumexp(x.float(), -1).pow(2).mean() for x in router_logits]).mean()
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def select_trainable(model, train_only: str) -> list[torch.nn.Parameter]:
+    if train_only not in ("all", "moe", "router"):
+        raise UserError(f"--train-only must be all, moe or router, not {train_only!r}")
+    keep = {"all": lambda n: True,
+            "moe": lambda n: ".mlp.gate." in n or ".mlp.experts." in n or ".mlp.shared_expert" in n,
+            "router": lambda n: ".mlp.gate." in n}[train_only]
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(keep(name))
+        if p.requires_grad:
+            params.append(p)
+    if not params:
+        raise UserError(f"--train-only {train_only}: the model has no MoE layers to train; use --train-only all")
+    return params
+
+
+def fingerprint(model_dir: Path) -> str:
+    return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()[:16]
+
+
+def _dist():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return world, rank
+
+
+def train(cfg: TrainConfig) -> dict:
+    world, rank = _dist()
+    out = Path(cfg.out)
+    if cfg.global_batch % (cfg.micro_batch * world):
+        raise UserError(f"--global-batch {cfg.global_batch} must be a multiple of --micro-batch {cfg.micro_batch} "
+                        f"× {world} processes")
+    if cfg.dtype not in ("fp32", "bf16"):
+        raise UserError(f"--dtype must be fp32 or bf16, not {cfg.dtype!r}")
+    if cfg.resume and not checkpoints.checkpoint_dirs(out):
+        raise UserError(f"--resume: no checkpoint in {out}/checkpoints")
+    if not cfg.resume:
+        check_output_dir(out)
+        if out.is_dir() and any(out.iterdir()):
+            raise UserError(f"--out {out} already holds a training run; pass --resume or choose a new --out")
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, model_dir = load_model(cfg.model)
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    if max_len and cfg.seq_len > max_len:
+        raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's maximum context of {max_len}")
+    teacher = None
+    if cfg.distill_from:
+        teacher = load_model(cfg.distill_from)[0]
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise UserError(f"--distill-from: teacher vocabulary {teacher.config.vocab_size} differs from "
+                            f"the student's {model.config.vocab_size}")
+    chunks = pack(tokenizer, cfg.corpora, cfg.seq_len)
+    params = select_trainable(model, cfg.train_only)
+    steps = max(1, cfg.tokens // (cfg.global_batch * cfg.seq_len))
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg, steps))
+    meta = {"base_model": model_label(cfg.model), "base_fingerprint": fingerprint(model_dir),
+            "seq_len": cfg.seq_len, "global_batch": cfg.global_batch, "corpora": cfg.corpora, "seed": cfg.seed,
+            "train_only": cfg.train_only}
+    start = checkpoints.load_latest(out, model, optimizer, scheduler, meta) if cfg.resume else 0
+    if rank == 0 and not cfg.resume:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).write_text(f"{GENERATOR} train (running)\n")
+    routers = Routers(model)
+    stats_before = None
+    if rank == 0 and routers.routers:
+        before_file = out / ".router_load_before.json"
+        if cfg.resume and before_file.is_file():
+            stats_before = json.loads(before_file.read_text())
+        else:
+            stats_before = router_load(model, routers, chunks, cfg)
+            before_file.write_text(json.dumps(stats_before))
+    model.train()
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    log = TrainLog(out, enabled=rank == 0, start=start)
+    top_k = getattr(model.config, "num_experts_per_tok", 1)
+    micro = cfg.global_batch // cfg.micro_batch
+    bar = _progress(cfg, steps, start, rank)
+    for step in range(start, steps):
+        t0 = time.time()
+        idx = batch_indices(len(chunks), step, cfg.global_batch, cfg.seed).view(micro, cfg.micro_batch)
+        mine = idx[rank::world]
+        sums = torch.zeros(4)
+        for i, mb in enumerate(mine):
+            sync = i == len(mine) - 1
+            ctx = ddp.no_sync() if world > 1 and not sync else _null()
+            with ctx:
+                parts = _loss(ddp, teacher, routers, chunks[mb], cfg, top_k)
+                (parts[0] / len(mine)).backward()
+            sums += torch.stack([p.detach().float() for p in parts]) / len(mine)
+        if world > 1:
+            torch.distributed.all_reduce(sums)
+            sums /= world
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_s = cfg.global_batch * cfg.seq_len / (time.time() - t0)
+        row = {"step": step + 1, "loss": sums[0].item(), "ce": sums[1].item(), "balance": sums[2].item(),
+               "distill_kl": sums[3].item(), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+               "tokens": (step + 1) * cfg.global_batch * cfg.seq_len, "tokens_per_s": tokens_s}
+        log.write(row)
+        if bar is not None:
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tokens_s:.0f}")
+            bar.update(1)
+        if (step + 1) % cfg.save_every == 0 and step + 1 < steps:
+            if rank == 0:
+                checkpoints.save(out, step + 1, model, optimizer, scheduler, meta, cfg.keep_last)
+            if world > 1:
+                torch.distributed.barrier()
+    if bar is not None:
+        bar.close()
+    result = {"steps": steps, "tokens": steps * cfg.global_batch * cfg.seq_len}
+    if rank == 0:
+        stats_after = router_load(model, routers, chunks, cfg) if routers.routers else None
+        finish(out, model, tokenizer, model_dir, cfg, meta, result, stats_before, stats_after)
+        log.close()
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return result
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _progress(cfg, steps, start, rank):
+    if rank != 0 or not cfg.progress:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=steps, initial=start, desc="training", unit="step")
+
+
+def _loss(model, teacher, routers, x, cfg: TrainConfig, top_k: int):
+    routers.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+        logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+    target = x[:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+    zero = torch.zeros((), dtype=torch.float32)
+    balance = balance_loss(routers.logits, top_k) if routers.logits else zero
+    kl = zero
+    if teacher is not None:
+        with torch.no_grad():
+            t_logp = teacher(input_ids=x, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+        kl = F.kl_div(logits.log_softmax(-1), t_logp, log_target=True, reduction="none").sum(-1).mean()
+        loss = (1 - cfg.distill_weight) * ce + cfg.distill_weight * kl
+    else:
+        loss = ce
+    loss = loss + cfg.balance_loss_weight * balance
+    if cfg.z_loss_weight and routers.logits:
+        loss = loss + cfg.z_loss_weight * z_loss(routers.logits)
+    return loss, ce, balance, kl
+
+
+@torch.no_grad()
+def router_load(model, routers: Routers, chunks: torch.Tensor, cfg: TrainConfig, n: int = 8) -> list[list[float]]:
+    """Fraction of routed token slots each expert receives, per MoE layer, on the first n chunks."""
+    was_training = model.training
+    model.eval()
+    routers.clear()
+    model(input_ids=chunks[:n], use_cache=False)
+    load = []
+    for chosen in routers.chosen:
+        counts = torch.bincount(chosen.reshape(-1), minlength=routers.routers[0].num_experts).float()
+        load.append([round(v, 4) for v in (counts / counts.sum()).tolist()])
+    routers.clear()
+    model.train(was_training)
+    return load
+
+
+class TrainLog:
+    """train_log.jsonl plus TensorBoard event files (when tensorboard is installed)."""
+
+    def __init__(self, out: Path, enabled: bool, start: int):
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.path = out / "train_log.jsonl"
+        if self.path.exists():   # resuming: drop the steps after the checkpoint, they are redone
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(self.path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, row: dict):
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, row["step"])
+
+    def close(self):
+        if self.enabled:
+            self.file.close()
+            if self.tb:
+                self.tb.close()
+
+
+def finish(out: Path, model, tokenizer, model_dir: Path, cfg: TrainConfig, meta: dict, result: dict,
+           stats_before, stats_after) -> None:
+    """Write the trained model into `out`; config.json moves in last, so a crash never leaves a
+    folder that loads as a model."""
+    tmp = out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    plan_file = Path(model_dir) / "d2m_plan.json"
+    record = json.loads(plan_file.read_text()) if plan_file.is_file() else {"generator": GENERATOR,
+                                                                             "base_model": meta["base_model"]}
+    record["training"] = {**asdict(cfg), **result, "trained_from": meta["base_model"]}
+    (tmp / "d2m_plan.json").write_text(json.dumps(record, indent=2) + "\n")
+    if stats_after is not None:
+        (tmp / "router_stats.json").write_text(json.dumps(
+            {"generator": GENERATOR, "description": "fraction of routed token slots per expert, per MoE layer",
+             "before": stats_before, "after": stats_after}, indent=2) + "\n")
+    plot_loss(out / "train_log.jsonl", tmp / "loss.png")
+    files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
+    for f in files:
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+    (out / MARKER).write_text(f"{GENERATOR} train\n")
+
+
+def plot_loss(log_path: Path, png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
+    tokens = [r["tokens"] for r in rows]
+    ax.plot(tokens, [r["loss"] for r in rows], label="total loss")
+    ax.plot(tokens, [r["ce"] for r in rows], label="cross-entropy", alpha=0.7)
+    if any(r["distill_kl"] for r in rows):
+        ax.plot(tokens, [r["distill_kl"] for r in rows], label="KL to teacher", alpha=0.7)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,164 @@
+"""CPT on tiny models: losses, distributed equivalence, crash + resume, outputs, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import tiny_dense
+from d2m_export.cli import main
+from d2m_export.methods import get_method
+from d2m_export.plan import Block, Options, Plan
+
+BASE = ["--seq-len", "32", "--micro-batch", "2", "--global-batch", "4", "--lr", "1e-2", "--warmup-steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from d2m_export.corpora import load_text
+
+    path = tmp_path_factory.mktemp("corpus") / "train.txt"
+    path.write_text(load_text("brown")[:40_000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tmp_path_factory, tokenizer_dir):
+    dense = tiny_dense("llama")
+    moe = get_method("lfuc").build(dense, Plan("lfuc", 6, [Block(1, [2, 3]), Block(4, [5])],
+                                               Options(router_init="zero", top_k=1)))
+    with torch.no_grad():   # a random router, so that routing varies from token to token
+        for layer in moe.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.weight.normal_(0, 1.0)
+    out = tmp_path_factory.mktemp("moe") / "tiny-moe"
+    moe.save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+def log_of(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def cli(*argv):
+    return [sys.executable, "-m", "d2m_export.cli", *map(str, argv)]
+
+
+def test_train_writes_model_logs_and_router_stats(tiny_moe_dir, corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_moe_dir), "--corpus", str(corpus), "--tokens", str(12 * 4 * 32),
+                 *BASE, "--z-loss-weight", "1e-3", "--out", str(out)]) == 0
+    rows = log_of(out)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert rows[-1]["ce"] < rows[0]["ce"] - 0.3          # it learns
+    assert all(r["balance"] > 0 for r in rows)
+    stats = json.loads((out / "router_stats.json").read_text())
+    assert len(stats["after"]) == 2 and all(abs(sum(layer) - 1) < 1e-3 for layer in stats["after"])
+    assert (out / "loss.png").stat().st_size > 0 and list((out / "tensorboard").iterdir())
+    assert json.loads((out / "d2m_plan.json").read_text())["training"]["tokens"] == 12 * 4 * 32
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_train_only_router_leaves_everything_else(tiny_moe_dir, corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "router"
+    assert main(["train", "--model", str(tiny_moe_dir), "--corpus", str(corpus), "--tokens", str(2 * 4 * 32),
+                 *BASE, "--train-only", "router", "--out", str(out)]) == 0
+    before, after = load_file(tiny_moe_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".mlp.gate." in k for k in changed)
+
+
+def test_distillation_from_the_dense_teacher(tiny_moe_dir, corpus, tmp_path):
+    out = tmp_path / "kd"
+    assert main(["train", "--model", str(tiny_moe_dir), "--distill-from", str(tiny_moe_dir), "--corpus", str(corpus),
+                 "--tokens", str(2 * 4 * 32), *BASE, "--out", str(out)]) == 0
+    first = log_of(out)[0]
+    assert first["distill_kl"] < 1e-5    # the student starts as the teacher itself
+
+
+def test_two_processes_match_one(tiny_moe_dir, corpus, tmp_path):
+    args = ["train", "--model", tiny_moe_dir, "--corpus", corpus, "--tokens", 4 * 4 * 32, *BASE]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(cli(*args, "--out", tmp_path / "one"), env=env, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+                "-m", "d2m_export.cli", *map(str, args), "--out", str(tmp_path / "two")]
+    double = subprocess.run(torchrun, env=env, capture_output=True, text=True)
+    assert double.returncode == 0, double.stderr[-2000:]
+    one, two = log_of(tmp_path / "one"), log_of(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tiny_moe_dir, corpus, tmp_path):
+    args = ["train", "--model", tiny_moe_dir, "--corpus", corpus, "--tokens", 10 * 4 * 32, *BASE, "--save-every", 2]
+    ref = subprocess.run(cli(*args, "--out", tmp_path / "ref"), capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cli(*args, "--out", out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-000004" / "trainer.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "config.json").exists()          # no final model after a crash
+    resumed = subprocess.run(cli(*args, "--out", out, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = log_of(tmp_path / "ref"), log_of(out)
+    assert [r["step"] for r in b] == list(range(1, 11))
+    assert b[-1]["loss"] == pytest.approx(a[-1]["loss"], rel=1e-6, abs=1e-7)
+    assert len(list((out / "checkpoints").glob("step-*"))) <= 2
+
+
+def _err(capsys, argv):
+    code = main(list(map(str, argv)))
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("problem", ["empty", "missing", "eval-corpus", "seq-len", "not-a-model"])
+def test_bad_input(capsys, tiny_moe_dir, corpus, tmp_path, problem):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    model, extra = tiny_moe_dir, ["--corpus", corpus]
+    if problem == "empty":
+        extra = ["--corpus", empty]
+    elif problem == "missing":
+        extra = ["--corpus", tmp_path / "nope.txt"]
+    elif problem == "eval-corpus":
+        extra = ["--corpus", "austen"]
+    elif problem == "seq-len":
+        extra += ["--seq-len", "100000"]
+    elif problem == "not-a-model":
+        model = tmp_path
+    code, err = _err(capsys, ["train", "--model", model, *extra, "--tokens", 256, "--out", tmp_path / "o"])
+    assert code == 2, err
+    assert err.strip().splitlines()[-1].startswith("d2m-export: error:")
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_from_a_different_model_is_refused(capsys, tiny_moe_dir, corpus, tmp_path, tokenizer_dir):
+    out = tmp_path / "run"
+    args = ["--corpus", corpus, "--tokens", 4 * 4 * 32, *BASE, "--save-every", 2, "--out", out]
+    assert main(["train", "--model", str(tiny_moe_dir), *map(str, args)]) == 0
+    other = tmp_path / "other"
+    tiny_dense("llama", seed=1, num_hidden_layers=3).save_pretrained(other)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, other / f.name)
+    code, err = _err(capsys, ["train", "--model", other, *args, "--resume"])
+    assert code == 2 and "different model" in err, err
