@@ -123,6 +123,7 @@ def _dist():
 
 def train(cfg: TrainConfig) -> dict:
     world, rank = _dist()
+    started = time.time()
     out = Path(cfg.out)
     if cfg.global_batch % (cfg.micro_batch * world):
         raise UserError(f"--global-batch {cfg.global_batch} must be a multiple of --micro-batch {cfg.micro_batch} "
@@ -207,7 +208,8 @@ def train(cfg: TrainConfig) -> dict:
                 torch.distributed.barrier()
     if bar is not None:
         bar.close()
-    result = {"steps": steps, "tokens": steps * cfg.global_batch * cfg.seq_len}
+    result = {"steps": steps, "tokens": steps * cfg.global_batch * cfg.seq_len,
+              "wall_s": round(time.time() - started, 1)}
     if rank == 0:
         stats_after = router_load(model, routers, chunks, cfg) if routers.routers else None
         finish(out, model, tokenizer, model_dir, cfg, meta, result, stats_before, stats_after)
