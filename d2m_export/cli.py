@@ -34,7 +34,18 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from d2m_export.pipeline import convert
+    from d2m_export.pipeline import convert, moe_to_dense
+
+    if args.method == "moe2dense":
+        if args.experts_kept is None:
+            raise UserError("--method moe2dense needs --experts-kept K")
+        record = moe_to_dense(args.model, Path(args.out), args.experts_kept, args.groups, args.score,
+                              calib_tokens=args.calib_tokens)
+        p = record["params"]
+        print(f"moe2dense: wrote {record['architecture']} to {args.out} in {record['wall_s']} s; "
+              f"active params {p['active'] / 1e6:.1f}M (MoE: {p['moe_active'] / 1e6:.1f}M active, "
+              f"{p['moe_total'] / 1e6:.1f}M total)")
+        return 0
 
     record = convert(args.model, Path(args.out), method_name=args.method, plan_file=args.plan,
                      target_ratio=args.target_active_ratio, threshold=args.threshold, options=_options(args),
@@ -81,6 +92,61 @@ def cmd_demo(args) -> int:
                     tasks=args.tasks)
 
 
+def cmd_export(args) -> int:
+    from converters.base import export
+
+    if not args.export_out:
+        raise UserError("--target needs --out DIR")
+    manifest = export(args.export_target, args.export_model, args.export_quant, Path(args.export_out),
+                      threads=args.export_threads)
+    p, sizes = manifest["parity"], manifest["sizes_mb"]
+    print(f"{manifest['target']} {manifest['quant']}: wrote {', '.join(f'{f} ({mb:.1f} MB)' for f, mb in sizes.items())} "
+          f"to {args.export_out}")
+    print(f"  parity vs transformers: greedy {p['greedy_match']}/{p['greedy_total']} tokens, "
+          f"max |logit error| {p['max_abs_logit_err']:.3g}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from d2m_export.outputs import check_output_file, write_json
+    from runtimes.bench import bench
+
+    check_output_file(Path(args.out))
+    result = bench(Path(args.dir), prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                   threads=args.threads, repeats=args.repeats)
+    write_json(Path(args.out), result)
+    print(f"{result['target']} {result['quant']}, {result['threads']} threads: prefill "
+          f"{result['prefill_tokens_per_s']:.1f} tok/s, decode {result['decode_tokens_per_s']:.1f} tok/s "
+          f"(p50 {result['decode_ms_per_token_p50']:.2f} ms), peak RSS {result['peak_rss_mb']:.0f} MB")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from runtimes.base import load_runner, load_tokenizer
+
+    tokenizer = load_tokenizer(Path(args.dir))
+    ids = tokenizer.encode(args.prompt).ids
+    if not ids:
+        raise UserError("--prompt is empty after tokenization")
+    stop = [i for i in (tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>", "</s>")) if i is not None]
+    out: list[int] = []
+    shown = ""
+
+    def show(token: int) -> None:
+        nonlocal shown
+        out.append(token)
+        text = tokenizer.decode(out)
+        if not text.endswith("\ufffd"):      # wait for the rest of a multi-byte character
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+
+    print(args.prompt, end="", flush=True)
+    with load_runner(Path(args.dir), threads=args.threads, n_ctx=len(ids) + args.max_new_tokens + 8) as runner:
+        runner.generate(ids, args.max_new_tokens, stop_ids=stop, on_token=show)
+    print()
+    return 0
+
+
 def _add_model(p):
     p.add_argument("--model", default=None, help="embedded name (smollm2-135m, the default) or a Hugging Face folder")
 
@@ -90,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Turn dense LLMs into faster Mixture-of-Experts models and export them to edge runtimes."))
     parser.add_argument("--version", action="version", version=f"d2m-export {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    export = parser.add_argument_group("export (when no COMMAND is given)")
+    export.add_argument("--target", dest="export_target", help="export target: gguf")
+    export.add_argument("--model", dest="export_model", default=None,
+                        help="embedded name (smollm2-135m, the default) or a Hugging Face folder")
+    export.add_argument("--quant", dest="export_quant", default=None, help="gguf: f32 (default) | f16 | q8_0 | q4_0")
+    export.add_argument("--out", dest="export_out", help="output directory (artifact, tokenizer, manifest.json)")
+    export.add_argument("--threads", dest="export_threads", type=int, default=None,
+                        help="runtime threads for the parity check")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("analyze", help="score layer blocks for redundancy (JSON + heatmap)")
@@ -100,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert a dense model: lfuc (default), prune or upcycle")
     _add_model(p)
-    p.add_argument("--method", default="lfuc", help="lfuc | prune | upcycle")
+    p.add_argument("--method", default="lfuc", help="lfuc | prune | upcycle | moe2dense")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--plan", type=Path, help="YAML/JSON plan: blocks: [{host: 10, donors: [11, 12]}]")
     how.add_argument("--target-active-ratio", type=float, help="active decode weights ÷ dense (default 0.8)")
@@ -116,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrated (default: route to the expert with the largest output) | zero")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the host MLP")
     p.add_argument("--beta", type=float, default=1.0, help="weight of each selected routed expert")
+    p.add_argument("--experts-kept", type=int, help="moe2dense: experts kept per layer (K)")
+    p.add_argument("--groups", type=int, help="moe2dense: groups they merge into (k ≤ K; default K)")
+    p.add_argument("--score", default="acp", help="moe2dense expert score: sf | cp | acp (default) | do-acp")
     p.add_argument("--out", required=True, help="output directory (a Hugging Face checkpoint)")
     p.set_defaults(func=cmd_convert)
 
@@ -162,6 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=150)
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("bench", help="speed of an export in its runtime (prefill, decode, peak RSS) as JSON")
+    p.add_argument("dir", help="an export directory (from --target)")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; medians are reported")
+    p.add_argument("--out", required=True, help="results JSON file")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("generate", help="greedy text generation with an export, streamed")
+    p.add_argument("dir", help="an export directory (from --target)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_generate)
     return parser
 
 
@@ -171,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
     if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+        if args.export_target is None:
+            parser.print_help()
+            return 2
+        args.func = cmd_export
     try:
         return args.func(args)
     except UserError as e:

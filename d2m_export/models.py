@@ -26,6 +26,7 @@ ARCHITECTURES = {
     "llama": Architecture("llama", qkv_bias=False, is_moe=False),
     "qwen2": Architecture("qwen2", qkv_bias=True, is_moe=False),
     "qwen2_moe": Architecture("qwen2_moe", qkv_bias=True, is_moe=True),
+    "mixtral": Architecture("mixtral", qkv_bias=False, is_moe=True),
 }
 
 EMBEDDED = {

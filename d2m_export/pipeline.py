@@ -51,6 +51,8 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
     from d2m_export.methods import get_method
     from d2m_export.planner import active_ratio, plan_by_ratio, plan_by_threshold
 
+    if method_name == "moe2dense":
+        raise UserError("use moe_to_dense() for --method moe2dense")
     method = get_method(method_name)
     options = options or Options()
     options.validate()
@@ -128,3 +130,33 @@ def evaluate(model_spec, out: Path | None, tasks: list[str], limit: int | None, 
     if out:
         write_json(out, result)
     return result
+
+
+def moe_to_dense(model_spec, out: Path, experts_kept: int, groups: int | None = None, score: str = "acp",
+                 calib_tokens: int = 2048, progress: bool = True) -> dict:
+    from d2m_export import moe2dense
+    from d2m_export.calibration import calibration_ids
+
+    check_output_dir(out)
+    t0 = time.time()
+    model, tokenizer, _ = load_model(model_spec)
+    groups = groups or experts_kept
+    if not moe2dense.moe_layers(model):
+        raise UserError(f"--method moe2dense needs a Mixture-of-Experts model; {model_label(model_spec)} "
+                        f"({model.config.model_type}) has no MoE layers")
+    moe2dense.validate(model, experts_kept, groups, score)   # before the (slow) calibration
+    stats = moe2dense.routing_stats(model, calibration_ids(tokenizer, calib_tokens), progress=progress)
+    dense, layers = moe2dense.convert(model, stats, experts_kept, groups, score)
+    moe, new = param_counts(model.config), param_counts(dense.config)
+    record = {"base_model": model_label(model_spec), "method": "moe2dense",
+              "plan": {"experts_kept": experts_kept, "groups": groups, "score": score,
+                       "calibration_tokens": int(next(iter(stats.values())).tokens)},
+              "layers": {str(k): v for k, v in layers.items()},
+              "params": {"moe_active": moe.active, "moe_total": moe.total, "active": new.active, "total": new.total},
+              "architecture": type(dense).__name__}
+    with atomic_dir(out) as tmp:
+        dense.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record["wall_s"] = round(time.time() - t0, 1)
+        (tmp / "d2m_plan.json").write_text(json.dumps({"generator": "d2m-export", **record}, indent=2) + "\n")
+    return record

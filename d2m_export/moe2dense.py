@@ -1,0 +1,200 @@
+"""MoE → dense (KRAFTON "moe-to-dense", DESIGN.md §1): score experts on calibration data, keep K,
+merge them into k groups, and concatenate each MoE layer into one dense SwiGLU MLP.
+
+A SwiGLU MLP is a sum over hidden neurons, so stacking gate/up rows and down columns gives
+one MLP equal to Σ_e c_e·E_e(x). Shared experts go in unscaled (times their mean sigmoid
+gate, exactly 0.5 for our zero-gated LF-UC hosts); routed groups are scaled by their mean
+routing weight when selected (CP). Layers that were dense already are zero-padded to the
+common width, since Llama/Qwen2 configs have one intermediate size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from d2m_export.errors import UserError
+from d2m_export.methods.base import instantiate
+
+SCORES = ("sf", "cp", "acp", "do-acp")
+
+
+@dataclass
+class LayerStats:
+    tokens: int
+    selected: torch.Tensor      # [E] tokens that picked each expert
+    weight_sum: torch.Tensor    # [E] sum of its routing weight over those tokens
+    sq_norm_sum: torch.Tensor   # [E] Σ_t ‖f_e(x_t)‖² over all tokens
+    gram: torch.Tensor          # [E, E] Σ_t <f_i(x_t), f_j(x_t)>
+    shared_gate_sum: float      # Σ_t sigmoid(shared_expert_gate(x_t)), 0 without a shared expert
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        sf = self.selected / self.tokens
+        cp = torch.where(self.selected > 0, self.weight_sum / self.selected.clamp_min(1), torch.zeros_like(sf))
+        acp = cp * (self.sq_norm_sum / self.tokens).sqrt()
+        return {"sf": sf, "cp": cp, "acp": acp}
+
+    def similarity(self) -> torch.Tensor:
+        d = self.gram.diagonal().clamp_min(1e-12).sqrt()
+        return self.gram / (d[:, None] * d[None, :])
+
+
+def moe_layers(model) -> list[int]:
+    return [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+
+
+def _experts(block):
+    e = block.experts
+    return e.gate_up_proj.detach().float(), e.down_proj.detach().float(), e.act_fn
+
+
+@torch.no_grad()
+def routing_stats(model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = True) -> dict[int, LayerStats]:
+    layers = moe_layers(model)
+    stats: dict[int, LayerStats] = {}
+    seen: dict[int, dict] = {i: {} for i in layers}
+    hooks = []
+    for i in layers:
+        block = model.model.layers[i].mlp
+        hooks.append(block.register_forward_pre_hook(lambda m, args, i=i: seen[i].__setitem__("x", args[0])))
+        hooks.append(block.gate.register_forward_hook(lambda m, args, out, i=i: seen[i].__setitem__("route", out)))
+    from tqdm import tqdm
+    try:
+        for start in tqdm(range(0, len(input_ids), batch_size), desc="routing statistics", unit="batch",
+                          disable=not progress):
+            model(input_ids=input_ids[start:start + batch_size], use_cache=False)
+            for i in layers:
+                _accumulate(stats, i, model.model.layers[i].mlp, seen[i])
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def _accumulate(stats, i, block, seen):
+    x = seen["x"].reshape(-1, seen["x"].shape[-1]).float()
+    _, weights, index = seen["route"]
+    gate_up, down, act = _experts(block)
+    n = gate_up.shape[0]
+    outs = []
+    for e in range(n):
+        g, u = (x @ gate_up[e].T).chunk(2, dim=-1)
+        outs.append((act(g) * u) @ down[e].T)
+    f = torch.stack(outs)                                              # [E, T, H]
+    chosen = torch.zeros(x.shape[0], n).scatter_(1, index, weights.float())
+    shared = float(torch.sigmoid(block.shared_expert_gate(x.to(block.shared_expert_gate.weight.dtype))).sum()) \
+        if hasattr(block, "shared_expert_gate") else 0.0
+    part = LayerStats(x.shape[0], (chosen > 0).sum(0).float(), chosen.sum(0), f.pow(2).sum((1, 2)),
+                      torch.einsum("ith,jth->ij", f, f), shared)
+    if i in stats:
+        s = stats[i]
+        part = LayerStats(s.tokens + part.tokens, s.selected + part.selected, s.weight_sum + part.weight_sum,
+                          s.sq_norm_sum + part.sq_norm_sum, s.gram + part.gram, s.shared_gate_sum + part.shared_gate_sum)
+    stats[i] = part
+
+
+def select(stats: LayerStats, score: str, kept: int) -> tuple[list[int], torch.Tensor]:
+    """Indices of the experts kept (best first) and the per-expert score used."""
+    scores = stats.scores()
+    if score in scores:
+        s = scores[score]
+        return s.argsort(descending=True)[:kept].tolist(), s
+    # DO-ACP: quality (ACP) × diversity (cosine of outputs) kernel, greedy log-det.
+    acp = scores["acp"]
+    kernel = (acp[:, None] * acp[None, :]).sqrt() * stats.similarity()
+    lam = float(kernel.diagonal().mean()) / kept
+    chosen: list[int] = []
+    for _ in range(kept):
+        best, best_val = None, -float("inf")
+        for e in range(len(acp)):
+            if e in chosen:
+                continue
+            idx = chosen + [e]
+            val = torch.logdet(kernel[idx][:, idx].double() + lam * torch.eye(len(idx), dtype=torch.float64))
+            if val > best_val:
+                best, best_val = e, float(val)
+        chosen.append(best)
+    return chosen, acp
+
+
+def group(kept: list[int], score: torch.Tensor, similarity: torch.Tensor, groups: int) -> list[list[int]]:
+    """k groups: the k best experts seed them; each other kept expert joins its most similar seed."""
+    seeds = kept[:groups]
+    members = {s: [s] for s in seeds}
+    for e in kept[groups:]:
+        members[max(seeds, key=lambda s: float(similarity[e, s]))].append(e)
+    return [members[s] for s in seeds]
+
+
+def dense_config(moe_config, width: int):
+    from transformers import LlamaConfig, Qwen2Config
+
+    c = moe_config
+    common = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=width,
+                  num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                  num_key_value_heads=c.num_key_value_heads, hidden_act=c.hidden_act,
+                  max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+                  rope_parameters=dict(c.rope_parameters), tie_word_embeddings=c.tie_word_embeddings,
+                  bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if getattr(c, "qkv_bias", False):
+        return Qwen2Config(**common, use_sliding_window=False)
+    return LlamaConfig(**common, head_dim=head_dim, attention_bias=False, mlp_bias=False)
+
+
+def validate(model, kept: int, groups: int, score: str) -> None:
+    if score not in SCORES:
+        raise UserError(f"--score must be one of {', '.join(SCORES)}, not {score!r}")
+    layers = moe_layers(model)
+    if not layers:
+        raise UserError("moe2dense needs a Mixture-of-Experts model; this one has no MoE layers")
+    n = model.model.layers[layers[0]].mlp.experts.gate_up_proj.shape[0]
+    if not 1 <= kept <= n:
+        raise UserError(f"--experts-kept {kept} must be between 1 and the {n} experts per layer")
+    if not 1 <= groups <= kept:
+        raise UserError(f"--groups {groups} must be between 1 and --experts-kept {kept}")
+
+
+def convert(model, stats: dict[int, LayerStats], kept: int, groups: int, score: str):
+    """Returns (dense model, record of scores/selection per layer)."""
+    validate(model, kept, groups, score)
+    src = model.state_dict()
+    state = {k: v for k, v in src.items() if ".mlp." not in k}
+    mlps, record = {}, {}
+    for i, layer in enumerate(model.model.layers):
+        if i not in stats:
+            mlps[i] = [(layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight)]
+            continue
+        block, st = layer.mlp, stats[i]
+        chosen, s = select(st, score, kept)
+        grouped = group(chosen, s, st.similarity(), groups)
+        gate_up, down, _ = _experts(block)
+        cp = st.scores()["cp"]
+        parts = []
+        if hasattr(block, "shared_expert") and block.shared_expert.gate_proj.weight.shape[0]:
+            sh = block.shared_expert
+            parts.append((sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight * (st.shared_gate_sum / st.tokens)))
+        half = gate_up.shape[1] // 2
+        for members in grouped:
+            w = s[members].clamp_min(1e-12)
+            w = w / w.sum()
+            gu = sum(wi * gate_up[e] for wi, e in zip(w.tolist(), members))
+            dn = sum(wi * down[e] for wi, e in zip(w.tolist(), members))
+            scale = float(sum(wi * cp[e] for wi, e in zip(w.tolist(), members)))
+            parts.append((gu[:half], gu[half:], dn * scale))
+        mlps[i] = parts
+        record[i] = {"scores": {k: [round(float(x), 6) for x in v] for k, v in st.scores().items()},
+                     "kept": chosen, "groups": grouped}
+    width = max(sum(p[0].shape[0] for p in parts) for parts in mlps.values())
+    for i, parts in mlps.items():
+        g = torch.cat([p[0] for p in parts])
+        u = torch.cat([p[1] for p in parts])
+        d = torch.cat([p[2] for p in parts], dim=1)
+        pad = width - g.shape[0]           # zero neurons: silu(0)·0 = 0, exact
+        state[f"model.layers.{i}.mlp.gate_proj.weight"] = torch.cat([g, g.new_zeros(pad, g.shape[1])])
+        state[f"model.layers.{i}.mlp.up_proj.weight"] = torch.cat([u, u.new_zeros(pad, u.shape[1])])
+        state[f"model.layers.{i}.mlp.down_proj.weight"] = torch.cat([d, d.new_zeros(d.shape[0], pad)], dim=1)
+        if pad:
+            record.setdefault(i, {})["zero_padding"] = pad
+    dense = instantiate(dense_config(model.config, width), state)
+    return dense, record

@@ -1,0 +1,126 @@
+"""MoE → dense: the concatenation identity, scoring and selection, and bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_dense
+from d2m_export import moe2dense
+from d2m_export.cli import main
+from d2m_export.methods import get_method
+from d2m_export.plan import Block, Options, Plan
+
+IDS = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def tiny_moe(kind: str, experts: int = 4, top_k: int | None = None):
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=49152, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+                  num_experts_per_tok=top_k or experts)
+    if kind == "mixtral":
+        model = MixtralForCausalLM(MixtralConfig(**common, intermediate_size=24, num_local_experts=experts))
+    else:
+        model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**common, intermediate_size=40, moe_intermediate_size=24,
+                                                   shared_expert_intermediate_size=40, num_experts=experts,
+                                                   norm_topk_prob=True, mlp_only_layers=[1]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts" in name:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def constant_router(model):
+    with torch.no_grad():
+        for i in moe2dense.moe_layers(model):
+            model.model.layers[i].mlp.gate.weight.zero_()
+            if hasattr(model.model.layers[i].mlp, "shared_expert_gate"):
+                model.model.layers[i].mlp.shared_expert_gate.weight.zero_()
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_all_experts_kept_with_constant_router_is_exact(kind):
+    moe = tiny_moe(kind)
+    constant_router(moe)
+    stats = moe2dense.routing_stats(moe, torch.randint(0, 49152, (4, 16)), progress=False)
+    dense, record = moe2dense.convert(moe, stats, kept=4, groups=4, score="acp")
+    assert type(dense).__name__ == {"mixtral": "LlamaForCausalLM", "qwen2_moe": "Qwen2ForCausalLM"}[kind]
+    torch.testing.assert_close(logits(dense), logits(moe), rtol=1e-5, atol=1e-5)
+    if kind == "qwen2_moe":   # the dense layer is padded to the concatenated width, exactly
+        assert record[1]["zero_padding"] == 40 + 4 * 24 - 40
+
+
+def test_lfuc_round_trip_is_exact_with_all_donors_selected():
+    dense = tiny_dense("qwen2")
+    fused = get_method("lfuc").build(dense, Plan("lfuc", 6, [Block(1, [2, 3])],
+                                                 Options(router_init="zero", top_k=2)))
+    stats = moe2dense.routing_stats(fused, torch.randint(0, 49152, (2, 16)), progress=False)
+    back, _ = moe2dense.convert(fused, stats, kept=2, groups=2, score="sf")
+    assert type(back).__name__ == "Qwen2ForCausalLM" and back.config.num_hidden_layers == 4
+    torch.testing.assert_close(logits(back), logits(fused), rtol=1e-5, atol=1e-5)
+
+
+def test_scores_rank_a_dead_expert_last():
+    moe = tiny_moe("mixtral", experts=4, top_k=2)
+    with torch.no_grad():
+        for i in moe2dense.moe_layers(moe):
+            moe.model.layers[i].mlp.experts.down_proj[2].zero_()        # expert 2 outputs nothing
+            moe.model.layers[i].mlp.gate.weight[2].fill_(0)
+    stats = moe2dense.routing_stats(moe, torch.randint(0, 49152, (4, 16)), progress=False)
+    for score in ("acp", "do-acp"):
+        kept, _ = moe2dense.select(stats[0], score, 3)
+        assert 2 not in kept, score
+    merged, record = moe2dense.convert(moe, stats, kept=3, groups=2, score="do-acp")
+    assert merged.config.intermediate_size == 2 * 24
+    assert sorted(len(g) for g in record[0]["groups"]) == [1, 2]
+
+
+@pytest.fixture
+def moe_dir(tmp_path, tokenizer_dir):
+    out = tmp_path / "moe"
+    tiny_moe("qwen2_moe").save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+def test_cli_writes_dense_checkpoint_with_scores(moe_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "dense"
+    assert main(["convert", "--method", "moe2dense", "--model", str(moe_dir), "--experts-kept", "2",
+                 "--score", "do-acp", "--calib-tokens", "256", "--out", str(out)]) == 0
+    record = json.loads((out / "d2m_plan.json").read_text())
+    assert record["plan"] == {"experts_kept": 2, "groups": 2, "score": "do-acp", "calibration_tokens": 256}
+    assert set(record["layers"]["0"]["scores"]) == {"sf", "cp", "acp"}
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "Qwen2ForCausalLM"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--experts-kept", "9"], "between 1 and the 4 experts"),
+    (["--experts-kept", "2", "--groups", "3"], "--groups 3"),
+    (["--experts-kept", "2", "--score", "magic"], "--score"),
+])
+def test_bad_input(capsys, moe_dir, tmp_path, argv, needle):
+    code = main(["convert", "--method", "moe2dense", "--model", str(moe_dir), *argv, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_dense_model_is_refused(capsys, tiny_model_dir, tmp_path):
+    code = main(["convert", "--method", "moe2dense", "--model", str(tiny_model_dir), "--experts-kept", "1",
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no MoE layers" in err, err
