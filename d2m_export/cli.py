@@ -85,6 +85,24 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    import yaml
+
+    from d2m_export.probe import host_profile
+
+    out = Path(args.out)
+    if out.exists() and "measured" not in out.read_text():
+        raise UserError(f"--out {out} exists and is not a measured profile; pick another path")
+    profile = host_profile(args.threads)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(yaml.safe_dump(profile, sort_keys=False, allow_unicode=True))
+    tmp.replace(out)
+    print(f"{profile['name']}: {profile['memory_bandwidth_gbs']} GB/s read bandwidth, "
+          f"{profile['compute_gflops']['fp32']} GFLOPS fp32 matmul; wrote {out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from d2m_export.demo import run_demo
 
@@ -231,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("profile", help="measure this machine (bandwidth and matmul probes) as a device profile")
+    p.add_argument("--threads", type=int, default=None, help="threads to measure with (default: all cores)")
+    p.add_argument("--out", default="device_profiles/host.yaml")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("demo", help="analyze → convert (LF-UC and pruning) → eval, and print the comparison")
     _add_model(p)

@@ -1,0 +1,63 @@
+"""Roofline model of batch-1 decode and prefill, from a model's exact active bytes.
+
+Per decode token: bytes = weights actually read (at their precision) + the KV cache read at the
+current context (layers without attention have none); flops = 2 per weight read + attention.
+Time = max(bytes / bandwidth, flops / compute), divided by a runtime's measured efficiency.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from d2m_export.params import _get, param_counts
+
+BYTES_PER_WEIGHT = {
+    "fp32": 4.0, "f32": 4.0, "fp16": 2.0, "f16": 2.0, "bf16": 2.0,
+    "q8_0": 34 / 32, "int8": 1.0 + 4 / 32, "8da8w": 1.0 + 4 / 32,
+    "q4_0": 18 / 32, "int4": 0.5 + 4 / 32, "8da4w": 0.5 + 4 / 32,
+}
+COMPUTE_CLASS = {"fp32": "fp32", "f32": "fp32", "fp16": "fp16", "f16": "fp16", "bf16": "fp16",
+                 "q8_0": "int8", "int8": "int8", "8da8w": "int8", "q4_0": "int8", "int4": "int8", "8da4w": "int8"}
+
+
+@dataclass(frozen=True)
+class StepCost:
+    bytes: float
+    flops: float
+
+    def seconds(self, bandwidth_gbs: float, compute_gflops: float, efficiency: float = 1.0) -> float:
+        return max(self.bytes / (bandwidth_gbs * 1e9), self.flops / (compute_gflops * 1e9)) / efficiency
+
+
+def _attention_layers(cfg) -> int:
+    return _get(cfg, "num_hidden_layers")
+
+
+def kv_bytes_per_token(cfg, kv_bytes: float = 4.0) -> float:
+    """KV cache bytes one token position occupies, over every layer with attention."""
+    heads = _get(cfg, "num_attention_heads")
+    kv = _get(cfg, "num_key_value_heads") or heads
+    hd = _get(cfg, "head_dim") or _get(cfg, "hidden_size") // heads
+    return 2 * kv * hd * kv_bytes * _attention_layers(cfg)
+
+
+def decode_cost(cfg, precision: str = "fp32", context: int = 512, kv_bytes: float = 4.0) -> StepCost:
+    active = param_counts(cfg).active
+    heads = _get(cfg, "num_attention_heads")
+    hd = _get(cfg, "head_dim") or _get(cfg, "hidden_size") // heads
+    attn_flops = 4 * heads * hd * context * _attention_layers(cfg)       # q·K and p·V
+    return StepCost(bytes=active * BYTES_PER_WEIGHT[precision] + kv_bytes_per_token(cfg, kv_bytes) * context,
+                    flops=2 * active + attn_flops)
+
+
+def prefill_cost(cfg, tokens: int, precision: str = "fp32", kv_bytes: float = 4.0) -> StepCost:
+    active = param_counts(cfg).active
+    heads = _get(cfg, "num_attention_heads")
+    hd = _get(cfg, "head_dim") or _get(cfg, "hidden_size") // heads
+    attn_flops = 2 * heads * hd * tokens * tokens * _attention_layers(cfg)
+    return StepCost(bytes=active * BYTES_PER_WEIGHT[precision] + kv_bytes_per_token(cfg, kv_bytes) * tokens,
+                    flops=2 * active * tokens + attn_flops)
+
+
+def predicted_speedup(dense_cfg, moe_cfg, precision: str = "fp32", context: int = 512) -> float:
+    """Decode speed-up the roofline predicts (memory-bound: the ratio of bytes read per token)."""
+    return decode_cost(dense_cfg, precision, context).bytes / decode_cost(moe_cfg, precision, context).bytes
