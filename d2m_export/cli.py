@@ -103,6 +103,32 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from d2m_export.report import write
+
+    report = write([Path(d) for d in args.run_dirs], Path(args.out), args.devices)
+    print(f"wrote {args.out}/report.html, report.md, report.json and pareto.png ({len(report['runs'])} variants)")
+    for k, names in report["pareto"].items():
+        print(f"  frontier {k}: {', '.join(names)}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from d2m_export.sweep import run_sweep
+
+    def floats(text):
+        try:
+            return [float(x) for x in text.split(",") if x]
+        except ValueError:
+            raise UserError(f"--ratios takes comma-separated numbers, not {text!r}") from None
+
+    report = run_sweep(args.model, Path(args.out), floats(args.ratios), args.methods.split(","),
+                       args.targets.split(","), cpt_tokens=args.cpt_tokens, tasks=args.tasks, limit=args.limit,
+                       threads=args.threads, profiles=args.devices)
+    print(f"report: {args.out}/report/report.html ({len(report['runs'])} variants)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from d2m_export.demo import run_demo
 
@@ -254,6 +280,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="threads to measure with (default: all cores)")
     p.add_argument("--out", default="device_profiles/host.yaml")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("report", help="latency vs accuracy over sweep run directories (PNG, MD, JSON, HTML)")
+    p.add_argument("run_dirs", nargs="+", help="run directories written by `sweep`")
+    p.add_argument("--devices", nargs="+", default=None, help="device profiles to project onto (default: all)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("sweep", help="methods × ratios (× CPT): convert, eval, export, bench, then report")
+    _add_model(p)
+    p.add_argument("--ratios", default="1.0,0.9,0.8,0.7")
+    p.add_argument("--methods", default="lfuc,prune")
+    p.add_argument("--targets", default="onnx")
+    p.add_argument("--cpt-tokens", type=int, default=None, help="also train each variant with this budget")
+    p.add_argument("--tasks", nargs="+", default=None)
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--devices", nargs="+", default=None)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="analyze → convert (LF-UC and pruning) → eval, and print the comparison")
     _add_model(p)

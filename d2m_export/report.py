@@ -1,0 +1,163 @@
+"""The latency-versus-accuracy report over variant run directories (sweep outputs).
+
+A run directory holds `variant.json` (name, method, ratio, cpt_tokens, base_model), the model
+in `model/`, `eval.json` from `d2m-export eval`, and any number of `bench-*.json` from
+`d2m-export bench`. The report plots accuracy against decode latency measured per runtime on
+this host, and against the roofline-projected latency on each device profile, with the Pareto
+frontier highlighted; it writes pareto.png, report.md, report.json and a self-contained report.html.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from d2m_export.errors import UserError
+from d2m_export.outputs import atomic_dir
+from d2m_export.profiles import available, load_profile
+from d2m_export.roofline import decode_cost
+
+PROJECTION_PRECISION = "fp16"
+PROJECTION_CONTEXT = 512
+
+
+def load_run(run: Path) -> dict:
+    run = Path(run)
+    try:
+        variant = json.loads((run / "variant.json").read_text())
+        ev = json.loads((run / "eval.json").read_text())
+        config = json.loads((run / "model" / "config.json").read_text())
+    except FileNotFoundError as e:
+        raise UserError(f"{run} is not a sweep run directory (missing {Path(e.filename).name})") from None
+    except ValueError as e:
+        raise UserError(f"{run}: corrupt JSON ({e})") from None
+    benches = [json.loads(p.read_text()) for p in sorted(run.glob("bench-*.json"))]
+    tasks = ev.get("tasks", {})
+    mean_acc = sum(t["acc"] for t in tasks.values()) / len(tasks) if tasks else None
+    return {"dir": str(run), **variant, "config": config, "perplexity": (ev.get("perplexity") or {}).get("value"),
+            "tasks": tasks, "mean_acc": mean_acc, "active_params": ev.get("params", {}).get("active"),
+            "measured": {f"{b['target']} {b.get('quant')}": 1000.0 / b["decode_tokens_per_s"] for b in benches}}
+
+
+def pareto(points: list[tuple[float, float, str]]) -> list[str]:
+    """Names of the points no other point beats on both latency (lower) and accuracy (higher)."""
+    front = []
+    for lat, acc, name in points:
+        if not any((l2 <= lat and a2 >= acc) and (l2 < lat or a2 > acc) for l2, a2, _ in points):
+            front.append(name)
+    return front
+
+
+def build(run_dirs: list[Path], profiles: list[str] | None = None) -> dict:
+    runs = [load_run(r) for r in run_dirs]
+    if not runs:
+        raise UserError("report needs at least one run directory")
+    bases = {r.get("base_model") for r in runs}
+    if len(bases) > 1:
+        raise UserError(f"runs come from different base models ({', '.join(sorted(map(str, bases)))}); "
+                        "report one base model at a time")
+    devices = [load_profile(p) for p in (profiles or available())]
+    for r in runs:
+        ms = decode_cost(r["config"], PROJECTION_PRECISION, PROJECTION_CONTEXT).seconds
+        r["projected_ms"] = {d.key: 1000 * ms(d.memory_bandwidth_gbs, d.compute_gflops["fp16"]) for d in devices}
+    runtimes = sorted({k for r in runs for k in r["measured"]})
+    fronts = {f"measured {rt}": pareto([(r["measured"][rt], r["mean_acc"], r["name"]) for r in runs
+                                        if rt in r["measured"] and r["mean_acc"] is not None]) for rt in runtimes}
+    fronts.update({f"projected {d.key}": pareto([(r["projected_ms"][d.key], r["mean_acc"], r["name"]) for r in runs
+                                                 if r["mean_acc"] is not None]) for d in devices})
+    return {"base_model": bases.pop(), "runtimes": runtimes, "devices": {d.key: d.name for d in devices},
+            "projection": {"precision": PROJECTION_PRECISION, "context": PROJECTION_CONTEXT},
+            "runs": [{k: v for k, v in r.items() if k != "config"} for r in runs], "pareto": fronts}
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in report["runs"] if r["mean_acc"] is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
+    panels = [(axes[0], "measured on this host", [(rt, lambda r, rt=rt: r["measured"].get(rt)) for rt in report["runtimes"]],
+               "measured"),
+              (axes[1], f"roofline-projected ({report['projection']['precision']} weights)",
+               [(name, lambda r, k=k: r["projected_ms"][k]) for k, name in report["devices"].items()], "projected")]
+    for ax, title, series, kind in panels:
+        for label, get in series:
+            pts = sorted((get(r), r["mean_acc"], r["name"]) for r in runs if get(r) is not None)
+            if not pts:
+                continue
+            key = f"{kind} {label}" if kind == "measured" else f"projected {next(k for k, n in report['devices'].items() if n == label)}"
+            front = [p for p in pts if p[2] in report["pareto"].get(key, [])]
+            line = ax.plot([p[0] for p in front], [p[1] for p in front], "-", lw=1.5, alpha=0.6)[0]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=line.get_color(), label=label, zorder=3)
+            if kind == "measured" or label == series[-1][0]:   # label one projected series only
+                for x, y, name in pts:
+                    ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if kind == "projected":
+            ax.set_xscale("log")
+        ax.set_xlabel("decode latency (ms / token)")
+        ax.set_ylabel("mean zero-shot accuracy")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{report['base_model']}: accuracy vs decode latency (lines: Pareto frontier)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def tables(report: dict) -> list[tuple[list[str], list[list[str]]]]:
+    tasks = sorted({t for r in report["runs"] for t in r["tasks"]})
+    head = ["variant", "active params", "perplexity", *tasks, "mean acc",
+            *[f"{rt} ms/tok" for rt in report["runtimes"]]]
+    rows = []
+    for r in report["runs"]:
+        rows.append([r["name"], f"{(r['active_params'] or 0) / 1e6:.1f}M",
+                     f"{r['perplexity']:.2f}" if r["perplexity"] else "-",
+                     *[f"{r['tasks'][t]['acc']:.3f}" if t in r["tasks"] else "-" for t in tasks],
+                     f"{r['mean_acc']:.3f}" if r["mean_acc"] is not None else "-",
+                     *[f"{r['measured'][rt]:.2f}" if rt in r["measured"] else "-" for rt in report["runtimes"]]])
+    proj_head = ["variant", *report["devices"].values()]
+    proj_rows = [[r["name"], *[f"{r['projected_ms'][k]:.2f}" for k in report["devices"]]] for r in report["runs"]]
+    return [(head, rows), (proj_head, proj_rows)]
+
+
+def write(run_dirs: list[Path], out: Path, profiles: list[str] | None = None) -> dict:
+    report = build(run_dirs, profiles)
+    (acc_head, acc_rows), (proj_head, proj_rows) = tables(report)
+    md = [f"# {report['base_model']}: latency vs accuracy", "", "## Accuracy and measured decode latency", "",
+          _md(acc_head, acc_rows), "", f"## Roofline-projected decode latency (ms/token, {PROJECTION_PRECISION} weights, "
+          f"context {PROJECTION_CONTEXT})", "", _md(proj_head, proj_rows), "", "## Pareto frontiers", ""]
+    md += [f"- {k}: {', '.join(v)}" for k, v in report["pareto"].items()]
+    with atomic_dir(out) as tmp:
+        plot(report, tmp / "pareto.png")
+        (tmp / "report.md").write_text("\n".join(md) + "\n")
+        (tmp / "report.json").write_text(json.dumps({"generator": "d2m-export", **report}, indent=2) + "\n")
+        png = base64.b64encode((tmp / "pareto.png").read_bytes()).decode()
+        (tmp / "report.html").write_text(_html(report, png, [(acc_head, acc_rows), (proj_head, proj_rows)]))
+    return report
+
+
+def _md(head, rows) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
+                     ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _html(report, png_b64, tabs) -> str:
+    def table(head, rows, tid):
+        th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+        return f'<table id="{tid}"><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>'
+    fronts = "".join(f"<li>{html.escape(k)}: {html.escape(', '.join(v))}</li>" for k, v in report["pareto"].items())
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(report['base_model'])}: latency vs accuracy</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
+img{{max-width:100%}}</style></head><body>
+<h1>{html.escape(report['base_model'])}: latency vs accuracy</h1>
+<img id="pareto" alt="Pareto plot" src="data:image/png;base64,{png_b64}">
+<h2>Accuracy and measured decode latency</h2>{table(*tabs[0], "accuracy")}
+<h2>Roofline-projected decode latency (ms/token)</h2>{table(*tabs[1], "projection")}
+<h2>Pareto frontiers</h2><ul>{fronts}</ul>
+</body></html>
+"""

@@ -1,0 +1,78 @@
+"""The Pareto report: frontier logic, outputs, bad input, and the HTML page in headless Chromium."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import tiny_dense
+from d2m_export.cli import main
+from d2m_export.report import pareto
+
+# Synthetic measurements: this tests the report's arithmetic and rendering, not any runtime.
+VARIANTS = [("dense", 1.0, 0.60, 20.0), ("lfuc-0.8", 0.8, 0.55, 16.0), ("prune-0.8", 0.8, 0.50, 17.0),
+            ("lfuc-0.7", 0.7, 0.45, 14.0)]
+
+
+def test_pareto_front():
+    pts = [(20.0, 0.60, "a"), (16.0, 0.55, "b"), (17.0, 0.50, "c"), (14.0, 0.45, "d")]
+    assert pareto(pts) == ["a", "b", "d"]
+
+
+def make_runs(tmp_path, base="smollm2-135m", names=VARIANTS):
+    runs = []
+    cfg = tiny_dense("llama").config
+    for name, ratio, acc, ms in names:
+        run = tmp_path / name
+        (run / "model").mkdir(parents=True)
+        cfg.to_json_file(run / "model" / "config.json")
+        (run / "variant.json").write_text(json.dumps({"name": name, "method": name.split("-")[0], "ratio": ratio,
+                                                      "base_model": base}))
+        (run / "eval.json").write_text(json.dumps({
+            "perplexity": {"corpus": "austen", "tokens": 100, "value": 30 / acc},
+            "tasks": {"arc_easy": {"acc": acc, "acc_norm": acc, "n": 10}}, "params": {"active": int(1e6 * ratio)}}))
+        (run / "bench-onnx-fp32.json").write_text(json.dumps({"target": "onnx", "quant": "fp32",
+                                                              "decode_tokens_per_s": 1000 / ms}))
+        runs.append(run)
+    return runs
+
+
+def test_report_outputs(tmp_path):
+    runs = make_runs(tmp_path)
+    out = tmp_path / "report"
+    assert main(["report", *map(str, runs), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["pareto"]["measured onnx fp32"] == ["dense", "lfuc-0.8", "lfuc-0.7"]
+    assert len(report["runs"]) == 4 and set(report["devices"]) >= {"raspberry-pi-5", "iphone-15-pro"}
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| lfuc-0.8 |" in (out / "report.md").read_text()
+
+
+def test_runs_of_different_base_models_are_refused(tmp_path, capsys):
+    runs = make_runs(tmp_path / "a")[:2] + make_runs(tmp_path / "b", base="other-model")[:1]
+    code = main(["report", *map(str, runs), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "different base models" in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is installed by `make test`")
+def test_html_report_renders_in_headless_chromium(tmp_path):
+    out = tmp_path / "report"
+    assert main(["report", *map(str, make_runs(tmp_path)), "--out", str(out)]) == 0
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    page = (out / "report.html").as_uri()
+    dom = subprocess.run(["chromium", *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120)
+    assert 'id="pareto"' in dom.stdout and "data:image/png;base64," in dom.stdout
+    assert dom.stdout.count("<tr>") >= 2 * (len(VARIANTS) + 1)
+    shot = tmp_path / "report.png"
+    subprocess.run(["chromium", *flags, f"--screenshot={shot}", "--window-size=1280,1600", page],
+                   capture_output=True, timeout=120)
+    assert shot.stat().st_size > 10_000          # a rendered page, not a blank one
+    artifacts = tmp_path.parent.parent / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shutil.copy(shot, artifacts / "report_screenshot.png")
