@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -79,7 +80,7 @@ def cmd_train(args) -> int:
     if not fields.get("corpora"):
         fields.pop("corpora", None)
     result = train(TrainConfig(**fields))
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:     # one line from a torchrun/accelerate job
         print(f"trained {result['steps']} steps, {result['tokens']} tokens; model, train_log.jsonl, loss.png "
               f"in {args.out}")
     return 0

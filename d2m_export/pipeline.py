@@ -91,7 +91,7 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
         plan = plan_by_ratio(method, model.config, table, target_ratio or DEFAULT_RATIO, options,
                              max_block, min_mlp_cos)
     plan.validate(allow_empty_donors=method.allow_empty_donors)
-    if acts is None and method.name == "lfuc" and plan.options.router_init == "calibrated" and plan.blocks:
+    if acts is None and method.calibrates_router and plan.options.router_init == "calibrated" and plan.blocks:
         acts = calibrate()
 
     converted = method.build(model, plan, acts)

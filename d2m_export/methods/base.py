@@ -25,6 +25,7 @@ class Method:
     name: str
     description: str
     allow_empty_donors = False
+    calibrates_router = False     # build() fits routers on calibration activations when the plan asks
 
     def output_config(self, dense_config, plan: Plan):
         """The config of the converted model (no weights): what the planner costs."""

@@ -33,6 +33,7 @@ def routed_layers(block: Block, host_mode: str) -> list[int]:
 class LayerFusionUpcycling(Method):
     name = "lfuc"
     description = "fuse redundant layers: donors lose attention, their MLPs become routed experts of the host"
+    calibrates_router = True
 
     def num_experts(self, plan: Plan) -> int:
         o = plan.options
