@@ -20,11 +20,11 @@ TASKS = ["arc_easy", "hellaswag", "piqa"]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=0.8)
-    ap.add_argument("--tokens", type=int, default=240_000, help="CPT budget per model")
+    ap.add_argument("--tokens", type=int, default=163_840, help="CPT budget per model (40 steps of 16 × 256)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--distill-weight", type=float, default=0.5, help="KL to the dense model (0: plain CE)")
-    ap.add_argument("--limit", type=int, default=100, help="documents per task")
+    ap.add_argument("--limit", type=int, default=150, help="documents per task")
     ap.add_argument("--work", type=Path, default=Path("runs/bench_cpt"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpt_smollm2.md")
     args = ap.parse_args()
