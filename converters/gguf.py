@@ -198,6 +198,9 @@ class GGUFExporter(Exporter):
     default_quant = "f32"
     tolerances = {"f32": (1e-2, 1.0), "f16": (0.5, 0.9), "q8_0": (1.0, 0.75), "q4_0": (4.0, 0.4)}
 
+    def __init__(self):
+        self._written: dict[str, dict] = {}      # artifact path -> facts about it, for `details`
+
     def export(self, model_dir: Path, quant: str, out_tmp: Path) -> list[str]:
         model_type = read_config(model_dir).get("model_type")
         if model_type not in ARCHS:
@@ -209,35 +212,27 @@ class GGUFExporter(Exporter):
         filename = f"model-{quant}.gguf"
         writer = gguf.GGUFWriter(Path(out_tmp) / filename, arch)
         add_metadata(writer, cfg, arch, quant, Path(model_dir).name)
-        add_vocab(writer, model_dir, cfg.vocab_size)
+        pre = add_vocab(writer, model_dir, cfg.vocab_size)
         tensors = list(all_tensors(state, cfg, arch))
         head = head_tensor([n for n, _ in tensors])
+        types: dict[str, int] = {}
+        deviations = []
         for name, data in tensors:
-            qtype, _ = tensor_type(name, data.shape, quant, head)
+            qtype, why = tensor_type(name, data.shape, quant, head)
+            types[qtype.name] = types.get(qtype.name, 0) + 1
+            if why:
+                deviations.append({"tensor": name, "type": qtype.name, "why": why})
             data = np.ascontiguousarray(data, dtype=np.float32)
             writer.add_tensor(name, gguf.quants.quantize(data, qtype) if qtype != Q.F32 else data, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        self._written[str(Path(out_tmp) / filename)] = {
+            "architecture": arch, "tokenizer_pre": pre, "tensor_types": types, "quant_fallbacks": deviations,
+            # step35 has no fallback from the LM head to the token embedding: tied models store it twice
+            "output_copies_embedding": arch == "step35" and bool(cfg.tie_word_embeddings)}
         return [filename]
 
     def details(self, out_tmp: Path, files: list[str]) -> dict:
-        reader = gguf.GGUFReader(Path(out_tmp) / files[0])
-        arch = reader.fields["general.architecture"].contents()
-        quant = next(q for q, ft in FILE_TYPES.items() if ft == reader.fields["general.file_type"].contents())
-        names = [t.name for t in reader.tensors]
-        head, types, deviations = head_tensor(names), {}, []
-        for t in reader.tensors:
-            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-            _, why = tensor_type(t.name, tuple(int(n) for n in reversed(t.shape)), quant, head)
-            if why:
-                deviations.append({"tensor": t.name, "type": t.tensor_type.name, "why": why})
-        return {"architecture": arch, "tokenizer_pre": reader.fields["tokenizer.ggml.pre"].contents(),
-                "tensor_types": types, "quant_fallbacks": deviations,
-                "output_copies_embedding": _same_rows(reader, "output.weight", "token_embd.weight")}
-
-
-def _same_rows(reader: gguf.GGUFReader, a: str, b: str) -> bool:
-    t = {x.name: x for x in reader.tensors}
-    return a in t and b in t and np.array_equal(t[a].data[:4], t[b].data[:4])
+        return self._written.pop(str(Path(out_tmp) / files[0]), {})

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -70,14 +71,17 @@ def embedded_origin(model_dir: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def _gguf_string(path: Path, key: str) -> str | None:
-    field = gguf.GGUFReader(path).fields.get(key)
-    return field.contents() if field is not None else None
+@functools.lru_cache(maxsize=4)
+def _tokenizer_fields(path: Path) -> dict:
+    """The scalar tokenizer settings of a GGUF file (parsing one is slow: its vocabulary is large)."""
+    fields = gguf.GGUFReader(path).fields
+    keys = ("tokenizer.ggml.pre", "tokenizer.ggml.add_space_prefix")
+    return {k: fields[k].contents() for k in keys if k in fields}
 
 
 def pre_tokenizer(model_dir: Path, tokenizer_json: dict) -> str:
     origin = embedded_origin(model_dir)
-    if origin is not None and (pre := _gguf_string(origin, "tokenizer.ggml.pre")):
+    if origin is not None and (pre := _tokenizer_fields(origin).get("tokenizer.ggml.pre")):
         return pre
     pre = _pre_from_structure(tokenizer_json.get("pre_tokenizer"))
     if pre is None:
@@ -141,8 +145,7 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> str:
     if isinstance(config.get("add_prefix_space"), bool):
         writer.add_add_space_prefix(config["add_prefix_space"])
     elif (origin := embedded_origin(model_dir)) is not None:
-        field = gguf.GGUFReader(origin).fields.get("tokenizer.ggml.add_space_prefix")
-        if field is not None:
-            writer.add_add_space_prefix(bool(field.contents()))
+        if (value := _tokenizer_fields(origin).get("tokenizer.ggml.add_space_prefix")) is not None:
+            writer.add_add_space_prefix(bool(value))
     special.add_to_gguf(writer, quiet=True)
     return pre

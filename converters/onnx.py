@@ -30,21 +30,30 @@ class OnnxExporter(Exporter):
     description = "ONNX Runtime (CPU): decoder graph with KV cache; MoE layers as com.microsoft.MoE / QMoE"
     quants = ("fp32", "int8", "int4")
     default_quant = "fp32"
-    # fp32 runs the same arithmetic in another order: every greedy token must match.
-    tolerances = {"fp32": (1e-2, 1.0), "int8": (1.0, 0.75), "int4": (4.0, 0.4)}
+    # fp32 runs the same arithmetic in another order: every greedy token must match. The lossy floors come
+    # from SmolLM2-135M (int8: 62/64 tokens, max error 1.6; int4: 46/64, 19.6 — llama.cpp q8_0/q4_0 give
+    # 60/64, 1.6 and 44/64, 19.7 on the same prompts); a broken export matches almost no greedy token.
+    tolerances = {"fp32": (1e-2, 1.0), "int8": (4.0, 0.8), "int4": (30.0, 0.5)}
+    options = ("max_seq_len",)
 
-    def export(self, model_dir: Path, quant: str, out_tmp: Path) -> list[str]:
+    def export(self, model_dir: Path, quant: str, out_tmp: Path, max_seq_len: int | None = None) -> list[str]:
         import onnx
 
         model_type = read_config(model_dir).get("model_type")
         if model_type not in ARCHITECTURES:
             raise UserError(f"the onnx target exports {', '.join(ARCHITECTURES)} models, not {model_type!r}")
-        proto = build_model(model_dir, quant)
+        proto = build_model(model_dir, quant, max_seq_len)
         out_tmp = Path(out_tmp)
         onnx.save_model(proto, out_tmp / GRAPH_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024)
         onnx.checker.check_model(str(out_tmp / GRAPH_FILE))
         return [GRAPH_FILE, DATA_FILE]
+
+    def check_options(self, config: dict, options: dict) -> dict:
+        n = options.get("max_seq_len")
+        if n is not None and n < 1:
+            raise UserError(f"--max-seq-len must be at least 1, not {n}")
+        return options
 
     def details(self, out_tmp: Path, files: list[str]) -> dict:
         import onnx
@@ -65,8 +74,9 @@ class OnnxExporter(Exporter):
                 "weights": meta.get("weights")}
 
 
-def build_model(model_dir: Path, quant: str):
-    """The ONNX ModelProto for a Hugging Face folder, at `quant`."""
+def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None):
+    """The ONNX ModelProto for a Hugging Face folder, at `quant`; positions up to `max_seq_len` (default:
+    the model's context, at most MAX_POSITIONS)."""
     import onnx
     import torch
     from transformers import AutoModelForCausalLM
@@ -79,7 +89,7 @@ def build_model(model_dir: Path, quant: str):
     except Exception as e:  # transformers and safetensors raise unrelated types
         raise UserError(f"cannot load the model in {model_dir}: {str(e).strip().splitlines()[0] if str(e).strip() else e}") from None
     config = model.config
-    spec = spec_of(config, max_positions=min(int(config.max_position_embeddings), MAX_POSITIONS))
+    spec = spec_of(config, max_positions=min(int(config.max_position_embeddings), max_seq_len or MAX_POSITIONS))
     cos, sin = rotary_tables(model, spec)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}

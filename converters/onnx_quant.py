@@ -1,8 +1,122 @@
-"""Quantized storage for the onnx target (placeholder until int8/int4 land)."""
+"""Quantized storage for the onnx target: block-wise int8/int4 weights that ONNX Runtime's CPU kernels read directly.
+
+- projections: `com.microsoft.MatMulNBits` (B [N, k_blocks, block·bits/8] uint8, one fp32 scale per block,
+  zero point 2^(bits-1), i.e. symmetric), 4-bit values packed low nibble first;
+- routed experts: `com.microsoft.QMoE` with the same per-block layout per expert ([E, N, K·bits/8]);
+- the embedding: `com.microsoft.GatherBlockQuantized` over the same bytes, so a tied embedding /
+  LM head is stored once also when quantized (the head's MatMulNBits reads it through a Reshape
+  that ONNX Runtime folds at load).
+
+Kept in fp32: norms, biases, the routers (routing decisions are sensitive and the routers tiny), the
+rotary tables. For int4 the LM head (and so a tied embedding) is kept at int8, as llama.cpp keeps
+the output head above 4 bits.
+
+`accuracy_level` is MatMulNBits' own knob: 4 lets the kernels quantize activations to int8 (the fast
+integer dot-product path), 0 keeps fp32 activations. Block-wise 8-bit experts in QMoE always use
+int8 activations.
+"""
 from __future__ import annotations
 
-from d2m_export.errors import UserError
+import numpy as np
+
+from converters.onnx_graph import MS, Graph, Linears, moe_attrs
+
+BITS = {"int8": 8, "int4": 4}
+BLOCK = 32
+import os
+ACCURACY_LEVEL = int(os.environ.get("D2M_ACC", 4))
 
 
-def quantized_linears(g, quant: str):
-    raise UserError(f"--quant {quant} for the onnx target is not implemented yet; use fp32")
+def quantize_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """w [N, K] -> (packed uint8 [N, k_blocks, block·bits/8], scales float32 [N, k_blocks]), symmetric.
+
+    K is zero-padded up to a whole number of blocks (the kernels take K separately)."""
+    n, k = w.shape
+    kb = -(-k // block)
+    padded = np.zeros((n, kb * block), np.float32)
+    padded[:, :k] = w
+    blocks = padded.reshape(n, kb, block)
+    # As llama.cpp's q4_0: the block's largest-magnitude value maps to -2^(bits-1) exactly, so all
+    # 2^bits levels are used (a scale of absmax / (2^(bits-1) - 1) would leave one unused).
+    half = 2 ** (bits - 1)
+    extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+    scale = extreme / -half
+    scale[scale == 0] = 1.0
+    q = (np.clip(np.rint(blocks / scale[..., None]), -half, half - 1) + half).astype(np.uint8)
+    if bits == 4:
+        q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    return q, scale.astype(np.float32)
+
+
+def dequantize_blocks(q: np.ndarray, scale: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """The inverse of `quantize_blocks` (for tests and error reports)."""
+    if bits == 4:
+        q = np.stack([q & 0x0F, q >> 4], axis=-1).reshape(*q.shape[:-1], -1)
+    w = (q.astype(np.float32) - 2 ** (bits - 1)) * scale[..., None]
+    return w.reshape(w.shape[0], -1)[:, :k]
+
+
+class NBitsLinears(Linears):
+    def __init__(self, g: Graph, quant: str, accuracy_level: int = ACCURACY_LEVEL):
+        super().__init__(g)
+        self.quant = quant
+        self.bits = BITS[quant]
+        self.head_bits = 8                      # int4 keeps the LM head (and a tied embedding) at int8
+        self.accuracy_level = accuracy_level
+
+    def _nbits(self, x: str, q: str, scales: str, n: int, k: int, bits: int, name: str, output=None) -> str:
+        return self.g.op("MatMulNBits", [x, q, scales], name, outputs=[output] if output else 1, domain=MS,
+                         K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=self.accuracy_level)
+
+    def matmul(self, x: str, weight: np.ndarray, name: str, output: str | None = None, bits: int | None = None) -> str:
+        bits = bits or self.bits
+        q, s = quantize_blocks(weight, bits, BLOCK)
+        return self._nbits(x, self.g.const(f"{name}.weight_q{bits}", q), self.g.const(f"{name}.scales", s),
+                           weight.shape[0], weight.shape[1], bits, name, output)
+
+    def moe(self, x, router_logits, fc1, fc2, k, normalize, name):
+        g = self.g
+        e, two_i, h = fc1.shape
+        block = next((b for b in (BLOCK, 16) if h % b == 0 and (two_i // 2) % b == 0), None)
+        if block is None:                        # per-row scales: the kernel's "column-wise" mode
+            q1, s1 = zip(*(quantize_blocks(fc1[j], self.bits, h) for j in range(e)))
+            q2, s2 = zip(*(quantize_blocks(fc2[j], self.bits, two_i // 2) for j in range(e)))
+            extra = {}
+            s1, s2 = [np.stack(s)[..., 0] for s in (s1, s2)]
+        else:
+            q1, s1 = zip(*(quantize_blocks(fc1[j], self.bits, block) for j in range(e)))
+            q2, s2 = zip(*(quantize_blocks(fc2[j], self.bits, block) for j in range(e)))
+            extra = {"block_size": block}
+            s1, s2 = np.stack(s1), np.stack(s2)
+        q1 = np.stack([q.reshape(two_i, -1) for q in q1])
+        q2 = np.stack([q.reshape(h, -1) for q in q2])
+        return g.op("QMoE", [x, router_logits, g.const(f"{name}.fc1_q{self.bits}", q1), g.const(f"{name}.fc1_scales", s1), "",
+                             g.const(f"{name}.fc2_q{self.bits}", q2), g.const(f"{name}.fc2_scales", s2)], name,
+                    domain=MS, expert_weight_bits=self.bits, accuracy_level=self.accuracy_level,
+                    **extra, **moe_attrs(k, normalize))
+
+    def embedding_and_head(self, embed, lm_head, input_ids):
+        g = self.g
+        v, h = embed.shape
+        if h % BLOCK:                           # the gather needs whole blocks: keep that model's embedding fp32
+            return super().embedding_and_head(embed, lm_head, input_ids) if lm_head is None else (
+                g.op("Gather", [g.const("embed_tokens.weight", embed.astype(np.float32)), input_ids], "embed", axis=0),
+                lambda x: self.matmul(x, lm_head, "lm_head", output="logits", bits=self.head_bits))
+        bits = self.head_bits
+        q, s = quantize_blocks(embed, bits, BLOCK)
+        data = g.const(f"embed_tokens.weight_q{bits}", q.reshape(v, -1))
+        scales = g.const("embed_tokens.scales", s)
+        hidden = g.op("GatherBlockQuantized", [data, input_ids, scales], "embed", domain=MS, bits=bits,
+                      block_size=BLOCK, gather_axis=0, quantize_axis=1)
+        if lm_head is not None:
+            return hidden, lambda x: self.matmul(x, lm_head, "lm_head", output="logits", bits=bits)
+        head = g.op("Reshape", [data, g.const("lm_head.packed_shape", np.array(q.shape, np.int64))], "lm_head.packed")
+        return hidden, lambda x: self._nbits(x, head, scales, v, h, bits, "lm_head", output="logits")
+
+    def describe(self) -> dict:
+        return {"weights": f"{self.quant}: MatMulNBits/QMoE block {BLOCK}, symmetric; LM head and embedding "
+                           f"int{self.head_bits}; accuracy_level {self.accuracy_level}; norms, biases, routers fp32"}
+
+
+def quantized_linears(g: Graph, quant: str) -> Linears:
+    return NBitsLinears(g, quant)

@@ -143,12 +143,21 @@ def cmd_export(args) -> int:
     if not args.export_out:
         raise UserError("--target needs --out DIR")
     manifest = export(args.export_target, args.export_model, args.export_quant, Path(args.export_out),
-                      threads=args.export_threads)
+                      threads=args.export_threads, options={"max_seq_len": args.export_max_seq_len,
+                                                            "moe_lowering": args.export_moe_lowering})
     p, sizes = manifest["parity"], manifest["sizes_mb"]
     print(f"{manifest['target']} {manifest['quant']}: wrote {', '.join(f'{f} ({mb:.1f} MB)' for f, mb in sizes.items())} "
           f"to {args.export_out}")
     print(f"  parity vs transformers: greedy {p['greedy_match']}/{p['greedy_total']} tokens, "
           f"max |logit error| {p['max_abs_logit_err']:.3g}")
+    return 0
+
+
+def cmd_executorch_job(args) -> int:
+    """`d2m-export --target executorch` alone: the whole main job on the embedded default model."""
+    from converters.executorch import main_job
+
+    main_job(Path("runs/executorch"), quant=args.export_quant, threads=args.export_threads or 2)
     return 0
 
 
@@ -185,8 +194,8 @@ def cmd_generate(args) -> int:
             print(text[len(shown):], end="", flush=True)
             shown = text
 
-    print(args.prompt, end="", flush=True)
     with load_runner(Path(args.dir), threads=args.threads, n_ctx=len(ids) + args.max_new_tokens + 8) as runner:
+        print(args.prompt, end="", flush=True)      # once the runner loaded: an error is then the only output
         runner.generate(ids, args.max_new_tokens, stop_ids=stop, on_token=show)
     print()
     return 0
@@ -202,13 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"d2m-export {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     export = parser.add_argument_group("export (when no COMMAND is given)")
-    export.add_argument("--target", dest="export_target", help="export target: gguf")
+    export.add_argument("--target", dest="export_target", help="export target: gguf, onnx, coreml, executorch "
+                        "(executorch alone, without --model/--out: convert, export, check and bench the default model)")
     export.add_argument("--model", dest="export_model", default=None,
                         help="embedded name (smollm2-135m, the default) or a Hugging Face folder")
-    export.add_argument("--quant", dest="export_quant", default=None, help="gguf: f32 (default) | f16 | q8_0 | q4_0")
+    export.add_argument("--quant", dest="export_quant", default=None, help="gguf: f32 (default) | f16 | q8_0 | q4_0; onnx: fp32 (default) | int8 | int4; coreml: fp16 (default) | int8 | int4; executorch: fp32 (default) | 8da4w | 8da8w")
     export.add_argument("--out", dest="export_out", help="output directory (artifact, tokenizer, manifest.json)")
     export.add_argument("--threads", dest="export_threads", type=int, default=None,
                         help="runtime threads for the parity check")
+    export.add_argument("--max-seq-len", dest="export_max_seq_len", type=int, default=None,
+                        help="onnx, coreml, executorch: KV cache length (onnx: rotary table), the longest sequence the export runs (default: min(context, 2048))")
+    export.add_argument("--moe-lowering", dest="export_moe_lowering", default=None,
+                        help="executorch: how MoE layers are lowered: cond (default; decode runs only the selected "
+                             "experts) | dense (every expert, masked; for comparison)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("analyze", help="score layer blocks for redundancy (JSON + heatmap)")
@@ -335,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.export_target is None:
             parser.print_help()
             return 2
-        args.func = cmd_export
+        main_job = args.export_target == "executorch" and args.export_model is None and args.export_out is None
+        args.func = cmd_executorch_job if main_job else cmd_export
     try:
         return args.func(args)
     except UserError as e:

@@ -31,12 +31,19 @@ def register_runner(target: str):
     return wrap
 
 
+# target -> the module holding its runner, imported on demand (a benchmark then loads only its own
+# runtime); targets not listed are found by importing every module of this package.
+RUNNER_MODULES = {"gguf": "runtimes.llamacpp", "coreml": "runtimes.coreml", "executorch": "runtimes.executorch"}
+
+
 def _discover() -> None:
-    """Import every runner module in this package so that its decorator registers it."""
     import runtimes
     for info in pkgutil.iter_modules(runtimes.__path__):
         if info.name not in ("base", "bench"):
-            importlib.import_module(f"runtimes.{info.name}")
+            try:
+                importlib.import_module(f"runtimes.{info.name}")
+            except ImportError:     # a runtime whose package is not installed offers no runner
+                pass
 
 
 def default_threads() -> int:
@@ -111,9 +118,10 @@ def read_manifest(export_dir: Path) -> dict:
 
 
 def runner_class(target: str) -> type[Runner]:
-    _discover()
     if target not in RUNNERS:
-        raise UserError(f"no runner for target {target!r}; runners: {', '.join(sorted(RUNNERS)) or 'none'}")
+        importlib.import_module(RUNNER_MODULES[target]) if target in RUNNER_MODULES else _discover()
+    if target not in RUNNERS:
+        raise UserError(f"no runner for target {target!r}; runners: {', '.join(sorted(RUNNERS))}")
     return RUNNERS[target]
 
 

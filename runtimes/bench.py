@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from converters.base import path_bytes
 from d2m_export.errors import UserError
 from runtimes.base import load_runner, load_tokenizer
 
@@ -63,5 +64,5 @@ def bench(export_dir: Path, prompt_tokens: int = 64, new_tokens: int = 64, threa
         "decode_ms_per_token_p50": round(statistics.median(step_ms), 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "runtime_settings": settings,
-        "artifact_mb": round(sum((export_dir / f).stat().st_size for f in manifest.get("files", [])) / 2**20, 1),
+        "artifact_mb": round(sum(path_bytes(export_dir / f) for f in manifest.get("files", [])) / 2**20, 1),
     }

@@ -1,0 +1,389 @@
+"""Core ML for iOS and macOS apps: one `.mlpackage` (ML Program, iOS 18 / macOS 15) per export.
+
+What the package is (see `converters/coreml_module.py` for the lowering, exact in fp32):
+- inputs `input_ids` [1, q] int32 and `causal_mask` [1, 1, q, end] fp32 (0 = attend, -inf = not),
+  1 ≤ q ≤ end ≤ max_seq_len; output `logits` [1, vocab] fp32 for the last position;
+- states `key_cache` / `value_cache`, fp16 [layers, 1, kv_heads, max_seq_len, head_dim], written in
+  place (`ct.StateType`): an app makes one state per conversation and passes it to every call;
+- fp16 compute; MoE layers as a gather of the top-k experts' stacked weights (Core ML has no MoE
+  op; a decode step reads only the selected experts);
+- `int8` / `int4`: every weight matrix (embedding / LM head, attention, MLPs, every expert) is
+  linearly quantized with `coremltools.optimize.coreml` (symmetric; int8 one scale per output row,
+  int4 one per block of 32 inputs) and stored as `constexpr_blockwise_shift_scale`; routers, norms
+  and the RoPE tables stay fp16.
+
+Core ML predicts only on macOS/iOS, so on Linux an export is verified without it
+(manifest `verification`, `parity.checked_on: "pytorch-lowered-module"`):
+1. the saved program is read back: interface, states, one in-place state write per attention
+   layer and cache, every MoE layer with all its experts behind a gather, and (int8/int4) every
+   weight matrix stored compressed (`converters/coreml_program.py`);
+2. the traced lowered module — the TorchScript graph handed to coremltools — runs in fp32 against
+   transformers: every greedy token must match (teacher-forced and free-running);
+3. the weights as the package stores them (decompressed) are loaded into the lowered module and
+   run in fp32 (the quantization's effect, gated like other targets' lossy quants);
+4. the same in fp16 on PyTorch's CPU kernels: a proxy for fp16 compute, recorded, not gated.
+Not checked here: Core ML's own kernels and their fp16 numerics, speed, memory, compute units.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from converters.base import Exporter, register_target
+from d2m_export.errors import ParityError, UserError
+
+log = logging.getLogger(__name__)
+PACKAGE = "model.mlpackage"
+DEFAULT_MAX_SEQ_LEN = 2048
+MIN_MAX_SEQ_LEN = 64          # the parity check's prompts plus its greedy tokens fit
+BLOCK = 32                    # int4: one scale per 32 inputs of a row
+FP32_TOLERANCE = (1e-2, 1.0)  # the fp32 lowered module must reproduce every greedy token
+
+
+def import_coremltools():
+    """coremltools, imported quietly unless -v: on Linux it logs that its prediction library is
+    missing (expected here), and that it has not been tested with this torch release."""
+    if not logging.getLogger().isEnabledFor(logging.INFO):
+        logging.getLogger("coremltools").setLevel(logging.ERROR)
+    try:
+        import coremltools
+    except ImportError:
+        raise UserError("the coreml target needs coremltools: pip install 'd2m-export[coreml]'") from None
+    return coremltools
+
+
+@contextlib.contextmanager
+def quiet_progress():
+    """coremltools draws progress bars for every conversion stage; hide them unless -v."""
+    import importlib
+
+    if logging.getLogger().isEnabledFor(logging.INFO):
+        yield
+        return
+    patched = []
+    for module, attr in (("coremltools.converters.mil.frontend.torch.ops", "_tqdm"),
+                         ("coremltools.converters.mil.mil.passes.pass_pipeline", "tqdm"),
+                         ("coremltools.optimize.coreml._quantization_passes", "tqdm")):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        if hasattr(mod, attr):
+            patched.append((mod, attr, getattr(mod, attr)))
+            setattr(mod, attr, functools.partial(getattr(mod, attr), disable=True))
+    try:
+        yield
+    finally:
+        for mod, attr, original in patched:
+            setattr(mod, attr, original)
+
+
+@dataclass
+class Run:
+    """What one export hands from `export` to `parity` and `verification` (keyed by its directory)."""
+    model: object
+    tokenizer: object
+    lowered: object
+    traced: object
+    max_seq_len: int
+    report: dict
+    expected: dict
+    wall_s: dict
+    fallbacks: list = field(default_factory=list)
+    checks: dict = field(default_factory=dict)
+
+
+@register_target("coreml")
+class CoreMLExporter(Exporter):
+    description = "Core ML (.mlpackage, iOS 18 / macOS 15): stateful KV cache, MoE by gather, fp16 compute"
+    quants = ("fp16", "int8", "int4")
+    default_quant = "fp16"
+    options = ("max_seq_len",)
+    # the package's stored (decompressed) weights in the fp32 lowered module, against transformers
+    tolerances = {"fp16": (0.5, 0.9), "int8": (1.0, 0.75), "int4": (4.0, 0.4)}
+
+    def __init__(self):
+        self._runs: dict[str, Run] = {}
+
+    def check_options(self, config: dict, options: dict) -> dict:
+        from converters.coreml_module import check_supported
+
+        check_supported(config)
+        context = config.get("max_position_embeddings")
+        n = options.get("max_seq_len")
+        if n is None:
+            n = min(context or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
+        if n < MIN_MAX_SEQ_LEN:
+            raise UserError(f"--max-seq-len {n} is too short; the coreml target needs at least {MIN_MAX_SEQ_LEN}")
+        if context and n > context:
+            raise UserError(f"--max-seq-len {n} is above the model's context length ({context})")
+        return {"max_seq_len": int(n)}
+
+    def export(self, model_dir: Path, quant: str, out_tmp: Path, max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> list[str]:
+        from converters.coreml_module import LoweredDecoder
+        from converters.coreml_program import expected_structure, read_and_check
+        from d2m_export.models import load_model
+
+        import_coremltools()
+        wall = {}
+        t = time.time()
+        model, tokenizer, _ = load_model(model_dir)
+        lowered = LoweredDecoder(model, max_seq_len).eval()
+        wall["load"] = time.time() - t
+        t = time.time()
+        traced = trace(lowered)
+        wall["trace"] = time.time() - t
+        t = time.time()
+        mlmodel = convert(traced, lowered)
+        wall["convert"] = time.time() - t
+        fallbacks: list = []
+        if quant != "fp16":
+            t = time.time()
+            mlmodel, fallbacks = compress(mlmodel, quant, lowered.compressible())
+            wall["compress"] = time.time() - t
+        t = time.time()
+        package = Path(out_tmp) / PACKAGE
+        mlmodel.save(str(package))
+        wall["save"] = time.time() - t
+        expected = expected_structure(model.config, max_seq_len, quant, lowered.compressible())
+        report, problems = read_and_check(package, expected)
+        if problems:
+            raise ParityError("the saved Core ML program is incomplete: " + "; ".join(problems))
+        self._runs[str(out_tmp)] = Run(model, tokenizer, lowered, traced, max_seq_len, report, expected,
+                                       {k: round(v, 1) for k, v in wall.items()}, fallbacks)
+        return [PACKAGE]
+
+    def details(self, out_tmp: Path, files: list[str]) -> dict:
+        from converters.coreml_program import read_program
+
+        run = self._runs.get(str(out_tmp))
+        report = run.report if run else read_program(Path(out_tmp) / files[0])
+        state = report["states"].get("key_cache", {}).get("shape") or [None] * 5
+        return {
+            "package": files[0], "deployment_target": report["deployment_target"],
+            "compute_precision": "fp16", "max_seq_len": state[3],
+            "inputs": report["inputs"], "outputs": report["outputs"], "states": report["states"],
+            "moe_lowering": "gather: the top-k experts' rows of the stacked expert weights, then batched matmuls",
+            "moe_layers": {layer: e["experts"] for layer, e in report["moe_layers"].items()},
+            "compression": report["compression"], "quant_fallbacks": run.fallbacks if run else [],
+            "weight_file_mb": report["weight_file_mb"], "ops": report["ops"],
+        }
+
+    def parity(self, model_dir: Path, export_dir: Path, quant: str, threads: int | None = None,
+               new_tokens: int = 32) -> dict:
+        """The traced lowered module (fp32) against transformers; then the stored weights and fp16 proxy."""
+        run = self._runs.get(str(export_dir))
+        if run is None:
+            raise RuntimeError("CoreMLExporter.parity needs the export made by export() in this process")
+        try:
+            return self._parity(run, export_dir, quant, new_tokens)
+        except BaseException:
+            self._runs.pop(str(export_dir), None)
+            raise
+
+    def _parity(self, run: Run, export_dir: Path, quant: str, new_tokens: int) -> dict:
+        import torch
+
+        from converters.coreml_module import TorchRunner
+        from converters.coreml_program import stored_weights
+        from converters.parity import PROMPTS, reference_greedy
+
+        encoded = [run.tokenizer(p)["input_ids"] for p in PROMPTS]
+        new_tokens = min(new_tokens, run.max_seq_len - max(len(ids) for ids in encoded))
+        refs = [reference_greedy(run.model, ids, new_tokens) for ids in encoded]
+
+        traced = TorchRunner(run.traced, run.max_seq_len, run.lowered.reset)
+        result = compare(traced, encoded, refs, texts=PROMPTS)
+        result["free_running_greedy_identical"] = all(
+            free_greedy(traced, ids, len(tokens)) == tokens for ids, (tokens, _) in zip(encoded, refs))
+        max_err, min_frac = FP32_TOLERANCE
+        parity = {"checked_on": "pytorch-lowered-module",
+                  "module": "the traced LoweredDecoder (the TorchScript graph converted to Core ML), fp32",
+                  "reference": "transformers fp32, greedy", "kv_cache": "f32",
+                  "tolerance": {"max_abs_logit_err": max_err, "min_greedy_fraction": min_frac}, **result}
+        if not (result["max_abs_logit_err"] <= max_err and result["greedy_match"] >= min_frac * result["greedy_total"]
+                and result["free_running_greedy_identical"]):
+            raise ParityError(f"coreml: the lowered PyTorch module (fp32) matches {result['greedy_match']}/"
+                              f"{result['greedy_total']} greedy tokens of transformers, max |logit error| "
+                              f"{result['max_abs_logit_err']:.3g} (allowed {max_err:g}, all tokens)")
+
+        # The weights as the package stores them, decompressed, in the same module (fp32 compute).
+        tensors = run.lowered.tensors_by_key()
+        loaded = 0
+        with torch.no_grad():
+            for key, value in stored_weights(Path(export_dir) / PACKAGE).items():
+                if key in tensors and tuple(tensors[key].shape) == tuple(value.shape):
+                    tensors[key].copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
+                    loaded += 1
+        eager = TorchRunner(run.lowered, run.max_seq_len, run.lowered.reset)
+        stored = compare(eager, encoded, refs)
+        max_err, min_frac = self.tolerances[quant]
+        stored.update({"tensors_loaded": loaded, "compute": "fp32",
+                       "tolerance": {"max_abs_logit_err": max_err, "min_greedy_fraction": min_frac}})
+        run.checks["stored_weights"] = stored
+        if not (stored["max_abs_logit_err"] <= max_err and stored["greedy_match"] >= min_frac * stored["greedy_total"]):
+            raise ParityError(f"coreml {quant}: with the weights the package stores, the lowered module matches "
+                              f"{stored['greedy_match']}/{stored['greedy_total']} greedy tokens, max |logit error| "
+                              f"{stored['max_abs_logit_err']:.3g} (allowed {max_err:g}, "
+                              f"{int(np.ceil(min_frac * stored['greedy_total']))} tokens)")
+
+        # fp16 compute proxy: PyTorch's CPU fp16 kernels, not Core ML's (which may accumulate in fp16).
+        run.lowered.half()
+        run.checks["fp16_compute_proxy"] = {**compare(eager, encoded, refs), "compute": "fp16 (PyTorch CPU)"}
+        return parity
+
+    def verification(self, export_dir: Path, manifest: dict) -> dict:
+        run = self._runs.pop(str(export_dir))
+        report, expected, quant = run.report, run.expected, manifest["quant"]
+        moe = report["moe_layers"]
+        comp = report["compression"]
+        parity, stored, proxy = manifest["parity"], run.checks["stored_weights"], run.checks["fp16_compute_proxy"]
+        states = ", ".join(f"{n} {s['dtype']} {s['shape']}" for n, s in report["states"].items())
+        experts = ", ".join(f"layer {k}: {v['experts']}" for k, v in moe.items())
+        types = ", ".join(t for t in comp["stored_types"] if t != "fp16")
+        ops = ", ".join(f"{n} {k}" for k, n in comp["ops"].items())
+        checked = [
+            f"program read back from the saved package ({report['deployment_target']}, {report['opset']}): inputs "
+            f"{', '.join(report['inputs'])}; output {', '.join(report['outputs'])}; states "
+            f"{states}; "
+            f"{sum(report['state_writes'].values())} in-place state writes (write_state: one per attention layer and cache)",
+            (f"all {len(moe)} MoE layers present with all their experts "
+             f"({experts}), each selected by a gather"
+             if moe else "no MoE layers in the model, none in the program"),
+            (f"weight compression: all {len(expected['compressible'])} weight matrices (embedding / LM head, attention, "
+             f"MLPs, every expert) stored as {types} ({ops}); routers, norms and RoPE tables fp16; weight file "
+             f"{report['weight_file_mb']} MB"
+             if quant != "fp16" else f"fp16 weights, weight file {report['weight_file_mb']} MB"),
+            f"the traced lowered module (fp32) vs transformers: greedy {parity['greedy_match']}/"
+            f"{parity['greedy_total']} teacher-forced, free-running identical: "
+            f"{parity['free_running_greedy_identical']}, max |logit error| {parity['max_abs_logit_err']:.3g}",
+            f"the package's stored weights (decompressed) in the lowered module, fp32 compute: greedy "
+            f"{stored['greedy_match']}/{stored['greedy_total']}, max |logit error| {stored['max_abs_logit_err']:.3g}",
+            f"fp16 compute proxy (PyTorch CPU kernels, stored weights): greedy {proxy['greedy_match']}/"
+            f"{proxy['greedy_total']}, max |logit error| {proxy['max_abs_logit_err']:.3g}",
+        ]
+        return {
+            "on_device": False,
+            "checked": checked,
+            "not_checked": [
+                "Core ML prediction itself (needs macOS or iOS): Core ML's kernels, their fp16 accumulation and "
+                "any graph rewrites it makes at load time",
+                "speed, memory and load time on a device; which compute unit (Neural Engine, GPU, CPU) runs each op",
+                "the state's behaviour across calls in the Core ML runtime (checked only in the traced module)",
+            ],
+            "expected": {k: v for k, v in expected.items() if k != "compressible"},
+            "program": {k: report[k] for k in ("specification_version", "deployment_target", "opset", "state_writes",
+                                               "moe_layers", "compression", "weight_file_mb")},
+            "stored_weights": stored,
+            "fp16_compute_proxy": proxy,
+            "lowering": {
+                "moe": "gather the top-k experts' stacked weights (exact; unselected experts are never computed)",
+                "rms_norm": "scaled by max(|x|, 1) before squaring (the same function; no fp16 overflow)",
+                "logits": "last position only",
+            },
+            "export_wall_s": run.wall_s,
+        }
+
+
+def trace(lowered):
+    """TorchScript of the lowered module, traced at a prefill of 3 tokens after 2 (sizes stay symbolic)."""
+    import torch
+
+    from converters.coreml_module import causal_mask
+
+    lowered.reset()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(lowered, (torch.zeros(1, 3, dtype=torch.int32), causal_mask(2, 3)),
+                                 check_trace=False)
+    lowered.reset()
+    return traced
+
+
+def convert(traced, lowered):
+    """The fp16 ML Program (not loaded: Core ML may not exist here)."""
+    from converters.coreml_module import OUTPUT, STATES
+
+    ct = import_coremltools()
+    n = lowered.max_seq_len
+    q = ct.RangeDim(1, n, default=1, symbol="query_length")
+    end = ct.RangeDim(1, n, default=1, symbol="end")
+    cache = tuple(lowered.key_cache.shape)
+    with quiet_progress(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ct.convert(
+            traced,
+            inputs=[ct.TensorType(name="input_ids", shape=(1, q), dtype=np.int32),
+                    ct.TensorType(name="causal_mask", shape=(1, 1, q, end), dtype=np.float32)],
+            outputs=[ct.TensorType(name=OUTPUT, dtype=np.float32)],
+            states=[ct.StateType(wrapped_type=ct.TensorType(shape=cache, dtype=np.float16), name=s) for s in STATES],
+            minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT16,
+            convert_to="mlprogram", skip_model_load=True)
+
+
+def block_size(shape: tuple[int, ...], quant: str) -> tuple[tuple[int, ...], str | None]:
+    """Per-block quantization blocks along each weight's input (last) axis, and why it differs from
+    the default, if it does. int8: one block per row. int4: 32 inputs, or the largest of 16/8 that
+    divides the row, or the whole row."""
+    rows = (1,) * (len(shape) - 1)
+    if quant == "int8":
+        return rows + (0,), None
+    for b in (BLOCK, 16, 8):
+        if shape[-1] % b == 0:
+            return rows + (b,), None if b == BLOCK else f"row of {shape[-1]} is not a multiple of {BLOCK}: blocks of {b}"
+    return rows + (0,), f"row of {shape[-1]} has no block size of 8-32: one scale per row"
+
+
+def compress(mlmodel, quant: str, keys: list[str]):
+    """int8 / int4 linear (symmetric) quantization of the named weight matrices, experts included."""
+    import coremltools.optimize as cto
+
+    from converters.coreml_program import weight_key
+
+    wanted, configs, fallbacks = set(keys), {}, []
+    for op in mlmodel._mil_program.functions["main"].operations:
+        if op.op_type == "const" and weight_key(op.name) in wanted:
+            shape = tuple(op.outputs[0].shape)
+            block, why = block_size(shape, quant)
+            if why:
+                fallbacks.append({"weight": weight_key(op.name), "shape": list(shape), "why": why})
+            configs[op.name] = cto.coreml.OpLinearQuantizerConfig(
+                mode="linear_symmetric", dtype=quant, granularity="per_block", block_size=list(block),
+                weight_threshold=1)
+    with quiet_progress(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compressed = cto.coreml.linear_quantize_weights(
+            mlmodel, cto.coreml.OptimizationConfig(global_config=None, op_name_configs=configs))
+    return compressed, fallbacks
+
+
+def compare(runner, encoded: list[list[int]], refs: list, texts=None) -> dict:
+    """Teacher-forced comparison of `runner` with the reference greedy tokens and logits."""
+    from converters.parity import runtime_forced
+
+    per_prompt = []
+    for i, (ids, (tokens, logits)) in enumerate(zip(encoded, refs)):
+        got = runtime_forced(runner, ids, tokens)
+        row = {"prompt_tokens": len(ids), "max_abs_logit_err": float(np.abs(got - logits).max()),
+               "greedy_match": int((got.argmax(-1) == np.array(tokens)).sum()), "greedy_total": len(tokens)}
+        if texts is not None:
+            row = {"text": texts[i], **row, "reference_tokens": tokens}
+        per_prompt.append(row)
+    return {"max_abs_logit_err": max(p["max_abs_logit_err"] for p in per_prompt),
+            "greedy_match": sum(p["greedy_match"] for p in per_prompt),
+            "greedy_total": sum(p["greedy_total"] for p in per_prompt), "prompts": per_prompt}
+
+
+def free_greedy(runner, prompt_ids: list[int], n: int) -> list[int]:
+    """The runner's own greedy decoding (its argmax fed back), n tokens."""
+    out = [int(np.argmax(runner.prefill(prompt_ids)))]
+    while len(out) < n:
+        out.append(int(np.argmax(runner.decode(out[-1]))))
+    return out

@@ -1,0 +1,295 @@
+"""ExecuTorch: one `.pte` lowered to XNNPACK with a static KV cache; MoE decode reads only the selected experts.
+
+The program (`model.pte`) has the interface of ExecuTorch's own Llama export, so its LLM runner
+(`llama_main`, the Android `LlmModule`) runs it unchanged:
+- `forward(tokens int64 [1, T], input_pos int64 [1]) -> logits float32 [1, vocab]` of the last position,
+  T from 1 to `max_seq_len` (prefill in one call; decode T = 1); the KV cache lives in the program;
+- constant methods `get_max_seq_len`, `get_max_context_len`, `get_vocab_size`, `get_bos_id`, `get_eos_ids`,
+  `use_kv_cache`, `use_sdpa_with_kv_cache`, `enable_dynamic_shape`.
+The decoder itself is `converters.executorch_model`; how MoE layers are lowered is explained there.
+Programs use `llama::update_cache` / `llama::custom_sdpa`, which a runtime registers by importing
+`executorch.extension.llm.custom_ops` (the runner does) or linking ExecuTorch's custom-ops library.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+from converters.base import Exporter, register_target
+from d2m_export.errors import UserError
+from d2m_export.models import read_config
+
+log = logging.getLogger(__name__)
+PROGRAM = "model.pte"
+ARCHS = ("llama", "qwen2", "qwen2_moe")
+DEFAULT_MAX_SEQ_LEN = 2048
+MIN_MAX_SEQ_LEN = 64            # the parity check decodes ~60 positions
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")     # inv_freq does not depend on the sequence length
+
+
+def _require_executorch():
+    try:
+        import executorch  # noqa: F401
+    except ImportError:
+        raise UserError("the executorch target needs ExecuTorch: pip install 'd2m-export[executorch]'") from None
+
+
+def special_ids(model_dir: Path, config: dict) -> tuple[int | None, list[int]]:
+    """(BOS id, EOS ids) from config.json and generation_config.json."""
+    eos: list[int] = []
+    bos = config.get("bos_token_id")
+    sources = [config]
+    gen = Path(model_dir) / "generation_config.json"
+    if gen.is_file():
+        try:
+            sources.append(json.loads(gen.read_text()))
+        except ValueError:
+            pass
+    for src in sources:
+        value = src.get("eos_token_id")
+        for i in value if isinstance(value, list) else [value]:
+            if isinstance(i, int) and i not in eos:
+                eos.append(i)
+        if bos is None and isinstance(src.get("bos_token_id"), int):
+            bos = src["bos_token_id"]
+    return bos, eos
+
+
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+@register_target("executorch")
+class ExecuTorchExporter(Exporter):
+    description = "ExecuTorch (XNNPACK): .pte with static KV cache; MoE experts as delegates selected by cond"
+    quants = ("fp32", "8da4w", "8da8w")
+    default_quant = "fp32"
+    options = ("max_seq_len", "moe_lowering")
+    # fp32 runs the same arithmetic in another order: every greedy token must match.
+    tolerances = {"fp32": (1e-2, 1.0), "8da8w": (1.0, 0.75), "8da4w": (4.0, 0.4)}
+
+    def check_options(self, config: dict, options: dict) -> dict:
+        """Refuse what this target cannot export, and bad options, before anything is written."""
+        from converters.executorch_model import LOWERINGS
+
+        max_seq_len, moe_lowering = options.get("max_seq_len"), options.get("moe_lowering")
+
+        _require_executorch()
+        model_type = config.get("model_type")
+        if model_type not in ARCHS:
+            raise UserError(f"the executorch target exports {', '.join(ARCHS)} models, not {model_type!r}")
+        if config.get("use_sliding_window"):
+            raise UserError("sliding-window attention is not supported by the executorch target")
+        rope = (config.get("rope_parameters") or config.get("rope_scaling") or {}).get("rope_type", "default")
+        if rope not in STATIC_ROPE:
+            raise UserError(f"RoPE type {rope!r} is not supported by the executorch target ({', '.join(STATIC_ROPE)})")
+        context = int(config.get("max_position_embeddings") or DEFAULT_MAX_SEQ_LEN)
+        if max_seq_len is not None:
+            if not MIN_MAX_SEQ_LEN <= max_seq_len <= context:
+                raise UserError(f"--max-seq-len {max_seq_len} must be between {MIN_MAX_SEQ_LEN} and the model's "
+                                f"context length {context}")
+        if moe_lowering is not None and moe_lowering not in LOWERINGS:
+            raise UserError(f"--moe-lowering must be one of {', '.join(LOWERINGS)}, not {moe_lowering!r}")
+        return options
+
+    def export(self, model_dir: Path, quant: str, out_tmp: Path, max_seq_len: int | None = None,
+               moe_lowering: str | None = None) -> list[str]:
+        import torch
+
+        config = read_config(Path(model_dir))
+        self.check_options(config, {"max_seq_len": max_seq_len, "moe_lowering": moe_lowering})
+        max_seq_len = max_seq_len or min(int(config.get("max_position_embeddings") or DEFAULT_MAX_SEQ_LEN),
+                                         DEFAULT_MAX_SEQ_LEN)
+        moe_lowering = moe_lowering or "cond"
+        bos, eos = special_ids(Path(model_dir), config)
+        metadata = {"get_max_seq_len": max_seq_len, "get_max_context_len": max_seq_len,
+                    "get_vocab_size": int(config["vocab_size"]), "use_kv_cache": True,
+                    "use_sdpa_with_kv_cache": True, "enable_dynamic_shape": True}
+        if bos is not None:
+            metadata["get_bos_id"] = int(bos)
+        if eos:
+            metadata["get_eos_ids"] = eos
+        t0 = time.time()
+        with torch.no_grad():
+            program, facts = build_program(Path(model_dir), max_seq_len, quant, moe_lowering, metadata)
+        (Path(out_tmp) / PROGRAM).write_bytes(program)
+        self._facts = {**facts, "export_s": round(time.time() - t0, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+                       "metadata": metadata, "max_seq_len": max_seq_len, "moe_lowering": moe_lowering}
+        return [PROGRAM]
+
+    def details(self, out_tmp: Path, files: list[str]) -> dict:
+        facts = dict(getattr(self, "_facts", {}))
+        return {"program": files[0], "methods": program_summary(Path(out_tmp) / files[0]),
+                "forward": {"inputs": ["tokens int64 [1, T], 1 <= T <= max_seq_len", "input_pos int64 [1]"],
+                            "output": "logits float32 [1, vocab] (last position)"},
+                "custom_ops": ["llama::update_cache", "llama::custom_sdpa"], **facts}
+
+
+def build_program(model_dir: Path, max_seq_len: int, quant: str, moe_lowering: str, metadata: dict) -> tuple[bytes, dict]:
+    """The .pte bytes for `model_dir`, and facts about how it was built."""
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+    from torch.export import Dim, export
+
+    from converters.executorch_model import Decoder
+    from d2m_export.models import load_model
+
+    model, _, _ = load_model(model_dir)
+    t0 = time.time()
+    decoder = Decoder(model, max_seq_len, lowering=moe_lowering, quant=quant).eval()
+    moe = [layer.mlp for layer in decoder.layers if layer.is_moe]
+    del model
+    t1 = time.time()
+    example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long))
+    dynamic = ({1: Dim("seq_len", min=1, max=max_seq_len)}, None)
+    program = export(decoder, example, dynamic_shapes=dynamic, strict=False)
+    t2 = time.time()
+    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
+                                       compile_config=EdgeCompileConfig(_check_ir_validity=False),
+                                       constant_methods=metadata)
+    t3 = time.time()
+    et = edge.to_executorch(ExecutorchBackendConfig(
+        extract_delegate_segments=True,
+        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+        sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
+    data = et.buffer
+    structure = branch_structure(edge.exported_program().graph_module)
+    if moe:
+        # sparse: every decode-tree leaf is a branch that runs exactly one expert delegate
+        leaves = sum(m.top_k * m.num_experts for m in moe)
+        structure["decode_leaves_expected"] = leaves
+        structure["sparse"] = moe_lowering == "cond" and structure["single_delegate_branches"] >= leaves
+    facts = {
+        "wall_s": {"build_and_lower_experts": round(t1 - t0, 1), "torch_export": round(t2 - t1, 1),
+                   "to_edge_and_lower": round(t3 - t2, 1), "to_executorch": round(time.time() - t3, 1)},
+        "quant_kept_fp32": decoder.quant_skipped + (["routers", "shared_expert_gate"] if moe else []),
+        "moe": None if not moe else {
+            "layers": [i for i, layer in enumerate(decoder.layers) if layer.is_moe],
+            "num_experts": moe[0].num_experts, "top_k": moe[0].top_k,
+            "distinct_experts_per_layer": [len(set(m.expert_of)) for m in moe],
+            "lowering": moe_lowering, "structure": structure,
+        },
+    }
+    return data, facts
+
+
+def branch_structure(gm) -> dict:
+    """What the lowered graph does inside `cond` branches: how many conds, how many delegate calls
+    sit inside branches (the experts), and how many branches run exactly one delegate and nothing
+    else (the leaves of the expert trees)."""
+    import torch
+
+    def is_delegate(node):
+        return node.op == "call_function" and getattr(node.target, "__name__", "") == "executorch_call_delegate"
+
+    counts = {"conds": 0, "expert_call_sites": 0, "single_delegate_branches": 0}
+
+    def walk(module, in_branch: bool):
+        for node in module.graph.nodes:
+            if is_delegate(node) and in_branch:
+                counts["expert_call_sites"] += 1
+            if node.op == "call_function" and node.target is torch.ops.higher_order.cond:
+                counts["conds"] += 1
+                for branch in node.args[1:3]:
+                    sub = getattr(module, branch.target)
+                    compute = [n for n in sub.graph.nodes if n.op == "call_function" and "getitem" not in str(n.target)]
+                    if len(compute) == 1 and is_delegate(compute[0]):
+                        counts["single_delegate_branches"] += 1
+                    walk(sub, True)
+
+    walk(gm, False)
+    return counts
+
+
+def program_summary(path: Path) -> dict:
+    """Per method of a .pte: instructions by kind (DelegateCall, KernelCall, JumpFalseCall, ...),
+    delegates by backend, operators, or the constant a metadata method returns."""
+    from collections import Counter
+
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    pte = deserialize_pte_binary(Path(path).read_bytes())
+    program = getattr(pte, "program", pte)
+    out = {}
+    for plan in program.execution_plan:
+        instructions = Counter(type(i.instr_args).__name__ for chain in plan.chains for i in chain.instructions)
+        if not instructions and not plan.inputs:         # a constant method: its outputs are the values
+            values = [plan.values[i].val for i in plan.outputs]
+            values = [getattr(v, "int_val", getattr(v, "bool_val", getattr(v, "double_val", None))) for v in values]
+            out[plan.name] = {"constant": values if plan.name == "get_eos_ids" or len(values) != 1 else values[0]}
+            continue
+        out[plan.name] = {
+            "instructions": dict(instructions),
+            "delegates": dict(Counter(d.id for d in plan.delegates)),
+            "operators": sorted(f"{op.name}.{op.overload}" if op.overload else op.name for op in plan.operators),
+        }
+    out["distinct_delegate_blobs"] = len(program.backend_delegate_data)     # identical blobs are stored once
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# `d2m-export --target executorch` alone: the main job on the embedded default model
+# --------------------------------------------------------------------------------------------
+def main_job(out: Path, quant: str | None = None, threads: int = 2, ratio: float = 0.8,
+             prompt_tokens: int = 64, new_tokens: int = 64, repeats: int = 3) -> dict:
+    """LF-UC convert (default plan at `ratio`) → export dense and LF-UC → parity (inside export) →
+    bench both side by side; print where the bundle is and its decode speed against the dense model's."""
+    from converters.base import export
+    from d2m_export.models import DEFAULT_MODEL, resolve_model
+    from d2m_export.outputs import write_json
+    from d2m_export.params import param_counts
+    from d2m_export.pipeline import convert
+    from runtimes.bench import bench
+
+    _require_executorch()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    quant = quant or ExecuTorchExporter.default_quant
+    timings = {}
+
+    def step(name, fn, *args, **kwargs):
+        print(f"== {name}", flush=True)
+        t0 = time.time()
+        result = fn(*args, **kwargs)
+        timings[name] = round(time.time() - t0, 1)
+        return result
+
+    lfuc_dir = out / f"lfuc-{ratio}"
+    record = step(f"convert lfuc @{ratio}", convert, DEFAULT_MODEL, lfuc_dir, method_name="lfuc", target_ratio=ratio)
+    bundles = {"dense": out / f"dense-{quant}", "lfuc": out / f"lfuc-{ratio}-{quant}"}
+    manifests = {"dense": step("export dense", export, "executorch", DEFAULT_MODEL, quant, bundles["dense"],
+                               threads=threads),
+                 "lfuc": step("export lfuc", export, "executorch", str(lfuc_dir), quant, bundles["lfuc"],
+                              threads=threads)}
+    speeds = {}
+    for name, path in bundles.items():
+        speeds[name] = step(f"bench {name}", bench, path, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                            threads=threads, repeats=repeats)
+    dense_active = param_counts(read_config(resolve_model(DEFAULT_MODEL))).active
+    lfuc_active = param_counts(read_config(lfuc_dir)).active
+    speedup = speeds["lfuc"]["decode_tokens_per_s"] / speeds["dense"]["decode_tokens_per_s"]
+    summary = {"model": DEFAULT_MODEL, "ratio": ratio, "quant": quant, "threads": threads, "plan": record["plan"],
+               "bundles": {k: str(v) for k, v in bundles.items()},
+               "parity": {k: {f: m["parity"][f] for f in ("greedy_match", "greedy_total", "max_abs_logit_err")}
+                          for k, m in manifests.items()},
+               "bench": speeds, "decode_speedup": round(speedup, 3),
+               "roofline_speedup": round(dense_active / lfuc_active, 3),
+               "active_params": {"dense": dense_active, "lfuc": lfuc_active}, "timings_s": timings}
+    write_json(out / "summary.json", summary)
+    p = summary["parity"]["lfuc"]
+    print(f"\nExecuTorch bundle (LF-UC @{ratio}, {quant}): {bundles['lfuc']}")
+    print(f"  parity vs transformers: greedy {p['greedy_match']}/{p['greedy_total']}, "
+          f"max |logit error| {p['max_abs_logit_err']:.3g}")
+    print(f"  decode ({threads} threads): LF-UC {speeds['lfuc']['decode_tokens_per_s']:.1f} tok/s vs dense "
+          f"{speeds['dense']['decode_tokens_per_s']:.1f} tok/s = {speedup:.2f}x "
+          f"(roofline from active params: {summary['roofline_speedup']:.2f}x)")
+    print(f"  summary: {out / 'summary.json'}")
+    return summary

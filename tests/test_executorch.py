@@ -1,0 +1,153 @@
+"""ExecuTorch target: export → run in executorch.runtime → greedy tokens identical to transformers (fp32).
+
+Tiny random models: a 2-layer Llama, and LF-UC Qwen2MoE models (one dense layer, one MoE layer
+with three routed experts, routers randomised so routing varies) at top-1 and top-2. Each MoE
+program is also checked for its structure: one XNNPACK delegate per expert and the `cond` jumps
+that select among them (a densely lowered program has no jumps and fails that check).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("executorch")
+
+from conftest import tiny_dense  # noqa: E402
+from converters.base import export  # noqa: E402
+from converters.parity import reference_greedy  # noqa: E402
+from d2m_export.cli import main  # noqa: E402
+from d2m_export.models import load_model  # noqa: E402
+from runtimes.base import load_runner  # noqa: E402
+
+MAX_SEQ_LEN = 64
+PROMPT = "Once upon a time, in a small village by the sea,"
+
+
+def _save(model, path, tokenizer_dir):
+    model.save_pretrained(path)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, path / f.name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir_module(tmp_path_factory):
+    from transformers import AutoTokenizer
+    import importlib.util
+    from pathlib import Path
+
+    from d2m_export.models import EMBEDDED
+
+    package, filename = EMBEDDED["smollm2-135m"]
+    gguf_dir = Path(list(importlib.util.find_spec(package).submodule_search_locations)[0])
+    out = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename).save_pretrained(out)
+    return out
+
+
+def tiny_moe(top_k: int, seed: int = 0):
+    from d2m_export.methods import get_method
+    from d2m_export.plan import Block, Options, Plan
+
+    dense = tiny_dense("llama", seed=seed, num_hidden_layers=5)
+    plan = Plan(method="lfuc", num_layers=5, blocks=[Block(host=1, donors=[2, 3, 4])],
+                options=Options(top_k=top_k, router_init="zero"))
+    model = get_method("lfuc").build(dense, plan)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():                      # a zero router picks one expert for every token
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0, 1.0)
+    return model.eval()
+
+
+def check_greedy(model_dir, export_dir, new_tokens=12):
+    """The runtime's own greedy decoding reproduces transformers' tokens exactly."""
+    model, tokenizer, _ = load_model(model_dir)
+    ids = tokenizer(PROMPT)["input_ids"]
+    ref, _ = reference_greedy(model, ids, new_tokens)
+    with load_runner(export_dir, threads=2) as runner:
+        got = runner.generate(ids, new_tokens)
+        again = runner.generate(ids, new_tokens)     # a second sequence reuses the program's KV cache
+    assert got == ref and again == ref
+    return model, ids
+
+
+def test_tiny_llama(tmp_path, tokenizer_dir_module):
+    model_dir = _save(tiny_dense("llama", num_hidden_layers=2), tmp_path / "llama", tokenizer_dir_module)
+    out = tmp_path / "et"
+    manifest = export("executorch", str(model_dir), "fp32", out, threads=2, new_tokens=16,
+                      options={"max_seq_len": MAX_SEQ_LEN})
+    p = manifest["parity"]
+    assert p["greedy_match"] == p["greedy_total"] and p["max_abs_logit_err"] < 1e-3
+    check_greedy(model_dir, out)
+    methods = manifest["executorch"]["methods"]
+    assert methods["get_max_seq_len"]["constant"] == MAX_SEQ_LEN
+    assert methods["get_vocab_size"]["constant"] == 49152
+    assert methods["use_kv_cache"]["constant"] is True
+    assert methods["get_bos_id"]["constant"] == 1 and methods["get_eos_ids"]["constant"] == [2]
+    assert methods["forward"]["delegates"]["XnnpackBackend"] >= 2
+    assert "tokenizer.json" in manifest["tokenizer"] and (out / "model.pte").is_file()
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_tiny_lfuc_moe(tmp_path, tokenizer_dir_module, top_k):
+    model = tiny_moe(top_k)
+    model_dir = _save(model, tmp_path / "moe", tokenizer_dir_module)
+    out = tmp_path / "et"
+    manifest = export("executorch", str(model_dir), "fp32", out, threads=2, new_tokens=16,
+                      options={"max_seq_len": MAX_SEQ_LEN})
+    p = manifest["parity"]
+    assert p["greedy_match"] == p["greedy_total"] and p["max_abs_logit_err"] < 1e-3
+    ref_model, ids = check_greedy(model_dir, out)
+
+    # routing really varies over the prompt (else a wrong selection could go unnoticed)
+    with torch.no_grad():
+        logits = ref_model(torch.tensor([ids]), output_router_logits=True).router_logits
+    chosen = {tuple(row) for layer in logits for row in layer.topk(top_k, -1).indices.sort(-1).values.tolist()}
+    assert len(chosen) > 1
+
+    et = manifest["executorch"]
+    assert et["moe"]["lowering"] == "cond" and et["moe"]["top_k"] == top_k
+    assert et["moe"]["distinct_experts_per_layer"] == [3]
+    sparse = et["moe"]["structure"]
+    assert sparse["sparse"], sparse
+    # per MoE layer: the T == 1 cond, and k trees over 3 experts (2 conds each)
+    assert sparse["conds"] == 1 + top_k * 2
+    assert sparse["single_delegate_branches"] == sparse["decode_leaves_expected"] == top_k * 3
+    # k·3 expert delegates in the decode trees and 3 in the prefill branch
+    assert sparse["expert_call_sites"] == top_k * 3 + 3
+    forward = et["methods"]["forward"]["instructions"]
+    assert forward["JumpFalseCall"] == 2 * sparse["conds"]        # each cond: two jumps in the program
+    assert forward["DelegateCall"] >= sparse["expert_call_sites"] + 2
+
+
+def test_dense_lowering_fails_the_structure_check(tmp_path, tokenizer_dir_module):
+    model_dir = _save(tiny_moe(1), tmp_path / "moe", tokenizer_dir_module)
+    out = tmp_path / "et"
+    manifest = export("executorch", str(model_dir), "fp32", out, threads=2, new_tokens=8,
+                      options={"max_seq_len": MAX_SEQ_LEN, "moe_lowering": "dense"})
+    assert manifest["parity"]["greedy_match"] == manifest["parity"]["greedy_total"]
+    et = manifest["executorch"]
+    assert "JumpFalseCall" not in et["methods"]["forward"]["instructions"]
+    assert not et["moe"]["structure"]["sparse"]
+
+
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, tokenizer_dir_module, capsys):
+    model_dir = _save(tiny_dense("llama", num_hidden_layers=2), tmp_path / "llama", tokenizer_dir_module)
+    out = tmp_path / "out" / "et"
+    base = ["--target", "executorch", "--model", str(model_dir), "--out", str(out)]
+    assert main(base + ["--quant", "q3_k"]) == 2
+    assert main(base + ["--max-seq-len", "100000"]) == 2      # above the model's 256 positions
+    assert main(base + ["--max-seq-len", "8"]) == 2
+    assert main(base + ["--moe-lowering", "gather"]) == 2
+    assert not out.exists() and not out.parent.exists()
+    err = capsys.readouterr().err
+    assert "q3_k" in err and "100000" in err and "gather" in err
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["model_type"] = "mixtral"
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    assert main(base) == 2 and not out.exists()

@@ -1,0 +1,253 @@
+"""ONNX export run in ONNX Runtime, checked against transformers independently.
+
+Tiny random models: dense Llama and Qwen2 (head size 8, which GroupQueryAttention only takes padded,
+and 16, which it takes as is), and LF-UC Qwen2MoE conversions (shared and routed host, top-1 and
+top-2, a zero and a non-zero shared-expert gate) whose routers are made random so that routing
+matters. Tests that break the exporter on purpose check that the parity check catches it.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_dense
+from d2m_export.cli import main
+from d2m_export.methods import get_method
+from d2m_export.plan import Block, Options, Plan
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+BLOCKS = [Block(1, [2, 3]), Block(4, [5])]      # 6 layers -> 3: dense, MoE, MoE
+MOE_VARIANTS = ["lfuc-shared-k1", "lfuc-shared-k2", "lfuc-routed-k1", "lfuc-routed-k2", "lfuc-gated-k2"]
+VARIANTS = ["llama", "qwen2", "llama-hd16", *MOE_VARIANTS]
+PROMPT = [504, 3459, 8089, 12480, 690, 260, 23790, 2767, 30]
+
+
+def sensitive(model, seed: int = 0):
+    """Re-draw a tiny model's weights at unit scale (matrices ~ N(0, 1/fan_in), embedding ~ N(0, 1)) so that
+    every layer, and so every MoE detail, moves the logits; at the default init (std 0.02) the residual
+    stream is nearly the embedding alone and an export error can hide below any tolerance."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    return model
+
+
+def build(variant: str):
+    if variant == "llama-hd16":
+        return sensitive(tiny_dense("llama", num_attention_heads=2, num_key_value_heads=1))
+    if variant in ("llama", "qwen2"):
+        return sensitive(tiny_dense(variant))
+    _, mode, k = variant.split("-")
+    top_k = int(k[1])
+    host_mode = "routed" if mode == "routed" else "shared"
+    base = "qwen2" if mode == "gated" else "llama"
+    plan = Plan("lfuc", 6, BLOCKS, Options(host_mode=host_mode, top_k=top_k, num_experts=3 if host_mode == "shared" else 4,
+                                           router_init="zero"))
+    moe = get_method("lfuc").build(sensitive(tiny_dense(base)), plan)
+    g = torch.Generator().manual_seed(top_k)
+    with torch.no_grad():       # a random router: different tokens take different experts
+        for layer in moe.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.weight.copy_(torch.randn(layer.mlp.gate.weight.shape, generator=g))
+                if mode == "gated":     # a trained shared-expert gate: sigmoid(x·w) instead of the folded 0.5
+                    layer.mlp.shared_expert_gate.weight.copy_(
+                        0.5 * torch.randn(layer.mlp.shared_expert_gate.weight.shape, generator=g))
+    return moe
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("onnx-models")
+    dirs = {}
+    for variant in VARIANTS:
+        d = root / variant
+        build(variant).save_pretrained(d)
+        for f in tokenizer_dir.iterdir():
+            shutil.copy(f, d / f.name)
+        dirs[variant] = d
+    return dirs
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def export(capsys, model_dir, out, quant=None):
+    code, stdout, err = run(capsys, "--target", "onnx", "--model", model_dir, *(["--quant", quant] if quant else []),
+                            "--threads", 2, "--out", out)
+    assert code == 0, err
+    return json.loads((out / "manifest.json").read_text())
+
+
+def hf_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+def hf_greedy(model, prompt_ids, n):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def moe_layers(model) -> list[int]:
+    return [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate")]
+
+
+def routed_experts(model, ids) -> dict[int, torch.Tensor]:
+    """Per MoE layer, the [tokens, top_k] experts transformers selects for `ids`."""
+    chosen, hooks = {}, []
+    for i in moe_layers(model):
+        hooks.append(model.model.layers[i].mlp.gate.register_forward_hook(
+            lambda mod, args, out, i=i: chosen.__setitem__(i, out[2])))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    return chosen
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fp32_matches_transformers_greedy(capsys, models, tmp_path, variant):
+    from runtimes.base import load_runner
+
+    out = tmp_path / "export"
+    manifest = export(capsys, models[variant], out)
+    assert {"target", "files", "base_model", "plan", "quant", "context_length", "tokenizer", "parity"} <= manifest.keys()
+    assert manifest["target"] == "onnx" and manifest["quant"] == "fp32" and manifest["context_length"] == 256
+    assert manifest["files"] == ["model.onnx", "model.onnx.data"] and (out / "tokenizer.json").is_file()
+    parity = manifest["parity"]
+    assert parity["greedy_total"] >= 32 and parity["greedy_match"] == parity["greedy_total"]
+    assert parity["max_abs_logit_err"] < 1e-4
+
+    model = hf_model(models[variant])
+    if "lfuc" in variant:       # routing really varies: tokens take different expert sets in every MoE layer
+        chosen = routed_experts(model, PROMPT + parity["prompts"][0]["reference_tokens"])
+        assert chosen and all(len({tuple(sorted(row)) for row in c.tolist()}) > 1 for c in chosen.values())
+    # Independently of the exporter's own check: free-running greedy decoding in ONNX Runtime
+    # reproduces transformers' generate() token for token.
+    with load_runner(out, threads=2) as runner:
+        got = runner.generate(PROMPT, 40)
+    assert got == hf_greedy(model, PROMPT, 40)
+
+
+@pytest.mark.parametrize("variant", ["llama", "lfuc-shared-k2", "lfuc-routed-k1", "lfuc-gated-k2"])
+def test_graph_has_one_sparse_moe_node_per_moe_layer(capsys, models, tmp_path, variant):
+    manifest = export(capsys, models[variant], tmp_path / "e")
+    graph = onnx.load(str(tmp_path / "e" / "model.onnx"), load_external_data=False).graph
+    model = hf_model(models[variant])
+    cfg = model.config
+    moe_nodes = [n for n in graph.node if n.op_type == "MoE" and n.domain == "com.microsoft"]
+    assert len(moe_nodes) == len(moe_layers(model)) == manifest["onnx"]["moe_nodes"]
+    assert len([n for n in graph.node if n.op_type == "GroupQueryAttention"]) == cfg.num_hidden_layers
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    for node in moe_nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["k"] == cfg.num_experts_per_tok and attrs["normalize_routing_weights"] == 1
+        assert attrs["activation_type"] == b"swiglu" and attrs["swiglu_fusion"] == 1
+        # all experts live in one fc1/fc2 pair (no per-expert subgraphs): [E, 2I, H] and [E, H, I]
+        e, i, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        assert shapes[node.input[2]] == [e, 2 * i, h] and shapes[node.input[4]] == [e, h, i]
+    # a tied embedding / LM head is stored once
+    assert sum(1 for s in shapes.values() if cfg.vocab_size in s) == 1
+    names = [i.name for i in graph.input]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert names[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert [o.name for o in graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
+
+
+def test_graph_works_the_optimum_way_with_growing_past(capsys, models, tmp_path):
+    """A consumer that feeds `present.*` back as `past_key_values.*` (no shared buffer) gets the runner's logits."""
+    from runtimes.base import load_runner
+
+    out = tmp_path / "e"
+    manifest = export(capsys, models["lfuc-shared-k2"], out)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    layers, heads, head_dim = manifest["onnx"]["num_layers"], manifest["onnx"]["kv_heads"], manifest["onnx"]["kv_head_dim"]
+    past = {f"past_key_values.{i}.{kv}": np.zeros((1, heads, 0, head_dim), np.float32)
+            for i in range(layers) for kv in ("key", "value")}
+    ids, plain = list(PROMPT), []
+    step = ids
+    for _ in range(6):
+        n_past = next(iter(past.values())).shape[2]
+        feed = {"input_ids": np.array([step], np.int64),
+                "attention_mask": np.ones((1, n_past + len(step)), np.int64),
+                "position_ids": np.arange(n_past, n_past + len(step), dtype=np.int64)[None], **past}
+        logits, *presents = session.run(None, feed)
+        past = dict(zip(past, presents))
+        plain.append(logits[0, -1])
+        step = [int(logits[0, -1].argmax())]
+        ids += step
+    with load_runner(out, threads=1) as runner:
+        bound = [runner.prefill(PROMPT)] + [runner.decode(t) for t in ids[len(PROMPT):-1]]
+    np.testing.assert_allclose(np.stack(bound), np.stack(plain), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("breakage", ["gate_up_not_interleaved", "routing_not_renormalised"])
+def test_a_wrong_moe_export_fails_parity_and_leaves_nothing(capsys, models, tmp_path, monkeypatch, breakage):
+    import converters.onnx_graph as graph
+
+    if breakage == "gate_up_not_interleaved":
+        monkeypatch.setattr(graph, "interleave_gate_up", lambda w: w)
+    else:
+        original = graph.moe_attrs
+        monkeypatch.setattr(graph, "moe_attrs", lambda k, normalize: original(k, False))
+    code, _, err = run(capsys, "--target", "onnx", "--model", models["lfuc-shared-k2"], "--out", tmp_path / "o")
+    assert code == 1 and "parity check failed" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_runner_state_reset_and_context_limit(capsys, models, tmp_path):
+    from d2m_export.errors import UserError
+    from runtimes.base import load_runner
+
+    out = tmp_path / "e"
+    export(capsys, models["lfuc-routed-k2"], out)
+    with load_runner(out, threads=1, n_ctx=len(PROMPT) + 3) as runner:
+        first = runner.prefill(PROMPT)
+        a = [runner.decode(7), runner.decode(8)]
+        again = runner.prefill(PROMPT)            # a new sequence starts from scratch
+        np.testing.assert_array_equal(first, again)
+        np.testing.assert_array_equal(a, [runner.decode(7), runner.decode(8)])
+        runner.decode(9)
+        with pytest.raises(UserError, match="exceeds n_ctx"):
+            runner.decode(10)
+    with pytest.raises(UserError, match="exceeds the export"):
+        load_runner(out, n_ctx=10**6)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--quant", "int3"], "--quant 'int3'"),
+    (["--quant", "q8_0"], "--quant 'q8_0'"),
+])
+def test_bad_input_exits_2_and_writes_nothing(capsys, models, tmp_path, argv, needle):
+    code, _, err = run(capsys, "--target", "onnx", "--model", models["llama"], "--out", tmp_path / "o", *argv)
+    assert code == 2 and needle in err and err.count("d2m-export: error:") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_and_generate(capsys, models, tmp_path):
+    out = tmp_path / "e"
+    export(capsys, models["lfuc-shared-k1"], out)
+    code, stdout, err = run(capsys, "bench", out, "--prompt-tokens", 16, "--new-tokens", 8, "--repeats", 1,
+                            "--out", tmp_path / "bench.json")
+    assert code == 0, err
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["target"] == "onnx" and result["threads"] == 2 and result["decode_tokens_per_s"] > 0
+    assert result["runtime_settings"]["io_binding"] is True
+    code, stdout, err = run(capsys, "generate", out, "--prompt", "Once upon a time", "--max-new-tokens", 8)
+    assert code == 0, err
+    assert stdout.startswith("Once upon a time") and len(stdout) > len("Once upon a time")
