@@ -11,6 +11,7 @@ Files: `model.onnx` (the graph) and `model.onnx.data` (its weights, as ONNX exte
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,25 +35,33 @@ class OnnxExporter(Exporter):
     # from SmolLM2-135M (int8: 62/64 tokens, max error 1.6; int4: 46/64, 19.6 — llama.cpp q8_0/q4_0 give
     # 60/64, 1.6 and 44/64, 19.7 on the same prompts); a broken export matches almost no greedy token.
     tolerances = {"fp32": (1e-2, 1.0), "int8": (4.0, 0.8), "int4": (30.0, 0.5)}
-    options = ("max_seq_len",)
+    options = ("max_seq_len", "moe_lowering")
 
-    def export(self, model_dir: Path, quant: str, out_tmp: Path, max_seq_len: int | None = None) -> list[str]:
+    def export(self, model_dir: Path, quant: str, out_tmp: Path, max_seq_len: int | None = None,
+               moe_lowering: str | None = None) -> list[str]:
         import onnx
 
         model_type = read_config(model_dir).get("model_type")
         if model_type not in ARCHITECTURES:
             raise UserError(f"the onnx target exports {', '.join(ARCHITECTURES)} models, not {model_type!r}")
-        proto = build_model(model_dir, quant, max_seq_len)
+        proto = build_model(model_dir, quant, max_seq_len, moe_lowering or "sparse")
         out_tmp = Path(out_tmp)
         onnx.save_model(proto, out_tmp / GRAPH_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024)
         onnx.checker.check_model(str(out_tmp / GRAPH_FILE))
+        for name in ("config.json", "generation_config.json"):     # what optimum's ORTModelForCausalLM reads
+            if (Path(model_dir) / name).is_file():
+                shutil.copy2(Path(model_dir) / name, out_tmp / name)
         return [GRAPH_FILE, DATA_FILE]
 
     def check_options(self, config: dict, options: dict) -> dict:
         n = options.get("max_seq_len")
         if n is not None and n < 1:
             raise UserError(f"--max-seq-len must be at least 1, not {n}")
+        from converters.onnx_graph import LOWERINGS
+        lowering = options.get("moe_lowering")
+        if lowering is not None and lowering not in LOWERINGS:
+            raise UserError(f"--moe-lowering for onnx must be one of {', '.join(LOWERINGS)}, not {lowering!r}")
         return options
 
     def details(self, out_tmp: Path, files: list[str]) -> dict:
@@ -71,12 +80,13 @@ class OnnxExporter(Exporter):
                 "num_layers": len(past) // 2, "kv_heads": dims[1] if dims else None,
                 "kv_head_dim": dims[3] if dims else None,
                 "max_positions": int(meta.get("max_positions", 0)) or None,
+                "moe_lowering": meta.get("moe_lowering", "sparse"),
                 "weights": meta.get("weights")}
 
 
-def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None):
+def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe_lowering: str = "sparse"):
     """The ONNX ModelProto for a Hugging Face folder, at `quant`; positions up to `max_seq_len` (default:
-    the model's context, at most MAX_POSITIONS)."""
+    the model's context, at most MAX_POSITIONS); MoE layers `sparse` (MoE/QMoE node) or `dense` (masked)."""
     import onnx
     import torch
     from transformers import AutoModelForCausalLM
@@ -98,7 +108,9 @@ def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None):
     del model
     g = Graph()
     lin = Linears(g) if quant == "fp32" else quantized_linears(g, quant)
-    proto = build_graph(spec, sd, cos, sin, lin, tied=tied)
+    if moe_lowering == "dense" and quant != "fp32":
+        raise UserError("--moe-lowering dense is offered at fp32 only (it is there for comparison)")
+    proto = build_graph(spec, sd, cos, sin, lin, tied=tied, moe_lowering=moe_lowering)
     onnx.helper.set_model_props(proto, {"max_positions": str(spec.max_positions), "weights": lin.describe()["weights"],
-                                        "model_type": config.model_type})
+                                        "model_type": config.model_type, "moe_lowering": moe_lowering})
     return proto

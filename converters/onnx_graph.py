@@ -22,6 +22,10 @@ half of a rotary head goes to the start of the corresponding half of the padded 
 rotate-half pairing is kept; the padding rows of q/k/v are zero and the matching o_proj columns
 are zero, and the softmax scale stays 1/sqrt(real head size). The result is exact.
 
+`moe_lowering="dense"` replaces the MoE node by what optimum-onnx exports: every expert computed on
+every token and weighted by a mask that is zero outside the top-k (two MatMuls over all experts'
+stacked weights). Same outputs, all expert weights read per token; kept for comparison.
+
 Weights enter through `Linears`, which decides how each projection is stored (fp32 MatMul, or a
 quantized MatMulNBits / QMoE, see `converters.onnx_quant`).
 """
@@ -198,8 +202,11 @@ def moe_attrs(k: int, normalize: bool) -> dict:
                 normalize_routing_weights=int(normalize))
 
 
+LOWERINGS = ("sparse", "dense")
+
+
 def build_graph(spec: Spec, sd: dict[str, np.ndarray], cos: np.ndarray, sin: np.ndarray, lin: Linears,
-                tied: bool, name: str = "decoder") -> onnx.ModelProto:
+                tied: bool, name: str = "decoder", moe_lowering: str = "sparse") -> onnx.ModelProto:
     """The whole decoder. `sd` maps transformers parameter names to fp32 numpy arrays."""
     g = lin.g
     hd, hdp = spec.head_dim, spec.head_dim_padded
@@ -268,7 +275,7 @@ def build_graph(spec: Spec, sd: dict[str, np.ndarray], cos: np.ndarray, sin: np.
 
         m = p + "mlp."
         if m + "experts.gate_up_proj" in sd:
-            ffn = moe_block(g, lin, spec, sd, m, x, f"layers.{i}.moe", mlp)
+            ffn = moe_block(g, lin, spec, sd, m, x, f"layers.{i}.moe", mlp, moe_lowering)
         else:
             ffn = mlp(x, m, f"layers.{i}.mlp")
         last = i == spec.num_layers - 1
@@ -284,15 +291,20 @@ def build_graph(spec: Spec, sd: dict[str, np.ndarray], cos: np.ndarray, sin: np.
     return model
 
 
-def moe_block(g: Graph, lin: Linears, spec: Spec, sd: dict, m: str, x: str, name: str, mlp) -> str:
+def moe_block(g: Graph, lin: Linears, spec: Spec, sd: dict, m: str, x: str, name: str, mlp,
+              lowering: str = "sparse") -> str:
     """Qwen2-MoE sparse block: routed experts in one MoE node, plus the (gated) shared expert beside it."""
     router_w = sd[m + "gate.weight"]                      # [E, H]
     num_experts = router_w.shape[0]
     logits = g.op("MatMul", [x, g.const(f"{name}.router.weight_t", router_w.T.astype(np.float32))], f"{name}.router")
     logits_2d = g.op("Reshape", [logits, g.const(f"{name}.router_shape", np.array([-1, num_experts], np.int64))],
                      f"{name}.router_2d")
-    routed = lin.moe(x, logits_2d, interleave_gate_up(sd[m + "experts.gate_up_proj"]), sd[m + "experts.down_proj"],
-                     spec.moe_top_k, spec.norm_topk_prob, f"{name}.experts")
+    if lowering == "dense":
+        routed = dense_mask_experts(g, x, logits_2d, sd[m + "experts.gate_up_proj"], sd[m + "experts.down_proj"],
+                                    spec.moe_top_k, spec.norm_topk_prob, f"{name}.experts")
+    else:
+        routed = lin.moe(x, logits_2d, interleave_gate_up(sd[m + "experts.gate_up_proj"]),
+                         sd[m + "experts.down_proj"], spec.moe_top_k, spec.norm_topk_prob, f"{name}.experts")
     shared_width = sd.get(m + "shared_expert.gate_proj.weight", np.zeros((0, 1))).shape[0]
     if shared_width == 0:
         return routed
@@ -306,3 +318,33 @@ def moe_block(g: Graph, lin: Linears, spec: Spec, sd: dict, m: str, x: str, name
                                                     f"{name}.shared_gate")], f"{name}.shared_gate_sigmoid")],
                       f"{name}.shared_gated")
     return g.op("Add", [routed, shared], f"{name}.sum")
+
+
+def dense_mask_experts(g: Graph, x: str, logits_2d: str, gate_up: np.ndarray, down: np.ndarray, k: int,
+                       normalize: bool, name: str) -> str:
+    """Every expert on every token, weighted by softmax -> top-k (-> renormalise) scattered into a zero
+    mask. gate_up [E, 2I, H] (gate rows then up rows), down [E, H, I]."""
+    e, two_i, h = gate_up.shape
+    i = two_i // 2
+    probs = g.op("Softmax", [logits_2d], f"{name}.softmax", axis=-1)
+    top, idx = g.op("TopK", [probs, g.const(f"{name}.k", np.array([k], np.int64))], f"{name}.topk", outputs=2, axis=-1)
+    if normalize:
+        top = g.op("Div", [top, g.op("ReduceSum", [top, g.const(f"{name}.axes", np.array([-1], np.int64))],
+                                     f"{name}.topk_sum", keepdims=1)], f"{name}.topk_norm")
+    weights = g.op("ScatterElements", [g.op("Mul", [probs, g.const(f"{name}.zero", np.array(0, np.float32))],
+                                            f"{name}.zeros"), idx, top], f"{name}.mask", axis=1)        # [T, E]
+    x2d = g.op("Reshape", [x, g.const(f"{name}.x_shape", np.array([-1, h], np.int64))], f"{name}.x_2d")
+    gu = g.op("MatMul", [x2d, g.const(f"{name}.gate_up_t", gate_up.reshape(e * two_i, h).T.astype(np.float32))],
+              f"{name}.gate_up")
+    gu = g.op("Reshape", [gu, g.const(f"{name}.gu_shape", np.array([-1, e, 2, i], np.int64))], f"{name}.gu_4d")
+    gate, up = g.op("Split", [gu], f"{name}.split", outputs=2, axis=2, num_outputs=2)
+    act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{name}.sigmoid")], f"{name}.silu"), up],
+               f"{name}.act")                                                                # [T, E, 1, I]
+    act = g.op("Mul", [g.op("Reshape", [act, g.const(f"{name}.act_shape", np.array([-1, e, i], np.int64))],
+                            f"{name}.act_3d"),
+                       g.op("Unsqueeze", [weights, g.const(f"{name}.axis2", np.array([2], np.int64))],
+                            f"{name}.mask_3d")], f"{name}.weighted")
+    act = g.op("Reshape", [act, g.const(f"{name}.flat_shape", np.array([-1, e * i], np.int64))], f"{name}.act_2d")
+    out = g.op("MatMul", [act, g.const(f"{name}.down_t", down.transpose(0, 2, 1).reshape(e * i, h).astype(np.float32))],
+               f"{name}.down")
+    return g.op("Reshape", [out, g.op("Shape", [x], f"{name}.x_shape_of")], f"{name}.out")

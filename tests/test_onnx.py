@@ -169,6 +169,25 @@ def test_graph_has_one_sparse_moe_node_per_moe_layer(capsys, models, tmp_path, v
     assert [o.name for o in graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
 
 
+@pytest.mark.parametrize("variant", ["lfuc-shared-k2", "lfuc-routed-k1"])
+def test_dense_mask_lowering_computes_every_expert_and_matches(capsys, models, tmp_path, variant):
+    """The comparison lowering (optimum's way): no MoE node, all experts' weights in two MatMuls, same tokens."""
+    code, _, err = run(capsys, "--target", "onnx", "--model", models[variant], "--moe-lowering", "dense",
+                       "--threads", 2, "--out", tmp_path / "dense")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "dense" / "manifest.json").read_text())
+    assert manifest["onnx"]["moe_lowering"] == "dense" and manifest["onnx"]["moe_nodes"] == 0
+    assert manifest["parity"]["greedy_match"] == manifest["parity"]["greedy_total"]
+    cfg = hf_model(models[variant]).config
+    shapes = {t.name: list(t.dims) for t in onnx.load(str(tmp_path / "dense" / "model.onnx"),
+                                                       load_external_data=False).graph.initializer}
+    e, i, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    assert sum(1 for s in shapes.values() if s == [h, e * 2 * i]) == len(moe_layers(hf_model(models[variant])))
+    code, _, err = run(capsys, "--target", "onnx", "--model", models[variant], "--moe-lowering", "dense",
+                       "--quant", "int4", "--out", tmp_path / "q")
+    assert code == 2 and "fp32 only" in err and not (tmp_path / "q").exists()
+
+
 def test_graph_works_the_optimum_way_with_growing_past(capsys, models, tmp_path):
     """A consumer that feeds `present.*` back as `past_key_values.*` (no shared buffer) gets the runner's logits."""
     from runtimes.base import load_runner
