@@ -22,31 +22,19 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sidebyside import ROOT, bench_export, convert, done, export, median, parity_cells, ratio, rounds, sh  # noqa: E402
 
 from d2m_export.models import DEFAULT_MODEL, read_config, resolve_model  # noqa: E402
 from d2m_export.outputs import write_json  # noqa: E402
 from d2m_export.params import param_counts  # noqa: E402
 from d2m_export.roofline import predicted_speedup  # noqa: E402
 
-CLI = [sys.executable, "-m", "d2m_export.cli"]
 OPTIMUM_PINS = ["optimum-onnx==0.1.0", "transformers==4.57.6"]
-
-
-def sh(cmd: list, **kw) -> subprocess.CompletedProcess:
-    print("$", " ".join(str(c) for c in cmd), flush=True)
-    return subprocess.run([str(c) for c in cmd], check=True, **kw)
-
-
-def done(path: Path, marker: str) -> bool:
-    return (path / marker).is_file()
 
 
 def make_tiny(work: Path) -> Path:
@@ -71,12 +59,6 @@ def make_tiny(work: Path) -> Path:
     return out
 
 
-def export(model: Path | str, target: str, out: Path, *extra) -> dict:
-    if not done(out, "manifest.json"):
-        sh([*CLI, "--target", target, "--model", model, "--threads", 2, "--out", out, *extra])
-    return json.loads((out / "manifest.json").read_text())
-
-
 def optimum_venv(work: Path) -> Path:
     venv = work / "optimum-venv"
     py = venv / "bin" / "python"
@@ -87,12 +69,6 @@ def optimum_venv(work: Path) -> Path:
         sh([py, "-m", "pip", "install", "-q", *OPTIMUM_PINS, f"onnxruntime=={onnxruntime.__version__}"])
         (venv / ".ready").touch()
     return venv
-
-
-def bench_ours(export_dir: Path, out: Path, args) -> dict:
-    sh([*CLI, "bench", export_dir, "--prompt-tokens", args.prompt_tokens, "--new-tokens", args.new_tokens,
-        "--threads", args.threads, "--repeats", 1, "--out", out], stdout=subprocess.DEVNULL)
-    return json.loads(out.read_text())
 
 
 def optimum_run(venv: Path, model_dir: Path, prompt: list[int], args, *extra) -> dict:
@@ -122,9 +98,7 @@ def main() -> None:
     t_start = time.time()
 
     dense = resolve_model(DEFAULT_MODEL)
-    lfuc = work / f"lfuc-{args.ratio}"
-    if not done(lfuc, "d2m_plan.json"):
-        sh([*CLI, "convert", "--method", "lfuc", "--target-active-ratio", args.ratio, "--out", lfuc])
+    lfuc = convert("lfuc", args.ratio, work / f"lfuc-{args.ratio}")
 
     exports = {"dense fp32": (DEFAULT_MODEL, "onnx", work / "dense-fp32", ()),
                "lfuc fp32": (lfuc, "onnx", work / "lfuc-fp32", ())}
@@ -156,44 +130,37 @@ def main() -> None:
         for name in ("dense fp32", "lfuc fp32"):
             optimum_loads[name] = optimum_run(venv, exports[name][2], prompt[:16], args, "--load-only")
 
-    rounds: list[dict] = []
-    for r in range(args.rounds):
-        row = {}
-        for name, (_, _, out, _) in exports.items():
-            row[name] = bench_ours(out, work / "bench" / f"{out.name}-{r}.json", args)
-        if venv is not None:
-            row["dense optimum-onnx"] = optimum_run(venv, optimum_dir, prompt, args)
-        rounds.append(row)
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v['decode_tokens_per_s']:.1f}" for k, v in row.items()),
-              flush=True)
+    def ours(out):
+        return lambda r: bench_export(out, work / "bench" / f"{out.name}-{r}.json", args.prompt_tokens,
+                                      args.new_tokens, args.threads)
 
-    def median(name, key="decode_tokens_per_s"):
-        return round(statistics.median(row[name][key] for row in rounds), 2)
-
-    def ratio(a, b):
-        return round(statistics.median(row[a]["decode_tokens_per_s"] / row[b]["decode_tokens_per_s"] for row in rounds), 3)
+    variants = {name: ours(out) for name, (_, _, out, _) in exports.items()}
+    if venv is not None:
+        variants["dense optimum-onnx"] = lambda r: optimum_run(venv, optimum_dir, prompt, args)
+    rows = rounds(variants, args.rounds)
 
     dense_cfg, lfuc_cfg = read_config(dense), read_config(lfuc)
     context = args.prompt_tokens + args.new_tokens // 2
     roofline = {q: round(predicted_speedup(dense_cfg, lfuc_cfg, q, context), 3) for q in ("fp32", "int4")}
     variants = {}
-    for name in rounds[0]:
+    for name in rows[0]:
         m = manifests.get(name)
         variants[name] = {
-            "decode_tokens_per_s": median(name), "decode_ms_per_token_p50": median(name, "decode_ms_per_token_p50"),
-            **({"prefill_tokens_per_s": median(name, "prefill_tokens_per_s"), "peak_rss_mb": median(name, "peak_rss_mb"),
-                "artifact_mb": rounds[0][name]["artifact_mb"]} if m else {}),
+            "decode_tokens_per_s": median(rows, name),
+            "decode_ms_per_token_p50": median(rows, name, "decode_ms_per_token_p50"),
+            **({"prefill_tokens_per_s": median(rows, name, "prefill_tokens_per_s"),
+                "peak_rss_mb": median(rows, name, "peak_rss_mb"), "artifact_mb": rows[0][name]["artifact_mb"]} if m else {}),
             **({"parity": {k: m["parity"][k] for k in ("greedy_match", "greedy_total", "max_abs_logit_err")},
                 "export_wall_s": m["wall_s"]} if m else {}),
         }
-    speedups = {"lfuc/dense fp32": {"measured": ratio("lfuc fp32", "dense fp32"), "roofline": roofline["fp32"]}}
+    speedups = {"lfuc/dense fp32": {"measured": ratio(rows, "lfuc fp32", "dense fp32"), "roofline": roofline["fp32"]}}
     if not args.ci:
         speedups.update({
-            "lfuc dense-mask/dense fp32": {"measured": ratio("lfuc fp32 dense-mask", "dense fp32")},
-            "lfuc/dense int4": {"measured": ratio("lfuc int4", "dense int4"), "roofline": roofline["int4"]},
-            "dense int4/fp32": {"measured": ratio("dense int4", "dense fp32")},
-            "ours/optimum-onnx dense fp32": {"measured": ratio("dense fp32", "dense optimum-onnx")},
-            "ours/llama.cpp dense f32": {"measured": ratio("dense fp32", "dense llama.cpp f32")},
+            "lfuc dense-mask/dense fp32": {"measured": ratio(rows, "lfuc fp32 dense-mask", "dense fp32")},
+            "lfuc/dense int4": {"measured": ratio(rows, "lfuc int4", "dense int4"), "roofline": roofline["int4"]},
+            "dense int4/fp32": {"measured": ratio(rows, "dense int4", "dense fp32")},
+            "ours/optimum-onnx dense fp32": {"measured": ratio(rows, "dense fp32", "dense optimum-onnx")},
+            "ours/llama.cpp dense f32": {"measured": ratio(rows, "dense fp32", "dense llama.cpp f32")},
         })
     for s in speedups.values():
         if "roofline" in s:
@@ -217,10 +184,9 @@ def render(r: dict) -> str:
              "| variant | decode tok/s | ms/token p50 | prefill tok/s | peak RSS MB | artifact MB | greedy match | max abs logit err |",
              "|---|---|---|---|---|---|---|---|"]
     for name, v in r["variants"].items():
-        p = v.get("parity")
         lines.append(f"| {name} | {v['decode_tokens_per_s']} | {v['decode_ms_per_token_p50']} | "
                      f"{v.get('prefill_tokens_per_s', '')} | {v.get('peak_rss_mb', '')} | {v.get('artifact_mb', '')} | "
-                     + (f"{p['greedy_match']}/{p['greedy_total']} | {p['max_abs_logit_err']:.3g} |" if p else " | |"))
+                     f"{parity_cells(v)} |")
     lines += ["", "| ratio (same round) | measured | roofline | measured ÷ roofline |", "|---|---|---|---|"]
     for name, s in r["speedups"].items():
         lines.append(f"| {name} | {s['measured']} | {s.get('roofline', '')} | {s.get('of_roofline', '')} |")

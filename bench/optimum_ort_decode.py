@@ -9,7 +9,6 @@ import json
 import statistics
 import time
 
-import numpy as np
 import onnxruntime as ort
 import torch
 from optimum.onnxruntime import ORTModelForCausalLM

@@ -21,6 +21,7 @@ from d2m_export.outputs import GENERATOR, atomic_dir, check_output_dir
 
 TARGETS: dict[str, "Exporter"] = {}
 MANIFEST = "manifest.json"
+CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 
@@ -113,6 +114,11 @@ def model_record(model_dir: Path) -> tuple[str | None, dict | None]:
 
 
 def copy_tokenizer(model_dir: Path, out_tmp: Path) -> list[str]:
+    """The tokenizer files, and the model's config.json / generation_config.json, which optimum's
+    ORTModelForCausalLM and ExecuTorchModelForCausalLM read beside the artifact."""
+    for name in CONFIG_FILES:
+        if (Path(model_dir) / name).is_file():
+            shutil.copy2(Path(model_dir) / name, Path(out_tmp) / name)
     copied = []
     for name in TOKENIZER_FILES:
         if (Path(model_dir) / name).is_file():

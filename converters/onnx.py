@@ -11,7 +11,6 @@ Files: `model.onnx` (the graph) and `model.onnx.data` (its weights, as ONNX exte
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +48,6 @@ class OnnxExporter(Exporter):
         onnx.save_model(proto, out_tmp / GRAPH_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024)
         onnx.checker.check_model(str(out_tmp / GRAPH_FILE))
-        for name in ("config.json", "generation_config.json"):     # what optimum's ORTModelForCausalLM reads
-            if (Path(model_dir) / name).is_file():
-                shutil.copy2(Path(model_dir) / name, out_tmp / name)
         return [GRAPH_FILE, DATA_FILE]
 
     def check_options(self, config: dict, options: dict) -> dict:
