@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 
 from converters.base import Exporter, register_target
 from d2m_export.errors import UserError

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -95,12 +94,25 @@ def cmd_profile(args) -> int:
     if out.exists() and "measured" not in out.read_text():
         raise UserError(f"--out {out} exists and is not a measured profile; pick another path")
     profile = host_profile(args.threads)
+    if args.calibrate:
+        from d2m_export.probe import runtime_efficiency
+        from runtimes.base import read_manifest
+
+        for d in args.calibrate:
+            read_manifest(Path(d))          # a clear error before any measuring
+        profile["runtime_efficiency"] = runtime_efficiency([Path(d) for d in args.calibrate], profile,
+                                                           threads=profile["threads"])
+        profile["sources"]["runtime_efficiency"] = (
+            "measured: roofline ÷ measured decode time per token (prompt 64, 64 new tokens) of "
+            + ", ".join(Path(d).name for d in args.calibrate))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(yaml.safe_dump(profile, sort_keys=False, allow_unicode=True))
     tmp.replace(out)
     print(f"{profile['name']}: {profile['memory_bandwidth_gbs']} GB/s read bandwidth, "
           f"{profile['compute_gflops']['fp32']} GFLOPS fp32 matmul; wrote {out}")
+    for key, eff in profile.get("runtime_efficiency", {}).items():
+        print(f"  {key}: {eff:.0%} of the roofline")
     return 0
 
 
@@ -294,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="measure this machine (bandwidth and matmul probes) as a device profile")
     p.add_argument("--threads", type=int, default=None, help="threads to measure with (default: all cores)")
+    p.add_argument("--calibrate", nargs="+", default=None, metavar="EXPORT_DIR",
+                   help="exports to bench for each runtime's efficiency (achieved ÷ roofline), e.g. dense onnx and gguf")
     p.add_argument("--out", default="device_profiles/host.yaml")
     p.set_defaults(func=cmd_profile)
 
@@ -346,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+    if not args.verbose:    # torchao, imported by transformers and executorch, logs import-time noise
+        for name in ("torchao", "torch.utils._pytree"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     if not getattr(args, "func", None):
         if args.export_target is None:
             parser.print_help()

@@ -49,3 +49,34 @@ def host_profile(threads: int | None = None) -> dict:
         },
         "threads": threads,
     }
+
+
+# KV cache element bytes each runner keeps by default (llama.cpp: f16; the others: f32)
+RUNNER_KV_BYTES = {"gguf": 2.0}
+
+
+def predicted_decode_ms(export_dir, profile: dict, context: int, efficiency: float = 1.0) -> float:
+    """Roofline time of one decode step of an export at `context` on `profile`, ms."""
+    from d2m_export.models import read_config
+    from d2m_export.roofline import COMPUTE_CLASS, decode_cost
+    from runtimes.base import read_manifest
+
+    manifest = read_manifest(export_dir)
+    quant = manifest["quant"]
+    cost = decode_cost(read_config(export_dir), quant, context, kv_bytes=RUNNER_KV_BYTES.get(manifest["target"], 4.0))
+    return cost.seconds(profile["memory_bandwidth_gbs"], profile["compute_gflops"][COMPUTE_CLASS[quant]], efficiency) * 1e3
+
+
+def runtime_efficiency(export_dirs, profile: dict, threads: int, prompt_tokens: int = 64, new_tokens: int = 64) -> dict:
+    """Per `target:quant`: roofline ÷ measured decode time per token, from a bench run of each export."""
+    from runtimes.base import read_manifest
+    from runtimes.bench import bench
+
+    out = {}
+    for d in export_dirs:
+        result = bench(d, prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads)
+        manifest = read_manifest(d)
+        measured_ms = 1e3 / result["decode_tokens_per_s"]
+        roofline_ms = predicted_decode_ms(d, profile, prompt_tokens + new_tokens // 2)
+        out[f"{manifest['target']}:{manifest['quant']}"] = round(roofline_ms / measured_ms, 4)
+    return out
