@@ -258,6 +258,28 @@ def test_bad_input_exits_2_and_writes_nothing(capsys, models, tmp_path, argv, ne
     assert list(tmp_path.iterdir()) == []
 
 
+def test_unknown_target_unlowerable_model_and_foreign_out_dir(capsys, models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    code, _, err = run(capsys, "--target", "tflite", "--model", models["llama"], "--out", tmp_path / "o")
+    assert code == 2 and "unknown --target 'tflite'" in err and "onnx" in err
+    gelu = tmp_path / "gelu"
+    AutoModelForCausalLM.from_pretrained(models["llama"]).save_pretrained(gelu)
+    for f in models["llama"].iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, gelu / f.name)
+    cfg = json.loads((gelu / "config.json").read_text())
+    (gelu / "config.json").write_text(json.dumps({**cfg, "hidden_act": "gelu"}))
+    code, _, err = run(capsys, "--target", "onnx", "--model", gelu, "--out", tmp_path / "o")
+    assert code == 2 and "SiLU" in err and "'gelu'" in err and not (tmp_path / "o").exists()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    code, _, err = run(capsys, "--target", "onnx", "--model", models["llama"], "--out", foreign)
+    assert code == 2 and str(foreign) in err
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
 def test_bench_and_generate(capsys, models, tmp_path):
     out = tmp_path / "e"
     export(capsys, models["lfuc-shared-k1"], out)
