@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prepare-only", action="store_true", help="make the exports and stop (time them later, quietly)")
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--work", type=Path, default=Path("runs/bench_executorch"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "executorch_smollm2.md")
@@ -109,6 +110,8 @@ def main() -> None:
     optimum_loads = {name: optimum_run(venv, exports[name][1], prompt[:16], args, "--load-only")
                      for name in ("dense fp32", "lfuc fp32")}
 
+    if args.prepare_only:
+        return
     llm_runner = {name: llm_runner_check(exports[name][1], "Once upon a time, in a small village by the sea,")
                   for name in ("dense fp32", "lfuc fp32")}
 

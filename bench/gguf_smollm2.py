@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prepare-only", action="store_true", help="make the exports and stop (time them later, quietly)")
     ap.add_argument("--work", type=Path, default=Path("runs/bench_gguf"))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gguf_smollm2.md")
     args = ap.parse_args()
@@ -126,6 +127,8 @@ def main() -> None:
     logit_match = {q: compare_logits(exports[f"dense {q}"], exports[f"llama.cpp-converter {q}"], prompt, tokens)
                    for q in REFERENCE_QUANTS}
 
+    if args.prepare_only:
+        return
     variants = {name: (lambda out: lambda r: bench_export(out, work / "bench" / f"{out.name}-{r}.json",
                                                            args.prompt_tokens, args.new_tokens, args.threads))(out)
                 for name, out in exports.items()}

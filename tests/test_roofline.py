@@ -65,3 +65,23 @@ def test_profile_command_measures_this_host(tmp_path, capsys):
     assert main(["profile", "--threads", "1", "--out", str(out)]) == 0
     prof = load_profile(out)
     assert prof.memory_bandwidth_gbs > 0.5 and prof.compute_gflops["fp32"] > 1
+
+
+def test_profile_calibrates_runtime_efficiency_from_a_real_export(tmp_path, tiny_model_dir):
+    pytest.importorskip("onnxruntime")
+    from d2m_export.cli import main
+    from d2m_export.probe import predicted_decode_ms
+
+    export_dir = tmp_path / "onnx"
+    assert main(["--target", "onnx", "--model", str(tiny_model_dir), "--out", str(export_dir)]) == 0
+    out = tmp_path / "host.yaml"
+    assert main(["profile", "--threads", "1", "--calibrate", str(export_dir), "--out", str(out)]) == 0
+    prof = load_profile(out)
+    eff = prof.runtime_efficiency["onnx:fp32"]
+    assert 0 < eff < 5 and "onnx" in prof.sources["runtime_efficiency"]
+    raw = {"memory_bandwidth_gbs": prof.memory_bandwidth_gbs, "compute_gflops": prof.compute_gflops}
+    # calibrated prediction = roofline ÷ efficiency
+    assert predicted_decode_ms(export_dir, raw, 96, eff) == pytest.approx(predicted_decode_ms(export_dir, raw, 96) / eff)
+    # not an export: a clear error before anything is measured or written
+    assert main(["profile", "--calibrate", str(tiny_model_dir), "--out", str(tmp_path / "h2.yaml")]) == 2
+    assert not (tmp_path / "h2.yaml").exists()
