@@ -360,9 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
-    if not args.verbose:    # torchao, imported by transformers and executorch, logs import-time noise
+    if not args.verbose:    # third-party noise met on every run: torchao's import, ExecuTorch's lowering
         for name in ("torchao", "torch.utils._pytree"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        for message in ("_check_is_size will be removed", r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                        "Mutation on a buffer in the model is detected"):   # the KV cache: its start is never read
+            warnings.filterwarnings("ignore", message=message)
     if not getattr(args, "func", None):
         if args.export_target is None:
             parser.print_help()
