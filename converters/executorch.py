@@ -71,7 +71,9 @@ class ExecuTorchExporter(Exporter):
     default_quant = "fp32"
     options = ("max_seq_len", "moe_lowering")
     # fp32 runs the same arithmetic in another order: every greedy token must match.
-    tolerances = {"fp32": (1e-2, 1.0), "8da8w": (1.0, 0.75), "8da4w": (4.0, 0.4)}
+    # lossy: the greedy floor is the guard; the logit bound only catches blow-ups (LF-UC SmolLM2 q8_0
+    # in llama.cpp already reaches 4.8)
+    tolerances = {"fp32": (1e-2, 1.0), "8da8w": (10.0, 0.75), "8da4w": (40.0, 0.4)}
 
     def check_options(self, config: dict, options: dict) -> dict:
         """Refuse what this target cannot export, and bad options, before anything is written."""

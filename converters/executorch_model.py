@@ -194,7 +194,7 @@ class MoE(nn.Module):
         weights, idx = self.route(x)
         if self.lowering == "dense":
             mix = self.mix(weights, idx)
-            y = sum(mix[:, e:e + 1] * self.experts[e](x) for e in range(self.num_experts))
+            y = sum(mix[:, e:e + 1] * self.experts[u](x) for e, u in enumerate(self.expert_of))
         else:
             y = torch.ops.higher_order.cond(x.shape[0] == 1, lambda *a: self._decode(*a), lambda *a: self._prefill(*a),
                                             (x, weights, idx))[0]

@@ -196,7 +196,10 @@ class GGUFExporter(Exporter):
     description = "llama.cpp (GGUF): llama/qwen2 for dense models, step35 for LF-UC mixtures"
     quants = ("f32", "f16", "q8_0", "q4_0")
     default_quant = "f32"
-    tolerances = {"f32": (1e-2, 1.0), "f16": (0.5, 0.9), "q8_0": (1.0, 0.75), "q4_0": (4.0, 0.4)}
+    # Lossy floors from SmolLM2-135M: q8_0 60/64 greedy tokens, max |logit error| 1.6 (LF-UC: 61/64,
+    # 4.8); q4_0 44/64, 19.7. The greedy floor is the guard (a broken export matches almost no greedy
+    # token); the logit bound only catches blow-ups.
+    tolerances = {"f32": (1e-2, 1.0), "f16": (1.0, 0.9), "q8_0": (10.0, 0.75), "q4_0": (40.0, 0.5)}
 
     def __init__(self):
         self._written: dict[str, dict] = {}      # artifact path -> facts about it, for `details`

@@ -48,13 +48,13 @@ def tokenizer_dir_module(tmp_path_factory):
     return out
 
 
-def tiny_moe(top_k: int, seed: int = 0):
+def tiny_moe(top_k: int, seed: int = 0, num_experts: int | None = None):
     from d2m_export.methods import get_method
     from d2m_export.plan import Block, Options, Plan
 
     dense = tiny_dense("llama", seed=seed, num_hidden_layers=5)
     plan = Plan(method="lfuc", num_layers=5, blocks=[Block(host=1, donors=[2, 3, 4])],
-                options=Options(top_k=top_k, router_init="zero"))
+                options=Options(top_k=top_k, router_init="zero", num_experts=num_experts))
     model = get_method("lfuc").build(dense, plan)
     torch.manual_seed(seed + 1)
     with torch.no_grad():                      # a zero router picks one expert for every token
@@ -126,7 +126,8 @@ def test_tiny_lfuc_moe(tmp_path, tokenizer_dir_module, top_k):
 
 
 def test_dense_lowering_fails_the_structure_check(tmp_path, tokenizer_dir_module):
-    model_dir = _save(tiny_moe(1), tmp_path / "moe", tokenizer_dir_module)
+    # 4 experts from 3 donors: one is replicated (stored once), as LF-UC does to fill N experts
+    model_dir = _save(tiny_moe(1, num_experts=4), tmp_path / "moe", tokenizer_dir_module)
     out = tmp_path / "et"
     manifest = export("executorch", str(model_dir), "fp32", out, threads=2, new_tokens=8,
                       options={"max_seq_len": MAX_SEQ_LEN, "moe_lowering": "dense"})
