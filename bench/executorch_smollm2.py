@@ -63,7 +63,8 @@ def llm_runner_check(bundle: Path, text: str, new_tokens: int = 32) -> dict:
         text, GenerationConfig(echo=False, max_new_tokens=new_tokens, temperature=0.0), pieces.append)
     tokenizer = load_tokenizer(bundle)
     with load_runner(bundle, threads=2) as runner:
-        ours = tokenizer.decode(runner.generate(tokenizer.encode(text).ids, new_tokens))
+        eos = runner.manifest["executorch"]["metadata"].get("get_eos_ids", [])
+        ours = tokenizer.decode(runner.generate(tokenizer.encode(text).ids, new_tokens, stop_ids=eos))
     theirs = "".join(pieces)
     return {"llm_runner_text": theirs, "our_runner_text": ours, "equal": theirs == ours}
 

@@ -149,21 +149,29 @@ def export(target: str, model_spec, quant: str | None, out: Path, threads: int |
         if key not in exporter.options:
             raise UserError(f"--{key.replace('_', '-')} is not used by --target {exporter.name}")
     out = Path(out)
-    check_output_dir(out)
     model_dir = resolve_model(model_spec)
+    src, dst = Path(model_dir).resolve(), out.resolve()
+    if src == dst or src in dst.parents or dst in src.parents:
+        raise UserError(f"--out {out} would overwrite the model it exports ({model_dir}); pick a directory beside it")
+    check_output_dir(out)
+    if not (Path(model_dir) / "tokenizer.json").is_file():
+        raise UserError(f"{model_dir} has no tokenizer.json; the export needs the model's (fast) tokenizer")
     config = read_config(model_dir)
     options = exporter.check_options(config, options)
     base_model, plan = model_record(model_dir)
     t0 = time.time()
     with atomic_dir(out) as tmp:
         files = exporter.export(model_dir, quant, tmp, **options)
+        details = exporter.details(tmp, files)
         manifest = {
             "target": exporter.name, "files": files, "model": model_label(model_spec),
             "base_model": base_model or model_label(model_spec), "plan": plan, "quant": quant,
-            "context_length": config.get("max_position_embeddings"),
+            # what the export holds: its KV cache / position table where it has one, else the model's
+            "context_length": details.get("max_seq_len") or details.get("max_positions")
+                              or config.get("max_position_embeddings"),
             "tokenizer": copy_tokenizer(model_dir, tmp),
             "sizes_mb": {f: round(path_bytes(tmp / f) / 2**20, 2) for f in files},
-            exporter.name: exporter.details(tmp, files),
+            exporter.name: details,
             "parity": None,
         }
         _write_manifest(tmp, manifest)           # the runner reads it to load the export

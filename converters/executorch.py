@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -249,8 +250,6 @@ def main_job(out: Path, quant: str | None = None, threads: int = 2, ratio: float
     from d2m_export.outputs import write_json
     from d2m_export.params import param_counts
     from d2m_export.pipeline import convert
-    from runtimes.bench import bench
-
     _require_executorch()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -271,10 +270,14 @@ def main_job(out: Path, quant: str | None = None, threads: int = 2, ratio: float
                                threads=threads),
                  "lfuc": step("export lfuc", export, "executorch", str(lfuc_dir), quant, bundles["lfuc"],
                               threads=threads)}
-    speeds = {}
-    for name, path in bundles.items():
-        speeds[name] = step(f"bench {name}", bench, path, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                            threads=threads, repeats=repeats)
+    def bench(name, path):     # its own process: peak RSS is then the runtime's, not this export's
+        result = out / f"bench-{name}.json"
+        subprocess.run([sys.executable, "-m", "d2m_export.cli", "bench", str(path), "--prompt-tokens", str(prompt_tokens),
+                        "--new-tokens", str(new_tokens), "--threads", str(threads), "--repeats", str(repeats),
+                        "--out", str(result)], check=True, stdout=subprocess.DEVNULL)
+        return json.loads(result.read_text())
+
+    speeds = {name: step(f"bench {name}", bench, name, path) for name, path in bundles.items()}
     dense_active = param_counts(read_config(resolve_model(DEFAULT_MODEL))).active
     lfuc_active = param_counts(read_config(lfuc_dir)).active
     speedup = speeds["lfuc"]["decode_tokens_per_s"] / speeds["dense"]["decode_tokens_per_s"]

@@ -81,10 +81,9 @@ def rope_rows_to_pairs(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def load_state(model_dir: Path):
-    import torch
-    from transformers import AutoModelForCausalLM
+    from d2m_export.models import load_model
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model, _, _ = load_model(model_dir)       # any load failure is a one-line UserError
     return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}, model.config
 
 
@@ -212,6 +211,9 @@ class GGUFExporter(Exporter):
             raise UserError("Qwen2 models with use_sliding_window are not supported by the gguf target yet")
         state, cfg = load_state(model_dir)
         arch = ARCHS[model_type]
+        if arch == "step35" and any(k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) for k in state):
+            raise UserError("this MoE model has attention biases (it came from Qwen2), which llama.cpp's step35 "
+                            "architecture, the only one that mixes dense and MoE layers, does not have")
         filename = f"model-{quant}.gguf"
         writer = gguf.GGUFWriter(Path(out_tmp) / filename, arch)
         add_metadata(writer, cfg, arch, quant, Path(model_dir).name)

@@ -21,7 +21,8 @@ from d2m_export.models import ARCHITECTURES, read_config
 log = logging.getLogger(__name__)
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-MAX_POSITIONS = 32768      # rotary table rows (and so the longest sequence) at most
+MAX_POSITIONS = 32768
+MIN_MAX_SEQ_LEN = 64       # the parity check decodes ~60 positions      # rotary table rows (and so the longest sequence) at most
 
 
 @register_target("onnx")
@@ -51,8 +52,9 @@ class OnnxExporter(Exporter):
 
     def check_options(self, config: dict, options: dict) -> dict:
         n = options.get("max_seq_len")
-        if n is not None and n < 1:
-            raise UserError(f"--max-seq-len must be at least 1, not {n}")
+        if n is not None and n < MIN_MAX_SEQ_LEN:
+            raise UserError(f"--max-seq-len must be at least {MIN_MAX_SEQ_LEN} (the parity check decodes ~60 "
+                            f"positions), not {n}")
         from converters.onnx_graph import LOWERINGS
         lowering = options.get("moe_lowering")
         if lowering is not None and lowering not in LOWERINGS:

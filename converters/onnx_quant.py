@@ -23,8 +23,7 @@ from converters.onnx_graph import MS, Graph, Linears, moe_attrs
 
 BITS = {"int8": 8, "int4": 4}
 BLOCK = 32
-import os
-ACCURACY_LEVEL = int(os.environ.get("D2M_ACC", 4))
+ACCURACY_LEVEL = 4      # MatMulNBits/QMoE: int8 activations in the kernels (their fastest CPU path)
 
 
 def quantize_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:

@@ -91,6 +91,8 @@ def cmd_profile(args) -> int:
     from d2m_export.probe import host_profile
 
     out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a file name such as device_profiles/host.yaml")
     if out.exists() and "measured" not in out.read_text():
         raise UserError(f"--out {out} exists and is not a measured profile; pick another path")
     profile = host_profile(args.threads)
@@ -177,6 +179,8 @@ def cmd_bench(args) -> int:
     from d2m_export.outputs import check_output_file, write_json
     from runtimes.bench import bench
 
+    if Path(args.dir).resolve() in Path(args.out).resolve().parents:
+        raise UserError(f"--out {args.out} is inside the export {args.dir}; write the results beside it")
     check_output_file(Path(args.out))
     result = bench(Path(args.dir), prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                    threads=args.threads, repeats=args.repeats)
@@ -380,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     except ParityError as e:
         print(f"d2m-export: parity check failed: {e}", file=sys.stderr)
         return 1
+    except OSError as e:       # an unwritable or impossible output path, a full disk
+        print(f"d2m-export: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

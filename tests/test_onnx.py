@@ -278,6 +278,12 @@ def test_unknown_target_unlowerable_model_and_foreign_out_dir(capsys, models, tm
     code, _, err = run(capsys, "--target", "onnx", "--model", models["llama"], "--out", foreign)
     assert code == 2 and str(foreign) in err
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    # the model folder itself (or one around it) is never an output: it would be replaced
+    before = sorted(p.name for p in models["llama"].iterdir())
+    for out in (models["llama"], models["llama"].parent):
+        code, _, err = run(capsys, "--target", "onnx", "--model", models["llama"], "--out", out)
+        assert code == 2 and "would overwrite the model" in err
+    assert sorted(p.name for p in models["llama"].iterdir()) == before
 
 
 def test_bench_and_generate(capsys, models, tmp_path):
@@ -292,3 +298,9 @@ def test_bench_and_generate(capsys, models, tmp_path):
     code, stdout, err = run(capsys, "generate", out, "--prompt", "Once upon a time", "--max-new-tokens", 8)
     assert code == 0, err
     assert stdout.startswith("Once upon a time") and len(stdout) > len("Once upon a time")
+    manifest = (out / "manifest.json").read_text()
+    code, _, err = run(capsys, "bench", out, "--out", out / "manifest.json")    # would clobber the export
+    assert code == 2 and "inside the export" in err and (out / "manifest.json").read_text() == manifest
+    (tmp_path / "a-file").write_text("")
+    code, _, err = run(capsys, "bench", out, "--out", tmp_path / "a-file" / "b.json")      # an impossible path
+    assert code == 2 and err.startswith("d2m-export: error:") and "a-file" in err
