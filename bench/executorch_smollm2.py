@@ -54,6 +54,7 @@ def optimum_run(venv: Path, model_dir: Path, prompt: list[int], args, *extra) ->
 def llm_runner_check(bundle: Path, text: str, new_tokens: int = 32) -> dict:
     """ExecuTorch's own LLM runner (the C++ TextLLMRunner that llama_main and the Android LlmModule
     wrap) on our bundle, greedy, against our runner's greedy tokens decoded."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama::custom_sdpa, as an app links them)
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     from runtimes.base import load_runner, load_tokenizer
@@ -108,8 +109,14 @@ def main() -> None:
         tmp.rename(optimum_dir)
     from runtimes.bench import prompt_ids
     prompt = prompt_ids(exports["dense fp32"][1], args.prompt_tokens)
-    optimum_loads = {name: optimum_run(venv, exports[name][1], prompt[:16], args, "--load-only")
-                     for name in ("dense fp32", "lfuc fp32")}
+    optimum_loads = {}
+    for name in ("dense fp32", "lfuc fp32"):
+        optimum_loads[name] = res = optimum_run(venv, exports[name][1], prompt[:16], args, "--load-only")
+        if res.get("tokens"):        # optimum's own greedy loop against ours, on the same bundle
+            from runtimes.base import load_runner
+            with load_runner(exports[name][1], threads=2) as runner:
+                ours = runner.generate(prompt[:16], len(res["tokens"]))
+            res["same_tokens_as_our_runner"] = ours == res["tokens"]
 
     if args.prepare_only:
         return
@@ -173,7 +180,9 @@ def render(r: dict) -> str:
         lines.append(f"| {name} | {s['measured']} | {s.get('roofline', '')} | {s.get('of_roofline', '')} |")
     lines += ["", "optimum-executorch `ExecuTorchModelForCausalLM.from_pretrained` on our bundles:", ""]
     for name, res in r["optimum_executorch_loads_our_bundles"].items():
-        lines.append(f"- {name}: " + ("loads and generates " + str(res.get("tokens")) if res.get("loads") and res.get("runs", True)
+        lines.append(f"- {name}: " + (f"loads and generates {len(res.get('tokens', []))} tokens, "
+                                        + ("the same as our runner" if res.get("same_tokens_as_our_runner") else "NOT the same as our runner")
+                                        if res.get("loads") and res.get("runs", True)
                                         else f"does not load: {res.get('error')}" if not res.get("loads")
                                         else f"loads, does not run: {res.get('error')}"))
     lines += ["", "ExecuTorch's LLM runner (`TextLLMRunner`, what `llama_main` and Android's `LlmModule` wrap), greedy, "

@@ -32,8 +32,8 @@ def main() -> None:
         return
     if args.load_only:
         try:
-            out = model.generate(prompt_tokens=ids, max_seq_len=len(ids) + 16)
-            print(json.dumps({"loads": True, "tokens": [int(t) for t in out[len(ids):]]}))
+            out = model.generate(prompt_tokens=ids, max_seq_len=len(ids) + 16)     # the new tokens only
+            print(json.dumps({"loads": True, "tokens": [int(t) for t in out]}))
         except Exception as e:
             print(json.dumps({"loads": True, "runs": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}))
         return
