@@ -33,7 +33,7 @@ args = TrainingArguments(output_dir=out, per_device_train_batch_size=micro, grad
                          max_steps=steps, learning_rate=1e-4, lr_scheduler_type="cosine", warmup_steps=1,
                          max_grad_norm=1.0, logging_steps=1000, save_strategy="no", report_to=[],
                          dataloader_num_workers=0, use_cpu=True, disable_tqdm=True)
-Trainer(model=model, args=args, train_dataset=data).train()
+Trainer(model=model, args=args, train_dataset=data, callbacks=[Clock()]).train()
 print(json.dumps(times))
 '''
 
