@@ -28,12 +28,12 @@ MIN_MAX_SEQ_LEN = 64       # the parity check decodes ~60 positions      # rotar
 @register_target("onnx")
 class OnnxExporter(Exporter):
     description = "ONNX Runtime (CPU): decoder graph with KV cache; MoE layers as com.microsoft.MoE / QMoE"
-    quants = ("fp32", "int8", "int4")
+    quants = ("fp32", "fp16", "int8", "int4")
     default_quant = "fp32"
     # fp32 runs the same arithmetic in another order: every greedy token must match. The lossy floors come
     # from SmolLM2-135M (int8: 62/64 tokens, max error 1.6; int4: 46/64, 19.6 — llama.cpp q8_0/q4_0 give
     # 60/64, 1.6 and 44/64, 19.7 on the same prompts); a broken export matches almost no greedy token.
-    tolerances = {"fp32": (1e-2, 1.0), "int8": (10.0, 0.75), "int4": (40.0, 0.5)}
+    tolerances = {"fp32": (1e-2, 1.0), "fp16": (1.0, 0.9), "int8": (10.0, 0.75), "int4": (40.0, 0.5)}
     options = ("max_seq_len", "moe_lowering")
 
     def export(self, model_dir: Path, quant: str, out_tmp: Path, max_seq_len: int | None = None,

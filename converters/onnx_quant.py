@@ -18,6 +18,7 @@ int8 activations.
 from __future__ import annotations
 
 import numpy as np
+from onnx import TensorProto
 
 from converters.onnx_graph import MS, Graph, Linears, moe_attrs
 
@@ -118,4 +119,36 @@ class NBitsLinears(Linears):
 
 
 def quantized_linears(g: Graph, quant: str) -> Linears:
-    return NBitsLinears(g, quant)
+    return Fp16Linears(g) if quant == "fp16" else NBitsLinears(g, quant)
+
+
+class Fp16Linears(Linears):
+    """fp16 storage: every projection, expert and the embedding / LM head kept as fp16 initializers,
+    each followed by a Cast to fp32. The file halves; the CPU provider (whose MoE and MatMul kernels
+    are fp32) folds the casts when it loads the graph, so memory and speed stay those of fp32."""
+    quant = "fp16"
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        return self.g.op("Cast", [self.g.const(name, array.astype(np.float16))], f"{name}.cast", to=TensorProto.FLOAT)
+
+    def matmul(self, x: str, weight: np.ndarray, name: str, output: str | None = None) -> str:
+        return self.g.op("MatMul", [x, self.weight(f"{name}.weight_t", weight.T)], name,
+                         outputs=[output] if output else 1)
+
+    def moe(self, x: str, router_logits: str, fc1: np.ndarray, fc2: np.ndarray, k: int, normalize: bool,
+            name: str) -> str:
+        return self.g.op("MoE", [x, router_logits, self.weight(f"{name}.fc1", fc1), "", self.weight(f"{name}.fc2", fc2)],
+                         name, domain=MS, **moe_attrs(k, normalize))
+
+    def embedding_and_head(self, embed: np.ndarray, lm_head: np.ndarray | None, input_ids: str):
+        g = self.g
+        if lm_head is not None:
+            hidden = g.op("Gather", [self.weight("embed_tokens.weight", embed), input_ids], "embed", axis=0)
+            return hidden, lambda x: self.matmul(x, lm_head, "lm_head", output="logits")
+        head = self.weight("lm_head.weight_t", embed.T)
+        hidden = g.op("Transpose", [g.op("Gather", [head, input_ids], "embed.gather", axis=1)], "embed.transpose",
+                      perm=[1, 2, 0])
+        return hidden, lambda x: g.op("MatMul", [x, head], "lm_head", outputs=["logits"])
+
+    def describe(self) -> dict:
+        return {"weights": "fp16"}

@@ -258,6 +258,16 @@ def test_bad_input_exits_2_and_writes_nothing(capsys, models, tmp_path, argv, ne
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("variant", ["llama", "lfuc-shared-k2"])
+def test_fp16_weights_halve_the_file_and_keep_the_tokens(capsys, models, tmp_path, variant):
+    fp32 = export(capsys, models[variant], tmp_path / "fp32")
+    fp16 = export(capsys, models[variant], tmp_path / "fp16", quant="fp16")
+    assert fp16["quant"] == "fp16" and fp16["onnx"]["weights"] == "fp16"
+    assert fp16["sizes_mb"]["model.onnx.data"] < 0.6 * fp32["sizes_mb"]["model.onnx.data"]
+    p = fp16["parity"]
+    assert p["greedy_match"] >= 0.9 * p["greedy_total"] and p["max_abs_logit_err"] < 1.0
+
+
 def test_unknown_target_unlowerable_model_and_foreign_out_dir(capsys, models, tmp_path):
     from transformers import AutoModelForCausalLM
 
