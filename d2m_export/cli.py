@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(executorch alone, without --model/--out: convert, export, check and bench the default model)")
     export.add_argument("--model", dest="export_model", default=None,
                         help="embedded name (smollm2-135m, the default) or a Hugging Face folder")
-    export.add_argument("--quant", dest="export_quant", default=None, help="gguf: f32 (default) | f16 | q8_0 | q4_0; onnx: fp32 (default) | int8 | int4; coreml: fp16 (default) | int8 | int4; executorch: fp32 (default) | 8da4w | 8da8w")
+    export.add_argument("--quant", dest="export_quant", default=None, help="gguf: f32 (default) | f16 | q8_0 | q4_0; onnx: fp32 (default) | fp16 | int8 | int4; coreml: fp16 (default) | int8 | int4; executorch: fp32 (default) | 8da4w | 8da8w")
     export.add_argument("--out", dest="export_out", help="output directory (artifact, tokenizer, manifest.json)")
     export.add_argument("--threads", dest="export_threads", type=int, default=None,
                         help="runtime threads for the parity check")
