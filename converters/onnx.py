@@ -21,8 +21,8 @@ from d2m_export.models import ARCHITECTURES, read_config
 log = logging.getLogger(__name__)
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-MAX_POSITIONS = 32768
-MIN_MAX_SEQ_LEN = 64       # the parity check decodes ~60 positions      # rotary table rows (and so the longest sequence) at most
+MAX_POSITIONS = 32768      # rotary table rows (and so the longest sequence) at most
+MIN_MAX_SEQ_LEN = 64       # the parity check decodes ~60 positions
 
 
 @register_target("onnx")
