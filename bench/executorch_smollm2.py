@@ -14,14 +14,14 @@ Rerun:  python bench/executorch_smollm2.py      (writes bench/results/executorch
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sidebyside import ROOT, bench_export, convert, done, export, median, parity_cells, ratio, rounds, sh  # noqa: E402
+from sidebyside import (ROOT, bench_export, convert, done, export, make_venv, median, parity_cells, ratio,  # noqa: E402
+                        ratio_lines, rounds, run_in_venv, sh)  # noqa: E402
 
 from d2m_export.models import DEFAULT_MODEL, read_config, resolve_model  # noqa: E402
 from d2m_export.outputs import write_json  # noqa: E402
@@ -32,23 +32,12 @@ OPTIMUM_PINS = ["optimum-executorch==1.1.0"]
 
 
 def optimum_venv(work: Path) -> Path:
-    venv = work / "optimum-et-venv"
-    if not (venv / ".ready").is_file():
-        from importlib.metadata import version
-
-        py = venv / "bin" / "python"
-        sh([sys.executable, "-m", "venv", venv])
-        sh([py, "-m", "pip", "install", "-q", "torch==2.13.0"])
-        sh([py, "-m", "pip", "install", "-q", *OPTIMUM_PINS, f"executorch=={version('executorch')}"])
-        (venv / ".ready").touch()
-    return venv
+    from importlib.metadata import version
+    return make_venv(work / "optimum-et-venv", *OPTIMUM_PINS, f"executorch=={version('executorch')}")
 
 
 def optimum_run(venv: Path, model_dir: Path, prompt: list[int], args, *extra) -> dict:
-    res = sh([venv / "bin" / "python", ROOT / "bench" / "optimum_et_decode.py", model_dir,
-              "--prompt-ids", ",".join(map(str, prompt)), "--new-tokens", args.new_tokens, "--threads", args.threads,
-              *extra], capture_output=True, text=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_in_venv(venv, "optimum_et_decode.py", model_dir, prompt, args.new_tokens, args.threads, *extra)
 
 
 def llm_runner_check(bundle: Path, text: str, new_tokens: int = 32) -> dict:
@@ -175,9 +164,7 @@ def render(r: dict) -> str:
         lines.append(f"| {name} | {v['decode_tokens_per_s']} | {v['decode_ms_per_token_p50']} | {v['prefill_tokens_per_s']} | "
                      f"{v.get('peak_rss_mb', '')} | {v.get('pte_mb', '')} | {v.get('export_s', '')} | "
                      f"{v.get('export_peak_rss_mb', '')} | {parity_cells(v)} |")
-    lines += ["", "| ratio (same round) | measured | roofline | measured ÷ roofline |", "|---|---|---|---|"]
-    for name, s in r["speedups"].items():
-        lines.append(f"| {name} | {s['measured']} | {s.get('roofline', '')} | {s.get('of_roofline', '')} |")
+    lines += ["", *ratio_lines(r["speedups"])]
     lines += ["", "optimum-executorch `ExecuTorchModelForCausalLM.from_pretrained` on our bundles:", ""]
     for name, res in r["optimum_executorch_loads_our_bundles"].items():
         lines.append(f"- {name}: " + (f"loads and generates {len(res.get('tokens', []))} tokens, "

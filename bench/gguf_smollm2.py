@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sidebyside import ROOT, bench_export, convert, done, export, median, parity_cells, ratio, rounds, sh  # noqa: E402
+from sidebyside import (ROOT, bench_export, convert, done, export, median, parity_cells, ratio,  # noqa: E402
+                        ratio_lines, rounds, sh)  # noqa: E402
 
 from d2m_export.models import DEFAULT_MODEL, read_config, resolve_model  # noqa: E402
 from d2m_export.outputs import write_json  # noqa: E402
@@ -184,9 +185,7 @@ def render(r: dict) -> str:
         lines.append(f"| {name} | {v.get('architecture', 'llama')} | {v['decode_tokens_per_s']} | "
                      f"{v['decode_ms_per_token_p50']} | {v['prefill_tokens_per_s']} | {v['peak_rss_mb']} | {v['file_mb']} | "
                      f"{v['file_overhead_vs_weights']:+.1%} | {parity_cells(v)} |")
-    lines += ["", "| ratio (same round) | measured | roofline | measured ÷ roofline |", "|---|---|---|---|"]
-    for name, s in r["speedups"].items():
-        lines.append(f"| {name} | {s['measured']} | {s.get('roofline', '')} | {s.get('of_roofline', '')} |")
+    lines += ["", *ratio_lines(r["speedups"])]
     lines += ["", "Our dense export against llama.cpp's converter, teacher-forced on the same tokens (f32 KV cache):", ""]
     for q, c in r["logits_vs_llama_cpp_converter"].items():
         lines.append(f"- {q}: max |logit difference| {c['max_abs_logit_diff']:.3g}, argmax equal at "

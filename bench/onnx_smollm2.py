@@ -20,14 +20,14 @@ Rerun:  python bench/onnx_smollm2.py            (writes bench/results/onnx_smoll
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sidebyside import ROOT, bench_export, convert, done, export, median, parity_cells, ratio, rounds, sh  # noqa: E402
+from sidebyside import (ROOT, bench_export, convert, done, export, make_venv, median, parity_cells, ratio,  # noqa: E402
+                        ratio_lines, rounds, run_in_venv, sh)  # noqa: E402
 
 from d2m_export.models import DEFAULT_MODEL, read_config, resolve_model  # noqa: E402
 from d2m_export.outputs import write_json  # noqa: E402
@@ -60,22 +60,12 @@ def make_tiny(work: Path) -> Path:
 
 
 def optimum_venv(work: Path) -> Path:
-    venv = work / "optimum-venv"
-    py = venv / "bin" / "python"
-    if not (venv / ".ready").is_file():
-        sh([sys.executable, "-m", "venv", venv])
-        sh([py, "-m", "pip", "install", "-q", "torch==2.13.0"])
-        import onnxruntime
-        sh([py, "-m", "pip", "install", "-q", *OPTIMUM_PINS, f"onnxruntime=={onnxruntime.__version__}"])
-        (venv / ".ready").touch()
-    return venv
+    import onnxruntime
+    return make_venv(work / "optimum-venv", *OPTIMUM_PINS, f"onnxruntime=={onnxruntime.__version__}")
 
 
 def optimum_run(venv: Path, model_dir: Path, prompt: list[int], args, *extra) -> dict:
-    res = sh([venv / "bin" / "python", ROOT / "bench" / "optimum_ort_decode.py", model_dir,
-              "--prompt-ids", ",".join(map(str, prompt)), "--new-tokens", args.new_tokens, "--threads", args.threads,
-              *extra], capture_output=True, text=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_in_venv(venv, "optimum_ort_decode.py", model_dir, prompt, args.new_tokens, args.threads, *extra)
 
 
 def main() -> None:
@@ -187,9 +177,7 @@ def render(r: dict) -> str:
         lines.append(f"| {name} | {v['decode_tokens_per_s']} | {v['decode_ms_per_token_p50']} | "
                      f"{v.get('prefill_tokens_per_s', '')} | {v.get('peak_rss_mb', '')} | {v.get('artifact_mb', '')} | "
                      f"{parity_cells(v)} |")
-    lines += ["", "| ratio (same round) | measured | roofline | measured ÷ roofline |", "|---|---|---|---|"]
-    for name, s in r["speedups"].items():
-        lines.append(f"| {name} | {s['measured']} | {s.get('roofline', '')} | {s.get('of_roofline', '')} |")
+    lines += ["", *ratio_lines(r["speedups"])]
     if r["optimum_loads_our_exports"]:
         lines += ["", "optimum `ORTModelForCausalLM.from_pretrained` on our exports:", ""]
         for name, res in r["optimum_loads_our_exports"].items():

@@ -66,6 +66,33 @@ def ratio(rows: list[dict], a: str, b: str, key: str = "decode_tokens_per_s") ->
     return round(statistics.median(row[a][key] / row[b][key] for row in rows), 3)
 
 
+def make_venv(venv: Path, *pins: str) -> Path:
+    """A side venv (tools that pin another transformers) with torch 2.13.0 and `pins`; made once."""
+    if not (Path(venv) / ".ready").is_file():
+        py = Path(venv) / "bin" / "python"
+        sh([sys.executable, "-m", "venv", venv])
+        sh([py, "-m", "pip", "install", "-q", "torch==2.13.0"])
+        sh([py, "-m", "pip", "install", "-q", *pins])
+        (Path(venv) / ".ready").touch()
+    return Path(venv)
+
+
+def run_in_venv(venv: Path, script: str, model_dir: Path, prompt: list[int], new_tokens: int, threads: int,
+                *extra) -> dict:
+    """bench/<script> under the side venv: its last stdout line, JSON."""
+    res = sh([Path(venv) / "bin" / "python", ROOT / "bench" / script, model_dir, "--prompt-ids", ",".join(map(str, prompt)),
+              "--new-tokens", new_tokens, "--threads", threads, *extra], capture_output=True, text=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def ratio_lines(speedups: dict) -> list[str]:
+    """The markdown table of side-by-side ratios, with the roofline where there is one."""
+    lines = ["| ratio (same round) | measured | roofline | measured ÷ roofline |", "|---|---|---|---|"]
+    for name, s in speedups.items():
+        lines.append(f"| {name} | {s['measured']} | {s.get('roofline', '')} | {s.get('of_roofline', '')} |")
+    return lines
+
+
 def parity_cells(manifest: dict | None) -> str:
     if not manifest or not manifest.get("parity"):
         return " | "

@@ -50,3 +50,32 @@ def tiny_model_dir(request, tmp_path, tokenizer_dir):
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, out / f.name)
     return out
+
+
+def save_with_tokenizer(model, path, tokenizer_dir):
+    """A model folder as exporters take it: weights, config and the shared tokenizer files."""
+    import shutil
+
+    model.save_pretrained(path)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, path / f.name)
+    return path
+
+
+def run_cli(capsys, *argv):
+    """(exit code, stdout, stderr) of `d2m-export argv...` run in-process."""
+    from d2m_export.cli import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def export_with_cli(capsys, target, model_dir, out, quant=None):
+    """`d2m-export --target T ...`, which must succeed; its manifest."""
+    import json
+
+    code, _, err = run_cli(capsys, "--target", target, "--model", model_dir, *(["--quant", quant] if quant else []),
+                           "--threads", 2, "--out", out)
+    assert code == 0, err
+    return json.loads((out / "manifest.json").read_text())

@@ -8,14 +8,13 @@ that select among them (a densely lowered program has no jumps and fails that ch
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
 pytest.importorskip("executorch")
 
-from conftest import tiny_dense  # noqa: E402
+from conftest import save_with_tokenizer, tiny_dense  # noqa: E402
 from converters.base import export  # noqa: E402
 from converters.parity import reference_greedy  # noqa: E402
 from d2m_export.cli import main  # noqa: E402
@@ -24,28 +23,6 @@ from runtimes.base import load_runner  # noqa: E402
 
 MAX_SEQ_LEN = 64
 PROMPT = "Once upon a time, in a small village by the sea,"
-
-
-def _save(model, path, tokenizer_dir):
-    model.save_pretrained(path)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, path / f.name)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir_module(tmp_path_factory):
-    from transformers import AutoTokenizer
-    import importlib.util
-    from pathlib import Path
-
-    from d2m_export.models import EMBEDDED
-
-    package, filename = EMBEDDED["smollm2-135m"]
-    gguf_dir = Path(list(importlib.util.find_spec(package).submodule_search_locations)[0])
-    out = tmp_path_factory.mktemp("tokenizer")
-    AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename).save_pretrained(out)
-    return out
 
 
 def tiny_moe(top_k: int, seed: int = 0, num_experts: int | None = None):
@@ -76,8 +53,8 @@ def check_greedy(model_dir, export_dir, new_tokens=12):
     return model, ids
 
 
-def test_tiny_llama(tmp_path, tokenizer_dir_module):
-    model_dir = _save(tiny_dense("llama", num_hidden_layers=2), tmp_path / "llama", tokenizer_dir_module)
+def test_tiny_llama(tmp_path, tokenizer_dir):
+    model_dir = save_with_tokenizer(tiny_dense("llama", num_hidden_layers=2), tmp_path / "llama", tokenizer_dir)
     out = tmp_path / "et"
     manifest = export("executorch", str(model_dir), "fp32", out, threads=2, new_tokens=16,
                       options={"max_seq_len": MAX_SEQ_LEN})
@@ -94,9 +71,9 @@ def test_tiny_llama(tmp_path, tokenizer_dir_module):
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_tiny_lfuc_moe(tmp_path, tokenizer_dir_module, top_k):
+def test_tiny_lfuc_moe(tmp_path, tokenizer_dir, top_k):
     model = tiny_moe(top_k)
-    model_dir = _save(model, tmp_path / "moe", tokenizer_dir_module)
+    model_dir = save_with_tokenizer(model, tmp_path / "moe", tokenizer_dir)
     out = tmp_path / "et"
     manifest = export("executorch", str(model_dir), "fp32", out, threads=2, new_tokens=16,
                       options={"max_seq_len": MAX_SEQ_LEN})
@@ -125,9 +102,9 @@ def test_tiny_lfuc_moe(tmp_path, tokenizer_dir_module, top_k):
     assert forward["DelegateCall"] >= sparse["expert_call_sites"] + 2
 
 
-def test_dense_lowering_fails_the_structure_check(tmp_path, tokenizer_dir_module):
+def test_dense_lowering_fails_the_structure_check(tmp_path, tokenizer_dir):
     # 4 experts from 3 donors: one is replicated (stored once), as LF-UC does to fill N experts
-    model_dir = _save(tiny_moe(1, num_experts=4), tmp_path / "moe", tokenizer_dir_module)
+    model_dir = save_with_tokenizer(tiny_moe(1, num_experts=4), tmp_path / "moe", tokenizer_dir)
     out = tmp_path / "et"
     manifest = export("executorch", str(model_dir), "fp32", out, threads=2, new_tokens=8,
                       options={"max_seq_len": MAX_SEQ_LEN, "moe_lowering": "dense"})
@@ -137,8 +114,8 @@ def test_dense_lowering_fails_the_structure_check(tmp_path, tokenizer_dir_module
     assert not et["moe"]["structure"]["sparse"]
 
 
-def test_bad_input_exits_2_and_writes_nothing(tmp_path, tokenizer_dir_module, capsys):
-    model_dir = _save(tiny_dense("llama", num_hidden_layers=2), tmp_path / "llama", tokenizer_dir_module)
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, tokenizer_dir, capsys):
+    model_dir = save_with_tokenizer(tiny_dense("llama", num_hidden_layers=2), tmp_path / "llama", tokenizer_dir)
     out = tmp_path / "out" / "et"
     base = ["--target", "executorch", "--model", str(model_dir), "--out", str(out)]
     assert main(base + ["--quant", "q3_k"]) == 2

@@ -6,14 +6,12 @@ routed host, top-1 and top-2) whose routers are made random so that routing matt
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_dense
-from d2m_export.cli import main
+from conftest import export_with_cli, run_cli, save_with_tokenizer, tiny_dense
 from d2m_export.methods import get_method
 from d2m_export.plan import Block, Options, Plan
 
@@ -44,25 +42,15 @@ def models(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("gguf-models")
     dirs = {}
     for variant in VARIANTS:
-        d = root / variant
-        build(variant).save_pretrained(d)
-        for f in tokenizer_dir.iterdir():
-            shutil.copy(f, d / f.name)
-        dirs[variant] = d
+        dirs[variant] = save_with_tokenizer(build(variant), root / variant, tokenizer_dir)
     return dirs
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+run = run_cli
 
 
 def export(capsys, model_dir, out, quant=None):
-    code, stdout, err = run(capsys, "--target", "gguf", "--model", model_dir, *(["--quant", quant] if quant else []),
-                            "--threads", 2, "--out", out)
-    assert code == 0, err
-    return json.loads((out / "manifest.json").read_text())
+    return export_with_cli(capsys, "gguf", model_dir, out, quant)
 
 
 def hf_greedy(model_dir, prompt_ids, n):
