@@ -124,3 +124,22 @@ def test_dense_model_is_refused(capsys, tiny_model_dir, tmp_path):
                  "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "no MoE layers" in err, err
+
+
+def test_round_trip_lfuc_cpt_moe2dense_exports_to_every_target(tmp_path, tokenizer_dir, capsys):
+    """dense → LF-UC → CPT → moe2dense → every target; each export passes its own parity check."""
+    from conftest import export_with_cli, run_cli, save_with_tokenizer
+
+    fused = get_method("lfuc").build(tiny_dense("llama"), Plan("lfuc", 6, [Block(1, [2, 3])],
+                                                               Options(router_init="zero", top_k=1)))
+    save_with_tokenizer(fused, tmp_path / "moe", tokenizer_dir)
+    code, _, err = run_cli(capsys, "train", "--model", tmp_path / "moe", "--out", tmp_path / "cpt", "--tokens", 1024,
+                           "--seq-len", 64, "--micro-batch", 4, "--global-batch", 4, "--lr", "1e-3")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "convert", "--method", "moe2dense", "--model", tmp_path / "cpt",
+                           "--experts-kept", 1, "--calib-tokens", 256, "--out", tmp_path / "dense")
+    assert code == 0, err
+    for target in ("onnx", "gguf", "executorch"):     # fp32 by default: every greedy token must match
+        manifest = export_with_cli(capsys, target, tmp_path / "dense", tmp_path / target)
+        assert manifest["parity"]["greedy_match"] == manifest["parity"]["greedy_total"], (target, manifest["parity"])
+    export_with_cli(capsys, "coreml", tmp_path / "dense", tmp_path / "coreml")   # fp16; its own gate passed
