@@ -49,8 +49,17 @@ def pareto(points: list[tuple[float, float, str]]) -> list[str]:
     return front
 
 
+def expand(paths: list[Path]) -> list[Path]:
+    """Run directories, with a sweep directory standing for the runs inside it."""
+    out = []
+    for p in map(Path, paths):
+        inner = sorted(c for c in p.iterdir() if (c / "variant.json").is_file()) if p.is_dir() else []
+        out += inner if not (p / "variant.json").is_file() and inner else [p]
+    return out
+
+
 def build(run_dirs: list[Path], profiles: list[str] | None = None) -> dict:
-    runs = [load_run(r) for r in run_dirs]
+    runs = [load_run(r) for r in expand(run_dirs)]
     if not runs:
         raise UserError("report needs at least one run directory")
     bases = {r.get("base_model") for r in runs}

@@ -50,6 +50,15 @@ def test_report_outputs(tmp_path):
     assert "| lfuc-0.8 |" in (out / "report.md").read_text()
 
 
+def test_a_sweep_directory_stands_for_its_runs(tmp_path, capsys):
+    make_runs(tmp_path / "sweep")
+    (tmp_path / "sweep" / "analysis").mkdir()                 # what sweep also leaves there
+    assert main(["report", str(tmp_path / "sweep"), "--out", str(tmp_path / "r")]) == 0
+    assert len(json.loads((tmp_path / "r" / "report.json").read_text())["runs"]) == 4
+    code = main(["report", str(tmp_path / "sweep" / "analysis"), "--out", str(tmp_path / "r2")])
+    assert code == 2 and "not a sweep run directory" in capsys.readouterr().err
+
+
 def test_runs_of_different_base_models_are_refused(tmp_path, capsys):
     runs = make_runs(tmp_path / "a")[:2] + make_runs(tmp_path / "b", base="other-model")[:1]
     code = main(["report", *map(str, runs), "--out", str(tmp_path / "r")])
