@@ -50,13 +50,19 @@ def cmd_convert(args) -> int:
     record = convert(args.model, Path(args.out), method_name=args.method, plan_file=args.plan,
                      target_ratio=args.target_active_ratio, threshold=args.threshold, options=_options(args),
                      analysis=args.analysis, calib_tokens=args.calib_tokens, max_block=args.max_block,
-                     min_mlp_cos=args.min_mlp_cos)
+                     min_mlp_cos=args.min_mlp_cos, latency_budget_ms=args.latency_budget_ms, device=args.device,
+                     precision=args.precision, context=args.context, runtime=args.runtime)
     p = record["params"]
     blocks = ", ".join(f"{b['host']}←{b['donors']}" for b in record["plan"]["blocks"]) or "none"
     print(f"{record['method']}: wrote {record['architecture']} to {args.out} in {record['wall_s']} s")
     print(f"  blocks (host←donors): {blocks}")
     print(f"  active params {p['active'] / 1e6:.1f}M of dense {p['dense_active'] / 1e6:.1f}M "
           f"(ratio {p['active_ratio']:.3f}); total {p['total'] / 1e6:.1f}M")
+    if "latency" in record:
+        lat = record["latency"]
+        print(f"  decode on {lat['device']} ({lat['precision']}, context {lat['context']}, roofline"
+              f"{' × ' + str(lat['efficiency']) if lat['runtime'] else ''}): {lat['predicted_ms']:.2f} ms/token "
+              f"(dense {lat['dense_ms']:.2f}; budget {lat['budget_ms']})")
     return 0
 
 
@@ -255,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--plan", type=Path, help="YAML/JSON plan: blocks: [{host: 10, donors: [11, 12]}]")
     how.add_argument("--target-active-ratio", type=float, help="active decode weights ÷ dense (default 0.8)")
     how.add_argument("--threshold", type=float, help="fuse every block whose angular distance is at most δ")
+    how.add_argument("--latency-budget-ms", type=float,
+                     help="fuse as little as meets this roofline decode time per token on --device")
+    p.add_argument("--device", help="with --latency-budget-ms: a profile in device_profiles/ or a YAML path")
+    p.add_argument("--precision", default="fp16", help="with --latency-budget-ms: weight precision deployed "
+                   "(fp32, fp16, int8, int4, q8_0, q4_0, 8da4w, …; default fp16)")
+    p.add_argument("--context", type=int, default=512, help="with --latency-budget-ms: context length (default 512)")
+    p.add_argument("--runtime", help="with --latency-budget-ms: scale by the profile's measured efficiency "
+                   "for RUNTIME:PRECISION (e.g. onnx)")
     p.add_argument("--analysis", type=Path, help="reuse a similarity.json from `analyze` instead of recalibrating")
     p.add_argument("--calib-tokens", type=int, default=2048)
     p.add_argument("--max-block", type=int, default=4, help="longest block considered, in layers (default 4)")

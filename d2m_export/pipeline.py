@@ -47,17 +47,21 @@ def _analysis_table(path: Path, num_layers: int) -> dict:
 def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | None = None,
             target_ratio: float | None = None, threshold: float | None = None, options: Options | None = None,
             analysis: Path | None = None, calib_tokens: int = 2048, max_block: int = 4,
-            min_mlp_cos: float = -1.0, progress: bool = True) -> dict:
+            min_mlp_cos: float = -1.0, progress: bool = True, latency_budget_ms: float | None = None,
+            device: str | None = None, precision: str = "fp16", context: int = 512, runtime: str | None = None) -> dict:
     from d2m_export.methods import get_method
-    from d2m_export.planner import active_ratio, plan_by_ratio, plan_by_threshold
+    from d2m_export.planner import active_ratio, plan_by_latency, plan_by_ratio, plan_by_threshold
 
     if method_name == "moe2dense":
         raise UserError("use moe_to_dense() for --method moe2dense")
     method = get_method(method_name)
     options = options or Options()
     options.validate()
-    if sum(x is not None for x in (plan_file, target_ratio, threshold)) > 1:
-        raise UserError("give at most one of --plan, --target-active-ratio, --threshold")
+    if sum(x is not None for x in (plan_file, target_ratio, threshold, latency_budget_ms)) > 1:
+        raise UserError("give at most one of --plan, --target-active-ratio, --threshold, --latency-budget-ms")
+    if method_name == "upcycle" and latency_budget_ms is not None:
+        raise UserError("--latency-budget-ms picks a fusion plan; upcycle fuses nothing (use lfuc or prune)")
+    latency_ms = _latency_model(latency_budget_ms, device, precision, context, runtime)
     plan_data = read_plan_file(plan_file) if plan_file else None
     check_output_dir(out)
     t0 = time.time()
@@ -85,6 +89,9 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
             plan.options = options
     elif method.name == "upcycle":
         plan = Plan(method.name, num_layers, [], options)
+    elif latency_budget_ms is not None:
+        plan = plan_by_latency(method, model.config, table, latency_budget_ms, latency_ms, options, max_block,
+                               min_mlp_cos)
     elif threshold is not None:
         plan = plan_by_threshold(method, model.config, table, threshold, options, max_block, min_mlp_cos)
     else:
@@ -104,12 +111,54 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
         "scores": [table[method.scored_block(b.host, len(b.donors))] for b in plan.blocks if b.donors] if table else None,
         "wall_s": None,
     }
+    if latency_ms is not None:
+        record["latency"] = {"device": device, "budget_ms": latency_budget_ms, "precision": precision,
+                             "context": context, "runtime": runtime, "efficiency": latency_ms.efficiency,
+                             "dense_ms": round(latency_ms(model.config), 6),
+                             "predicted_ms": round(latency_ms(converted.config), 6)}
     with atomic_dir(out) as tmp:
         converted.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         record["wall_s"] = round(time.time() - t0, 1)
         (tmp / "d2m_plan.json").write_text(json.dumps({"generator": "d2m-export", **record}, indent=2) + "\n")
     return record
+
+
+class _LatencyModel:
+    """Roofline ms per decode token of a config on one device (× a runtime's measured efficiency)."""
+
+    def __init__(self, profile, precision: str, context: int, efficiency: float):
+        self.profile, self.precision, self.context, self.efficiency = profile, precision, context, efficiency
+
+    def __call__(self, cfg) -> float:
+        from d2m_export.roofline import decode_ms
+
+        return decode_ms(cfg, self.profile, self.precision, self.context, self.efficiency)
+
+
+def _latency_model(budget_ms, device, precision, context, runtime) -> _LatencyModel | None:
+    from d2m_export.profiles import load_profile
+    from d2m_export.roofline import BYTES_PER_WEIGHT
+
+    if budget_ms is None:
+        if device is not None:
+            raise UserError("--device goes with --latency-budget-ms (the budget to meet on that device)")
+        return None
+    if device is None:
+        raise UserError("--latency-budget-ms needs --device NAME (a profile in device_profiles/, or a YAML path)")
+    if precision not in BYTES_PER_WEIGHT:
+        raise UserError(f"--precision must be one of {', '.join(BYTES_PER_WEIGHT)}, not {precision!r}")
+    if context < 1:
+        raise UserError(f"--context must be a positive number of tokens, not {context}")
+    profile = load_profile(device)
+    efficiency = 1.0
+    if runtime is not None:
+        key = f"{runtime}:{precision}"
+        if key not in profile.runtime_efficiency:
+            raise UserError(f"{profile.key} has no measured efficiency for {key!r} (it has: "
+                            f"{', '.join(profile.runtime_efficiency) or 'none'}); drop --runtime for the bare roofline")
+        efficiency = profile.runtime_efficiency[key]
+    return _LatencyModel(profile, precision, context, efficiency)
 
 
 def evaluate(model_spec, out: Path | None, tasks: list[str], limit: int | None, ppl_tokens: int = 10240,

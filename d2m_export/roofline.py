@@ -58,6 +58,12 @@ def prefill_cost(cfg, tokens: int, precision: str = "fp32", kv_bytes: float = 4.
                     flops=2 * active * tokens + attn_flops)
 
 
+def decode_ms(cfg, device, precision: str = "fp16", context: int = 512, efficiency: float = 1.0) -> float:
+    """Roofline milliseconds per decode token of `cfg` on a DeviceProfile."""
+    cost = decode_cost(cfg, precision, context)
+    return 1e3 * cost.seconds(device.memory_bandwidth_gbs, device.compute_gflops[COMPUTE_CLASS[precision]], efficiency)
+
+
 def predicted_speedup(dense_cfg, moe_cfg, precision: str = "fp32", context: int = 512) -> float:
     """Decode speed-up the roofline predicts (memory-bound: the ratio of bytes read per token)."""
     return decode_cost(dense_cfg, precision, context).bytes / decode_cost(moe_cfg, precision, context).bytes

@@ -140,3 +140,49 @@ def test_unreachable_ratio(capsys, tiny_model_dir, tmp_path):
                        "--calib-tokens", 256, "--out", tmp_path / "o")
     assert_user_error(code, err, "cannot reach")
     assert not (tmp_path / "o").exists()
+
+
+def test_convert_by_latency_budget_meets_it_with_least_fusion(capsys, tiny_model_dir, tmp_path):
+    from transformers import AutoConfig
+
+    from d2m_export.profiles import load_profile
+    from d2m_export.roofline import decode_ms
+
+    pi5 = load_profile("raspberry-pi-5")
+    dense_ms = decode_ms(AutoConfig.from_pretrained(tiny_model_dir), pi5, "q8_0", 256)
+    budget = round(0.995 * dense_ms, 6)
+    out = tmp_path / "fused"
+    code, stdout, err = run(capsys, "convert", "--model", tiny_model_dir, "--latency-budget-ms", budget,
+                            "--device", "raspberry-pi-5", "--precision", "q8_0", "--context", 256,
+                            "--calib-tokens", 256, "--out", out)
+    assert code == 0, err
+    record = json.loads((out / "d2m_plan.json").read_text())
+    lat = record["latency"]
+    assert lat["device"] == "raspberry-pi-5" and lat["dense_ms"] == pytest.approx(dense_ms, rel=1e-3)
+    assert lat["predicted_ms"] <= budget < lat["dense_ms"]
+    assert decode_ms(AutoConfig.from_pretrained(out), pi5, "q8_0", 256) == pytest.approx(lat["predicted_ms"], rel=1e-3)
+    # Least fusion: no single block of the plan could have been left out.
+    blocks = record["plan"]["blocks"]
+    assert blocks and "ms/token" in stdout
+    if len(blocks) > 1:
+        code, _, err = run(capsys, "convert", "--model", tiny_model_dir, "--latency-budget-ms", lat["predicted_ms"] * 1.2,
+                           "--device", "raspberry-pi-5", "--precision", "q8_0", "--context", 256,
+                           "--calib-tokens", 256, "--out", tmp_path / "looser")
+        assert code == 0, err
+        assert len(json.loads((tmp_path / "looser" / "d2m_plan.json").read_text())["plan"]["blocks"]) <= len(blocks)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--latency-budget-ms", 1e-6, "--device", "raspberry-pi-5"], "cannot meet"),
+    (["--latency-budget-ms", 1e6, "--device", "raspberry-pi-5"], "already meets"),
+    (["--latency-budget-ms", 1.0], "needs --device"),
+    (["--latency-budget-ms", 1.0, "--device", "toaster"], "not found"),
+    (["--latency-budget-ms", 1.0, "--device", "raspberry-pi-5", "--precision", "int3"], "--precision"),
+    (["--latency-budget-ms", 1.0, "--device", "host", "--runtime", "coreml"], "no measured efficiency"),
+    (["--device", "raspberry-pi-5"], "--device goes with"),
+])
+def test_latency_budget_bad_input(capsys, tiny_model_dir, tmp_path, argv, needle):
+    code, _, err = run(capsys, "convert", "--model", tiny_model_dir, *argv, "--calib-tokens", 256,
+                       "--out", tmp_path / "o")
+    assert_user_error(code, err, needle)
+    assert not (tmp_path / "o").exists()
