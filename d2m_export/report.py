@@ -86,7 +86,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = [r for r in report["runs"] if r["mean_acc"] is not None]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5), constrained_layout=True)
     panels = [(axes[0], "measured on this host", [(rt, lambda r, rt=rt: r["measured"].get(rt)) for rt in report["runtimes"]],
                "measured"),
               (axes[1], f"roofline-projected ({report['projection']['precision']} weights)",
@@ -104,12 +104,16 @@ def plot(report: dict, path: Path) -> None:
                 for x, y, name in pts:
                     ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if kind == "projected":
+            from matplotlib.ticker import FormatStrFormatter
+
             ax.set_xscale("log")
+            for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+                axis(FormatStrFormatter("%g"))
         ax.set_xlabel("decode latency (ms / token)")
         ax.set_ylabel("mean zero-shot accuracy")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, **({"loc": "upper left", "bbox_to_anchor": (1.0, 1.0)} if kind == "projected" else {}))
     fig.suptitle(f"{report['base_model']}: accuracy vs decode latency (lines: Pareto frontier)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
