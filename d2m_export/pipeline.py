@@ -124,21 +124,9 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
     return record
 
 
-class _LatencyModel:
-    """Roofline ms per decode token of a config on one device (× a runtime's measured efficiency)."""
-
-    def __init__(self, profile, precision: str, context: int, efficiency: float):
-        self.profile, self.precision, self.context, self.efficiency = profile, precision, context, efficiency
-
-    def __call__(self, cfg) -> float:
-        from d2m_export.roofline import decode_ms
-
-        return decode_ms(cfg, self.profile, self.precision, self.context, self.efficiency)
-
-
-def _latency_model(budget_ms, device, precision, context, runtime) -> _LatencyModel | None:
+def _latency_model(budget_ms, device, precision, context, runtime):
     from d2m_export.profiles import load_profile
-    from d2m_export.roofline import BYTES_PER_WEIGHT
+    from d2m_export.roofline import BYTES_PER_WEIGHT, DecodeLatency
 
     if budget_ms is None:
         if device is not None:
@@ -158,7 +146,7 @@ def _latency_model(budget_ms, device, precision, context, runtime) -> _LatencyMo
             raise UserError(f"{profile.key} has no measured efficiency for {key!r} (it has: "
                             f"{', '.join(profile.runtime_efficiency) or 'none'}); drop --runtime for the bare roofline")
         efficiency = profile.runtime_efficiency[key]
-    return _LatencyModel(profile, precision, context, efficiency)
+    return DecodeLatency(profile, precision, context, efficiency)
 
 
 def evaluate(model_spec, out: Path | None, tasks: list[str], limit: int | None, ppl_tokens: int = 10240,

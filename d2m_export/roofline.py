@@ -64,6 +64,18 @@ def decode_ms(cfg, device, precision: str = "fp16", context: int = 512, efficien
     return 1e3 * cost.seconds(device.memory_bandwidth_gbs, device.compute_gflops[COMPUTE_CLASS[precision]], efficiency)
 
 
+@dataclass(frozen=True)
+class DecodeLatency:
+    """ms per decode token of a config on one device, roofline × a runtime's measured efficiency."""
+    profile: object           # profiles.DeviceProfile
+    precision: str
+    context: int
+    efficiency: float = 1.0
+
+    def __call__(self, cfg) -> float:
+        return decode_ms(cfg, self.profile, self.precision, self.context, self.efficiency)
+
+
 def predicted_speedup(dense_cfg, moe_cfg, precision: str = "fp32", context: int = 512) -> float:
     """Decode speed-up the roofline predicts (memory-bound: the ratio of bytes read per token)."""
     return decode_cost(dense_cfg, precision, context).bytes / decode_cost(moe_cfg, precision, context).bytes
