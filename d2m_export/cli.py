@@ -43,8 +43,11 @@ def cmd_convert(args) -> int:
                               calib_tokens=args.calib_tokens)
         p = record["params"]
         print(f"moe2dense: wrote {record['architecture']} to {args.out} in {record['wall_s']} s; "
-              f"active params {p['active'] / 1e6:.1f}M (MoE: {p['moe_active'] / 1e6:.1f}M active, "
+              f"{p['active'] / 1e6:.1f}M params (MoE: {p['moe_active'] / 1e6:.1f}M active, "
               f"{p['moe_total'] / 1e6:.1f}M total)")
+        if p["zero_padding"]:
+            print(f"  {p['zero_padding'] / 1e6:.1f}M of them are zeros: layers that were dense are padded to the "
+                  "merged width (one MLP width per Llama/Qwen2 config); runtimes still store and read them")
         return 0
 
     record = convert(args.model, Path(args.out), method_name=args.method, plan_file=args.plan,

@@ -189,7 +189,8 @@ def moe_to_dense(model_spec, out: Path, experts_kept: int, groups: int | None = 
               "plan": {"experts_kept": experts_kept, "groups": groups, "score": score,
                        "calibration_tokens": int(next(iter(stats.values())).tokens)},
               "layers": {str(k): v for k, v in layers.items()},
-              "params": {"moe_active": moe.active, "moe_total": moe.total, "active": new.active, "total": new.total},
+              "params": {"moe_active": moe.active, "moe_total": moe.total, "active": new.active, "total": new.total,
+                         "zero_padding": 3 * dense.config.hidden_size * sum(v.get("zero_padding", 0) for v in layers.values())},
               "architecture": type(dense).__name__}
     with atomic_dir(out) as tmp:
         dense.save_pretrained(tmp)

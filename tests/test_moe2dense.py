@@ -103,6 +103,8 @@ def test_cli_writes_dense_checkpoint_with_scores(moe_dir, tmp_path):
                  "--score", "do-acp", "--calib-tokens", "256", "--out", str(out)]) == 0
     record = json.loads((out / "d2m_plan.json").read_text())
     assert record["plan"] == {"experts_kept": 2, "groups": 2, "score": "do-acp", "calibration_tokens": 256}
+    # layer 1 was dense (40 wide) and is padded to the shared 40 + 2 × 24 neurons of the merged layers
+    assert record["params"]["zero_padding"] == 3 * 32 * (40 + 2 * 24 - 40)
     assert set(record["layers"]["0"]["scores"]) == {"sf", "cp", "acp"}
     assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "Qwen2ForCausalLM"
 
