@@ -148,6 +148,16 @@ def pad_heads_cols(w: np.ndarray, n_heads: int, spec: Spec) -> np.ndarray:
     return pad_heads_rows(w.T, n_heads, spec).T
 
 
+def live_neurons(gate: np.ndarray, up: np.ndarray, down: np.ndarray, multiple: int = 32) -> np.ndarray:
+    """Hidden neurons of a bias-free SwiGLU MLP worth keeping: one with a zero gate row, up row or
+    down column adds exactly 0 (silu(0) = 0), like moe2dense's padding. Dead ones are kept back to
+    a multiple of `multiple` neurons (the int4/int8 block size) when the width allows."""
+    alive = np.any(gate != 0, axis=1) & np.any(up != 0, axis=1) & np.any(down != 0, axis=0)
+    short = -int(alive.sum()) % multiple or (multiple if not alive.any() else 0)
+    alive[np.flatnonzero(~alive)[:short]] = True
+    return np.flatnonzero(alive)
+
+
 def interleave_gate_up(gate_up: np.ndarray) -> np.ndarray:
     """[E, 2I, H] as [gate; up] -> rows interleaved g0, u0, g1, u1, ... (the kernel's swiglu_fusion=1)."""
     e, two_i, h = gate_up.shape
@@ -244,12 +254,14 @@ def build_graph(spec: Spec, sd: dict[str, np.ndarray], cos: np.ndarray, sin: np.
         return normed, total_sum
 
     def mlp(x, prefix, name, down_scale=1.0):
-        gu = lin.matmul(x, np.concatenate([sd[f"{prefix}gate_proj.weight"], sd[f"{prefix}up_proj.weight"]]),
-                        f"{name}.gate_up")
+        gate_w, up_w, down_w = (sd[f"{prefix}{k}_proj.weight"] for k in ("gate", "up", "down"))
+        live = live_neurons(gate_w, up_w, down_w)
+        gate_w, up_w, down_w = gate_w[live], up_w[live], down_w[:, live]
+        gu = lin.matmul(x, np.concatenate([gate_w, up_w]), f"{name}.gate_up")
         gate, up = g.op("Split", [gu], f"{name}.split", outputs=2, axis=-1, num_outputs=2)
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{name}.sigmoid")], f"{name}.silu"), up],
                    f"{name}.act")
-        return lin.matmul(act, sd[f"{prefix}down_proj.weight"] * down_scale, f"{name}.down")
+        return lin.matmul(act, down_w * down_scale, f"{name}.down")
 
     x, residual = rms(hidden, None, "model.layers.0.input_layernorm.weight", "layers.0.input_norm")
     for i in range(spec.num_layers):

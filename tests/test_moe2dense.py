@@ -144,4 +144,16 @@ def test_round_trip_lfuc_cpt_moe2dense_exports_to_every_target(tmp_path, tokeniz
     for target in ("onnx", "gguf", "executorch"):     # fp32 by default: every greedy token must match
         manifest = export_with_cli(capsys, target, tmp_path / "dense", tmp_path / target)
         assert manifest["parity"]["greedy_match"] == manifest["parity"]["greedy_total"], (target, manifest["parity"])
+    # The ONNX graph leaves out the zero neurons moe2dense padded the unfused layers with.
+    import onnx
+
+    record = json.loads((tmp_path / "dense" / "d2m_plan.json").read_text())
+    padded = [int(i) for i, v in record["layers"].items() if v.get("zero_padding")]
+    assert padded
+    shapes = {t.name: list(t.dims) for t in onnx.load(str(tmp_path / "onnx" / "model.onnx"),
+                                                       load_external_data=False).graph.initializer}
+    merged_width = json.loads((tmp_path / "dense" / "config.json").read_text())["intermediate_size"]   # 48 + 48
+    for i in padded:      # 48 live neurons, kept to a multiple of 32 for the block quantizers
+        down = [d for n, d in shapes.items() if n.startswith(f"layers.{i}.mlp.down")]
+        assert down and sorted(down[0]) == [32, 64] and merged_width == 96, (i, shapes.keys())
     export_with_cli(capsys, "coreml", tmp_path / "dense", tmp_path / "coreml")   # fp16; its own gate passed
