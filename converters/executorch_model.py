@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from converters.zero_neurons import live_neurons
+
 log = logging.getLogger(__name__)
 LOWERINGS = ("cond", "dense")
 
@@ -254,6 +256,15 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(1, t, self.heads * self.head_dim))
 
 
+def without_zero_neurons(mlp: nn.Module) -> nn.Module:
+    """A dense SwiGLU MLP minus its exactly-zero neurons (moe2dense's padding); itself if it has none."""
+    gate, up, down = (getattr(mlp, f"{k}_proj").weight.detach() for k in ("gate", "up", "down"))
+    live = torch.from_numpy(live_neurons(gate.numpy(), up.numpy(), down.numpy()))
+    if len(live) == gate.shape[0]:
+        return mlp
+    return ExpertMLP(torch.cat([gate[live], up[live]]), down[:, live], mlp.act_fn)
+
+
 class Layer(nn.Module):
     def __init__(self, layer, config, max_seq_len, lowering, quant):
         super().__init__()
@@ -261,7 +272,7 @@ class Layer(nn.Module):
         self.post_attention_layernorm = layer.post_attention_layernorm
         self.self_attn = Attention(layer.self_attn, config, max_seq_len)
         self.is_moe = hasattr(layer.mlp, "experts")
-        self.mlp = MoE(layer.mlp, config, lowering, quant, max_seq_len) if self.is_moe else layer.mlp
+        self.mlp = MoE(layer.mlp, config, lowering, quant, max_seq_len) if self.is_moe else without_zero_neurons(layer.mlp)
 
     def forward(self, x, cos, sin, start_pos):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos)

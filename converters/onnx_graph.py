@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from converters.zero_neurons import live_neurons
 from d2m_export.errors import UserError
 
 OPSET = 23
@@ -146,16 +147,6 @@ def pad_heads_rows(w: np.ndarray, n_heads: int, spec: Spec) -> np.ndarray:
 
 def pad_heads_cols(w: np.ndarray, n_heads: int, spec: Spec) -> np.ndarray:
     return pad_heads_rows(w.T, n_heads, spec).T
-
-
-def live_neurons(gate: np.ndarray, up: np.ndarray, down: np.ndarray, multiple: int = 32) -> np.ndarray:
-    """Hidden neurons of a bias-free SwiGLU MLP worth keeping: one with a zero gate row, up row or
-    down column adds exactly 0 (silu(0) = 0), like moe2dense's padding. Dead ones are kept back to
-    a multiple of `multiple` neurons (the int4/int8 block size) when the width allows."""
-    alive = np.any(gate != 0, axis=1) & np.any(up != 0, axis=1) & np.any(down != 0, axis=0)
-    short = -int(alive.sum()) % multiple or (multiple if not alive.any() else 0)
-    alive[np.flatnonzero(~alive)[:short]] = True
-    return np.flatnonzero(alive)
 
 
 def interleave_gate_up(gate_up: np.ndarray) -> np.ndarray:
