@@ -109,13 +109,23 @@ def cmd_profile(args) -> int:
         from d2m_export.probe import runtime_efficiency
         from runtimes.base import read_manifest
 
-        for d in args.calibrate:
-            read_manifest(Path(d))          # a clear error before any measuring
-        profile["runtime_efficiency"] = runtime_efficiency([Path(d) for d in args.calibrate], profile,
-                                                           threads=profile["threads"])
+        long_prompt = args.long_prompt_tokens
+        for d in args.calibrate:            # clear errors before any measuring
+            context = read_manifest(Path(d)).get("context_length") or 0
+            if long_prompt is not None and not 64 + 64 < long_prompt + 64 <= context:
+                raise UserError(f"--long-prompt-tokens {long_prompt}: must be above 64 and leave room for 64 new "
+                                f"tokens in {d}'s context of {context}")
+        profile["runtime_efficiency"], kv = runtime_efficiency([Path(d) for d in args.calibrate], profile,
+                                                               threads=profile["threads"],
+                                                               long_prompt_tokens=long_prompt)
+        names = ", ".join(Path(d).name for d in args.calibrate)
         profile["sources"]["runtime_efficiency"] = (
-            "measured: roofline ÷ measured decode time per token (prompt 64, 64 new tokens) of "
-            + ", ".join(Path(d).name for d in args.calibrate))
+            "measured: roofline ÷ measured decode time per token (prompt 64, 64 new tokens) of " + names
+            if long_prompt is None else "measured: decode time per token of " + names + f" at prompts 64 and "
+            f"{long_prompt} (64 new tokens), solved for the efficiency of the weight reads and (runtime_kv_efficiency) "
+            "of the KV-cache reads")
+        if kv:
+            profile["runtime_kv_efficiency"] = kv
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(yaml.safe_dump(profile, sort_keys=False, allow_unicode=True))
@@ -123,7 +133,8 @@ def cmd_profile(args) -> int:
     print(f"{profile['name']}: {profile['memory_bandwidth_gbs']} GB/s read bandwidth, "
           f"{profile['compute_gflops']['fp32']} GFLOPS fp32 matmul; wrote {out}")
     for key, eff in profile.get("runtime_efficiency", {}).items():
-        print(f"  {key}: {eff:.0%} of the roofline")
+        kv = profile.get("runtime_kv_efficiency", {}).get(key)
+        print(f"  {key}: {eff:.0%} of the roofline" + (f" (KV-cache reads: {kv:.0%})" if kv else ""))
     return 0
 
 
@@ -329,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="threads to measure with (default: all cores)")
     p.add_argument("--calibrate", nargs="+", default=None, metavar="EXPORT_DIR",
                    help="exports to bench for each runtime's efficiency (achieved ÷ roofline), e.g. dense onnx and gguf")
+    p.add_argument("--long-prompt-tokens", type=int, default=None, metavar="N",
+                   help="with --calibrate: also bench at an N-token prompt, for a separate efficiency of the "
+                        "KV-cache reads (e.g. 960; the exports need room for N + 64 tokens)")
     p.add_argument("--out", default="device_profiles/host.yaml")
     p.set_defaults(func=cmd_profile)
 

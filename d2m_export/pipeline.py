@@ -114,6 +114,7 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
     if latency_ms is not None:
         record["latency"] = {"device": device, "budget_ms": latency_budget_ms, "precision": precision,
                              "context": context, "runtime": runtime, "efficiency": latency_ms.efficiency,
+                             "kv_efficiency": latency_ms.kv_efficiency,
                              "dense_ms": round(latency_ms(model.config), 6),
                              "predicted_ms": round(latency_ms(converted.config), 6)}
     with atomic_dir(out) as tmp:
@@ -139,14 +140,15 @@ def _latency_model(budget_ms, device, precision, context, runtime):
     if context < 1:
         raise UserError(f"--context must be a positive number of tokens, not {context}")
     profile = load_profile(device)
-    efficiency = 1.0
+    efficiency, kv_efficiency = 1.0, None
     if runtime is not None:
         key = f"{runtime}:{precision}"
         if key not in profile.runtime_efficiency:
             raise UserError(f"{profile.key} has no measured efficiency for {key!r} (it has: "
                             f"{', '.join(profile.runtime_efficiency) or 'none'}); drop --runtime for the bare roofline")
         efficiency = profile.runtime_efficiency[key]
-    return DecodeLatency(profile, precision, context, efficiency)
+        kv_efficiency = profile.runtime_kv_efficiency.get(key)
+    return DecodeLatency(profile, precision, context, efficiency, kv_efficiency)
 
 
 def evaluate(model_spec, out: Path | None, tasks: list[str], limit: int | None, ppl_tokens: int = 10240,

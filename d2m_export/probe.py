@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from d2m_export.roofline import COMPUTE_CLASS
+
 
 def _best(fn, repeats: int) -> float:
     fn()
@@ -55,28 +57,61 @@ def host_profile(threads: int | None = None) -> dict:
 RUNNER_KV_BYTES = {"gguf": 2.0}
 
 
-def predicted_decode_ms(export_dir, profile: dict, context: int, efficiency: float = 1.0) -> float:
+def predicted_decode_ms(export_dir, profile: dict, context: int, efficiency: float = 1.0,
+                        kv_efficiency: float | None = None) -> float:
     """Roofline time of one decode step of an export at `context` on `profile`, ms."""
+    quant = _manifest(export_dir)["quant"]
+    return _cost(export_dir, context).seconds(profile["memory_bandwidth_gbs"],
+                                              profile["compute_gflops"][COMPUTE_CLASS[quant]],
+                                              efficiency, kv_efficiency) * 1e3
+
+
+def _manifest(export_dir) -> dict:
+    from runtimes.base import read_manifest
+
+    return read_manifest(export_dir)
+
+
+def _cost(export_dir, context: int):
     from d2m_export.models import read_config
-    from d2m_export.roofline import COMPUTE_CLASS, decode_cost
-    from runtimes.base import read_manifest
+    from d2m_export.roofline import decode_cost
 
-    manifest = read_manifest(export_dir)
-    quant = manifest["quant"]
-    cost = decode_cost(read_config(export_dir), quant, context, kv_bytes=RUNNER_KV_BYTES.get(manifest["target"], 4.0))
-    return cost.seconds(profile["memory_bandwidth_gbs"], profile["compute_gflops"][COMPUTE_CLASS[quant]], efficiency) * 1e3
+    manifest = _manifest(export_dir)
+    return decode_cost(read_config(export_dir), manifest["quant"], context,
+                       kv_bytes=RUNNER_KV_BYTES.get(manifest["target"], 4.0))
 
 
-def runtime_efficiency(export_dirs, profile: dict, threads: int, prompt_tokens: int = 64, new_tokens: int = 64) -> dict:
-    """Per `target:quant`: roofline ÷ measured decode time per token, from a bench run of each export."""
-    from runtimes.base import read_manifest
+def runtime_efficiency(export_dirs, profile: dict, threads: int, prompt_tokens: int = 64, new_tokens: int = 64,
+                       long_prompt_tokens: int | None = None) -> tuple[dict, dict]:
+    """Per `target:quant`, from bench runs of each export: the efficiency (roofline ÷ measured decode
+    time per token) at `prompt_tokens`, and — with `long_prompt_tokens` — a second one for the
+    KV-cache reads, solved from the two contexts so that both are met exactly:
+        t = weight_bytes / (bw · e) + kv_bytes(context) / (bw · e_kv)."""
     from runtimes.bench import bench
 
-    out = {}
+    eff, kv_eff = {}, {}
+    bw = profile["memory_bandwidth_gbs"] * 1e9
     for d in export_dirs:
-        result = bench(d, prompt_tokens=prompt_tokens, new_tokens=new_tokens, threads=threads)
-        manifest = read_manifest(d)
-        measured_ms = 1e3 / result["decode_tokens_per_s"]
-        roofline_ms = predicted_decode_ms(d, profile, prompt_tokens + new_tokens // 2)
-        out[f"{manifest['target']}:{manifest['quant']}"] = round(roofline_ms / measured_ms, 4)
-    return out
+        manifest = _manifest(d)
+        key = f"{manifest['target']}:{manifest['quant']}"
+        measured = lambda prompt: 1 / bench(d, prompt_tokens=prompt, new_tokens=new_tokens,  # noqa: E731
+                                            threads=threads)["decode_tokens_per_s"]
+        t1, c1 = measured(prompt_tokens), _cost(d, prompt_tokens + new_tokens // 2)
+        if long_prompt_tokens is None:
+            eff[key] = round(predicted_decode_ms(d, profile, prompt_tokens + new_tokens // 2) / (t1 * 1e3), 4)
+            continue
+        t2, c2 = measured(long_prompt_tokens), _cost(d, long_prompt_tokens + new_tokens // 2)
+        solved = solve_efficiencies(c1, t1, c2, t2, bw)
+        if solved is None:                          # noise swamped the context effect: one efficiency
+            eff[key] = round(predicted_decode_ms(d, profile, prompt_tokens + new_tokens // 2) / (t1 * 1e3), 4)
+            continue
+        eff[key], kv_eff[key] = (round(x, 4) for x in solved)
+    return eff, kv_eff
+
+
+def solve_efficiencies(short, t_short: float, long, t_long: float, bandwidth: float) -> tuple[float, float] | None:
+    """(e, e_kv) with t = weight_bytes / (bw · e) + kv_bytes / (bw · e_kv) at both contexts (memory-bound
+    decode); None when the two measurements do not give positive efficiencies."""
+    per_kv = (t_long - t_short) / ((long.kv_bytes - short.kv_bytes) / bandwidth)
+    per_weight = (t_short - short.kv_bytes / bandwidth * per_kv) / ((short.bytes - short.kv_bytes) / bandwidth)
+    return (1 / per_weight, 1 / per_kv) if per_kv > 0 and per_weight > 0 else None

@@ -20,6 +20,7 @@ class DeviceProfile:
     usable_ram_gb: float
     sources: dict[str, str]
     runtime_efficiency: dict[str, float] = field(default_factory=dict)   # measured: achieved ÷ roofline
+    runtime_kv_efficiency: dict[str, float] = field(default_factory=dict)   # the same, of the KV-cache reads
 
 
 def available() -> list[str]:
@@ -48,11 +49,13 @@ def load_profile(spec: str | Path) -> DeviceProfile:
         raise UserError(f"{path}: compute_gflops needs {', '.join(PRECISIONS)}")
     numbers = {"memory_bandwidth_gbs": data["memory_bandwidth_gbs"], "usable_ram_gb": data["usable_ram_gb"],
                **{f"compute_gflops.{k}": v for k, v in compute.items()},
-               **{f"runtime_efficiency.{k}": v for k, v in (data.get("runtime_efficiency") or {}).items()}}
+               **{f"{field}.{k}": v for field in ("runtime_efficiency", "runtime_kv_efficiency")
+                  for k, v in (data.get(field) or {}).items()}}
     for key, value in numbers.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise UserError(f"{path}: {key} must be a positive number, not {value!r}")
     return DeviceProfile(key=path.stem, name=str(data["name"]), memory_bandwidth_gbs=float(data["memory_bandwidth_gbs"]),
                          compute_gflops={k: float(v) for k, v in compute.items()},
                          usable_ram_gb=float(data["usable_ram_gb"]), sources=dict(data["sources"]),
-                         runtime_efficiency={k: float(v) for k, v in (data.get("runtime_efficiency") or {}).items()})
+                         runtime_efficiency={k: float(v) for k, v in (data.get("runtime_efficiency") or {}).items()},
+                         runtime_kv_efficiency={k: float(v) for k, v in (data.get("runtime_kv_efficiency") or {}).items()})

@@ -2,7 +2,8 @@
 
 Per decode token: bytes = weights actually read (at their precision) + the KV cache read at the
 current context (layers without attention have none); flops = 2 per weight read + attention.
-Time = max(bytes / bandwidth, flops / compute), divided by a runtime's measured efficiency.
+Time = max(bytes / bandwidth, flops / compute), divided by a runtime's measured efficiency (the
+KV-cache reads optionally by a second one, measured at a long context).
 """
 from __future__ import annotations
 
@@ -21,11 +22,18 @@ COMPUTE_CLASS = {"fp32": "fp32", "f32": "fp32", "fp16": "fp16", "f16": "fp16", "
 
 @dataclass(frozen=True)
 class StepCost:
-    bytes: float
+    bytes: float              # all bytes read: weights + KV cache
     flops: float
+    kv_bytes: float = 0.0     # the KV-cache part of `bytes`
 
-    def seconds(self, bandwidth_gbs: float, compute_gflops: float, efficiency: float = 1.0) -> float:
-        return max(self.bytes / (bandwidth_gbs * 1e9), self.flops / (compute_gflops * 1e9)) / efficiency
+    def seconds(self, bandwidth_gbs: float, compute_gflops: float, efficiency: float = 1.0,
+                kv_efficiency: float | None = None) -> float:
+        """Roofline time ÷ a runtime's efficiency. With `kv_efficiency`, the KV-cache reads get their
+        own (attention kernels at long context fall further from the bandwidth limit than matmuls)."""
+        kv_eff = efficiency if kv_efficiency is None else kv_efficiency
+        bw = bandwidth_gbs * 1e9
+        memory = (self.bytes - self.kv_bytes) / bw / efficiency + self.kv_bytes / bw / kv_eff
+        return max(memory, self.flops / (compute_gflops * 1e9) / efficiency)
 
 
 def _attention_layers(cfg) -> int:
@@ -45,8 +53,8 @@ def decode_cost(cfg, precision: str = "fp32", context: int = 512, kv_bytes: floa
     heads = _get(cfg, "num_attention_heads")
     hd = _get(cfg, "head_dim") or _get(cfg, "hidden_size") // heads
     attn_flops = 4 * heads * hd * context * _attention_layers(cfg)       # q·K and p·V
-    return StepCost(bytes=active * BYTES_PER_WEIGHT[precision] + kv_bytes_per_token(cfg, kv_bytes) * context,
-                    flops=2 * active + attn_flops)
+    kv = kv_bytes_per_token(cfg, kv_bytes) * context
+    return StepCost(bytes=active * BYTES_PER_WEIGHT[precision] + kv, flops=2 * active + attn_flops, kv_bytes=kv)
 
 
 def prefill_cost(cfg, tokens: int, precision: str = "fp32", kv_bytes: float = 4.0) -> StepCost:
@@ -58,10 +66,12 @@ def prefill_cost(cfg, tokens: int, precision: str = "fp32", kv_bytes: float = 4.
                     flops=2 * active * tokens + attn_flops)
 
 
-def decode_ms(cfg, device, precision: str = "fp16", context: int = 512, efficiency: float = 1.0) -> float:
+def decode_ms(cfg, device, precision: str = "fp16", context: int = 512, efficiency: float = 1.0,
+              kv_efficiency: float | None = None) -> float:
     """Roofline milliseconds per decode token of `cfg` on a DeviceProfile."""
     cost = decode_cost(cfg, precision, context)
-    return 1e3 * cost.seconds(device.memory_bandwidth_gbs, device.compute_gflops[COMPUTE_CLASS[precision]], efficiency)
+    return 1e3 * cost.seconds(device.memory_bandwidth_gbs, device.compute_gflops[COMPUTE_CLASS[precision]],
+                              efficiency, kv_efficiency)
 
 
 @dataclass(frozen=True)
@@ -71,9 +81,10 @@ class DecodeLatency:
     precision: str
     context: int
     efficiency: float = 1.0
+    kv_efficiency: float | None = None
 
     def __call__(self, cfg) -> float:
-        return decode_ms(cfg, self.profile, self.precision, self.context, self.efficiency)
+        return decode_ms(cfg, self.profile, self.precision, self.context, self.efficiency, self.kv_efficiency)
 
 
 def predicted_speedup(dense_cfg, moe_cfg, precision: str = "fp32", context: int = 512) -> float:

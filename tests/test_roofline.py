@@ -85,3 +85,20 @@ def test_profile_calibrates_runtime_efficiency_from_a_real_export(tmp_path, tiny
     # not an export: a clear error before anything is measured or written
     assert main(["profile", "--calibrate", str(tiny_model_dir), "--out", str(tmp_path / "h2.yaml")]) == 2
     assert not (tmp_path / "h2.yaml").exists()
+    # a long prompt the export has no room for
+    assert main(["profile", "--calibrate", str(export_dir), "--long-prompt-tokens", "100000",
+                 "--out", str(tmp_path / "h3.yaml")]) == 2
+    assert not (tmp_path / "h3.yaml").exists()
+
+
+def test_two_context_calibration_recovers_both_efficiencies():
+    from d2m_export.probe import solve_efficiencies
+    from d2m_export.roofline import decode_cost
+
+    cfg = tiny_dense("llama").config
+    short, long = decode_cost(cfg, "fp32", 96), decode_cost(cfg, "fp32", 992)
+    bw = 20e9
+    t = lambda c: c.seconds(20, 1e9, efficiency=0.8, kv_efficiency=0.1)   # noqa: E731
+    assert solve_efficiencies(short, t(short), long, t(long), bw) == pytest.approx((0.8, 0.1))
+    assert t(long) - t(short) == pytest.approx((long.kv_bytes - short.kv_bytes) / bw / 0.1)
+    assert solve_efficiencies(short, t(long), long, t(short), bw) is None   # long faster than short: no fit
