@@ -83,7 +83,7 @@ def quantize_linears(module: nn.Module, quant: str, keep=lambda name: False) -> 
 # Experts: each one its own XNNPACK delegate
 # --------------------------------------------------------------------------------------------
 class ExpertMLP(nn.Module):
-    """One routed expert (SwiGLU) as separate gate/up/down linears."""
+    """A SwiGLU MLP as separate gate/up/down linears: a routed expert, or a dense MLP without its zero neurons."""
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act):
         super().__init__()
