@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--kept", default="1,2", help="values of K (experts kept per layer)")
     ap.add_argument("--scores", default="sf,cp,acp,do-acp")
     ap.add_argument("--distill-tokens", type=int, default=16_384, help="short distillation budget per model")
+    ap.add_argument("--upcycled-distill-tokens", type=int, default=8_192,
+                    help="the same for the upcycled MoE's models (its top-2-of-4 teacher is twice as slow)")
     ap.add_argument("--upcycle-cpt-tokens", type=int, default=24_576, help="CPT of the upcycled MoE")
     ap.add_argument("--lfuc-cpt", type=Path, default=Path("runs/bench_cpt/lfuc-0.8-cpt"),
                     help="LF-UC @0.8 after CPT (made by bench/cpt_smollm2.py; rebuilt here if missing)")
@@ -53,6 +55,7 @@ def main() -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "moes": {}}
+    budget = lambda name: args.upcycled_distill_tokens if name.startswith("upcycled") else args.distill_tokens  # noqa: E731
 
     def evaluated(name: str, model: Path | str) -> dict:
         path = work / f"eval-{name}.json"
@@ -63,7 +66,7 @@ def main() -> None:
     def distilled(name: str, model: Path, teacher: Path) -> Path:
         out = work / f"{name}-distilled"
         if not done(out, "config.json"):
-            sh([*CLI, "train", "--model", model, "--distill-from", teacher, "--tokens", args.distill_tokens,
+            sh([*CLI, "train", "--model", model, "--distill-from", teacher, "--tokens", budget(name),
                 "--seq-len", 256, "--micro-batch", 4, "--global-batch", 8, "--lr", "1e-4",
                 "--save-every", 10**9, "--out", out])
         return out
@@ -141,10 +144,12 @@ def render(results: dict, args) -> str:
             "ppl distilled", *(f"{t} distilled" for t in TASKS), "mean distilled"]
     lines = ["# MoE → dense on SmolLM2-135M", "",
              f"Austen perplexity (10,220 held-out tokens) and zero-shot accuracy on the first {args.limit} "
-             f"documents per task (±0.05 at this n). Distillation: {args.distill_tokens} tokens of Brown + "
-             "CoQA/SQuAD passages, loss 0.5·CE + 0.5·KL to the MoE, lr 1e-4 cosine.", ""]
+             "documents per task (±0.05 at this n). Distillation: Brown + CoQA/SQuAD passages, loss "
+             "0.5·CE + 0.5·KL to the MoE, lr 1e-4 cosine, batch 8 × 256 tokens.", ""]
     for moe_name, rows in results["moes"].items():
-        lines += [f"## {moe_name}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        tokens = args.upcycled_distill_tokens if moe_name == "upcycled" else args.distill_tokens
+        lines += [f"## {moe_name} (distillation: {tokens} tokens)", "", "| " + " | ".join(head) + " |",
+                  "|" + "---|" * len(head)]
         for name, r in rows.items():
             w = r["weights"]
             cells = [name, f"{w['nonzero'] / 1e6:.1f}M / {w['stored'] / 1e6:.1f}M", *_cells(r["before"])]
