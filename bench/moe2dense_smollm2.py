@@ -92,7 +92,7 @@ def main() -> None:
             # The baseline: dense SmolLM2 with whole layers dropped down to the same non-zero size.
             target = rows[f"K={k} {args.scores.split(',')[0]}"]["weights"]["nonzero"] / dense_weights["nonzero"]
             if target >= 1.0:       # as large as SmolLM2 itself: the baseline is SmolLM2
-                rows[f"K={k} baseline: dense SmolLM2"] = row(f"{moe_name}-k{k}-dense", resolve_model(DENSE), moe,
+                rows[f"K={k} baseline: dense SmolLM2"] = row(f"{moe_name}-dense", resolve_model(DENSE), moe,
                                                              kept=k, score="dense")
             else:
                 out = work / f"{moe_name}-k{k}-prune"
