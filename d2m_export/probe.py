@@ -60,25 +60,21 @@ RUNNER_KV_BYTES = {"gguf": 2.0}
 def predicted_decode_ms(export_dir, profile: dict, context: int, efficiency: float = 1.0,
                         kv_efficiency: float | None = None) -> float:
     """Roofline time of one decode step of an export at `context` on `profile`, ms."""
-    quant = _manifest(export_dir)["quant"]
-    return _cost(export_dir, context).seconds(profile["memory_bandwidth_gbs"],
-                                              profile["compute_gflops"][COMPUTE_CLASS[quant]],
-                                              efficiency, kv_efficiency) * 1e3
-
-
-def _manifest(export_dir) -> dict:
-    from runtimes.base import read_manifest
-
-    return read_manifest(export_dir)
+    cost, quant = _cost(export_dir, context)
+    return cost.seconds(profile["memory_bandwidth_gbs"], profile["compute_gflops"][COMPUTE_CLASS[quant]],
+                        efficiency, kv_efficiency) * 1e3
 
 
 def _cost(export_dir, context: int):
+    """(roofline cost of one decode step at `context`, the export's quant)."""
     from d2m_export.models import read_config
     from d2m_export.roofline import decode_cost
+    from runtimes.base import read_manifest
 
-    manifest = _manifest(export_dir)
-    return decode_cost(read_config(export_dir), manifest["quant"], context,
+    manifest = read_manifest(export_dir)
+    cost = decode_cost(read_config(export_dir), manifest["quant"], context,
                        kv_bytes=RUNNER_KV_BYTES.get(manifest["target"], 4.0))
+    return cost, manifest["quant"]
 
 
 def runtime_efficiency(export_dirs, profile: dict, threads: int, prompt_tokens: int = 64, new_tokens: int = 64,
@@ -87,20 +83,21 @@ def runtime_efficiency(export_dirs, profile: dict, threads: int, prompt_tokens: 
     time per token) at `prompt_tokens`, and — with `long_prompt_tokens` — a second one for the
     KV-cache reads, solved from the two contexts so that both are met exactly:
         t = weight_bytes / (bw · e) + kv_bytes(context) / (bw · e_kv)."""
+    from runtimes.base import read_manifest
     from runtimes.bench import bench
 
     eff, kv_eff = {}, {}
     bw = profile["memory_bandwidth_gbs"] * 1e9
     for d in export_dirs:
-        manifest = _manifest(d)
+        manifest = read_manifest(d)
         key = f"{manifest['target']}:{manifest['quant']}"
         measured = lambda prompt: 1 / bench(d, prompt_tokens=prompt, new_tokens=new_tokens,  # noqa: E731
                                             threads=threads)["decode_tokens_per_s"]
-        t1, c1 = measured(prompt_tokens), _cost(d, prompt_tokens + new_tokens // 2)
+        t1, (c1, _) = measured(prompt_tokens), _cost(d, prompt_tokens + new_tokens // 2)
         if long_prompt_tokens is None:
             eff[key] = round(predicted_decode_ms(d, profile, prompt_tokens + new_tokens // 2) / (t1 * 1e3), 4)
             continue
-        t2, c2 = measured(long_prompt_tokens), _cost(d, long_prompt_tokens + new_tokens // 2)
+        t2, (c2, _) = measured(long_prompt_tokens), _cost(d, long_prompt_tokens + new_tokens // 2)
         solved = solve_efficiencies(c1, t1, c2, t2, bw)
         if solved is None:                          # noise swamped the context effect: one efficiency
             eff[key] = round(predicted_decode_ms(d, profile, prompt_tokens + new_tokens // 2) / (t1 * 1e3), 4)
