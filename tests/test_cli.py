@@ -161,7 +161,7 @@ def test_convert_by_latency_budget_meets_it_with_least_fusion(capsys, tiny_model
     assert lat["device"] == "raspberry-pi-5" and lat["dense_ms"] == pytest.approx(dense_ms, rel=1e-3)
     assert lat["predicted_ms"] <= budget < lat["dense_ms"]
     assert decode_ms(AutoConfig.from_pretrained(out), pi5, "q8_0", 256) == pytest.approx(lat["predicted_ms"], rel=1e-3)
-    # Least fusion: no single block of the plan could have been left out.
+    # A looser budget never needs more fusion.
     blocks = record["plan"]["blocks"]
     assert blocks and "ms/token" in stdout
     if len(blocks) > 1:
