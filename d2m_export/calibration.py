@@ -57,7 +57,7 @@ def collect(model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool 
         from tqdm import tqdm
         batches = range(0, len(input_ids), batch_size)
         for start in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
-            model(input_ids=input_ids[start:start + batch_size], use_cache=False)
+            model(input_ids=input_ids[start:start + batch_size].to(model.device), use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()

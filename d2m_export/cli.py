@@ -50,11 +50,16 @@ def cmd_convert(args) -> int:
                   "merged width (one MLP width per Llama/Qwen2 config); runtimes still store and read them")
         return 0
 
+    heal = None
+    if args.heal:
+        from d2m_export.heal import HealConfig
+        heal = HealConfig(calib_tokens=args.heal_tokens, steps=args.heal_steps)
     record = convert(args.model, Path(args.out), method_name=args.method, plan_file=args.plan,
                      target_ratio=args.target_active_ratio, threshold=args.threshold, options=_options(args),
                      analysis=args.analysis, calib_tokens=args.calib_tokens, max_block=args.max_block,
                      min_mlp_cos=args.min_mlp_cos, latency_budget_ms=args.latency_budget_ms, device=args.device,
-                     precision=args.precision, context=args.context, runtime=args.runtime)
+                     precision=args.precision, context=args.context, runtime=args.runtime,
+                     plan_search=args.plan_search, search_tokens=args.search_tokens, heal=heal)
     p = record["params"]
     blocks = ", ".join(f"{b['host']}←{b['donors']}" for b in record["plan"]["blocks"]) or "none"
     print(f"{record['method']}: wrote {record['architecture']} to {args.out} in {record['wall_s']} s")
@@ -66,6 +71,35 @@ def cmd_convert(args) -> int:
         print(f"  decode on {lat['device']} ({lat['precision']}, context {lat['context']}, roofline"
               f"{' × ' + str(lat['efficiency']) if lat['runtime'] else ''}): {lat['predicted_ms']:.2f} ms/token "
               f"(dense {lat['dense_ms']:.2f}; budget {lat['budget_ms']})")
+    if "plan_search" in record:
+        ps = record["plan_search"]
+        print(f"  plan search by loss: calibration KL {ps['kl']:.4f} nats/token on {ps['tokens']} tokens "
+              f"({ps['wall_s']} s)")
+    if "healing" in record:
+        print_healing(record["healing"])
+    return 0
+
+
+def print_healing(healing: dict) -> None:
+    print(f"  healed on {healing['calibration_tokens']} calibration tokens in {healing['wall_s']} s; "
+          f"held-out block error (1.0 = the block's whole contribution missing):")
+    for b in healing["blocks"]:
+        if "error" in b:
+            e = b["error"]
+            print(f"    {b['host']}←{b['donors']}: {e['before']:.3f} → closed form {e['closed_form']:.3f} "
+                  f"→ distilled {e['after']:.3f}")
+        else:
+            print(f"    layer {b['layer']}: router load {b['router_load']}")
+
+
+def cmd_heal(args) -> int:
+    from d2m_export.heal import HealConfig, heal
+
+    cfg = HealConfig(calib_tokens=args.calib_tokens, steps=args.steps, lr=args.lr, attention=args.attention,
+                     corpora=args.calib_corpus or ["calibration"])
+    record = heal(args.model, Path(args.out), cfg, dense_spec=args.dense)
+    print(f"{record['method']}: wrote the healed model to {args.out}")
+    print_healing(record["healing"])
     return 0
 
 
@@ -283,6 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=512, help="with --latency-budget-ms: context length (default 512)")
     p.add_argument("--runtime", help="with --latency-budget-ms: scale by the profile's measured efficiency "
                    "for RUNTIME:PRECISION (e.g. onnx)")
+    p.add_argument("--plan-search", default="metric",
+                   help="metric (default: angular-distance greedy) | loss (lfuc, prune: grow the plan one layer at a "
+                        "time by the calibration KL to the dense model; with --threshold, δ is that KL)")
+    p.add_argument("--search-tokens", type=int, default=1024, help="with --plan-search loss: calibration tokens "
+                   "(default 1024)")
+    p.add_argument("--heal", action="store_true", help="heal the converted model locally before writing it "
+                   "(the `heal` stage: closed-form fit, then block-wise distillation)")
+    p.add_argument("--heal-tokens", type=int, default=8192, help="with --heal: calibration tokens (default 8192)")
+    p.add_argument("--heal-steps", type=int, default=150, help="with --heal: distillation steps per block "
+                   "(default 150; 0: closed form only)")
     p.add_argument("--analysis", type=Path, help="reuse a similarity.json from `analyze` instead of recalibrating")
     p.add_argument("--calib-tokens", type=int, default=2048)
     p.add_argument("--max-block", type=int, default=4, help="longest block considered, in layers (default 4)")
@@ -299,6 +343,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", default="acp", help="moe2dense expert score: sf | cp | acp (default) | do-acp")
     p.add_argument("--out", required=True, help="output directory (a Hugging Face checkpoint)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("heal", help="fit a converted model's fused layers to the dense blocks they replace")
+    p.add_argument("--model", required=True, help="a model written by `convert` (lfuc, prune or upcycle)")
+    p.add_argument("--out", required=True, help="output directory (the healed Hugging Face checkpoint)")
+    p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (default 8192; the last "
+                   "eighth is held out for early stopping)")
+    p.add_argument("--steps", type=int, default=150, help="distillation steps per block (default 150; 0: closed "
+                   "form only)")
+    p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (default 1e-4)")
+    p.add_argument("--attention", action="store_true", help="also train the host's attention and norms")
+    p.add_argument("--calib-corpus", action="append", default=None,
+                   help="calibration text: brown, olmo-passages, calibration (default) or a .txt/.jsonl/.parquet "
+                        "file (repeatable); the evaluation text is refused")
+    p.add_argument("--dense", default=None, help="the dense model it was converted from (default: as recorded "
+                   "in d2m_plan.json)")
+    p.set_defaults(func=cmd_heal)
 
     p = sub.add_parser("eval", help="perplexity (Austen) and zero-shot tasks")
     _add_model(p)

@@ -108,8 +108,14 @@ def _convert_gguf(gguf_dir: Path, filename: str, out: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
+def compute_device() -> str:
+    """Where models run: $D2M_DEVICE (e.g. cuda) if set, else the CPU."""
+    import os
+    return os.environ.get("D2M_DEVICE") or "cpu"
+
+
 def load_model(spec: str | Path | None, dtype: str = "float32"):
-    """Return (model, tokenizer, model_dir) for `--model`, in eval mode."""
+    """Return (model, tokenizer, model_dir) for `--model`, in eval mode, on `compute_device()`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -121,6 +127,8 @@ def load_model(spec: str | Path | None, dtype: str = "float32"):
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise UserError(f"cannot load the model in {model_dir}: {first}") from None
     model.eval()
+    if compute_device() != "cpu":
+        model.to(compute_device())
     return model, tokenizer, model_dir
 
 

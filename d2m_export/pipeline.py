@@ -48,7 +48,8 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
             target_ratio: float | None = None, threshold: float | None = None, options: Options | None = None,
             analysis: Path | None = None, calib_tokens: int = 2048, max_block: int = 4,
             min_mlp_cos: float = -1.0, progress: bool = True, latency_budget_ms: float | None = None,
-            device: str | None = None, precision: str = "fp16", context: int = 512, runtime: str | None = None) -> dict:
+            device: str | None = None, precision: str = "fp16", context: int = 512, runtime: str | None = None,
+            plan_search: str = "metric", search_tokens: int = 1024, heal=None) -> dict:
     from d2m_export.methods import get_method
     from d2m_export.planner import active_ratio, plan_by_latency, plan_by_ratio, plan_by_threshold
 
@@ -61,6 +62,19 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
         raise UserError("give at most one of --plan, --target-active-ratio, --threshold, --latency-budget-ms")
     if method_name == "upcycle" and latency_budget_ms is not None:
         raise UserError("--latency-budget-ms picks a fusion plan; upcycle fuses nothing (use lfuc or prune)")
+    if plan_search not in ("metric", "loss"):
+        raise UserError(f"--plan-search must be metric or loss, not {plan_search!r}")
+    if plan_search == "loss":
+        if method_name not in ("lfuc", "prune"):
+            raise UserError(f"--plan-search loss picks blocks for lfuc and prune; --method {method_name} has no plan")
+        if plan_file is not None or analysis is not None:
+            raise UserError("--plan-search loss searches the plan itself; drop --plan/--analysis")
+        if search_tokens < 256:
+            raise UserError(f"--search-tokens must be at least 256 (one window), not {search_tokens}")
+    if target_ratio is not None and not 0 < target_ratio <= 1:
+        raise UserError(f"--target-active-ratio must be in (0, 1], not {target_ratio}")
+    if heal is not None:
+        heal.validate()
     latency_ms = _latency_model(latency_budget_ms, device, precision, context, runtime)
     plan_data = read_plan_file(plan_file) if plan_file else None
     check_output_dir(out)
@@ -74,9 +88,9 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
     from d2m_export.analysis import block_table, score_blocks
     from d2m_export.calibration import calibration_ids, collect
 
-    acts = table = None
+    acts = table = search = None
     calibrate = lambda: collect(model, calibration_ids(tokenizer, calib_tokens), progress=progress)  # noqa: E731
-    if plan_data is None and method.name != "upcycle":
+    if plan_data is None and method.name != "upcycle" and plan_search == "metric":
         if analysis:
             table = _analysis_table(analysis, num_layers)
         else:
@@ -89,6 +103,9 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
             plan.options = options
     elif method.name == "upcycle":
         plan = Plan(method.name, num_layers, [], options)
+    elif plan_search == "loss":
+        plan, search = _loss_plan(method, model, tokenizer, options, target_ratio, threshold, latency_budget_ms,
+                                  latency_ms, max_block, search_tokens, progress)
     elif latency_budget_ms is not None:
         plan = plan_by_latency(method, model.config, table, latency_budget_ms, latency_ms, options, max_block,
                                min_mlp_cos)
@@ -102,6 +119,10 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
         acts = calibrate()
 
     converted = method.build(model, plan, acts)
+    healing = None
+    if heal is not None:
+        from d2m_export.heal import heal_model
+        healing = heal_model(converted, model, tokenizer, plan, method.name, heal, progress=progress)
     dense, new = param_counts(model.config), param_counts(converted.config)
     record = {
         "base_model": model_label(model_spec), "method": method.name, "plan": plan.to_dict(),
@@ -111,6 +132,10 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
         "scores": [table[method.scored_block(b.host, len(b.donors))] for b in plan.blocks if b.donors] if table else None,
         "wall_s": None,
     }
+    if search is not None:
+        record["plan_search"] = search
+    if healing is not None:
+        record["healing"] = healing
     if latency_ms is not None:
         record["latency"] = {"device": device, "budget_ms": latency_budget_ms, "precision": precision,
                              "context": context, "runtime": runtime, "efficiency": latency_ms.efficiency,
@@ -123,6 +148,37 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
         record["wall_s"] = round(time.time() - t0, 1)
         (tmp / "d2m_plan.json").write_text(json.dumps({"generator": "d2m-export", **record}, indent=2) + "\n")
     return record
+
+
+def _loss_plan(method, model, tokenizer, options, target_ratio, threshold, latency_budget_ms, latency_ms,
+               max_block, search_tokens, progress):
+    from d2m_export.calibration import calibration_ids
+    from d2m_export.loss_search import PlanLoss, plan_by_loss
+    from d2m_export.planner import active_ratio
+
+    scorer = PlanLoss(model, calibration_ids(tokenizer, search_tokens))
+    num_layers = model.config.num_hidden_layers
+    if threshold is not None:
+        if not threshold > 0:
+            raise UserError(f"--threshold with --plan-search loss is the calibration KL (nats/token) the plan may "
+                            f"reach; it must be positive, not {threshold}")
+        return plan_by_loss(method.name, num_layers, scorer, options, max_kl=threshold, max_block=max_block,
+                            progress=progress)
+    if latency_budget_ms is not None:
+        measure = lambda plan: latency_ms(method.output_config(model.config, plan))  # noqa: E731
+        target, what = latency_budget_ms, f"{latency_budget_ms} ms/token on this device"
+    else:
+        target = target_ratio or DEFAULT_RATIO
+        if not 0 < target <= 1:
+            raise UserError(f"--target-active-ratio must be in (0, 1], not {target}")
+        measure = lambda plan: active_ratio(method, model.config, plan)  # noqa: E731
+        what = f"active ratio {target}"
+    plan, search = plan_by_loss(method.name, num_layers, scorer, options, measure=measure, target=target,
+                                max_block=max_block, progress=progress)
+    if measure(plan) > target + 1e-9:
+        raise UserError(f"{method.name} cannot reach {what} on this model (best {measure(plan):.4g} with blocks of "
+                        f"at most {max_block} layers); raise --max-block or the target")
+    return plan, search
 
 
 def _latency_model(budget_ms, device, precision, context, runtime):

@@ -64,7 +64,7 @@ class Routers:
 
     def _hook(self, module, args, out):
         self.logits.append(out[0])
-        self.chosen.append(out[2])
+        self.chosen.append(out[-1])
 
     def clear(self):
         self.logits, self.chosen = [], []
@@ -183,9 +183,9 @@ def train(cfg: TrainConfig) -> dict:
             sync = i == len(mine) - 1
             ctx = ddp.no_sync() if world > 1 and not sync else _null()
             with ctx:
-                parts = _loss(ddp, teacher, routers, chunks[mb], cfg, top_k)
+                parts = _loss(ddp, teacher, routers, chunks[mb].to(model.device), cfg, top_k)
                 (parts[0] / len(mine)).backward()
-            sums += torch.stack([p.detach().float() for p in parts]) / len(mine)
+            sums += torch.stack([p.detach().float() for p in parts]).cpu() / len(mine)
         if world > 1:
             torch.distributed.all_reduce(sums)
             sums /= world
@@ -237,13 +237,13 @@ def _progress(cfg, steps, start, rank):
 
 def _loss(model, teacher, routers, x, cfg: TrainConfig, top_k: int):
     routers.clear()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
         logits = model(input_ids=x, use_cache=False).logits.float()       # [B, T, V]
     # next-token targets with the last position ignored: slicing the logits instead would copy
     # the whole [B, T-1, V] tensor (200 MB at 4 x 256 x 49k) on every micro-batch
     target = F.pad(x[:, 1:], (0, 1), value=-100)
     ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
-    zero = torch.zeros((), dtype=torch.float32)
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
     balance = balance_loss(routers.logits, top_k) if routers.logits else zero
     kl = zero
     if teacher is not None:
@@ -265,7 +265,7 @@ def router_load(model, routers: Routers, chunks: torch.Tensor, cfg: TrainConfig,
     was_training = model.training
     model.eval()
     routers.clear()
-    model(input_ids=chunks[:n], use_cache=False)
+    model(input_ids=chunks[:n].to(model.device), use_cache=False)
     load = []
     for chosen in routers.chosen:
         counts = torch.bincount(chosen.reshape(-1), minlength=routers.routers[0].num_experts).float()

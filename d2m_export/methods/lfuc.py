@@ -144,7 +144,7 @@ def fit_router(u: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor]]
             g, v = (u @ gate_up.T).chunk(2, dim=-1)
             norms.append((act_fn(g) * v @ down.T).norm(dim=-1))
         target = torch.stack(norms, dim=-1).argmax(-1)
-    w = torch.zeros(len(experts), u.shape[-1], requires_grad=True)
+    w = torch.zeros(len(experts), u.shape[-1], device=u.device, requires_grad=True)
     opt = torch.optim.Adam([w], lr=1e-2)
     for _ in range(steps):
         opt.zero_grad()
