@@ -241,15 +241,21 @@ def program_summary(path: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 # `d2m-export --target executorch` alone: the main job on the embedded default model
 # --------------------------------------------------------------------------------------------
+GREEDY_PROMPT = "The capital of France is"
+
+
 def main_job(out: Path, quant: str | None = None, threads: int = 2, ratio: float = 0.8,
-             prompt_tokens: int = 64, new_tokens: int = 64, repeats: int = 3) -> dict:
-    """LF-UC convert (default plan at `ratio`) → export dense and LF-UC → parity (inside export) →
-    bench both side by side; print where the bundle is and its decode speed against the dense model's."""
+             prompt_tokens: int = 64, new_tokens: int = 64, repeats: int = 3, heal_steps: int = 150) -> dict:
+    """LF-UC convert and heal (default plan at `ratio`) → export dense and LF-UC → parity (inside
+    export) → bench both side by side; print where the bundle is, the healed model's perplexity and
+    its decode speed against the dense model's, and a greedy continuation from the bundle."""
     from converters.base import export
     from d2m_export.models import DEFAULT_MODEL, resolve_model
     from d2m_export.outputs import write_json
     from d2m_export.params import param_counts
-    from d2m_export.pipeline import convert
+    from d2m_export.heal import HealConfig
+    from d2m_export.pipeline import convert, evaluate
+    from runtimes.base import load_runner, load_tokenizer
     _require_executorch()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -264,7 +270,10 @@ def main_job(out: Path, quant: str | None = None, threads: int = 2, ratio: float
         return result
 
     lfuc_dir = out / f"lfuc-{ratio}"
-    record = step(f"convert lfuc @{ratio}", convert, DEFAULT_MODEL, lfuc_dir, method_name="lfuc", target_ratio=ratio)
+    record = step(f"convert + heal lfuc @{ratio}", convert, DEFAULT_MODEL, lfuc_dir, method_name="lfuc",
+                  target_ratio=ratio, heal=HealConfig(steps=heal_steps))
+    ppl = {name: step(f"perplexity {name}", evaluate, spec, None, tasks=[], limit=None)["perplexity"]
+           for name, spec in (("dense", DEFAULT_MODEL), ("lfuc", str(lfuc_dir)))}
     bundles = {"dense": out / f"dense-{quant}", "lfuc": out / f"lfuc-{ratio}-{quant}"}
     manifests = {"dense": step("export dense", export, "executorch", DEFAULT_MODEL, quant, bundles["dense"],
                                threads=threads),
@@ -281,20 +290,28 @@ def main_job(out: Path, quant: str | None = None, threads: int = 2, ratio: float
     dense_active = param_counts(read_config(resolve_model(DEFAULT_MODEL))).active
     lfuc_active = param_counts(read_config(lfuc_dir)).active
     speedup = speeds["lfuc"]["decode_tokens_per_s"] / speeds["dense"]["decode_tokens_per_s"]
+    with load_runner(bundles["lfuc"], threads=threads) as runner:
+        greedy = runner.greedy_text(load_tokenizer(bundles["lfuc"]), GREEDY_PROMPT, 32)
     summary = {"model": DEFAULT_MODEL, "ratio": ratio, "quant": quant, "threads": threads, "plan": record["plan"],
                "bundles": {k: str(v) for k, v in bundles.items()},
                "parity": {k: {f: m["parity"][f] for f in ("greedy_match", "greedy_total", "max_abs_logit_err")}
                           for k, m in manifests.items()},
                "bench": speeds, "decode_speedup": round(speedup, 3),
+               "perplexity": {k: round(v["value"], 3) for k, v in ppl.items()}, "perplexity_corpus":
+               f"{ppl['dense']['corpus']}, {ppl['dense']['tokens']} tokens", "healing": record.get("healing"),
+               "greedy": {"prompt": GREEDY_PROMPT, "text": greedy},
                "roofline_speedup": round(dense_active / lfuc_active, 3),
                "active_params": {"dense": dense_active, "lfuc": lfuc_active}, "timings_s": timings}
     write_json(out / "summary.json", summary)
     p = summary["parity"]["lfuc"]
-    print(f"\nExecuTorch bundle (LF-UC @{ratio}, {quant}): {bundles['lfuc']}")
+    print(f"\nExecuTorch bundle (LF-UC @{ratio}, healed, {quant}): {bundles['lfuc']}")
+    print(f"  perplexity ({summary['perplexity_corpus']}): LF-UC {ppl['lfuc']['value']:.2f} vs dense "
+          f"{ppl['dense']['value']:.2f}")
     print(f"  parity vs transformers: greedy {p['greedy_match']}/{p['greedy_total']}, "
           f"max |logit error| {p['max_abs_logit_err']:.3g}")
     print(f"  decode ({threads} threads): LF-UC {speeds['lfuc']['decode_tokens_per_s']:.1f} tok/s vs dense "
           f"{speeds['dense']['decode_tokens_per_s']:.1f} tok/s = {speedup:.2f}x "
           f"(roofline from active params: {summary['roofline_speedup']:.2f}x)")
+    print(f"  greedy, 32 tokens from the bundle: {GREEDY_PROMPT!r} →{greedy!r}")
     print(f"  summary: {out / 'summary.json'}")
     return summary

@@ -202,7 +202,7 @@ def cmd_demo(args) -> int:
     from d2m_export.demo import run_demo
 
     return run_demo(Path(args.out), model=args.model, ratio=args.target_active_ratio, limit=args.limit,
-                    tasks=args.tasks)
+                    tasks=args.tasks, heal_steps=args.heal_steps)
 
 
 def cmd_export(args) -> int:
@@ -252,7 +252,8 @@ def cmd_generate(args) -> int:
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         raise UserError("--prompt is empty after tokenization")
-    stop = [i for i in (tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>", "</s>")) if i is not None]
+    from runtimes.base import STOP_TOKENS
+    stop = [i for i in (tokenizer.token_to_id(t) for t in STOP_TOKENS) if i is not None]
     out: list[int] = []
     shown = ""
 
@@ -331,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-tokens", type=int, default=2048)
     p.add_argument("--max-block", type=int, default=4, help="longest block considered, in layers (default 4)")
     p.add_argument("--min-mlp-cos", type=float, default=-1.0, help="skip blocks whose MLP-input cosine is lower")
-    p.add_argument("--host-mode", default="shared", help="host MLP as an always-on shared expert or a routed one")
+    p.add_argument("--host-mode", default="routed", help="routed (default: the host MLP is one of the routed "
+                   "experts, active parameters as pruning's) | shared (an always-on shared expert)")
     p.add_argument("--top-k", type=int, default=1, help="routed experts per token (default 1)")
     p.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer (replicated); default: as needed")
     p.add_argument("--router-init", default="calibrated",
@@ -430,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-active-ratio", type=float, default=0.8)
     p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS)
     p.add_argument("--limit", type=int, default=150)
+    p.add_argument("--heal-steps", type=int, default=150, help="distillation steps per healed block "
+                   "(default 150; 0: closed form only)")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("bench", help="speed of an export in its runtime (prefill, decode, peak RSS) as JSON")

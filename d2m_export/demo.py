@@ -1,4 +1,5 @@
-"""The main job on one model: analyze → convert (LF-UC, and pruning as the baseline) → eval → table."""
+"""The main job on one model: analyze → convert and heal (LF-UC, and pruning as the baseline, healed
+the same way) → eval → table."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,8 @@ from d2m_export.outputs import write_json
 
 
 def run_demo(out: Path, model: str | None = None, ratio: float = 0.8, limit: int | None = 150,
-             tasks: list[str] | None = None) -> int:
+             tasks: list[str] | None = None, heal_steps: int = 150) -> int:
+    from d2m_export.heal import HealConfig
     from d2m_export.pipeline import analyze, convert, evaluate
 
     model = model or DEFAULT_MODEL
@@ -29,9 +31,9 @@ def run_demo(out: Path, model: str | None = None, ratio: float = 0.8, limit: int
     variants = {"dense": model}
     for method in ("lfuc", "prune"):
         dest = out / f"{method}-{ratio}"
-        timed(f"convert {method}", convert, model, dest, method_name=method, target_ratio=ratio,
-              analysis=out / "analysis" / "similarity.json")
-        variants[f"{method} @{ratio}"] = str(dest)
+        timed(f"convert + heal {method}", convert, model, dest, method_name=method, target_ratio=ratio,
+              analysis=out / "analysis" / "similarity.json", heal=HealConfig(steps=heal_steps))
+        variants[f"{method} @{ratio} healed"] = str(dest)
     rows = {}
     for name, spec in variants.items():
         rows[name] = timed(f"eval {name}", evaluate, spec, out / f"eval-{name.split()[0]}.json",

@@ -70,20 +70,20 @@ class PlanLoss:
 
 
 def add_donor(plan: Plan, layer: int, max_block: int) -> Plan | None:
-    """The plan with `layer` joining the block that ends right before it, or a new block hosted by
-    the layer before it; None when that is not possible."""
-    if layer < 1 or any(layer == b.host or layer in b.donors for b in plan.blocks):
+    """The plan with `layer` a donor too: it joins the block that ends right before it, or a new
+    block hosted by the layer before it; a host that becomes a donor brings its own donors along
+    (blocks merge). None when that is not possible (layer 0, a donor already, a block too long)."""
+    if layer < 1 or any(layer in b.donors for b in plan.blocks):
         return None
-    blocks = [Block(b.host, list(b.donors)) for b in plan.blocks]
-    for b in blocks:
-        if (b.donors[-1] if b.donors else b.host) == layer - 1:
-            if len(b.donors) + 2 > max_block:
-                return None
-            b.donors.append(layer)
-            break
-    else:
-        blocks.append(Block(layer - 1, [layer]))
-        blocks.sort(key=lambda b: b.host)
+    own = next((b for b in plan.blocks if b.host == layer), None)      # `layer` hosts a block
+    before = next((b for b in plan.blocks if (b.donors[-1] if b.donors else b.host) == layer - 1), None)
+    tail = [layer] + (own.donors if own else [])
+    blocks = [Block(b.host, list(b.donors)) for b in plan.blocks if b is not own and b is not before]
+    merged = Block(before.host, before.donors + tail) if before else Block(layer - 1, tail)
+    if 1 + len(merged.donors) > max_block:
+        return None
+    blocks.append(merged)
+    blocks.sort(key=lambda b: b.host)
     return Plan(plan.method, plan.num_layers, blocks, plan.options)
 
 

@@ -74,7 +74,7 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
     if target_ratio is not None and not 0 < target_ratio <= 1:
         raise UserError(f"--target-active-ratio must be in (0, 1], not {target_ratio}")
     if heal is not None:
-        heal.validate()
+        heal.validate({"calib_tokens": "--heal-tokens", "steps": "--heal-steps"})
     latency_ms = _latency_model(latency_budget_ms, device, precision, context, runtime)
     plan_data = read_plan_file(plan_file) if plan_file else None
     check_output_dir(out)

@@ -19,7 +19,9 @@ class Block:
 
 @dataclass
 class Options:
-    host_mode: str = "shared"        # host MLP as an always-on shared expert, or one of the routed experts
+    # host MLP as one of the routed experts (default: a router that always picks it is exactly the
+    # pruned model, so healing starts from pruning's quality), or as an always-on shared expert
+    host_mode: str = "routed"
     top_k: int = 1
     num_experts: int | None = None   # None: as many as the largest block has distinct experts
     router_init: str = "calibrated"  # calibrated (fitted on calibration data) | zero

@@ -50,6 +50,8 @@ def default_threads() -> int:
     return max(1, min(os.cpu_count() or 1, 4))
 
 
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "</s>")
+
 class Runner:
     target: str
 
@@ -96,6 +98,11 @@ class Runner:
             if token in stop or len(out) >= max_new_tokens:
                 return out
             logits = self.decode(token)
+
+    def greedy_text(self, tokenizer, prompt: str, max_new_tokens: int) -> str:
+        """The prompt's greedy continuation, decoded (stops at the tokenizer's end-of-text tokens)."""
+        stop = [i for i in (tokenizer.token_to_id(t) for t in STOP_TOKENS) if i is not None]
+        return tokenizer.decode(self.generate(tokenizer.encode(prompt).ids, max_new_tokens, stop_ids=stop))
 
     def __enter__(self):
         return self

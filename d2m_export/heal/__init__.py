@@ -34,14 +34,16 @@ class HealConfig:
     held_out: float = 0.125          # fraction of the calibration windows kept for early stopping
     seed: int = 0
 
-    def validate(self) -> None:
+    def validate(self, flags: dict[str, str] | None = None) -> None:
+        """`flags` names the command-line flag of each field in messages (`heal`'s own by default)."""
+        flag = {"calib_tokens": "--calib-tokens", "steps": "--steps", "lr": "--lr", **(flags or {})}
         if self.calib_tokens < 2 * WINDOW:
-            raise UserError(f"--calib-tokens must be at least {2 * WINDOW} (one window to fit, one held out), "
-                            f"not {self.calib_tokens}")
+            raise UserError(f"{flag['calib_tokens']} must be at least {2 * WINDOW} (one window to fit, one held "
+                            f"out), not {self.calib_tokens}")
         if self.steps < 0:
-            raise UserError(f"--heal-steps must be 0 or more, not {self.steps}")
+            raise UserError(f"{flag['steps']} must be 0 or more, not {self.steps}")
         if not self.lr > 0:
-            raise UserError(f"--heal-lr must be positive, not {self.lr}")
+            raise UserError(f"{flag['lr']} must be positive, not {self.lr}")
         if not self.corpora:
             raise UserError("--calib-corpus: give at least one training corpus")
         from d2m_export.corpora import CORPORA
@@ -84,7 +86,7 @@ def heal_model(model, dense, tokenizer, plan: Plan, method: str, cfg: HealConfig
     blocks = collect_blocks(dense, plan, ids, progress=progress) if plan.blocks else []
     results = []
     bar = _bar(len(blocks) * max(cfg.steps, 1), progress)
-    for data in blocks:
+    for i, data in enumerate(blocks, 1):
         fit, held = data.split(held_windows)
         runner = LayerRunner(model, data.layer)
         entry = {"host": data.block.host, "donors": data.block.donors, "layer": data.layer}
@@ -101,8 +103,8 @@ def heal_model(model, dense, tokenizer, plan: Plan, method: str, cfg: HealConfig
                                        seed=cfg.seed, on_step=bar.update if bar else None)
         entry["error"] = {"before": round(before, 5), "closed_form": round(after_cf, 5),
                           "after": round(relative_error(runner, held), 5)}
-        if bar is not None:
-            bar.n = (blocks.index(data) + 1) * max(cfg.steps, 1)
+        if bar is not None:        # early stopping skips steps: the bar jumps to the block's end
+            bar.n = i * max(cfg.steps, 1)
             bar.set_postfix(block=data.block.host, error=f"{before:.3f}→{entry['error']['after']:.3f}")
             bar.refresh()
         results.append(entry)

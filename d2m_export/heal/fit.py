@@ -152,7 +152,9 @@ def _refresh_err(dots, sq, sdots, dd, ds_, ss, alpha, scales):
 
 def trainable(runner: LayerRunner, attention: bool) -> list[torch.nn.Parameter]:
     layer = runner.layer
-    params = list(layer.mlp.parameters())
+    # The shared expert's gate stays at zero: exporters fold its constant sigmoid(0) = 0.5 into the
+    # shared expert (llama.cpp has no such gate), and the shared expert's own scale learns the rest.
+    params = [p for name, p in layer.mlp.named_parameters() if not name.startswith("shared_expert_gate")]
     if attention:
         params += list(layer.self_attn.parameters()) + list(layer.input_layernorm.parameters())
         params += list(layer.post_attention_layernorm.parameters())
