@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "d2m_export.cli"]
 TASKS = ["arc_easy", "hellaswag", "piqa"]
+RUNTIMES = ("onnx", "gguf", "executorch")       # measured decode, fp32 / f32
 DENSE = "smollm2-135m"
 METHODS = {                      # study name -> convert flags
     "lfuc": ["--method", "lfuc", "--host-mode", "routed"],
@@ -165,7 +166,9 @@ def measure_latency(args) -> None:
     for name, model in variants.items():
         if name != "dense" and not (Path(model) / "config.json").is_file():
             make_model(args, structures[name])
-    for target, quant in (("onnx", "fp32"), ("gguf", "f32")):
+    quants = {"onnx": "fp32", "gguf": "f32", "executorch": "fp32"}
+    for target in args.runtimes:
+        quant = quants[target]
         times: dict[str, list[float]] = {name: [] for name in variants}
         for r in range(args.rounds):
             for name, model in variants.items():
@@ -215,27 +218,40 @@ def study_table(args, runs) -> str:
         ev = json.loads((run_dir / "eval.json").read_text())
         tasks = ev.get("tasks", {})
         mean = sum(t["acc"] for t in tasks.values()) / len(tasks) if tasks else float("nan")
-        lat = {t: json.loads(f.read_text())["decode_tokens_per_s"] for t in ("onnx", "gguf")
+        lat = {t: json.loads(f.read_text())["decode_tokens_per_s"] for t in RUNTIMES
                for f in [run_dir / f"bench-{t}.json"] if f.is_file()}
         rows.append((v, ev, tasks, mean, lat))
     rows.sort(key=lambda r: (-r[0]["ratio"], r[0]["method"], r[0].get("plan_search", ""), r[0].get("heal", ""),
                              r[0].get("cpt_tokens") or 0))
     head = ("| ratio | method | plan | heal | CPT tokens | ppl | arc_easy | hellaswag | piqa | mean acc "
-            "| ONNX ms/tok | llama.cpp ms/tok | wall s (model) |")
+            "| ONNX ms/tok | llama.cpp ms/tok | ExecuTorch ms/tok | wall s (model) | run on |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for v, ev, tasks, mean, lat in rows:
         ppl = (ev.get("perplexity") or {}).get("value")
         cells_ = [f"{v['ratio']}", v["method"], v.get("plan_search", "-"), v.get("heal", "-"),
                   f"{v.get('cpt_tokens') or 0:,}", f"{ppl:.2f}" if ppl else "-",
                   *(f"{tasks[t]['acc']:.3f}" if t in tasks else "-" for t in TASKS), f"{mean:.3f}",
-                  *(f"{1000 / lat[t]:.2f}" if t in lat else "-" for t in ("onnx", "gguf")),
-                  str(sum(x for x in v.get("wall_s", {}).values() if x) or "-")]
+                  *(f"{1000 / lat[t]:.2f}" if t in lat else "-" for t in RUNTIMES),
+                  f"{sum(x for x in v.get('wall_s', {}).values() if x):.0f}" if v.get("wall_s") else "-",
+                  v.get("device", "cpu")]
         lines.append("| " + " | ".join(cells_) + " |")
     n = next((t["n"] for _, _, tasks, _, _ in rows for t in tasks.values()), "?")
+    lines += ["", "## Head to head: LF-UC against pruning under the same plan search, healing and CPT budget", "",
+              "| ratio | plan | heal | CPT tokens | ppl LF-UC / prune | mean acc LF-UC / prune |", "|---|---|---|---|---|---|"]
+    by_key = {(v["ratio"], v["method"], v.get("plan_search"), v.get("heal"), v.get("cpt_tokens") or 0): (ev, mean)
+              for v, ev, _, mean, _ in rows}
+    for (ratio, method, search, heal, cpt), (ev, mean) in sorted(by_key.items(), key=lambda kv: (-kv[0][0], kv[0][4],
+                                                                                              kv[0][2], kv[0][3])):
+        other = by_key.get((ratio, "prune", search, heal, cpt))
+        if method != "lfuc" or other is None:
+            continue
+        lines.append(f"| {ratio} | {search} | {heal} | {cpt:,} | {ev['perplexity']['value']:.2f} / "
+                     f"{other[0]['perplexity']['value']:.2f} | {mean:.3f} / {other[1]:.3f} |")
     return ("# Healing study, SmolLM2-135M\n\nAusten perplexity (10,240 held-out tokens); zero-shot accuracy, "
             f"n = {n} per task; decode ms/token measured on this host, 2 threads, prompt 64, median of rounds "
-            "(the same structure's export for every healing and CPT budget). Cells run on "
-            f"{', '.join(sorted({r[0].get('device', 'cpu') for r in rows}))}.\n\n" + "\n".join(lines) + "\n")
+            "(the same structure's export for every healing and CPT budget). Wall time: the cell's model (convert "
+            "and heal, or CPT), on the machine in the last column (cuda: one H200, so not comparable with the cpu "
+            "rows: 2 cores here).\n\n" + "\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -254,6 +270,8 @@ def main() -> None:
     ap.add_argument("--keep-models", action="store_true", help="keep the CPT models (large)")
     ap.add_argument("--latency", action="store_true", help="export each structure and measure decode")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--runtimes", type=lambda s: s.split(","), default=["onnx", "gguf"],
+                    help="with --latency: onnx, gguf, executorch (fp32 / f32 each)")
     ap.add_argument("--report", action="store_true", help="only rebuild the tables and the report")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "heal_study")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "heal_study")
