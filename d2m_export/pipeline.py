@@ -169,8 +169,6 @@ def _loss_plan(method, model, tokenizer, options, target_ratio, threshold, laten
         target, what = latency_budget_ms, f"{latency_budget_ms} ms/token on this device"
     else:
         target = target_ratio or DEFAULT_RATIO
-        if not 0 < target <= 1:
-            raise UserError(f"--target-active-ratio must be in (0, 1], not {target}")
         measure = lambda plan: active_ratio(method, model.config, plan)  # noqa: E731
         what = f"active ratio {target}"
     plan, search = plan_by_loss(method.name, num_layers, scorer, options, measure=measure, target=target,

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from d2m_export.heal.blocks import BlockData
 from d2m_export.heal.layer import LayerRunner
+from d2m_export.methods.lfuc import train_router
 
 CHUNK = 2048   # tokens per piece when every expert runs on every token
 # Output scales stay in [0, MAX_SCALE]: fitted on the dense model's inputs, a negative or large
@@ -95,19 +96,6 @@ def _solve_scales(dots, sq, sdots, ds_, ss, assign, has_shared: bool):
 
 def _bounded(scale: float) -> float:
     return min(max(scale, 0.0), MAX_SCALE)
-
-
-def train_router(u: torch.Tensor, target: torch.Tensor, num_experts: int, init: torch.Tensor | None = None,
-                 steps: int = 300, lr: float = 1e-2) -> torch.Tensor:
-    """Softmax regression from the FFN input to a target slot per token."""
-    w = (init.clone() if init is not None else torch.zeros(num_experts, u.shape[-1], device=u.device)
-         ).requires_grad_(True)
-    opt = torch.optim.Adam([w], lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(u @ w.T, target).backward()
-        opt.step()
-    return w.detach()
 
 
 @torch.no_grad()

@@ -144,8 +144,14 @@ def fit_router(u: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor]]
             g, v = (u @ gate_up.T).chunk(2, dim=-1)
             norms.append((act_fn(g) * v @ down.T).norm(dim=-1))
         target = torch.stack(norms, dim=-1).argmax(-1)
-    w = torch.zeros(len(experts), u.shape[-1], device=u.device, requires_grad=True)
-    opt = torch.optim.Adam([w], lr=1e-2)
+    return train_router(u, target, len(experts), steps=steps)
+
+
+def train_router(u: torch.Tensor, target: torch.Tensor, num_experts: int, steps: int = 300,
+                 lr: float = 1e-2) -> torch.Tensor:
+    """Softmax regression from the FFN input `u` to a target expert per token; the router weight [E, H]."""
+    w = torch.zeros(num_experts, u.shape[-1], device=u.device, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=lr)
     for _ in range(steps):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(u @ w.T, target).backward()
