@@ -31,7 +31,8 @@ def tiny_moe(top_k: int, seed: int = 0, num_experts: int | None = None):
 
     dense = tiny_dense("llama", seed=seed, num_hidden_layers=5)
     plan = Plan(method="lfuc", num_layers=5, blocks=[Block(host=1, donors=[2, 3, 4])],
-                options=Options(top_k=top_k, router_init="zero", num_experts=num_experts))
+                options=Options(host_mode="shared", top_k=top_k, router_init="zero",
+                                num_experts=num_experts))
     model = get_method("lfuc").build(dense, plan)
     torch.manual_seed(seed + 1)
     with torch.no_grad():                      # a zero router picks one expert for every token

@@ -64,7 +64,7 @@ def test_all_experts_kept_with_constant_router_is_exact(kind):
 def test_lfuc_round_trip_is_exact_with_all_donors_selected():
     dense = tiny_dense("qwen2")
     fused = get_method("lfuc").build(dense, Plan("lfuc", 6, [Block(1, [2, 3])],
-                                                 Options(router_init="zero", top_k=2)))
+                                                 Options(host_mode="shared", router_init="zero", top_k=2)))
     stats = moe2dense.routing_stats(fused, torch.randint(0, 49152, (2, 16)), progress=False)
     back, _ = moe2dense.convert(fused, stats, kept=2, groups=2, score="sf")
     assert type(back).__name__ == "Qwen2ForCausalLM" and back.config.num_hidden_layers == 4
@@ -133,7 +133,7 @@ def test_round_trip_lfuc_cpt_moe2dense_exports_to_every_target(tmp_path, tokeniz
     from conftest import export_with_cli, run_cli, save_with_tokenizer
 
     fused = get_method("lfuc").build(tiny_dense("llama"), Plan("lfuc", 6, [Block(1, [2, 3])],
-                                                               Options(router_init="zero", top_k=1)))
+                                                               Options(host_mode="shared", router_init="zero", top_k=1)))
     save_with_tokenizer(fused, tmp_path / "moe", tokenizer_dir)
     code, _, err = run_cli(capsys, "train", "--model", tmp_path / "moe", "--out", tmp_path / "cpt", "--tokens", 1024,
                            "--seq-len", 64, "--micro-batch", 4, "--global-batch", 4, "--lr", "1e-3")

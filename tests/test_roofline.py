@@ -23,7 +23,7 @@ def test_decode_bytes_are_weights_plus_kv():
 
 def test_fusion_predicts_a_speedup_from_bytes():
     dense = tiny_dense("llama", vocab_size=512)
-    fused = get_method("lfuc").build(dense, Plan("lfuc", 6, [Block(1, [2, 3])], Options(router_init="zero")))
+    fused = get_method("lfuc").build(dense, Plan("lfuc", 6, [Block(1, [2, 3])], Options(host_mode="shared", router_init="zero")))
     s = predicted_speedup(dense.config, fused.config, "fp32", context=64)
     assert s == pytest.approx(decode_cost(dense.config, "fp32", 64).bytes / decode_cost(fused.config, "fp32", 64).bytes)
     assert s > 1.1

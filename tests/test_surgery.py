@@ -78,9 +78,9 @@ def test_fused_equals_donor_attention_removed_reference(arch, host_mode):
 def test_alpha_beta_and_top1_change_the_mix():
     dense = tiny_dense("llama")
     blocks = [Block(1, [2, 3])]
-    full = get_method("lfuc").build(dense, Plan("lfuc", 6, blocks, Options(router_init="zero", top_k=2)))
-    top1 = get_method("lfuc").build(dense, Plan("lfuc", 6, blocks, Options(router_init="zero", top_k=1)))
-    half = get_method("lfuc").build(dense, Plan("lfuc", 6, blocks, Options(router_init="zero", top_k=2, alpha=0.5, beta=0.5)))
+    full = get_method("lfuc").build(dense, Plan("lfuc", 6, blocks, Options(host_mode="shared", router_init="zero", top_k=2)))
+    top1 = get_method("lfuc").build(dense, Plan("lfuc", 6, blocks, Options(host_mode="shared", router_init="zero", top_k=1)))
+    half = get_method("lfuc").build(dense, Plan("lfuc", 6, blocks, Options(host_mode="shared", router_init="zero", top_k=2, alpha=0.5, beta=0.5)))
     assert not torch.allclose(logits(full), logits(top1))
     assert not torch.allclose(logits(full), logits(half))
     # top-1 with a zero router reads exactly one expert per token
@@ -89,7 +89,7 @@ def test_alpha_beta_and_top1_change_the_mix():
 
 def test_replication_fills_num_experts():
     dense = tiny_dense("llama")
-    fused = get_method("lfuc").build(dense, Plan("lfuc", 6, [Block(0, [1, 2]), Block(3, [4])], Options(router_init="zero", num_experts=4)))
+    fused = get_method("lfuc").build(dense, Plan("lfuc", 6, [Block(0, [1, 2]), Block(3, [4])], Options(host_mode="shared", router_init="zero", num_experts=4)))
     experts = fused.model.layers[1].mlp.experts.down_proj       # host 3 → new layer 1, one donor
     assert experts.shape[0] == 4
     assert all(torch.equal(experts[0], experts[i]) for i in range(1, 4))
@@ -121,7 +121,7 @@ def test_saved_checkpoint_loads_with_plain_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
     dense = tiny_dense("llama")
-    fused = get_method("lfuc").build(dense, Plan("lfuc", 6, [Block(2, [3, 4])], Options(router_init="zero", top_k=1)))
+    fused = get_method("lfuc").build(dense, Plan("lfuc", 6, [Block(2, [3, 4])], Options(host_mode="shared", router_init="zero", top_k=1)))
     fused.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)   # no remote code
     assert torch.equal(logits(loaded.eval()), logits(fused))

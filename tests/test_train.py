@@ -33,7 +33,7 @@ def corpus(tmp_path_factory):
 def tiny_moe_dir(tmp_path_factory, tokenizer_dir):
     dense = tiny_dense("llama")
     moe = get_method("lfuc").build(dense, Plan("lfuc", 6, [Block(1, [2, 3]), Block(4, [5])],
-                                               Options(router_init="zero", top_k=1)))
+                                               Options(host_mode="shared", router_init="zero", top_k=1)))
     with torch.no_grad():   # a random router, so that routing varies from token to token
         for layer in moe.model.layers:
             if hasattr(layer.mlp, "gate"):
