@@ -57,9 +57,9 @@ def _ffn_problem(runner: LayerRunner, data: BlockData, batch: int = 8):
 
 
 @torch.no_grad()
-def _expert_stats(runner, u, d, s, alpha, scales):
-    """Per slot: ⟨d', E⟩, ‖E‖², ⟨s, E⟩ per token, and the squared error per token at the given scales,
-    with d' = d (scales applied after); computed in chunks of tokens."""
+def _expert_stats(runner, u, d, s):
+    """Per slot and token: ⟨d, E⟩, ‖E‖², ⟨s, E⟩ (experts at routing weight 1); per token ‖d‖², ⟨d, s⟩,
+    ‖s‖². Every expert runs on every token, in chunks of tokens."""
     dots, sq, sdots = [], [], []
     for i in range(0, len(u), CHUNK):
         e = runner.experts(u[i:i + CHUNK])                                   # [E, t, H]
@@ -69,14 +69,19 @@ def _expert_stats(runner, u, d, s, alpha, scales):
     # the per-token statistics are small: the scale and assignment algebra runs on the CPU
     dots, sq, sdots = (torch.cat(t, 1).cpu() for t in (dots, sq, sdots))      # [E, T]
     dd, ds_, ss = (t.cpu() for t in (d.pow(2).sum(-1), (d * s).sum(-1), s.pow(2).sum(-1)))   # [T]
-    # ‖d − α s − c E‖² expanded
-    err = (dd - 2 * alpha * ds_ + alpha ** 2 * ss)[None] - 2 * scales[:, None] * (dots - alpha * sdots) \
+    return dots, sq, sdots, dd, ds_, ss
+
+
+def _squared_errors(stats, alpha: float, scales: torch.Tensor) -> torch.Tensor:
+    """‖d − α·s − c_e·E_e‖² for every slot e and token: [E, T]."""
+    dots, sq, sdots, dd, ds_, ss = stats
+    return (dd - 2 * alpha * ds_ + alpha ** 2 * ss)[None] - 2 * scales[:, None] * (dots - alpha * sdots) \
         + scales[:, None] ** 2 * sq
-    return dots, sq, sdots, dd, ds_, ss, err
 
 
-def _solve_scales(dots, sq, sdots, ds_, ss, assign, has_shared: bool):
+def _solve_scales(stats, assign, has_shared: bool):
     """Least squares for (α, c_1..c_E) given each token's slot."""
+    dots, sq, sdots, _, ds_, ss = stats
     n = dots.shape[0]
     onehot = F.one_hot(assign, n).T.to(dots.dtype)                            # [E, T]
     g = torch.zeros(n + 1, n + 1, dtype=torch.float64)
@@ -112,16 +117,15 @@ def fit_closed_form(runner: LayerRunner, fit: BlockData, max_tokens: int = 8192,
     mlp = runner.layer.mlp
     has_shared = mlp.shared_expert.down_proj.weight.shape[1] > 0
     n = mlp.experts.down_proj.shape[0]
-    alpha, scales = 1.0, torch.ones(n)
-    dots, sq, sdots, dd, ds_, ss, err = _expert_stats(runner, u, d, s, alpha, scales)
+    stats = _expert_stats(runner, u, d, s)
+    err = _squared_errors(stats, 1.0, torch.ones(n))
     for _ in range(rounds):
-        assign = err.argmin(0)
-        alpha, scales = _solve_scales(dots, sq, sdots, ds_, ss, assign, has_shared)
-        err = _refresh_err(dots, sq, sdots, dd, ds_, ss, alpha, scales)
+        alpha, scales = _solve_scales(stats, err.argmin(0), has_shared)
+        err = _squared_errors(stats, alpha, scales)
     with torch.enable_grad():
         router = train_router(u, err.argmin(0).to(u.device), n)
     chosen = (u @ router.T).argmax(-1).cpu()
-    alpha, scales = _solve_scales(dots, sq, sdots, ds_, ss, chosen, has_shared)
+    alpha, scales = _solve_scales(stats, chosen, has_shared)
     mlp.gate.weight.copy_(router)
     mlp.experts.down_proj.mul_(scales.to(u.device)[:, None, None])
     if has_shared:
@@ -131,11 +135,6 @@ def fit_closed_form(runner: LayerRunner, fit: BlockData, max_tokens: int = 8192,
             "expert_scales": [round(float(c), 4) for c in scales],
             "router_load": [round(float(x), 4) for x in load],
             "router_agreement": round(float((chosen == err.argmin(0)).float().mean()), 4)}
-
-
-def _refresh_err(dots, sq, sdots, dd, ds_, ss, alpha, scales):
-    return (dd - 2 * alpha * ds_ + alpha ** 2 * ss)[None] - 2 * scales[:, None] * (dots - alpha * sdots) \
-        + scales[:, None] ** 2 * sq
 
 
 def trainable(runner: LayerRunner, attention: bool) -> list[torch.nn.Parameter]:
