@@ -71,6 +71,15 @@ def run_cli(capsys, *argv):
     return code, captured.out, captured.err
 
 
+def assert_user_error(code, err, *needles):
+    """Bad input: exit 2 and one `d2m-export: error:` line that names each needle."""
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("d2m-export: error:")]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
 def export_with_cli(capsys, target, model_dir, out, quant=None):
     """`d2m-export --target T ...`, which must succeed; its manifest."""
     import json

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from conftest import assert_user_error
 from d2m_export.cli import main
 
 
@@ -12,14 +13,6 @@ def run(capsys, *argv):
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def assert_user_error(code, err, *needles):
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.startswith("d2m-export: error:")]
-    assert len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_analyze_writes_json_and_heatmap(capsys, tiny_model_dir, tmp_path):

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import export_with_cli, run_cli, save_with_tokenizer, tiny_dense
+from conftest import assert_user_error, export_with_cli, run_cli, save_with_tokenizer, tiny_dense
 from d2m_export.calibration import calibration_ids, collect
 from d2m_export.cli import main
 from d2m_export.heal import WINDOW, HealConfig, calibration_windows, heal_model
@@ -48,14 +48,6 @@ def state(model) -> dict:
 def changed(a: dict, b: dict) -> list[str]:
     assert a.keys() == b.keys()
     return sorted(k for k in a if not torch.equal(a[k], b[k]))
-
-
-def assert_user_error(code, err, *needles):
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.startswith("d2m-export: error:")]
-    assert len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def assert_nothing_written(out):
