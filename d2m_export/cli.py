@@ -53,7 +53,10 @@ def cmd_convert(args) -> int:
     heal = None
     if args.heal:
         from d2m_export.heal import HealConfig
-        heal = HealConfig(calib_tokens=args.heal_tokens, steps=args.heal_steps)
+        heal = HealConfig(**{k: v for k, v in (("calib_tokens", args.heal_tokens), ("steps", args.heal_steps))
+                             if v is not None})
+    elif args.heal_tokens is not None or args.heal_steps is not None:
+        raise UserError("--heal-tokens and --heal-steps go with --heal")
     record = convert(args.model, Path(args.out), method_name=args.method, plan_file=args.plan,
                      target_ratio=args.target_active_ratio, threshold=args.threshold, options=_options(args),
                      analysis=args.analysis, calib_tokens=args.calib_tokens, max_block=args.max_block,
@@ -325,8 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 1024)")
     p.add_argument("--heal", action="store_true", help="heal the converted model locally before writing it "
                    "(the `heal` stage: closed-form fit, then block-wise distillation)")
-    p.add_argument("--heal-tokens", type=int, default=8192, help="with --heal: calibration tokens (default 8192)")
-    p.add_argument("--heal-steps", type=int, default=150, help="with --heal: distillation steps per block "
+    p.add_argument("--heal-tokens", type=int, default=None, help="with --heal: calibration tokens (default 8192)")
+    p.add_argument("--heal-steps", type=int, default=None, help="with --heal: distillation steps per block "
                    "(default 150; 0: closed form only)")
     p.add_argument("--analysis", type=Path, help="reuse a similarity.json from `analyze` instead of recalibrating")
     p.add_argument("--calib-tokens", type=int, default=2048)

@@ -529,6 +529,7 @@ def test_heal_refuses_to_overwrite_its_input(capsys, dirs):
     (["--target-active-ratio", 1.5], "--target-active-ratio"),
     (["--heal", "--heal-steps", -1], "-steps"),
     (["--heal", "--heal-tokens", 0], "tokens"),
+    (["--heal-steps", 10], "--heal"),
 ])
 def test_convert_bad_input(capsys, dirs, tmp_path, extra, needle):
     extra = [str(dirs[x[1:]]) if str(x).startswith("@") else x for x in extra]
