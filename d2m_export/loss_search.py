@@ -33,7 +33,6 @@ class PlanLoss:
             self.pe = self.model.rotary_emb(emb[:1], self.pos)
             self.states = self._run(emb, 0, frozenset(), keep=True)    # entering each layer, dense
             self.teacher = [self._logp(self.states[-1][i:i + self.batch]) for i in range(0, len(emb), self.batch)]
-        self.skip: frozenset[int] = frozenset()
 
     def _run(self, h: torch.Tensor, start: int, skip, keep: bool = False):
         states = [None] * start + [h] if keep else None
@@ -66,7 +65,6 @@ class PlanLoss:
                   for i in range(0, len(self.ids), self.batch)]
         for layer in range(first_change + 1, len(self.states)):
             self.states[layer] = torch.cat([p[layer] for p in pieces])
-        self.skip = skip
 
 
 def add_donor(plan: Plan, layer: int, max_block: int) -> Plan | None:
