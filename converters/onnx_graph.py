@@ -8,9 +8,15 @@ BNSH layout), and every operator has an ONNX Runtime CPU kernel:
   also accepts one preallocated cache buffer bound as both `past_key_values.N.*` and
   `present.N.*`: the new keys are written in place, nothing is concatenated or copied per step.
   Then `attention_mask` is as long as the valid sequence (past + new), not as the buffer;
-- an MoE layer is one `com.microsoft.MoE` (fp32) or `QMoE` node: the kernel takes the raw router
-  logits, does softmax -> top-k -> renormalise, and runs only the selected experts. The kernel
-  has no shared expert, so Qwen2-MoE's shared expert is an ordinary MLP beside the node, gated
+- an MoE layer (`moe_lowering="gather"`, the default) is routed in plain ONNX: softmax -> top-k
+  (-> renormalise) of the router logits, then per expert the rows of the tokens that chose it are
+  gathered (NonZero + GatherND), run through that expert's own MatMuls and scattered back
+  (ScatterND). Only the selected experts' weights are read; an expert no token chose runs on zero
+  rows. `moe_lowering="sparse"` uses one `com.microsoft.MoE` (fp32) or `QMoE` node instead: the
+  same routing inside one kernel, but the CPU kernel parallelises over experts, so a decode step
+  (one token, top-1) runs its GEMMs on one thread — measured on 2 threads, 0.9 ms per MoE layer
+  against 0.5 for the gathered form and 0.45 for a plain MLP of the same size.
+  Neither has a shared expert, so Qwen2-MoE's shared expert is an ordinary MLP beside it, gated
   by sigmoid(shared_expert_gate(x)) — folded into its down-projection when that gate is zero;
 - RMSNorm and the residual adds are `SkipSimplifiedLayerNormalization`.
 
@@ -174,9 +180,21 @@ class Linears:
             y = self.g.op("Add", [y, self.g.const(f"{name}.bias", bias.astype(np.float32))], f"{name}.add_bias")
         return y
 
+    def swiglu(self, x: str, gate_w: np.ndarray, up_w: np.ndarray, down_w: np.ndarray, name: str,
+               down_scale: float = 1.0) -> str:
+        """down(silu(gate(x)) * up(x)), without the neurons whose weights are all zero."""
+        g = self.g
+        live = live_neurons(gate_w, up_w, down_w)
+        gate_w, up_w, down_w = gate_w[live], up_w[live], down_w[:, live]
+        gu = self.matmul(x, np.concatenate([gate_w, up_w]), f"{name}.gate_up")
+        gate, up = g.op("Split", [gu], f"{name}.split", outputs=2, axis=-1, num_outputs=2)
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{name}.sigmoid")], f"{name}.silu"), up],
+                   f"{name}.act")
+        return self.matmul(act, down_w * down_scale, f"{name}.down")
+
     def moe(self, x: str, router_logits: str, fc1: np.ndarray, fc2: np.ndarray, k: int, normalize: bool,
             name: str) -> str:
-        """Routed experts: fc1 [E, 2I, H] (gate/up interleaved), fc2 [E, H, I]."""
+        """Routed experts in one kernel node: fc1 [E, 2I, H] (gate/up interleaved), fc2 [E, H, I]."""
         g = self.g
         return g.op("MoE", [x, router_logits, g.const(f"{name}.fc1", fc1.astype(np.float32)), "",
                             g.const(f"{name}.fc2", fc2.astype(np.float32))], name, domain=MS,
@@ -203,11 +221,11 @@ def moe_attrs(k: int, normalize: bool) -> dict:
                 normalize_routing_weights=int(normalize))
 
 
-LOWERINGS = ("sparse", "dense")
+LOWERINGS = ("gather", "sparse", "dense")
 
 
 def build_graph(spec: Spec, sd: dict[str, np.ndarray], cos: np.ndarray, sin: np.ndarray, lin: Linears,
-                tied: bool, name: str = "decoder", moe_lowering: str = "sparse") -> onnx.ModelProto:
+                tied: bool, name: str = "decoder", moe_lowering: str = "gather") -> onnx.ModelProto:
     """The whole decoder. `sd` maps transformers parameter names to fp32 numpy arrays."""
     g = lin.g
     hd, hdp = spec.head_dim, spec.head_dim_padded
@@ -245,14 +263,7 @@ def build_graph(spec: Spec, sd: dict[str, np.ndarray], cos: np.ndarray, sin: np.
         return normed, total_sum
 
     def mlp(x, prefix, name, down_scale=1.0):
-        gate_w, up_w, down_w = (sd[f"{prefix}{k}_proj.weight"] for k in ("gate", "up", "down"))
-        live = live_neurons(gate_w, up_w, down_w)
-        gate_w, up_w, down_w = gate_w[live], up_w[live], down_w[:, live]
-        gu = lin.matmul(x, np.concatenate([gate_w, up_w]), f"{name}.gate_up")
-        gate, up = g.op("Split", [gu], f"{name}.split", outputs=2, axis=-1, num_outputs=2)
-        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{name}.sigmoid")], f"{name}.silu"), up],
-                   f"{name}.act")
-        return lin.matmul(act, down_w * down_scale, f"{name}.down")
+        return lin.swiglu(x, *(sd[f"{prefix}{k}_proj.weight"] for k in ("gate", "up", "down")), name, down_scale)
 
     x, residual = rms(hidden, None, "model.layers.0.input_layernorm.weight", "layers.0.input_norm")
     for i in range(spec.num_layers):
@@ -295,14 +306,17 @@ def build_graph(spec: Spec, sd: dict[str, np.ndarray], cos: np.ndarray, sin: np.
 
 
 def moe_block(g: Graph, lin: Linears, spec: Spec, sd: dict, m: str, x: str, name: str, mlp,
-              lowering: str = "sparse") -> str:
-    """Qwen2-MoE sparse block: routed experts in one MoE node, plus the (gated) shared expert beside it."""
+              lowering: str = "gather") -> str:
+    """Qwen2-MoE sparse block: routed experts as `lowering` says, plus the (gated) shared expert beside them."""
     router_w = sd[m + "gate.weight"]                      # [E, H]
     num_experts = router_w.shape[0]
     logits = g.op("MatMul", [x, g.const(f"{name}.router.weight_t", router_w.T.astype(np.float32))], f"{name}.router")
     logits_2d = g.op("Reshape", [logits, g.const(f"{name}.router_shape", np.array([-1, num_experts], np.int64))],
                      f"{name}.router_2d")
-    if lowering == "dense":
+    if lowering == "gather":
+        routed = gathered_experts(g, lin, x, logits_2d, sd[m + "experts.gate_up_proj"], sd[m + "experts.down_proj"],
+                                  spec.moe_top_k, spec.norm_topk_prob, f"{name}.experts")
+    elif lowering == "dense":
         routed = dense_mask_experts(g, x, logits_2d, sd[m + "experts.gate_up_proj"], sd[m + "experts.down_proj"],
                                     spec.moe_top_k, spec.norm_topk_prob, f"{name}.experts")
     else:
@@ -321,6 +335,48 @@ def moe_block(g: Graph, lin: Linears, spec: Spec, sd: dict, m: str, x: str, name
                                                     f"{name}.shared_gate")], f"{name}.shared_gate_sigmoid")],
                       f"{name}.shared_gated")
     return g.op("Add", [routed, shared], f"{name}.sum")
+
+
+def gathered_experts(g: Graph, lin: Linears, x: str, logits_2d: str, gate_up: np.ndarray, down: np.ndarray,
+                     k: int, normalize: bool, name: str) -> str:
+    """Each expert on the rows of the tokens that chose it. gate_up [E, 2I, H] (gate rows then up rows),
+    down [E, H, I]. Top-1 renormalised (LF-UC's routed host) needs no weights at all: ArgMax picks the
+    expert and its weight is 1; otherwise softmax -> top-k (-> renormalise) gives each row its weight."""
+    e, two_i, h = gate_up.shape
+    i = two_i // 2
+    x2d = g.op("Reshape", [x, g.const(f"{name}.x_shape", np.array([-1, h], np.int64))], f"{name}.x_2d")
+    out = g.op("Mul", [x2d, g.const(f"{name}.zero", np.array(0, np.float32))], f"{name}.zeros")
+    unweighted = k == 1 and normalize
+    if unweighted:
+        choice = g.op("ArgMax", [logits_2d], f"{name}.argmax", axis=1, keepdims=0)              # [T]
+    else:
+        probs = g.op("Softmax", [logits_2d], f"{name}.softmax", axis=-1)
+        top, idx = g.op("TopK", [probs, g.const(f"{name}.k", np.array([k], np.int64))], f"{name}.topk", outputs=2,
+                        axis=-1)
+        if normalize:
+            top = g.op("Div", [top, g.op("ReduceSum", [top, g.const(f"{name}.axes", np.array([-1], np.int64))],
+                                         f"{name}.topk_sum", keepdims=1)], f"{name}.topk_norm")
+    for j in range(e):
+        expert = g.const(f"{name}.{j}.id", np.array(j, np.int64))
+        if unweighted:
+            chosen = g.op("Equal", [choice, expert], f"{name}.{j}.chosen")
+        else:                                     # this expert's routing weight per token, 0 where not chosen
+            weight = g.op("ReduceSum", [g.op("Where", [g.op("Equal", [idx, expert], f"{name}.{j}.hit"), top,
+                                                       g.const(f"{name}.{j}.none", np.array(0, np.float32))],
+                                             f"{name}.{j}.hit_weight"),
+                                        g.const(f"{name}.{j}.axis", np.array([1], np.int64))],
+                          f"{name}.{j}.weight", keepdims=0)                                   # [T]
+            chosen = g.op("Greater", [weight, g.const(f"{name}.{j}.zero", np.array(0, np.float32))], f"{name}.{j}.chosen")
+        rows = g.op("Transpose", [g.op("NonZero", [chosen], f"{name}.{j}.nonzero")], f"{name}.{j}.rows", perm=[1, 0])
+        y = lin.swiglu(g.op("GatherND", [x2d, rows], f"{name}.{j}.x"), gate_up[j, :i], gate_up[j, i:], down[j],
+                       f"{name}.{j}")
+        if not unweighted:
+            y = g.op("Mul", [y, g.op("Unsqueeze", [g.op("GatherND", [weight, rows], f"{name}.{j}.row_weight"),
+                                                   g.const(f"{name}.{j}.axis_1", np.array([1], np.int64))],
+                                     f"{name}.{j}.row_weight_2d")], f"{name}.{j}.weighted")
+        # with top-1 each token's row is written once; with top-k it collects k experts' contributions
+        out = g.op("ScatterND", [out, rows, y], f"{name}.{j}.scatter", **({"reduction": "add"} if k > 1 else {}))
+    return g.op("Reshape", [out, g.op("Shape", [x], f"{name}.x_shape_of")], f"{name}.out")
 
 
 def dense_mask_experts(g: Graph, x: str, logits_2d: str, gate_up: np.ndarray, down: np.ndarray, k: int,

@@ -296,8 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-seq-len", dest="export_max_seq_len", type=int, default=None,
                         help="onnx, coreml, executorch: KV cache length (onnx: rotary table), the longest sequence the export runs (default: min(context, 2048))")
     export.add_argument("--moe-lowering", dest="export_moe_lowering", default=None,
-                        help="executorch: how MoE layers are lowered: cond (default; decode runs only the selected "
-                             "experts) | dense (every expert, masked; for comparison)")
+                        help="how MoE layers are lowered. executorch: cond (default; decode runs only the selected "
+                             "experts) | dense (every expert, masked; for comparison). onnx: gather (default; routed "
+                             "in-graph, each expert's own MatMuls on the rows that chose it) | sparse (one "
+                             "com.microsoft.MoE/QMoE node) | dense (every expert, masked; fp32 only)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("analyze", help="score layer blocks for redundancy (JSON + heatmap)")
@@ -367,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity (Austen) and zero-shot tasks")
     _add_model(p)
-    p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, help="tasks (default: arc_easy hellaswag piqa)")
+    p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, help="tasks, space or comma separated (default: "
+                   "arc_easy hellaswag piqa); none: perplexity only")
     p.add_argument("--limit", type=int, default=None, help="first N documents per task")
     p.add_argument("--ppl-tokens", type=int, default=10240, help="held-out tokens for perplexity (default 10240)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -396,6 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--z-loss-weight", type=float, default=0.0, help="router z-loss weight (0: off)")
     p.add_argument("--distill-from", default=None, help="teacher model: adds forward KL on logits")
     p.add_argument("--distill-weight", type=float, default=0.5, help="loss = (1-w)·CE + w·KL when distilling")
+    p.add_argument("--teacher-topk", type=int, default=0, metavar="K",
+                   help="with --distill-from: run the teacher once per training chunk before training, keep its "
+                        "top-K log-probabilities on disk and distill from those (reused by later runs on the "
+                        "same data; 0, the default: the full teacher logits on every step)")
+    p.add_argument("--teacher-cache", default=None, help="where --teacher-topk keeps them (default: the "
+                   "d2m-export cache, $D2M_CACHE or ~/.cache/d2m-export)")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps")
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -457,6 +466,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def task_list(values: list[str]) -> list[str]:
+    """`--tasks a b`, `--tasks a,b` (lm-eval's style) or both; `--tasks none`: perplexity only."""
+    tasks = [t.strip() for v in values for t in v.split(",") if t.strip()]
+    if "none" in tasks:
+        if len(tasks) > 1:
+            raise UserError("--tasks none means perplexity only; it cannot be combined with task names")
+        return []
+    if not tasks:
+        raise UserError("--tasks needs task names (comma or space separated), or none for perplexity only")
+    return tasks
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -475,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
         main_job = args.export_target == "executorch" and args.export_model is None and args.export_out is None
         args.func = cmd_executorch_job if main_job else cmd_export
     try:
+        if getattr(args, "tasks", None) is not None:
+            args.tasks = task_list(args.tasks)
         return args.func(args)
     except UserError as e:
         print(f"d2m-export: error: {e}", file=sys.stderr)

@@ -105,6 +105,21 @@ def test_unknown_task(capsys, tiny_model_dir, tmp_path):
     assert not (tmp_path / "e.json").exists()
 
 
+def test_tasks_take_commas_and_none_means_perplexity_only(capsys, tiny_model_dir, tmp_path):
+    code, _, err = run(capsys, "eval", "--model", tiny_model_dir, "--tasks", "none", "--ppl-tokens", 1024,
+                       "--out", tmp_path / "ppl.json")
+    assert code == 0, err
+    result = json.loads((tmp_path / "ppl.json").read_text())
+    assert result["tasks"] == {} and result["perplexity"]["value"] > 1
+    code, _, err = run(capsys, "eval", "--model", tiny_model_dir, "--tasks", "arc_easy,piqa", "--limit", 2,
+                       "--ppl-tokens", 1024, "--out", tmp_path / "two.json")
+    assert code == 0, err
+    assert set(json.loads((tmp_path / "two.json").read_text())["tasks"]) == {"arc_easy", "piqa"}
+    for bad in (["none", "piqa"], ["arc_easy,no_such_task"], [","]):
+        code, _, err = run(capsys, "eval", "--model", tiny_model_dir, "--tasks", *bad, "--out", tmp_path / "bad.json")
+        assert code == 2 and err.strip().startswith("d2m-export: error:") and not (tmp_path / "bad.json").exists()
+
+
 def test_output_that_is_not_ours_is_left_alone(capsys, tiny_model_dir, tmp_path):
     theirs = tmp_path / "theirs"
     theirs.mkdir()

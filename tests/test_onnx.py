@@ -133,15 +133,54 @@ def test_fp32_matches_transformers_greedy(capsys, models, tmp_path, variant):
     assert got == hf_greedy(model, PROMPT, 40)
 
 
+def graph_of(out):
+    return onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+
+
 @pytest.mark.parametrize("variant", ["llama", "lfuc-shared-k2", "lfuc-routed-k1", "lfuc-gated-k2"])
-def test_graph_has_one_sparse_moe_node_per_moe_layer(capsys, models, tmp_path, variant):
+def test_default_graph_routes_in_plain_onnx_with_each_experts_own_matmuls(capsys, models, tmp_path, variant):
     manifest = export(capsys, models[variant], tmp_path / "e")
-    graph = onnx.load(str(tmp_path / "e" / "model.onnx"), load_external_data=False).graph
+    graph = graph_of(tmp_path / "e")
     model = hf_model(models[variant])
     cfg = model.config
-    moe_nodes = [n for n in graph.node if n.op_type == "MoE" and n.domain == "com.microsoft"]
-    assert len(moe_nodes) == len(moe_layers(model)) == manifest["onnx"]["moe_nodes"]
+    assert manifest["onnx"]["moe_lowering"] == "gather" and manifest["onnx"]["moe_nodes"] == 0
+    assert not [n for n in graph.node if n.op_type in ("MoE", "QMoE")]
     assert len([n for n in graph.node if n.op_type == "GroupQueryAttention"]) == cfg.num_hidden_layers
+    # one scatter per expert per MoE layer, each expert's weights in their own gate_up / down pair
+    experts = len(moe_layers(model)) * getattr(cfg, "num_experts", 0)
+    assert len([n for n in graph.node if n.op_type == "ScatterND"]) == experts
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    expert_weights = [n for n in shapes if ".experts." in n and n.endswith(".weight_t")]
+    assert len(expert_weights) == 2 * experts
+    if experts:     # top-1 renormalised needs no routing weights (ArgMax); top-k goes through TopK
+        picks = {n.op_type for n in graph.node if n.op_type in ("ArgMax", "TopK")}
+        assert picks == ({"ArgMax"} if cfg.num_experts_per_tok == 1 else {"TopK"})
+    # a tied embedding / LM head is stored once
+    assert sum(1 for s in shapes.values() if cfg.vocab_size in s) == 1
+    names = [i.name for i in graph.input]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert names[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert [o.name for o in graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
+
+
+@pytest.mark.parametrize("variant", ["lfuc-shared-k2", "lfuc-routed-k1", "lfuc-gated-k2"])
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+def test_sparse_lowering_has_one_moe_node_per_moe_layer_and_matches(capsys, models, tmp_path, variant, quant):
+    code, _, err = run(capsys, "--target", "onnx", "--model", models[variant], "--moe-lowering", "sparse",
+                       "--quant", quant, "--threads", 2, "--out", tmp_path / "e")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert manifest["onnx"]["moe_lowering"] == "sparse"
+    if quant == "fp32":
+        assert manifest["parity"]["greedy_match"] == manifest["parity"]["greedy_total"]
+    graph = graph_of(tmp_path / "e")
+    model = hf_model(models[variant])
+    cfg = model.config
+    op = "MoE" if quant == "fp32" else "QMoE"
+    moe_nodes = [n for n in graph.node if n.op_type == op and n.domain == "com.microsoft"]
+    assert len(moe_nodes) == len(moe_layers(model)) == manifest["onnx"]["moe_nodes"]
+    if quant != "fp32":
+        return
     shapes = {t.name: list(t.dims) for t in graph.initializer}
     for node in moe_nodes:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -150,12 +189,6 @@ def test_graph_has_one_sparse_moe_node_per_moe_layer(capsys, models, tmp_path, v
         # all experts live in one fc1/fc2 pair (no per-expert subgraphs): [E, 2I, H] and [E, H, I]
         e, i, h = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
         assert shapes[node.input[2]] == [e, 2 * i, h] and shapes[node.input[4]] == [e, h, i]
-    # a tied embedding / LM head is stored once
-    assert sum(1 for s in shapes.values() if cfg.vocab_size in s) == 1
-    names = [i.name for i in graph.input]
-    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
-    assert names[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
-    assert [o.name for o in graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
 
 
 @pytest.mark.parametrize("variant", ["lfuc-shared-k2", "lfuc-routed-k1"])
@@ -204,16 +237,27 @@ def test_graph_works_the_optimum_way_with_growing_past(capsys, models, tmp_path)
     np.testing.assert_allclose(np.stack(bound), np.stack(plain), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("breakage", ["gate_up_not_interleaved", "routing_not_renormalised"])
+@pytest.mark.parametrize("breakage", ["gate_up_not_interleaved", "routing_not_renormalised",
+                                      "gather_not_renormalised", "gather_experts_swapped"])
 def test_a_wrong_moe_export_fails_parity_and_leaves_nothing(capsys, models, tmp_path, monkeypatch, breakage):
     import converters.onnx_graph as graph
 
+    lowering, variant = "sparse", "lfuc-shared-k2"
     if breakage == "gate_up_not_interleaved":
         monkeypatch.setattr(graph, "interleave_gate_up", lambda w: w)
-    else:
+    elif breakage == "routing_not_renormalised":
         original = graph.moe_attrs
         monkeypatch.setattr(graph, "moe_attrs", lambda k, normalize: original(k, False))
-    code, _, err = run(capsys, "--target", "onnx", "--model", models["lfuc-shared-k2"], "--out", tmp_path / "o")
+    else:
+        lowering, original = "gather", graph.gathered_experts
+        if breakage == "gather_not_renormalised":
+            monkeypatch.setattr(graph, "gathered_experts", lambda *a: original(*a[:-2], False, a[-1]))
+        else:       # top-1 routed host: expert j's rows run through expert j+1's weights
+            variant = "lfuc-routed-k1"
+            monkeypatch.setattr(graph, "gathered_experts", lambda g, lin, x, logits, gu, down, *a: original(
+                g, lin, x, logits, np.roll(gu, 1, axis=0), np.roll(down, 1, axis=0), *a))
+    code, _, err = run(capsys, "--target", "onnx", "--model", models[variant], "--moe-lowering", lowering,
+                       "--out", tmp_path / "o")
     assert code == 1 and "parity check failed" in err
     assert list(tmp_path.iterdir()) == []
 
@@ -303,3 +347,18 @@ def test_bench_and_generate(capsys, models, tmp_path):
     (tmp_path / "a-file").write_text("")
     code, _, err = run(capsys, "bench", out, "--out", tmp_path / "a-file" / "b.json")      # an impossible path
     assert code == 2 and err.startswith("d2m-export: error:") and "a-file" in err
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_gather_lowering_quantizes_every_expert_and_passes_its_floor(capsys, models, tmp_path, quant):
+    """MatMulNBits per expert; a decode step leaves most experts with zero rows, which the kernels must take."""
+    from converters.onnx import OnnxExporter
+
+    manifest = export(capsys, models["lfuc-routed-k1"], tmp_path / "q", quant)
+    parity = manifest["parity"]
+    _, floor = OnnxExporter.tolerances[quant]
+    assert parity["greedy_match"] >= floor * parity["greedy_total"]
+    model = hf_model(models["lfuc-routed-k1"])
+    experts = len(moe_layers(model)) * model.config.num_experts
+    nbits = [n.name for n in graph_of(tmp_path / "q").node if n.op_type == "MatMulNBits"]
+    assert len([n for n in nbits if ".experts." in n]) == 2 * experts

@@ -89,6 +89,50 @@ def test_distillation_from_the_dense_teacher(tiny_moe_dir, corpus, tmp_path):
     assert first["distill_kl"] < 1e-5    # the student starts as the teacher itself
 
 
+def test_topk_kl_is_the_full_kl_when_k_is_the_vocabulary_and_close_when_the_teacher_is_peaked():
+    from d2m_export.train.teacher_cache import full_kl, topk_kl
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 300, generator=g), 4 * torch.randn(2, 5, 300, generator=g)
+    t_logp = teacher.log_softmax(-1)
+    full = full_kl(student, teacher)
+    top, ids = t_logp.topk(300, dim=-1)
+    assert torch.allclose(topk_kl(student, top, ids), full, atol=1e-5)
+    top, ids = t_logp.topk(32, dim=-1)
+    mass = top.exp().sum(-1).mean().item()
+    assert mass > 0.9 and abs(topk_kl(student, top, ids) - full) < 0.15 * full
+
+
+def test_teacher_topk_is_computed_once_then_read_from_disk(tiny_moe_dir, corpus, tmp_path, tokenizer_dir):
+    from safetensors.torch import load_file
+
+    teacher = tmp_path / "teacher"
+    tiny_dense("llama", seed=3).save_pretrained(teacher)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, teacher / f.name)
+    args = ["train", "--model", tiny_moe_dir, "--corpus", corpus, "--tokens", 3 * 4 * 32, *BASE,
+            "--distill-from", teacher, "--teacher-topk", 8, "--teacher-cache", tmp_path / "cache"]
+    records = []
+    for run in ("first", "second"):
+        assert main([*map(str, args), "--out", str(tmp_path / run)]) == 0
+        records.append(json.loads((tmp_path / run / "d2m_plan.json").read_text())["training"]["teacher_topk"])
+    first, second = records
+    assert first["chunks_computed"] > 0 and second["chunks_computed"] == 0 and first["cache"] == second["cache"]
+    assert 0 < first["mass"] <= 1.0001
+    assert all(r["distill_kl"] > 0 for r in log_of(tmp_path / "first"))
+    a, b = load_file(tmp_path / "first" / "model.safetensors"), load_file(tmp_path / "second" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)      # the cached teacher gives the same training
+    # another teacher is another cache entry, never the stale one
+    other = tmp_path / "other-teacher"
+    tiny_dense("llama", seed=4).save_pretrained(other)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, other / f.name)
+    args[args.index(teacher)] = other
+    assert main([*map(str, args), "--out", str(tmp_path / "third")]) == 0
+    third = json.loads((tmp_path / "third" / "d2m_plan.json").read_text())["training"]["teacher_topk"]
+    assert third["chunks_computed"] > 0 and third["cache"] != first["cache"]
+
+
 def test_two_processes_match_one(tiny_moe_dir, corpus, tmp_path):
     args = ["train", "--model", tiny_moe_dir, "--corpus", corpus, "--tokens", 4 * 4 * 32, *BASE]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -131,7 +175,8 @@ def _err(capsys, argv):
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("problem", ["empty", "missing", "eval-corpus", "seq-len", "not-a-model"])
+@pytest.mark.parametrize("problem", ["empty", "missing", "eval-corpus", "seq-len", "not-a-model",
+                                     "topk-without-teacher", "topk-negative"])
 def test_bad_input(capsys, tiny_moe_dir, corpus, tmp_path, problem):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -146,6 +191,10 @@ def test_bad_input(capsys, tiny_moe_dir, corpus, tmp_path, problem):
         extra += ["--seq-len", "100000"]
     elif problem == "not-a-model":
         model = tmp_path
+    elif problem == "topk-without-teacher":
+        extra += ["--teacher-topk", "8"]
+    elif problem == "topk-negative":
+        extra += ["--distill-from", tiny_moe_dir, "--teacher-topk", "-1"]
     code, err = _err(capsys, ["train", "--model", model, *extra, "--tokens", 256, "--out", tmp_path / "o"])
     assert code == 2, err
     assert err.strip().splitlines()[-1].startswith("d2m-export: error:")

@@ -1,6 +1,7 @@
 """Continual pre-training (CPT): the recipe, top to bottom.
 
-causal-LM loss (or a mix with forward KL to a teacher) + Switch load-balancing loss + optional
+causal-LM loss (or a mix with forward KL to a teacher, whose top-k log-probabilities can be
+computed once and read from disk: `teacher_cache`) + Switch load-balancing loss + optional
 router z-loss; AdamW, warm-up then cosine; gradient accumulation and clipping; bf16 autocast
 or fp32. Under `torchrun`/`accelerate launch` each rank takes its share of the micro-batches of
 every global batch (DDP), so the loss curve does not depend on the number of processes.
@@ -24,6 +25,7 @@ from d2m_export.data import DEFAULT_TRAIN_CORPORA, batch_indices, pack
 from d2m_export.errors import UserError
 from d2m_export.models import load_model, model_label
 from d2m_export.outputs import MARKER, GENERATOR, check_output_dir
+from d2m_export.train.teacher_cache import TeacherTopK, default_root, full_kl, topk_kl
 
 
 @dataclass
@@ -47,6 +49,8 @@ class TrainConfig:
     z_loss_weight: float = 0.0
     distill_from: str | None = None
     distill_weight: float = 0.5      # loss = (1 - w)·CE + w·KL(teacher || student) when distilling
+    teacher_topk: int = 0            # > 0: the teacher's top-k log-probs, computed once and cached on disk
+    teacher_cache: str | None = None  # where (default: the d2m-export cache)
     save_every: int = 50
     keep_last: int = 2
     resume: bool = False
@@ -141,15 +145,31 @@ def train(cfg: TrainConfig) -> dict:
     max_len = getattr(model.config, "max_position_embeddings", None)
     if max_len and cfg.seq_len > max_len:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's maximum context of {max_len}")
-    teacher = None
+    if cfg.teacher_topk and not cfg.distill_from:
+        raise UserError("--teacher-topk caches a teacher's logits; it needs --distill-from")
+    if cfg.teacher_topk < 0 or cfg.teacher_topk > model.config.vocab_size:
+        raise UserError(f"--teacher-topk must be between 1 and the vocabulary size {model.config.vocab_size}, "
+                        f"not {cfg.teacher_topk}")
+    teacher = teacher_dir = None
     if cfg.distill_from:
-        teacher = load_model(cfg.distill_from)[0]
+        teacher, _, teacher_dir = load_model(cfg.distill_from)
         if teacher.config.vocab_size != model.config.vocab_size:
             raise UserError(f"--distill-from: teacher vocabulary {teacher.config.vocab_size} differs from "
                             f"the student's {model.config.vocab_size}")
     chunks = pack(tokenizer, cfg.corpora, cfg.seq_len)
     params = select_trainable(model, cfg.train_only)
     steps = max(1, cfg.tokens // (cfg.global_batch * cfg.seq_len))
+    cache, teacher_runs = None, None
+    if cfg.teacher_topk:          # the teacher once, on every chunk this run will see; then it is not needed
+        needed = torch.cat([batch_indices(len(chunks), s, cfg.global_batch, cfg.seed) for s in range(steps)])
+        cache = TeacherTopK(Path(cfg.teacher_cache) if cfg.teacher_cache else default_root(), teacher_dir, chunks,
+                            cfg.teacher_topk)
+        if rank == 0:
+            teacher_runs = cache.fill(teacher, chunks, needed.tolist(), cfg.micro_batch, cfg.progress)
+        if world > 1:
+            torch.distributed.barrier()
+            cache = TeacherTopK(cache.dir.parent, teacher_dir, chunks, cfg.teacher_topk)   # the filled state
+        teacher = None
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg, steps))
     meta = {"base_model": model_label(cfg.model), "base_fingerprint": fingerprint(model_dir),
@@ -183,7 +203,8 @@ def train(cfg: TrainConfig) -> dict:
             sync = i == len(mine) - 1
             ctx = ddp.no_sync() if world > 1 and not sync else _null()
             with ctx:
-                parts = _loss(ddp, teacher, routers, chunks[mb].to(model.device), cfg, top_k)
+                cached = cache.get(mb, model.device) if cache is not None else None
+                parts = _loss(ddp, teacher, routers, chunks[mb].to(model.device), cfg, top_k, cached)
                 (parts[0] / len(mine)).backward()
             sums += torch.stack([p.detach().float() for p in parts]).cpu() / len(mine)
         if world > 1:
@@ -210,6 +231,9 @@ def train(cfg: TrainConfig) -> dict:
         bar.close()
     result = {"steps": steps, "tokens": steps * cfg.global_batch * cfg.seq_len,
               "wall_s": round(time.time() - started, 1)}
+    if cache is not None:
+        result["teacher_topk"] = {"k": cfg.teacher_topk, "cache": str(cache.dir), "chunks_computed": teacher_runs,
+                                  "mass": round(cache.mass(needed.tolist()), 4)}
     if rank == 0:
         stats_after = router_load(model, routers, chunks, cfg) if routers.routers else None
         finish(out, model, tokenizer, model_dir, cfg, meta, result, stats_before, stats_after)
@@ -235,7 +259,7 @@ def _progress(cfg, steps, start, rank):
     return tqdm(total=steps, initial=start, desc="training", unit="step")
 
 
-def _loss(model, teacher, routers, x, cfg: TrainConfig, top_k: int):
+def _loss(model, teacher, routers, x, cfg: TrainConfig, top_k: int, cached=None):
     routers.clear()
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
         logits = model(input_ids=x, use_cache=False).logits.float()       # [B, T, V]
@@ -246,10 +270,13 @@ def _loss(model, teacher, routers, x, cfg: TrainConfig, top_k: int):
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
     balance = balance_loss(routers.logits, top_k) if routers.logits else zero
     kl = zero
-    if teacher is not None:
-        with torch.no_grad():
-            t_logp = teacher(input_ids=x, use_cache=False).logits[:, :-1].float().log_softmax(-1)
-        kl = F.kl_div(logits[:, :-1].log_softmax(-1), t_logp, log_target=True, reduction="none").sum(-1).mean()
+    if teacher is not None or cached is not None:
+        if cached is not None:
+            kl = topk_kl(logits[:, :-1], *cached)
+        else:
+            with torch.no_grad():
+                t_logits = teacher(input_ids=x, use_cache=False).logits[:, :-1]
+            kl = full_kl(logits[:, :-1], t_logits)
         loss = (1 - cfg.distill_weight) * ce + cfg.distill_weight * kl
     else:
         loss = ce
