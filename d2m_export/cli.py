@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--moe-lowering", dest="export_moe_lowering", default=None,
                         help="how MoE layers are lowered. executorch: cond (default; decode runs only the selected "
                              "experts) | dense (every expert, masked; for comparison). onnx: gather (default; routed "
-                             "in-graph, each expert's own MatMuls on the rows that chose it) | sparse (one "
+                             "in-graph, each expert's own MatMuls on the rows that chose it) | switch (top-1: a "
+                             "one-token step runs only its expert through If nodes; prompts gathered) | sparse (one "
                              "com.microsoft.MoE/QMoE node) | dense (every expert, masked; fp32 only)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
