@@ -171,7 +171,7 @@ class Linears:
         self.g = g
         self.stored: dict[str, tuple] = {}     # shared by copies (If branches): each weight is stored once
 
-    def stored_once(self, name: str, shape: tuple, make) -> tuple:
+    def stored_once(self, name: str, shape: tuple, make):
         """The initializer names `make()` adds, made on the first call for `name` only — the decode and
         prefill branches of a switched MoE layer read the same expert weights."""
         if name not in self.stored:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from converters.base import path_bytes
 from d2m_export.errors import UserError
-from runtimes.base import load_runner, load_tokenizer
+from runtimes.base import load_runner, load_tokenizer, read_manifest
 
 TEXT = ("It is a truth universally acknowledged that a small model, well arranged, can answer quickly on a "
         "modest device. The weights are read once for every token, so the fewer bytes each step touches, "
@@ -66,3 +66,46 @@ def bench(export_dir: Path, prompt_tokens: int = 64, new_tokens: int = 64, threa
         "runtime_settings": settings,
         "artifact_mb": round(sum(path_bytes(export_dir / f) for f in manifest.get("files", [])) / 2**20, 1),
     }
+
+
+def _burst(runner, prompt: list[int], tokens: int) -> float:
+    """ms per decoded token after a fresh prefill of `prompt` (the same context every round)."""
+    runner.reset()
+    logits = runner.prefill(prompt)
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        logits = runner.decode(int(logits.argmax()))
+    return (time.perf_counter() - t0) * 1000 / tokens
+
+
+def interleaved(exports: dict[str, Path], rounds: int = 20, tokens: int = 16, prompt_tokens: int = 64,
+                threads: int = 2) -> dict:
+    """Decode speed of several exports, for small differences on a noisy machine: all loaded in this
+    process, each round decodes a short burst with every export in turn (the order reversed every other
+    round). Per export the median ms/token over rounds and its spread; per pair the median of the
+    per-round ratios and their spread."""
+    if rounds < 3:
+        raise UserError(f"interleaved rounds must be at least 3, not {rounds}")
+    names = list(exports)
+    runners = [load_runner(exports[n], threads=threads) for n in names]
+    try:
+        prompt = prompt_ids(exports[names[0]], prompt_tokens)
+        for r in runners:                                   # warm-up
+            _burst(r, prompt, tokens)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for i in range(rounds):
+            for n in (names if i % 2 == 0 else names[::-1]):
+                times[n].append(_burst(runners[names.index(n)], prompt, tokens))
+    finally:
+        for r in runners:
+            r.close()
+
+    def ratio(a, b):
+        per_round = [y / x for x, y in zip(times[a], times[b])]     # speed of a over b
+        return {"median": round(statistics.median(per_round), 3),
+                "spread": [round(min(per_round), 3), round(max(per_round), 3)]}
+    return {"threads": threads, "rounds": rounds, "tokens_per_burst": tokens, "prompt_tokens": prompt_tokens,
+            "variants": {n: {"target": read_manifest(exports[n])["target"], "quant": read_manifest(exports[n]).get("quant"),
+                             "decode_ms_per_token": round(statistics.median(times[n]), 3),
+                             "spread_ms": [round(min(times[n]), 3), round(max(times[n]), 3)]} for n in names},
+            "speedups": {f"{a} over {b}": ratio(a, b) for a in names for b in names if a != b}}

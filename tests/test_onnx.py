@@ -380,6 +380,24 @@ def test_bench_and_generate(capsys, models, tmp_path):
     assert code == 2 and err.startswith("d2m-export: error:") and "a-file" in err
 
 
+def test_interleaved_rounds_time_every_export_in_turn(capsys, models, tmp_path):
+    from d2m_export.errors import UserError
+    from runtimes.bench import interleaved
+
+    exports = {name: tmp_path / name for name in ("llama", "lfuc-routed-k1")}
+    for name, out in exports.items():
+        export(capsys, models[name], out)
+    result = interleaved(exports, rounds=3, tokens=4, prompt_tokens=8, threads=1)
+    assert set(result["variants"]) == set(exports) and result["rounds"] == 3
+    for v in result["variants"].values():
+        assert 0 < v["spread_ms"][0] <= v["decode_ms_per_token"] <= v["spread_ms"][1]
+    up, down = result["speedups"]["llama over lfuc-routed-k1"], result["speedups"]["lfuc-routed-k1 over llama"]
+    assert up["spread"][0] <= up["median"] <= up["spread"][1]
+    assert up["median"] * down["median"] == pytest.approx(1, rel=0.05)    # one run's two views of the same rounds
+    with pytest.raises(UserError, match="at least 3"):
+        interleaved(exports, rounds=2)
+
+
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_gather_lowering_quantizes_every_expert_and_passes_its_floor(capsys, models, tmp_path, quant):
     """MatMulNBits per expert; a decode step leaves most experts with zero rows, which the kernels must take."""
