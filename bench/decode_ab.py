@@ -7,7 +7,7 @@ is the median ms/token over rounds and each pair's speed-up is the median of its
 (`runtimes.bench.interleaved`, which the main job uses for its printed speed-up too).
 
     python bench/decode_ab.py runs/bench_onnx/lfuc-fp32 runs/bench_onnx/prune-fp32 --rounds 30
-    python bench/decode_ab.py A B C --out bench/results/decode_ab_moe_lowering.json
+    python bench/decode_ab.py A B C --out bench/results/moe_lowering_onnx.md
 """
 from __future__ import annotations
 
@@ -27,14 +27,34 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16, help="decoded tokens per burst")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=None, help="JSON results")
+    ap.add_argument("--out", type=Path, default=None, help="results: a .md table, with the JSON beside it")
+    ap.add_argument("--title", default="Decode, interleaved in one process")
     args = ap.parse_args()
     result = interleaved({p.name: p for p in args.exports}, args.rounds, args.tokens, args.prompt_tokens, args.threads)
-    text = json.dumps(result, indent=2, ensure_ascii=False)
-    print(text)
+    table = render(result, args.title, " ".join(sys.argv[1:]))
+    print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        args.out.with_suffix(".md").write_text(table)
+
+
+def render(r: dict, title: str, argv: str) -> str:
+    names = list(r["variants"])
+    lines = [f"# {title}", "", f"{r['threads']} threads; after a {r['prompt_tokens']}-token prompt, bursts of "
+             f"{r['tokens_per_burst']} decoded tokens, every export in turn, {r['rounds']} rounds in one process "
+             "(order reversed every other round). Medians over rounds; spread = min–max.", "",
+             "| export | target | quant | decode ms/token | spread ms | tok/s |", "|---|---|---|---|---|---|"]
+    for n, v in r["variants"].items():
+        lines.append(f"| {n} | {v['target']} | {v['quant']} | {v['decode_ms_per_token']} | "
+                     f"{v['spread_ms'][0]}–{v['spread_ms'][1]} | {1000 / v['decode_ms_per_token']:.1f} |")
+    lines += ["", "Speed of the row's export over the column's (median of per-round ratios):", "",
+              "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for a in names:
+        cells = ["-" if a == b else f"{r['speedups'][f'{a} over {b}']['median']:.3f}" for b in names]
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    lines += ["", f"Rerun: `python bench/decode_ab.py {argv}`", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

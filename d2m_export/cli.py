@@ -483,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from runtimes.base import show_native_logs
+    show_native_logs(args.verbose)
     warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
     if not args.verbose:    # third-party noise met on every run: torchao's import, ExecuTorch's lowering
         for name in ("torchao", "torch.utils._pytree"):

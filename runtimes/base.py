@@ -11,6 +11,8 @@ import importlib
 import json
 import os
 import pkgutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -20,6 +22,41 @@ from d2m_export.errors import UserError
 
 RUNNERS: dict[str, type["Runner"]] = {}
 MANIFEST = "manifest.json"
+
+
+def _flush_c_stdio() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
+
+
+NATIVE_LOGS = {"show": False}         # the command line's -v turns them on
+
+
+def show_native_logs(show: bool) -> None:
+    NATIVE_LOGS["show"] = bool(show)
+
+
+@contextmanager
+def quiet_native_stderr():
+    """Native runtimes print straight to file descriptor 2 (ExecuTorch's cpuinfo and threadpool lines on
+    every load); that goes to /dev/null unless `show_native_logs(True)` (the command line's `-v`)."""
+    if NATIVE_LOGS["show"]:
+        yield
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        _flush_c_stdio()        # what the C library still buffers goes where it was written, not to the terminal
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def register_runner(target: str):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from d2m_export.errors import UserError
-from runtimes.base import Runner, register_runner
+from runtimes.base import Runner, quiet_native_stderr, register_runner
 
 
 def _runtime():
@@ -48,17 +48,18 @@ class ExecuTorchRunner(Runner):
         kv_type = self.options.get("kv_type") or "f32"
         if kv_type != "f32":
             raise UserError(f"the executorch runner keeps the program's f32 KV cache; kv_type {kv_type!r} is not offered")
-        portable_lib._unsafe_reset_threadpool(self.threads)
-        self.program = runtime.load_program(self.export_dir / name)
-        methods = set(self.program.method_names)
-        if "forward" not in methods:
-            raise UserError(f"{name} has no forward method")
-        self.max_seq_len = int(self._constant("get_max_seq_len", methods) or 0) or None
-        n_ctx = self.options.get("n_ctx")
-        if n_ctx and self.max_seq_len and int(n_ctx) > self.max_seq_len:
-            raise UserError(f"n_ctx {n_ctx} exceeds the program's max sequence length {self.max_seq_len} "
-                            f"(re-export with a larger --max-seq-len)")
-        self.forward = self.program.load_method("forward")
+        with quiet_native_stderr():
+            portable_lib._unsafe_reset_threadpool(self.threads)
+            self.program = runtime.load_program(self.export_dir / name)
+            methods = set(self.program.method_names)
+            if "forward" not in methods:
+                raise UserError(f"{name} has no forward method")
+            self.max_seq_len = int(self._constant("get_max_seq_len", methods) or 0) or None
+            n_ctx = self.options.get("n_ctx")
+            if n_ctx and self.max_seq_len and int(n_ctx) > self.max_seq_len:
+                raise UserError(f"n_ctx {n_ctx} exceeds the program's max sequence length {self.max_seq_len} "
+                                f"(re-export with a larger --max-seq-len)")
+            self.forward = self.program.load_method("forward")
         self.pos = 0
         self._torch = torch
         self.settings = {"threads": portable_lib._threadpool_get_thread_count(), "kv_type": "f32",

@@ -71,6 +71,23 @@ def test_tiny_llama(tmp_path, tokenizer_dir):
     assert "tokenizer.json" in manifest["tokenizer"] and (out / "model.pte").is_file()
 
 
+def test_native_runtime_lines_stay_quiet_unless_verbose(tmp_path, tokenizer_dir):
+    """As a user sees it: `generate` in its own process, stderr captured."""
+    import subprocess
+    import sys
+
+    model_dir = save_with_tokenizer(tiny_dense("llama", num_hidden_layers=2), tmp_path / "llama", tokenizer_dir)
+    out = tmp_path / "et"
+    export("executorch", str(model_dir), "fp32", out, threads=2, new_tokens=8, options={"max_seq_len": MAX_SEQ_LEN})
+    native = ("threadpool.cpp", "cpuinfo_utils.cpp")
+    cmd = [sys.executable, "-m", "d2m_export.cli", "generate", str(out), "--prompt", "Hello", "--max-new-tokens", "4"]
+    quiet = subprocess.run(cmd, capture_output=True, text=True)
+    assert quiet.returncode == 0 and quiet.stdout.startswith("Hello"), quiet.stderr[-2000:]
+    assert not any(n in quiet.stderr for n in native), quiet.stderr[-2000:]
+    verbose = subprocess.run(cmd[:3] + ["-v"] + cmd[3:], capture_output=True, text=True)
+    assert verbose.returncode == 0 and "threadpool.cpp" in verbose.stderr
+
+
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_tiny_lfuc_moe(tmp_path, tokenizer_dir, top_k):
     model = tiny_moe(top_k)
