@@ -388,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass")
     p.add_argument("--global-batch", type=int, default=16, help="sequences per optimizer step (all processes)")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4, chosen by "
+                   "bench/cpt_defaults_sweep.py)")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
     p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
     p.add_argument("--weight-decay", type=float, default=0.0)

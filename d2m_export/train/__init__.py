@@ -37,7 +37,7 @@ class TrainConfig:
     seq_len: int = 256
     micro_batch: int = 4
     global_batch: int = 16           # sequences per optimizer step, over all processes
-    lr: float = 1e-4
+    lr: float = 3e-4                 # lr, warm-up and distill_weight: bench/results/cpt_defaults.md
     min_lr_ratio: float = 0.1
     warmup_steps: int | None = None  # default: 5% of the steps
     weight_decay: float = 0.0
