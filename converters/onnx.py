@@ -1,10 +1,10 @@
-"""ONNX Runtime: one decoder graph for prefill and decode, MoE layers routed sparsely inside the graph.
+"""ONNX Runtime: one decoder graph for prefill and decode, MoE layers sparse in `com.microsoft.MoE`.
 
 The graph is built directly from the weights (`converters.onnx_graph`): a decoder of this kind is
 about ten node types, and building it by hand keeps every operator one that ONNX Runtime's CPU
-provider runs natively: GroupQueryAttention (in-place KV cache), SkipSimplifiedLayerNormalization,
-MatMul or MatMulNBits, and for MoE layers TopK/NonZero/GatherND/ScatterND around each expert's
-MatMuls (only the selected experts run), or with `--moe-lowering sparse` one MoE/QMoE node.
+provider runs natively: GroupQueryAttention (in-place KV cache), MoE/QMoE (only the selected
+experts run; `--moe-lowering gather` routes in plain ONNX instead), SkipSimplifiedLayerNormalization,
+MatMul or MatMulNBits.
 
 Files: `model.onnx` (the graph) and `model.onnx.data` (its weights, as ONNX external data, so the
 2 GB protobuf limit never applies). A tied embedding / LM head is stored once.
@@ -28,7 +28,7 @@ MIN_MAX_SEQ_LEN = 64       # the parity check decodes ~60 positions
 
 @register_target("onnx")
 class OnnxExporter(Exporter):
-    description = "ONNX Runtime (CPU): decoder graph with KV cache; MoE layers routed in-graph (or com.microsoft.MoE / QMoE)"
+    description = "ONNX Runtime (CPU): decoder graph with KV cache; MoE layers as com.microsoft.MoE / QMoE"
     quants = ("fp32", "fp16", "int8", "int4")
     default_quant = "fp32"
     # fp32 runs the same arithmetic in another order: every greedy token must match. The lossy floors come
@@ -44,7 +44,7 @@ class OnnxExporter(Exporter):
         model_type = read_config(model_dir).get("model_type")
         if model_type not in ARCHITECTURES:
             raise UserError(f"the onnx target exports {', '.join(ARCHITECTURES)} models, not {model_type!r}")
-        proto = build_model(model_dir, quant, max_seq_len, moe_lowering or "gather")
+        proto = build_model(model_dir, quant, max_seq_len, moe_lowering or "sparse")
         out_tmp = Path(out_tmp)
         onnx.save_model(proto, out_tmp / GRAPH_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024)
@@ -78,14 +78,14 @@ class OnnxExporter(Exporter):
                 "num_layers": len(past) // 2, "kv_heads": dims[1] if dims else None,
                 "kv_head_dim": dims[3] if dims else None,
                 "max_positions": int(meta.get("max_positions", 0)) or None,
-                "moe_lowering": meta.get("moe_lowering", "gather"),
+                "moe_lowering": meta.get("moe_lowering", "sparse"),
                 "weights": meta.get("weights")}
 
 
-def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe_lowering: str = "gather"):
+def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe_lowering: str = "sparse"):
     """The ONNX ModelProto for a Hugging Face folder, at `quant`; positions up to `max_seq_len` (default:
-    the model's context, at most MAX_POSITIONS); MoE layers `gather` (routed in-graph, per-expert MatMuls),
-    `sparse` (one MoE/QMoE node) or `dense` (every expert, masked)."""
+    the model's context, at most MAX_POSITIONS); MoE layers `sparse` (one MoE/QMoE node), `gather` (routed
+    in-graph, per-expert MatMuls) or `dense` (every expert, masked)."""
     import onnx
     import torch
     from transformers import AutoModelForCausalLM

@@ -8,14 +8,13 @@ BNSH layout), and every operator has an ONNX Runtime CPU kernel:
   also accepts one preallocated cache buffer bound as both `past_key_values.N.*` and
   `present.N.*`: the new keys are written in place, nothing is concatenated or copied per step.
   Then `attention_mask` is as long as the valid sequence (past + new), not as the buffer;
-- an MoE layer (`moe_lowering="gather"`, the default) is routed in plain ONNX: softmax -> top-k
-  (-> renormalise) of the router logits, then per expert the rows of the tokens that chose it are
-  gathered (NonZero + GatherND), run through that expert's own MatMuls and scattered back
-  (ScatterND). Only the selected experts' weights are read; an expert no token chose runs on zero
-  rows. `moe_lowering="sparse"` uses one `com.microsoft.MoE` (fp32) or `QMoE` node instead: the
-  same routing inside one kernel, but the CPU kernel parallelises over experts, so a decode step
-  (one token, top-1) runs its GEMMs on one thread — measured on 2 threads, 0.9 ms per MoE layer
-  against 0.5 for the gathered form and 0.45 for a plain MLP of the same size.
+- an MoE layer is one `com.microsoft.MoE` (fp32) or `QMoE` node (`moe_lowering="sparse"`, the
+  default): the kernel takes the raw router logits, does softmax -> top-k -> renormalise, and runs
+  only the selected experts. `moe_lowering="gather"` routes in plain ONNX instead: ArgMax (top-1,
+  renormalised) or Softmax -> TopK, then per expert NonZero + GatherND of the rows that chose it,
+  that expert's own MatMuls, ScatterND back — no contrib op, every MatMul on all threads, but a
+  dozen nodes per expert on every step; on SmolLM2 LF-UC@0.8 it decodes 7-13% slower than the
+  kernel (`bench/results/moe_lowering_onnx_*.md`).
   Neither has a shared expert, so Qwen2-MoE's shared expert is an ordinary MLP beside it, gated
   by sigmoid(shared_expert_gate(x)) — folded into its down-projection when that gate is zero;
 - RMSNorm and the residual adds are `SkipSimplifiedLayerNormalization`.
@@ -37,7 +36,6 @@ quantized MatMulNBits / QMoE, see `converters.onnx_quant`).
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -169,21 +167,11 @@ class Linears:
 
     def __init__(self, g: Graph):
         self.g = g
-        self.stored: dict[str, tuple] = {}     # shared by copies (If branches): each weight is stored once
-
-    def stored_once(self, name: str, shape: tuple, make):
-        """The initializer names `make()` adds, made on the first call for `name` only — the decode and
-        prefill branches of a switched MoE layer read the same expert weights."""
-        if name not in self.stored:
-            self.stored[name] = (shape, make())
-        assert self.stored[name][0] == shape, f"{name}: two different weights under one name"
-        return self.stored[name][1]
 
     def matmul(self, x: str, weight: np.ndarray, name: str, output: str | None = None) -> str:
         """x [..., in] times weight [out, in] transposed."""
-        w = self.stored_once(f"{name}.weight_t", weight.shape,
-                             lambda: self.g.const(f"{name}.weight_t", weight.T.astype(np.float32)))
-        return self.g.op("MatMul", [x, w], name, outputs=[output] if output else 1)
+        return self.g.op("MatMul", [x, self.g.const(f"{name}.weight_t", weight.T.astype(np.float32))], name,
+                         outputs=[output] if output else 1)
 
     def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None, name: str) -> str:
         y = self.matmul(x, weight, name)
@@ -232,11 +220,11 @@ def moe_attrs(k: int, normalize: bool) -> dict:
                 normalize_routing_weights=int(normalize))
 
 
-LOWERINGS = ("gather", "switch", "sparse", "dense")
+LOWERINGS = ("sparse", "gather", "dense")
 
 
 def build_graph(spec: Spec, sd: dict[str, np.ndarray], cos: np.ndarray, sin: np.ndarray, lin: Linears,
-                tied: bool, name: str = "decoder", moe_lowering: str = "gather") -> onnx.ModelProto:
+                tied: bool, name: str = "decoder", moe_lowering: str = "sparse") -> onnx.ModelProto:
     """The whole decoder. `sd` maps transformers parameter names to fp32 numpy arrays."""
     g = lin.g
     hd, hdp = spec.head_dim, spec.head_dim_padded
@@ -317,7 +305,7 @@ def build_graph(spec: Spec, sd: dict[str, np.ndarray], cos: np.ndarray, sin: np.
 
 
 def moe_block(g: Graph, lin: Linears, spec: Spec, sd: dict, m: str, x: str, name: str, mlp,
-              lowering: str = "gather") -> str:
+              lowering: str = "sparse") -> str:
     """Qwen2-MoE sparse block: routed experts as `lowering` says, plus the (gated) shared expert beside them."""
     router_w = sd[m + "gate.weight"]                      # [E, H]
     num_experts = router_w.shape[0]
@@ -326,9 +314,6 @@ def moe_block(g: Graph, lin: Linears, spec: Spec, sd: dict, m: str, x: str, name
                      f"{name}.router_2d")
     if lowering == "gather":
         routed = gathered_experts(g, lin, x, logits_2d, sd[m + "experts.gate_up_proj"], sd[m + "experts.down_proj"],
-                                  spec.moe_top_k, spec.norm_topk_prob, f"{name}.experts")
-    elif lowering == "switch":
-        routed = switched_experts(g, lin, x, logits_2d, sd[m + "experts.gate_up_proj"], sd[m + "experts.down_proj"],
                                   spec.moe_top_k, spec.norm_topk_prob, f"{name}.experts")
     elif lowering == "dense":
         routed = dense_mask_experts(g, x, logits_2d, sd[m + "experts.gate_up_proj"], sd[m + "experts.down_proj"],
@@ -391,56 +376,6 @@ def gathered_experts(g: Graph, lin: Linears, x: str, logits_2d: str, gate_up: np
         # with top-1 each token's row is written once; with top-k it collects k experts' contributions
         out = g.op("ScatterND", [out, rows, y], f"{name}.{j}.scatter", **({"reduction": "add"} if k > 1 else {}))
     return g.op("Reshape", [out, g.op("Shape", [x], f"{name}.x_shape_of")], f"{name}.out")
-
-
-def branch(g: Graph, lin: Linears, build, name: str) -> onnx.GraphProto:
-    """A subgraph for an If node: `build(sub_lin)` adds its nodes and returns its one output. Weights
-    stay initializers of the main graph (outer scope), so every branch shares them."""
-    sub = Graph(nodes=[], initializers=g.initializers, names=g.names)
-    sub_lin = copy.copy(lin)
-    sub_lin.g = sub
-    out = build(sub_lin)
-    return helper.make_graph(sub.nodes, g.fresh(name), [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
-
-
-def switched_experts(g: Graph, lin: Linears, x: str, logits_2d: str, gate_up: np.ndarray, down: np.ndarray,
-                     k: int, normalize: bool, name: str) -> str:
-    """Top-1 renormalised routing with a decode path of its own: one token runs only its expert,
-    picked by a chain of If nodes (ArgMax, then expert 0? else expert 1? ...), so a decode step
-    executes one expert's nodes instead of every expert's gather-and-scatter on zero rows. Longer
-    inputs (prefill) take the gathered form. Other routings are gathered throughout."""
-    if not (k == 1 and normalize):
-        return gathered_experts(g, lin, x, logits_2d, gate_up, down, k, normalize, name)
-    e, two_i, h = gate_up.shape
-    i = two_i // 2
-    x2d = g.op("Reshape", [x, g.const(f"{name}.x_shape_1", np.array([-1, h], np.int64))], f"{name}.x_2d_1")
-    tokens = g.op("Gather", [g.op("Shape", [x2d], f"{name}.shape"), g.const(f"{name}.dim0", np.array(0, np.int64))],
-                  f"{name}.tokens", axis=0)
-    one_token = g.op("Equal", [tokens, g.const(f"{name}.one", np.array(1, np.int64))], f"{name}.one_token")
-
-    def expert(j):
-        return lambda sl: sl.swiglu(x2d, gate_up[j, :i], gate_up[j, i:], down[j], f"{name}.{j}")
-
-    def chain(sl, choice, j):
-        """Expert j if the token chose it, else the rest of the chain."""
-        if j == e - 1:
-            return expert(j)(sl)
-        hit = sl.g.op("Equal", [choice, sl.g.const(f"{name}.{j}.switch_id", np.array([j], np.int64))],
-                      f"{name}.{j}.switch_hit")
-        return sl.g.op("If", [hit], f"{name}.{j}.switch", then_branch=branch(sl.g, sl, expert(j), f"{name}.{j}.then"),
-                       else_branch=branch(sl.g, sl, lambda s2: chain(s2, choice, j + 1), f"{name}.{j}.else"))
-
-    def decode(sl):
-        choice = sl.g.op("ArgMax", [logits_2d], f"{name}.switch_argmax", axis=1, keepdims=0)         # [1]
-        return chain(sl, choice, 0)
-
-    def prefill(sl):
-        return sl.g.op("Reshape", [gathered_experts(sl.g, sl, x2d, logits_2d, gate_up, down, k, normalize, name),
-                                   sl.g.const(f"{name}.flat", np.array([-1, h], np.int64))], f"{name}.prefill_2d")
-
-    out = g.op("If", [one_token], f"{name}.decode_or_prefill", then_branch=branch(g, lin, decode, f"{name}.decode"),
-               else_branch=branch(g, lin, prefill, f"{name}.prefill"))
-    return g.op("Reshape", [out, g.op("Shape", [x], f"{name}.x_shape_of_1")], f"{name}.out_1")
 
 
 def dense_mask_experts(g: Graph, x: str, logits_2d: str, gate_up: np.ndarray, down: np.ndarray, k: int,

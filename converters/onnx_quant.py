@@ -70,12 +70,9 @@ class NBitsLinears(Linears):
 
     def matmul(self, x: str, weight: np.ndarray, name: str, output: str | None = None, bits: int | None = None) -> str:
         bits = bits or self.bits
-
-        def store():
-            q, s = quantize_blocks(weight, bits, BLOCK)
-            return self.g.const(f"{name}.weight_q{bits}", q), self.g.const(f"{name}.scales", s)
-        q, s = self.stored_once(f"{name}.weight_q{bits}", weight.shape, store)
-        return self._nbits(x, q, s, weight.shape[0], weight.shape[1], bits, name, output)
+        q, s = quantize_blocks(weight, bits, BLOCK)
+        return self._nbits(x, self.g.const(f"{name}.weight_q{bits}", q), self.g.const(f"{name}.scales", s),
+                           weight.shape[0], weight.shape[1], bits, name, output)
 
     def moe(self, x, router_logits, fc1, fc2, k, normalize, name):
         g = self.g
@@ -132,8 +129,7 @@ class Fp16Linears(Linears):
     quant = "fp16"
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        stored = self.stored_once(name, array.shape, lambda: self.g.const(name, array.astype(np.float16)))
-        return self.g.op("Cast", [stored], f"{name}.cast", to=TensorProto.FLOAT)
+        return self.g.op("Cast", [self.g.const(name, array.astype(np.float16))], f"{name}.cast", to=TensorProto.FLOAT)
 
     def matmul(self, x: str, weight: np.ndarray, name: str, output: str | None = None) -> str:
         return self.g.op("MatMul", [x, self.weight(f"{name}.weight_t", weight.T)], name,

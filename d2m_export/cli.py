@@ -297,10 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="onnx, coreml, executorch: KV cache length (onnx: rotary table), the longest sequence the export runs (default: min(context, 2048))")
     export.add_argument("--moe-lowering", dest="export_moe_lowering", default=None,
                         help="how MoE layers are lowered. executorch: cond (default; decode runs only the selected "
-                             "experts) | dense (every expert, masked; for comparison). onnx: gather (default; routed "
-                             "in-graph, each expert's own MatMuls on the rows that chose it) | switch (top-1: a "
-                             "one-token step runs only its expert through If nodes; prompts gathered) | sparse (one "
-                             "com.microsoft.MoE/QMoE node) | dense (every expert, masked; fp32 only)")
+                             "experts) | dense (every expert, masked; for comparison). onnx: sparse (default; one "
+                             "com.microsoft.MoE/QMoE node) | gather (routed in plain ONNX, each expert's own MatMuls "
+                             "on the rows that chose it; no contrib op, slower) | dense (every expert, masked; fp32 only)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("analyze", help="score layer blocks for redundancy (JSON + heatmap)")

@@ -138,8 +138,12 @@ def graph_of(out):
 
 
 @pytest.mark.parametrize("variant", ["llama", "lfuc-shared-k2", "lfuc-routed-k1", "lfuc-gated-k2"])
-def test_default_graph_routes_in_plain_onnx_with_each_experts_own_matmuls(capsys, models, tmp_path, variant):
-    manifest = export(capsys, models[variant], tmp_path / "e")
+def test_gather_lowering_routes_in_plain_onnx_with_each_experts_own_matmuls(capsys, models, tmp_path, variant):
+    code, _, err = run(capsys, "--target", "onnx", "--model", models[variant], "--moe-lowering", "gather",
+                       "--threads", 2, "--out", tmp_path / "e")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert manifest["parity"]["greedy_match"] == manifest["parity"]["greedy_total"]
     graph = graph_of(tmp_path / "e")
     model = hf_model(models[variant])
     cfg = model.config
@@ -163,42 +167,11 @@ def test_default_graph_routes_in_plain_onnx_with_each_experts_own_matmuls(capsys
     assert [o.name for o in graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
 
 
-@pytest.mark.parametrize("quant", ["fp32", "int8"])
-def test_switch_lowering_decodes_one_expert_per_token_with_the_weights_stored_once(capsys, models, tmp_path, quant):
-    """Top-1 renormalised (the routed host): a one-token step takes an If chain to its expert, a prompt
-    the gathered form; both read the same initializers, so the file is the gathered export's size."""
-    from runtimes.base import load_runner
-
-    variant = "lfuc-routed-k1"
-    sizes = {}
-    for lowering in ("switch", "gather"):
-        out = tmp_path / lowering
-        code, _, err = run(capsys, "--target", "onnx", "--model", models[variant], "--moe-lowering", lowering,
-                           "--quant", quant, "--threads", 2, "--out", out)
-        assert code == 0, err
-        sizes[lowering] = (out / "model.onnx.data").stat().st_size
-    manifest = json.loads((tmp_path / "switch" / "manifest.json").read_text())
-    assert manifest["onnx"]["moe_lowering"] == "switch"
-    assert sizes["switch"] == sizes["gather"]
-    model = hf_model(models[variant])
-    # one decode-or-prefill If per MoE layer at the top level
-    assert manifest["onnx"]["ops"]["If"] == len(moe_layers(model))
-    if quant == "fp32":
-        assert manifest["parity"]["greedy_match"] == manifest["parity"]["greedy_total"]
-        with load_runner(tmp_path / "switch", threads=2) as runner:
-            assert runner.generate(PROMPT, 40) == hf_greedy(model, PROMPT, 40)
-    # top-2 has no single expert per token: switch falls back to the gathered form
-    code, _, err = run(capsys, "--target", "onnx", "--model", models["lfuc-shared-k2"], "--moe-lowering", "switch",
-                       "--threads", 2, "--out", tmp_path / "k2")
-    assert code == 0, err
-    assert "If" not in json.loads((tmp_path / "k2" / "manifest.json").read_text())["onnx"]["ops"]
-
-
 @pytest.mark.parametrize("variant", ["lfuc-shared-k2", "lfuc-routed-k1", "lfuc-gated-k2"])
 @pytest.mark.parametrize("quant", ["fp32", "int4"])
-def test_sparse_lowering_has_one_moe_node_per_moe_layer_and_matches(capsys, models, tmp_path, variant, quant):
-    code, _, err = run(capsys, "--target", "onnx", "--model", models[variant], "--moe-lowering", "sparse",
-                       "--quant", quant, "--threads", 2, "--out", tmp_path / "e")
+def test_default_lowering_has_one_moe_node_per_moe_layer_and_matches(capsys, models, tmp_path, variant, quant):
+    code, _, err = run(capsys, "--target", "onnx", "--model", models[variant], "--quant", quant, "--threads", 2,
+                       "--out", tmp_path / "e")
     assert code == 0, err
     manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
     assert manifest["onnx"]["moe_lowering"] == "sparse"
@@ -403,7 +376,10 @@ def test_quantized_gather_lowering_quantizes_every_expert_and_passes_its_floor(c
     """MatMulNBits per expert; a decode step leaves most experts with zero rows, which the kernels must take."""
     from converters.onnx import OnnxExporter
 
-    manifest = export(capsys, models["lfuc-routed-k1"], tmp_path / "q", quant)
+    code, _, err = run(capsys, "--target", "onnx", "--model", models["lfuc-routed-k1"], "--moe-lowering", "gather",
+                       "--quant", quant, "--threads", 2, "--out", tmp_path / "q")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
     parity = manifest["parity"]
     _, floor = OnnxExporter.tolerances[quant]
     assert parity["greedy_match"] >= floor * parity["greedy_total"]
