@@ -4,11 +4,11 @@ Everything is timed side by side: each round benchmarks every variant once (its 
 threads), in turn, and ratios are taken within a round, then the median over rounds — the machine
 is shared and noisy, ratios are what hold. Variants:
 
-- dense fp32, LF-UC fp32 (at --ratio, MoE layers routed in-graph: the default `gather` lowering),
-  the same LF-UC with one `com.microsoft.MoE` node per layer (`--moe-lowering sparse`) and with
-  the dense-mask lowering optimum-onnx uses (every expert computed), layer pruning at the same
-  active ratio (LF-UC's baseline: the same attention layers and active weights, no routing),
-  and dense, LF-UC (gather and QMoE) and pruned int4;
+- dense fp32, LF-UC fp32 (at --ratio, one `com.microsoft.MoE` node per MoE layer, the default),
+  the same LF-UC routed in plain ONNX (`--moe-lowering gather`) and with the dense-mask lowering
+  optimum-onnx uses (every expert computed), layer pruning at the same active ratio (LF-UC's
+  baseline: the same attention layers and active weights, no routing), and dense, LF-UC (QMoE and
+  gather) and pruned int4;
 - `optimum-cli export onnx --task text-generation-with-past` of the same dense model, run by
   optimum's ORTModelForCausalLM under the same onnxruntime (optimum-onnx pins an older
   transformers, so it gets its own venv, made here from the package registry);
@@ -100,12 +100,12 @@ def main() -> None:
         exports = {"tiny fp32": (make_tiny(work), "onnx", work / "tiny-fp32", ()), **exports}
     else:
         exports.update({
-            "lfuc fp32 MoE node": (lfuc, "onnx", work / "lfuc-fp32-moe-node", ("--moe-lowering", "sparse")),
+            "lfuc fp32 gather": (lfuc, "onnx", work / "lfuc-fp32-gather", ("--moe-lowering", "gather")),
             "lfuc fp32 dense-mask": (lfuc, "onnx", work / "lfuc-fp32-dense-mask", ("--moe-lowering", "dense")),
             "prune fp32": (prune, "onnx", work / "prune-fp32", ()),
             "dense int4": (DEFAULT_MODEL, "onnx", work / "dense-int4", ("--quant", "int4")),
             "lfuc int4": (lfuc, "onnx", work / "lfuc-int4", ("--quant", "int4")),
-            "lfuc int4 QMoE node": (lfuc, "onnx", work / "lfuc-int4-qmoe-node", ("--quant", "int4", "--moe-lowering", "sparse")),
+            "lfuc int4 gather": (lfuc, "onnx", work / "lfuc-int4-gather", ("--quant", "int4", "--moe-lowering", "gather")),
             "prune int4": (prune, "onnx", work / "prune-int4", ("--quant", "int4")),
             "dense llama.cpp f32": (DEFAULT_MODEL, "gguf", work / "dense-gguf-f32", ("--quant", "f32")),
         })
@@ -155,11 +155,11 @@ def main() -> None:
     if not args.ci:
         speedups.update({
             "lfuc dense-mask/dense fp32": {"measured": ratio(rows, "lfuc fp32 dense-mask", "dense fp32")},
-            "lfuc MoE node/dense fp32": {"measured": ratio(rows, "lfuc fp32 MoE node", "dense fp32")},
-            "lfuc/lfuc MoE node fp32": {"measured": ratio(rows, "lfuc fp32", "lfuc fp32 MoE node")},
+            "lfuc gather/dense fp32": {"measured": ratio(rows, "lfuc fp32 gather", "dense fp32")},
+            "lfuc/lfuc gather fp32": {"measured": ratio(rows, "lfuc fp32", "lfuc fp32 gather")},
             "lfuc/prune fp32": {"measured": ratio(rows, "lfuc fp32", "prune fp32")},
             "lfuc/dense int4": {"measured": ratio(rows, "lfuc int4", "dense int4"), "roofline": roofline["int4"]},
-            "lfuc/lfuc QMoE node int4": {"measured": ratio(rows, "lfuc int4", "lfuc int4 QMoE node")},
+            "lfuc/lfuc gather int4": {"measured": ratio(rows, "lfuc int4", "lfuc int4 gather")},
             "lfuc/prune int4": {"measured": ratio(rows, "lfuc int4", "prune int4")},
             "dense int4/fp32": {"measured": ratio(rows, "dense int4", "dense fp32")},
             "ours/optimum-onnx dense fp32": {"measured": ratio(rows, "dense fp32", "dense optimum-onnx")},
