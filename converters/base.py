@@ -45,6 +45,8 @@ class Exporter:
     tolerances: dict[str, tuple[float, float]] = {}
     # extra export options this target takes (e.g. "max_seq_len"); `export` passes them as keywords
     options: tuple[str, ...] = ()
+    # runtimes besides the target's own that run its files; the parity check runs each of them
+    other_runtimes: tuple[str, ...] = ()
 
     def export(self, model_dir: Path, quant: str, out_tmp: Path) -> list[str]:
         """Write the artifact(s) for `model_dir` into `out_tmp`; return their file names."""
@@ -63,7 +65,11 @@ class Exporter:
         """The manifest's `parity`: by default the export run in its real runtime (converters.parity)."""
         from converters.parity import check_parity
 
-        return check_parity(self, model_dir, export_dir, quant, threads=threads, new_tokens=new_tokens)
+        return check_parity(self, model_dir, export_dir, quant, threads=threads, new_tokens=new_tokens,
+                            runtimes=self.other_runtimes)
+
+    def adapt_config(self, out_tmp: Path) -> None:
+        """Adjust the copied config.json for the consumers of this target's files (by default, as it is)."""
 
     def verification(self, export_dir: Path, manifest: dict) -> dict | None:
         """The manifest's `verification` (what was and was not checked), for targets that need one."""
@@ -113,12 +119,14 @@ def model_record(model_dir: Path) -> tuple[str | None, dict | None]:
     return record.get("base_model"), record.get("plan")
 
 
-def copy_tokenizer(model_dir: Path, out_tmp: Path) -> list[str]:
+def copy_tokenizer(model_dir: Path, out_tmp: Path, exporter: Exporter | None = None) -> list[str]:
     """The tokenizer files, and the model's config.json / generation_config.json, which optimum's
     ORTModelForCausalLM and ExecuTorchModelForCausalLM read beside the artifact."""
     for name in CONFIG_FILES:
         if (Path(model_dir) / name).is_file():
             shutil.copy2(Path(model_dir) / name, Path(out_tmp) / name)
+    if exporter is not None and (Path(out_tmp) / "config.json").is_file():
+        exporter.adapt_config(Path(out_tmp))
     copied = []
     for name in TOKENIZER_FILES:
         if (Path(model_dir) / name).is_file():
@@ -169,7 +177,7 @@ def export(target: str, model_spec, quant: str | None, out: Path, threads: int |
             # what the export holds: its KV cache / position table where it has one, else the model's
             "context_length": details.get("max_seq_len") or details.get("max_positions")
                               or config.get("max_position_embeddings"),
-            "tokenizer": copy_tokenizer(model_dir, tmp),
+            "tokenizer": copy_tokenizer(model_dir, tmp, exporter),
             "sizes_mb": {f: round(path_bytes(tmp / f) / 2**20, 2) for f in files},
             exporter.name: details,
             "parity": None,

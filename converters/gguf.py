@@ -38,6 +38,10 @@ T = gguf.MODEL_TENSOR
 QTYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+# k-quants are llama.cpp's mixes (which tensor gets which type, fallbacks for rows that are not a
+# multiple of 256): made by llama.cpp's own quantizer from the f32 file, never re-implemented here
+K_QUANTS = {"q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M, "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M,
+            "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K}
 ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen2_moe": "step35"}    # HF model_type -> GGUF architecture
 SWA_WINDOW = 1 << 20      # "sliding" window of the one SWA-flagged step35 layer: wider than any context
 
@@ -193,12 +197,13 @@ def head_tensor(names: list[str]) -> str:
 @register_target("gguf")
 class GGUFExporter(Exporter):
     description = "llama.cpp (GGUF): llama/qwen2 for dense models, step35 for LF-UC mixtures"
-    quants = ("f32", "f16", "q8_0", "q4_0")
+    quants = ("f32", "f16", "q8_0", "q4_0", *K_QUANTS)
     default_quant = "f32"
     # Lossy floors from SmolLM2-135M: q8_0 60/64 greedy tokens, max |logit error| 1.6 (LF-UC: 61/64,
     # 4.8); q4_0 44/64, 19.7. The greedy floor is the guard (a broken export matches almost no greedy
     # token); the logit bound only catches blow-ups.
-    tolerances = {"f32": (1e-2, 1.0), "f16": (1.0, 0.9), "q8_0": (10.0, 0.75), "q4_0": (40.0, 0.5)}
+    tolerances = {"f32": (1e-2, 1.0), "f16": (1.0, 0.9), "q8_0": (10.0, 0.75), "q4_0": (40.0, 0.5),
+                  "q6_k": (10.0, 0.75), "q5_k_m": (20.0, 0.6), "q4_k_m": (40.0, 0.5)}
 
     def __init__(self):
         self._written: dict[str, dict] = {}      # artifact path -> facts about it, for `details`
@@ -215,15 +220,16 @@ class GGUFExporter(Exporter):
             raise UserError("this MoE model has attention biases (it came from Qwen2), which llama.cpp's step35 "
                             "architecture, the only one that mixes dense and MoE layers, does not have")
         filename = f"model-{quant}.gguf"
-        writer = gguf.GGUFWriter(Path(out_tmp) / filename, arch)
-        add_metadata(writer, cfg, arch, quant, Path(model_dir).name)
+        written = "model-f32.source.gguf" if quant in K_QUANTS else filename
+        writer = gguf.GGUFWriter(Path(out_tmp) / written, arch)
+        add_metadata(writer, cfg, arch, "f32" if quant in K_QUANTS else quant, Path(model_dir).name)
         pre = add_vocab(writer, model_dir, cfg.vocab_size)
         tensors = list(all_tensors(state, cfg, arch))
         head = head_tensor([n for n, _ in tensors])
         types: dict[str, int] = {}
         deviations = []
         for name, data in tensors:
-            qtype, why = tensor_type(name, data.shape, quant, head)
+            qtype, why = tensor_type(name, data.shape, "f32" if quant in K_QUANTS else quant, head)
             types[qtype.name] = types.get(qtype.name, 0) + 1
             if why:
                 deviations.append({"tensor": name, "type": qtype.name, "why": why})
@@ -233,7 +239,12 @@ class GGUFExporter(Exporter):
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        del state, tensors
+        if quant in K_QUANTS:
+            llama_quantize(Path(out_tmp) / written, Path(out_tmp) / filename, K_QUANTS[quant])
+            types, deviations = tensor_types(Path(out_tmp) / filename), []
         self._written[str(Path(out_tmp) / filename)] = {
+            "quantized_by": "llama.cpp's quantizer, from f32" if quant in K_QUANTS else "d2m-export (gguf-py)",
             "architecture": arch, "tokenizer_pre": pre, "tensor_types": types, "quant_fallbacks": deviations,
             # step35 has no fallback from the LM head to the token embedding: tied models store it twice
             "output_copies_embedding": arch == "step35" and bool(cfg.tie_word_embeddings)}
@@ -241,3 +252,29 @@ class GGUFExporter(Exporter):
 
     def details(self, out_tmp: Path, files: list[str]) -> dict:
         return self._written.pop(str(Path(out_tmp) / files[0]), {})
+
+
+def llama_quantize(src: Path, dst: Path, file_type: int) -> None:
+    """llama.cpp's quantizer (through llama-cpp-python, no separate build): `src` -> `dst`; `src` is removed."""
+    import ctypes
+
+    from runtimes.base import quiet_native_stderr
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError("k-quants are made by llama.cpp's quantizer: pip install 'd2m-export[gguf]'") from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(file_type)
+    with quiet_native_stderr():
+        status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if status != 0:
+        raise UserError(f"llama.cpp's quantizer failed on {src.name} (status {status}); rerun with -v to see its log")
+    src.unlink()
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """How many tensors of each GGML type a GGUF file holds."""
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(path).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return counts

@@ -6,8 +6,9 @@ provider runs natively: GroupQueryAttention (in-place KV cache), MoE/QMoE (only 
 experts run; `--moe-lowering gather` routes in plain ONNX instead), SkipSimplifiedLayerNormalization,
 MatMul or MatMulNBits.
 
-Files: `model.onnx` (the graph) and `model.onnx.data` (its weights, as ONNX external data, so the
-2 GB protobuf limit never applies). A tied embedding / LM head is stored once.
+Files: `model.onnx` (the graph), `model.onnx.data` (its weights, as ONNX external data, so the
+2 GB protobuf limit never applies; a tied embedding / LM head is stored once) and
+`genai_config.json`, with which ONNX Runtime GenAI runs the same folder (`converters.onnx_genai`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 
 from converters.base import Exporter, register_target
+from converters.onnx_genai import write_genai_config
 from d2m_export.errors import UserError
 from d2m_export.models import ARCHITECTURES, read_config
 
@@ -24,6 +26,8 @@ GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 MAX_POSITIONS = 32768      # rotary table rows (and so the longest sequence) at most
 MIN_MAX_SEQ_LEN = 64       # the parity check decodes ~60 positions
+# MoE model type -> the dense family with the same attention, named in the export's config.json
+OPTIMUM_ATTENTION_FAMILY = {"qwen2_moe": "qwen2", "mixtral": "mistral"}
 
 
 @register_target("onnx")
@@ -36,6 +40,7 @@ class OnnxExporter(Exporter):
     # 60/64, 1.6 and 44/64, 19.7 on the same prompts); a broken export matches almost no greedy token.
     tolerances = {"fp32": (1e-2, 1.0), "fp16": (1.0, 0.9), "int8": (10.0, 0.75), "int4": (40.0, 0.5)}
     options = ("max_seq_len", "moe_lowering")
+    other_runtimes = ("onnxruntime-genai",)
 
     def export(self, model_dir: Path, quant: str, out_tmp: Path, max_seq_len: int | None = None,
                moe_lowering: str | None = None) -> list[str]:
@@ -49,7 +54,8 @@ class OnnxExporter(Exporter):
         onnx.save_model(proto, out_tmp / GRAPH_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024)
         onnx.checker.check_model(str(out_tmp / GRAPH_FILE))
-        return [GRAPH_FILE, DATA_FILE]
+        genai = write_genai_config(out_tmp, model_dir, GRAPH_FILE, self.details(out_tmp, [GRAPH_FILE]))
+        return [GRAPH_FILE, DATA_FILE, genai]
 
     def check_options(self, config: dict, options: dict) -> dict:
         n = options.get("max_seq_len")
@@ -61,6 +67,21 @@ class OnnxExporter(Exporter):
         if lowering is not None and lowering not in LOWERINGS:
             raise UserError(f"--moe-lowering for onnx must be one of {', '.join(LOWERINGS)}, not {lowering!r}")
         return options
+
+    def adapt_config(self, out_tmp: Path) -> None:
+        """optimum's ORTModelForCausalLM sizes the empty KV cache of the first step from config.json, with
+        `num_key_value_heads` only for a list of model types (qwen2, llama, mistral, ...) and with
+        `num_attention_heads` otherwise, so for an MoE type (qwen2_moe) it feeds 9 heads where the graph
+        has 3 and the first run fails. The graph is self-contained and its attention is the dense
+        family's, so config.json here names that family; the MoE's own type is kept beside it."""
+        import json
+
+        path = Path(out_tmp) / "config.json"
+        config = json.loads(path.read_text())
+        family = OPTIMUM_ATTENTION_FAMILY.get(config.get("model_type"))
+        if family is not None:
+            config = {**config, "model_type": family, "d2m_model_type": config["model_type"]}
+            path.write_text(json.dumps(config, indent=2) + "\n")
 
     def details(self, out_tmp: Path, files: list[str]) -> dict:
         import onnx

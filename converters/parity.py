@@ -50,41 +50,57 @@ def runtime_forced(runner, prompt_ids: list[int], tokens: list[int]) -> np.ndarr
     return np.stack(rows)
 
 
+def _forced_in(runner_cls, export_dir: Path, threads: int, n_ctx: int, encoded, references) -> tuple[list, dict]:
+    """Each prompt's teacher-forced logits in one runtime, and the settings it ran with."""
+    from runtimes.base import read_manifest
+
+    runner = runner_cls(threads=threads, kv_type="f32", n_ctx=n_ctx)
+    runner.manifest = read_manifest(export_dir)
+    with runner.load(export_dir):
+        return [runtime_forced(runner, ids, ref[0]) for ids, ref in zip(encoded, references)], runner.settings
+
+
+def _compare(prompts, encoded, references, logits) -> tuple[list[dict], float, int, int]:
+    per_prompt = [{"text": text, "prompt_tokens": len(ids),
+                   "max_abs_logit_err": float(np.abs(got - ref_logits).max()),
+                   "greedy_match": int((got.argmax(-1) == np.array(ref_tokens)).sum()),
+                   "greedy_total": len(ref_tokens), "reference_tokens": ref_tokens}
+                  for text, ids, (ref_tokens, ref_logits), got in zip(prompts, encoded, references, logits)]
+    return (per_prompt, max(p["max_abs_logit_err"] for p in per_prompt), sum(p["greedy_match"] for p in per_prompt),
+            sum(p["greedy_total"] for p in per_prompt))
+
+
 def check_parity(exporter, model_dir: Path, export_dir: Path, quant: str, threads: int | None = None,
-                 new_tokens: int = 32, prompts: tuple[str, ...] = PROMPTS) -> dict:
+                 new_tokens: int = 32, prompts: tuple[str, ...] = PROMPTS, runtimes: tuple[str, ...] = ()) -> dict:
+    """The export against transformers in the target's own runtime and in each of `runtimes` (other
+    runtimes that run this target's files, e.g. onnxruntime-genai): every one must pass."""
     from d2m_export.models import load_model
-    from runtimes.base import read_manifest, runner_class
+    from runtimes.base import runner_class
 
     model, tokenizer, _ = load_model(model_dir)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     n_ctx = max(len(ids) for ids in encoded) + new_tokens + 8
-    # one thread by default: exact either way, and immune to oversubscribed cores, where waiting
-    # threads can slow a tiny model's step a hundredfold
-    runner = runner_class(exporter.name)(threads=threads or 1, kv_type="f32", n_ctx=n_ctx)
-    runner.manifest = read_manifest(export_dir)
-    per_prompt = []
-    with runner.load(export_dir):
-        for text, ids in zip(prompts, encoded):
-            ref_tokens, ref_logits = reference_greedy(model, ids, new_tokens)
-            got = runtime_forced(runner, ids, ref_tokens)
-            per_prompt.append({
-                "text": text, "prompt_tokens": len(ids),
-                "max_abs_logit_err": float(np.abs(got - ref_logits).max()),
-                "greedy_match": int((got.argmax(-1) == np.array(ref_tokens)).sum()),
-                "greedy_total": len(ref_tokens),
-                "reference_tokens": ref_tokens,
-            })
+    references = [reference_greedy(model, ids, new_tokens) for ids in encoded]
     del model
-    err = max(p["max_abs_logit_err"] for p in per_prompt)
-    match = sum(p["greedy_match"] for p in per_prompt)
-    total = sum(p["greedy_total"] for p in per_prompt)
     max_err, min_frac = exporter.tolerances[quant]
-    result = {"max_abs_logit_err": err, "greedy_match": match, "greedy_total": total,
-              "reference": "transformers fp32, greedy", "runtime_settings": runner.settings,
-              "tolerance": {"max_abs_logit_err": max_err, "min_greedy_fraction": min_frac},
-              "prompts": per_prompt}
-    if not (err <= max_err and match >= min_frac * total):   # also catches NaN
-        raise ParityError(f"{exporter.name} {quant}: {match}/{total} greedy tokens match the transformers reference "
-                          f"(need {int(np.ceil(min_frac * total))}), max |logit error| {err:.3g} "
-                          f"(allowed {max_err:g})")
+    result = None
+    for runtime in (None, *runtimes):
+        # one thread by default: exact either way, and immune to oversubscribed cores, where waiting
+        # threads can slow a tiny model's step a hundredfold
+        logits, settings = _forced_in(runner_class(exporter.name, runtime), export_dir, threads or 1, n_ctx,
+                                      encoded, references)
+        per_prompt, err, match, total = _compare(prompts, encoded, references, logits)
+        name = runtime or exporter.name
+        if not (err <= max_err and match >= min_frac * total):   # also catches NaN
+            raise ParityError(f"{exporter.name} {quant} in {name}: {match}/{total} greedy tokens match the transformers "
+                              f"reference (need {int(np.ceil(min_frac * total))}), max |logit error| {err:.3g} "
+                              f"(allowed {max_err:g})")
+        if result is None:
+            result = {"max_abs_logit_err": err, "greedy_match": match, "greedy_total": total,
+                      "reference": "transformers fp32, greedy", "runtime_settings": settings,
+                      "tolerance": {"max_abs_logit_err": max_err, "min_greedy_fraction": min_frac},
+                      "prompts": per_prompt}
+        else:
+            result.setdefault("other_runtimes", {})[name] = {
+                "max_abs_logit_err": err, "greedy_match": match, "greedy_total": total, "runtime_settings": settings}
     return result

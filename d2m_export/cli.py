@@ -240,9 +240,9 @@ def cmd_bench(args) -> int:
         raise UserError(f"--out {args.out} is inside the export {args.dir}; write the results beside it")
     check_output_file(Path(args.out))
     result = bench(Path(args.dir), prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                   threads=args.threads, repeats=args.repeats)
+                   threads=args.threads, repeats=args.repeats, runtime=args.runtime)
     write_json(Path(args.out), result)
-    print(f"{result['target']} {result['quant']}, {result['threads']} threads: prefill "
+    print(f"{result['runtime']} {result['quant']}, {result['threads']} threads: prefill "
           f"{result['prefill_tokens_per_s']:.1f} tok/s, decode {result['decode_tokens_per_s']:.1f} tok/s "
           f"(p50 {result['decode_ms_per_token_p50']:.2f} ms), peak RSS {result['peak_rss_mb']:.0f} MB")
     return 0
@@ -268,11 +268,15 @@ def cmd_generate(args) -> int:
             print(text[len(shown):], end="", flush=True)
             shown = text
 
-    with load_runner(Path(args.dir), threads=args.threads, n_ctx=len(ids) + args.max_new_tokens + 8) as runner:
+    with load_runner(Path(args.dir), threads=args.threads, runtime=args.runtime,
+                     n_ctx=len(ids) + args.max_new_tokens + 8) as runner:
         print(args.prompt, end="", flush=True)      # once the runner loaded: an error is then the only output
         runner.generate(ids, args.max_new_tokens, stop_ids=stop, on_token=show)
     print()
     return 0
+
+
+RUNTIME_HELP = "the runtime that runs the export (default: the target's own); onnx exports also run in onnxruntime-genai"
 
 
 def _add_model(p):
@@ -289,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(executorch alone, without --model/--out: convert, export, check and bench the default model)")
     export.add_argument("--model", dest="export_model", default=None,
                         help="embedded name (smollm2-135m, the default) or a Hugging Face folder")
-    export.add_argument("--quant", dest="export_quant", default=None, help="gguf: f32 (default) | f16 | q8_0 | q4_0; onnx: fp32 (default) | fp16 | int8 | int4; coreml: fp16 (default) | int8 | int4; executorch: fp32 (default) | 8da4w | 8da8w")
+    export.add_argument("--quant", dest="export_quant", default=None, help="gguf: f32 (default) | f16 | q8_0 | q4_0 | q4_k_m | q5_k_m | q6_k (k-quants by llama.cpp's quantizer); onnx: fp32 (default) | fp16 | int8 | int4; coreml: fp16 (default) | int8 | int4; executorch: fp32 (default) | 8da4w | 8da8w")
     export.add_argument("--out", dest="export_out", help="output directory (artifact, tokenizer, manifest.json)")
     export.add_argument("--threads", dest="export_threads", type=int, default=None,
                         help="runtime threads for the parity check")
@@ -455,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; medians are reported")
+    p.add_argument("--runtime", default=None, help=RUNTIME_HELP)
     p.add_argument("--out", required=True, help="results JSON file")
     p.set_defaults(func=cmd_bench)
 
@@ -463,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--runtime", default=None, help=RUNTIME_HELP)
     p.set_defaults(func=cmd_generate)
     return parser
 

@@ -15,9 +15,13 @@ BYTES_PER_WEIGHT = {
     "fp32": 4.0, "f32": 4.0, "fp16": 2.0, "f16": 2.0, "bf16": 2.0,
     "q8_0": 34 / 32, "int8": 1.0 + 4 / 32, "8da8w": 1.0 + 4 / 32,
     "q4_0": 18 / 32, "int4": 0.5 + 4 / 32, "8da4w": 0.5 + 4 / 32,
+    # llama.cpp's k-quant super-blocks of 256 (Q4_K 144 B, Q5_K 176 B, Q6_K 210 B); the _m mixes keep
+    # some tensors a notch higher, which this nominal figure leaves out
+    "q4_k_m": 144 / 256, "q5_k_m": 176 / 256, "q6_k": 210 / 256,
 }
 COMPUTE_CLASS = {"fp32": "fp32", "f32": "fp32", "fp16": "fp16", "f16": "fp16", "bf16": "fp16",
-                 "q8_0": "int8", "int8": "int8", "8da8w": "int8", "q4_0": "int8", "int4": "int8", "8da4w": "int8"}
+                 "q8_0": "int8", "int8": "int8", "8da8w": "int8", "q4_0": "int8", "int4": "int8", "8da4w": "int8",
+                 "q4_k_m": "int8", "q5_k_m": "int8", "q6_k": "int8"}
 
 
 @dataclass(frozen=True)

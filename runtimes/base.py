@@ -59,18 +59,26 @@ def quiet_native_stderr():
         os.close(devnull)
 
 
-def register_runner(target: str):
-    """Class decorator: `@register_runner("gguf")` makes the class the runner for that target."""
+def register_runner(target: str, name: str | None = None):
+    """Class decorator: `@register_runner("gguf")` makes the class the runner for that target;
+    `@register_runner("onnx", name="onnxruntime-genai")` another runtime for the same exports, chosen
+    by name (`--runtime`)."""
     def wrap(cls):
-        cls.target = target
-        RUNNERS[target] = cls
+        cls.target, cls.runtime = target, name or target
+        RUNNERS[cls.runtime] = cls
         return cls
     return wrap
 
 
-# target -> the module holding its runner, imported on demand (a benchmark then loads only its own
-# runtime); targets not listed are found by importing every module of this package.
-RUNNER_MODULES = {"gguf": "runtimes.llamacpp", "coreml": "runtimes.coreml", "executorch": "runtimes.executorch"}
+# runtime name -> (the export target it runs, the module holding its runner), imported on demand (a
+# benchmark then loads only its own runtime); a target's default runtime carries the target's name.
+RUNTIMES = {"gguf": ("gguf", "runtimes.llamacpp"), "coreml": ("coreml", "runtimes.coreml"),
+            "executorch": ("executorch", "runtimes.executorch"), "onnx": ("onnx", "runtimes.onnxruntime"),
+            "onnxruntime-genai": ("onnx", "runtimes.onnxruntime_genai")}
+
+
+def runtimes_for(target: str) -> list[str]:
+    return [name for name, (t, _) in RUNTIMES.items() if t == target]
 
 
 def _discover() -> None:
@@ -161,18 +169,29 @@ def read_manifest(export_dir: Path) -> dict:
     return manifest
 
 
-def runner_class(target: str) -> type[Runner]:
-    if target not in RUNNERS:
-        importlib.import_module(RUNNER_MODULES[target]) if target in RUNNER_MODULES else _discover()
-    if target not in RUNNERS:
-        raise UserError(f"no runner for target {target!r}; runners: {', '.join(sorted(RUNNERS))}")
-    return RUNNERS[target]
+def runner_class(target: str, runtime: str | None = None) -> type[Runner]:
+    """The runner for exports of `target`: its default one, or the one named `runtime`."""
+    name = runtime or target
+    if runtime is not None and RUNTIMES.get(runtime, (target,))[0] != target:
+        raise UserError(f"--runtime {runtime} does not run {target} exports; choose one of {', '.join(runtimes_for(target))}")
+    if name not in RUNNERS:
+        if name in RUNTIMES:
+            try:
+                importlib.import_module(RUNTIMES[name][1])
+            except ImportError as e:
+                raise UserError(f"the {name} runtime cannot be loaded ({e}); install its extra: "
+                                f"pip install 'd2m-export[{target}]'") from None
+        else:
+            _discover()
+    if name not in RUNNERS:
+        raise UserError(f"no runner {name!r}; runners: {', '.join(sorted(RUNNERS))}")
+    return RUNNERS[name]
 
 
-def load_runner(export_dir: Path, threads: int | None = None, **options) -> Runner:
-    """The runner for an export directory, chosen by its manifest's `target`, loaded."""
+def load_runner(export_dir: Path, threads: int | None = None, runtime: str | None = None, **options) -> Runner:
+    """The runner for an export directory, chosen by its manifest's `target` (or named by `runtime`), loaded."""
     manifest = read_manifest(export_dir)
-    runner = runner_class(manifest["target"])(threads=threads, **options)
+    runner = runner_class(manifest["target"], runtime)(threads=threads, **options)
     runner.manifest = manifest
     return runner.load(Path(export_dir))
 

@@ -33,12 +33,12 @@ def peak_rss_mb() -> float:
 
 
 def bench(export_dir: Path, prompt_tokens: int = 64, new_tokens: int = 64, threads: int = 2,
-          repeats: int = 3) -> dict:
+          repeats: int = 3, runtime: str | None = None) -> dict:
     if prompt_tokens < 1 or new_tokens < 1 or repeats < 1:
         raise UserError("--prompt-tokens, --new-tokens and repeats must be at least 1")
     export_dir = Path(export_dir)
     ids = prompt_ids(export_dir, prompt_tokens)
-    with load_runner(export_dir, threads=threads, n_ctx=prompt_tokens + new_tokens + 8) as runner:
+    with load_runner(export_dir, threads=threads, runtime=runtime, n_ctx=prompt_tokens + new_tokens + 8) as runner:
         prefill_s, decode_s, step_ms = [], [], []
         for run in range(repeats + 1):            # run 0 warms caches and page-ins up
             t0 = time.perf_counter()
@@ -54,9 +54,9 @@ def bench(export_dir: Path, prompt_tokens: int = 64, new_tokens: int = 64, threa
                 prefill_s.append(t1 - t0)
                 decode_s.append(sum(steps))
                 step_ms.append(statistics.median(steps) * 1e3)
-        manifest, settings = runner.manifest, runner.settings
+        manifest, settings, name = runner.manifest, runner.settings, runner.runtime
     return {
-        "target": manifest["target"], "quant": manifest.get("quant"), "threads": threads,
+        "target": manifest["target"], "runtime": name, "quant": manifest.get("quant"), "threads": threads,
         "model": manifest.get("model"), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
         "repeats": repeats,
         "prefill_tokens_per_s": round(prompt_tokens / statistics.median(prefill_s), 2),
@@ -78,18 +78,19 @@ def _burst(runner, prompt: list[int], tokens: int) -> float:
     return (time.perf_counter() - t0) * 1000 / tokens
 
 
-def interleaved(exports: dict[str, Path], rounds: int = 20, tokens: int = 16, prompt_tokens: int = 64,
-                threads: int = 2) -> dict:
+def interleaved(exports: dict[str, Path | tuple[Path, str]], rounds: int = 20, tokens: int = 16,
+                prompt_tokens: int = 64, threads: int = 2) -> dict:
     """Decode speed of several exports, for small differences on a noisy machine: all loaded in this
     process, each round decodes a short burst with every export in turn (the order reversed every other
     round). Per export the median ms/token over rounds and its spread; per pair the median of the
-    per-round ratios and their spread."""
+    per-round ratios and their spread. An export given as (directory, runtime) runs in that runtime."""
     if rounds < 3:
         raise UserError(f"interleaved rounds must be at least 3, not {rounds}")
     names = list(exports)
-    runners = [load_runner(exports[n], threads=threads) for n in names]
+    exports = {n: (e, None) if isinstance(e, (str, Path)) else e for n, e in exports.items()}
+    runners = [load_runner(exports[n][0], threads=threads, runtime=exports[n][1]) for n in names]
     try:
-        prompt = prompt_ids(exports[names[0]], prompt_tokens)
+        prompt = prompt_ids(exports[names[0]][0], prompt_tokens)
         for r in runners:                                   # warm-up
             _burst(r, prompt, tokens)
         times: dict[str, list[float]] = {n: [] for n in names}
@@ -105,7 +106,8 @@ def interleaved(exports: dict[str, Path], rounds: int = 20, tokens: int = 16, pr
         return {"median": round(statistics.median(per_round), 3),
                 "spread": [round(min(per_round), 3), round(max(per_round), 3)]}
     return {"threads": threads, "rounds": rounds, "tokens_per_burst": tokens, "prompt_tokens": prompt_tokens,
-            "variants": {n: {"target": read_manifest(exports[n])["target"], "quant": read_manifest(exports[n]).get("quant"),
+            "variants": {n: {"target": read_manifest(exports[n][0])["target"], "runtime": exports[n][1] or
+                             read_manifest(exports[n][0])["target"], "quant": read_manifest(exports[n][0]).get("quant"),
                              "decode_ms_per_token": round(statistics.median(times[n]), 3),
                              "spread_ms": [round(min(times[n]), 3), round(max(times[n]), 3)]} for n in names},
             "speedups": {f"{a} over {b}": ratio(a, b) for a in names for b in names if a != b}}

@@ -230,3 +230,36 @@ def test_runner_generate_is_greedy_and_stops():
 
     assert Scripted().generate([0], 6) == [1, 2, 3, 4, 0, 1]
     assert Scripted().generate([0], 6, stop_ids=[3]) == [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def wide_models(tmp_path_factory, tokenizer_dir):
+    """Rows of 256 and 512 values, so that llama.cpp's k-quant blocks (256) fit and no tensor falls back."""
+    root = tmp_path_factory.mktemp("gguf-wide")
+    wide = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+    plan = Plan("lfuc", 6, BLOCKS, Options(host_mode="routed", top_k=1, num_experts=4, router_init="zero"))
+    moe = get_method("lfuc").build(tiny_dense("llama", **wide), plan)
+    return {"llama": save_with_tokenizer(tiny_dense("llama", **wide), root / "llama", tokenizer_dir),
+            "lfuc": save_with_tokenizer(moe, root / "lfuc", tokenizer_dir)}
+
+
+@pytest.mark.parametrize("quant, file_type, main_type", [("q4_k_m", 15, "Q4_K"), ("q5_k_m", 17, "Q5_K"),
+                                                         ("q6_k", 18, "Q6_K")])
+@pytest.mark.parametrize("variant", ["llama", "lfuc"])
+def test_k_quants_come_from_llama_cpp_quantizer_and_meet_their_floor(capsys, wide_models, tmp_path, quant, file_type,
+                                                                    main_type, variant):
+    out = tmp_path / "k"
+    manifest = export(capsys, wide_models[variant], out, quant=quant)
+    assert manifest["files"] == [f"model-{quant}.gguf"] and sorted(p.name for p in out.glob("*.gguf")) == manifest["files"]
+    parity = manifest["parity"]
+    from converters.gguf import GGUFExporter
+
+    floor = GGUFExporter.tolerances[quant][1]
+    assert parity["greedy_match"] >= floor * parity["greedy_total"] and parity["max_abs_logit_err"] > 0
+    reader = gguf.GGUFReader(out / manifest["files"][0])
+    assert int(reader.fields["general.file_type"].contents()) == file_type
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert manifest["gguf"]["quantized_by"].startswith("llama.cpp") and manifest["gguf"]["tensor_types"].get(main_type)
+    assert types["blk.0.attn_q.weight"] == main_type and types["blk.0.attn_norm.weight"] == "F32"
+    if variant == "lfuc":      # experts quantized, the router kept at f32 (as llama.cpp's quantizer does)
+        assert types["blk.1.ffn_gate_inp.weight"] == "F32" and types["blk.1.ffn_up_exps.weight"] != "F32"

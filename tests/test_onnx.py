@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ BLOCKS = [Block(1, [2, 3]), Block(4, [5])]      # 6 layers -> 3: dense, MoE, MoE
 MOE_VARIANTS = ["lfuc-shared-k1", "lfuc-shared-k2", "lfuc-routed-k1", "lfuc-routed-k2", "lfuc-gated-k2"]
 VARIANTS = ["llama", "qwen2", "llama-hd16", *MOE_VARIANTS]
 PROMPT = [504, 3459, 8089, 12480, 690, 260, 23790, 2767, 30]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def sensitive(model, seed: int = 0):
@@ -117,10 +119,13 @@ def test_fp32_matches_transformers_greedy(capsys, models, tmp_path, variant):
     manifest = export(capsys, models[variant], out)
     assert {"target", "files", "base_model", "plan", "quant", "context_length", "tokenizer", "parity"} <= manifest.keys()
     assert manifest["target"] == "onnx" and manifest["quant"] == "fp32" and manifest["context_length"] == 256
-    assert manifest["files"] == ["model.onnx", "model.onnx.data"] and (out / "tokenizer.json").is_file()
+    assert manifest["files"] == ["model.onnx", "model.onnx.data", "genai_config.json"]
+    assert (out / "tokenizer.json").is_file()
     parity = manifest["parity"]
     assert parity["greedy_total"] >= 32 and parity["greedy_match"] == parity["greedy_total"]
     assert parity["max_abs_logit_err"] < 1e-4
+    genai = parity["other_runtimes"]["onnxruntime-genai"]        # the same check, run in ONNX Runtime GenAI
+    assert genai["greedy_match"] == genai["greedy_total"] == parity["greedy_total"] and genai["max_abs_logit_err"] < 1e-4
 
     model = hf_model(models[variant])
     if "lfuc" in variant:       # routing really varies: tokens take different expert sets in every MoE layer
@@ -131,6 +136,22 @@ def test_fp32_matches_transformers_greedy(capsys, models, tmp_path, variant):
     with load_runner(out, threads=2) as runner:
         got = runner.generate(PROMPT, 40)
     assert got == hf_greedy(model, PROMPT, 40)
+    # and ONNX Runtime GenAI's own generate() loop, as an app runs it, gives the same tokens
+    assert genai_generate(out, PROMPT, 40) == got
+
+
+def genai_generate(export_dir, prompt_ids, n):
+    """Greedy tokens from onnxruntime_genai's own search, configured only by the export's genai_config.json."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(export_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + n, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens([list(prompt_ids)])
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)[len(prompt_ids):]]
 
 
 def graph_of(out):
@@ -387,3 +408,46 @@ def test_quantized_gather_lowering_quantizes_every_expert_and_passes_its_floor(c
     experts = len(moe_layers(model)) * model.config.num_experts
     nbits = [n.name for n in graph_of(tmp_path / "q").node if n.op_type == "MatMulNBits"]
     assert len([n for n in nbits if ".experts." in n]) == 2 * experts
+
+
+OPTIMUM_PYTHON = ROOT / ".venv-optimum" / "bin" / "python"      # made by `make test` (optimum pins another transformers)
+OPTIMUM_GENERATE = """
+import json, sys, onnxruntime as ort, torch
+from optimum.onnxruntime import ORTModelForCausalLM
+so = ort.SessionOptions(); so.intra_op_num_threads = 1
+model = ORTModelForCausalLM.from_pretrained(sys.argv[1], session_options=so, use_cache=True, use_io_binding=False)
+model.generation_config.eos_token_id = None
+ids = torch.tensor([json.loads(sys.argv[2])])
+out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(sys.argv[3]), do_sample=False)
+print(json.dumps(out[0, ids.shape[1]:].tolist()))
+"""
+
+
+@pytest.mark.skipif(not OPTIMUM_PYTHON.is_file(), reason="no .venv-optimum: `make test` (or `make optimum-env`) makes it")
+@pytest.mark.parametrize("base", ["llama", "qwen2"])
+def test_optimum_runs_our_moe_export_with_our_greedy_tokens(capsys, tmp_path, tokenizer_dir, base):
+    """optimum's ORTModelForCausalLM, unpatched, generates our runner's greedy tokens with an LF-UC export
+    (grouped KV heads: 2 query heads, 1 KV head; head size 16, so no padding)."""
+    import subprocess
+
+    from runtimes.base import load_runner
+
+    plan = Plan("lfuc", 6, BLOCKS, Options(host_mode="routed", top_k=1, num_experts=4, router_init="zero"))
+    moe = get_method("lfuc").build(sensitive(tiny_dense(base, num_attention_heads=2, num_key_value_heads=1)), plan)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in moe.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.weight.copy_(torch.randn(layer.mlp.gate.weight.shape, generator=g))
+    model_dir = save_with_tokenizer(moe, tmp_path / "lfuc", tokenizer_dir)
+    out = tmp_path / "onnx"
+    manifest = export(capsys, model_dir, out)
+    assert manifest["onnx"]["moe_nodes"] == 2 and manifest["onnx"]["kv_heads"] == 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and config["d2m_model_type"] == "qwen2_moe"
+    res = subprocess.run([str(OPTIMUM_PYTHON), "-c", OPTIMUM_GENERATE, str(out), json.dumps(PROMPT), "24"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with load_runner(out, threads=1) as runner:
+        ours = runner.generate(PROMPT, 24)
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == ours
