@@ -39,10 +39,12 @@ def export(model, target: str, out: Path, *extra) -> dict:
     return json.loads((Path(out) / "manifest.json").read_text())
 
 
-def bench_export(export_dir: Path, out: Path, prompt_tokens: int, new_tokens: int, threads: int) -> dict:
+def bench_export(export_dir: Path, out: Path, prompt_tokens: int, new_tokens: int, threads: int,
+                 runtime: str | None = None) -> dict:
     """One `d2m-export bench` run (one warm-up, one timed repeat) in its own process."""
     sh([*CLI, "bench", export_dir, "--prompt-tokens", prompt_tokens, "--new-tokens", new_tokens,
-        "--threads", threads, "--repeats", 1, "--out", out], stdout=subprocess.DEVNULL)
+        "--threads", threads, "--repeats", 1, "--out", out, *(["--runtime", runtime] if runtime else [])],
+       stdout=subprocess.DEVNULL)
     return json.loads(Path(out).read_text())
 
 

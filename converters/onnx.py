@@ -39,17 +39,19 @@ class OnnxExporter(Exporter):
     # from SmolLM2-135M (int8: 62/64 tokens, max error 1.6; int4: 46/64, 19.6 — llama.cpp q8_0/q4_0 give
     # 60/64, 1.6 and 44/64, 19.7 on the same prompts); a broken export matches almost no greedy token.
     tolerances = {"fp32": (1e-2, 1.0), "fp16": (1.0, 0.9), "int8": (10.0, 0.75), "int4": (40.0, 0.5)}
-    options = ("max_seq_len", "moe_lowering")
+    options = ("max_seq_len", "moe_lowering", "head_bits")
     other_runtimes = ("onnxruntime-genai",)
 
     def export(self, model_dir: Path, quant: str, out_tmp: Path, max_seq_len: int | None = None,
-               moe_lowering: str | None = None) -> list[str]:
+               moe_lowering: str | None = None, head_bits: int | None = None) -> list[str]:
         import onnx
 
         model_type = read_config(model_dir).get("model_type")
         if model_type not in ARCHITECTURES:
             raise UserError(f"the onnx target exports {', '.join(ARCHITECTURES)} models, not {model_type!r}")
-        proto = build_model(model_dir, quant, max_seq_len, moe_lowering or "sparse")
+        if head_bits is not None and quant not in ("int8", "int4"):
+            raise UserError(f"--head-bits applies to --quant int8 and int4, not {quant}")
+        proto = build_model(model_dir, quant, max_seq_len, moe_lowering or "sparse", head_bits)
         out_tmp = Path(out_tmp)
         onnx.save_model(proto, out_tmp / GRAPH_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024)
@@ -63,6 +65,8 @@ class OnnxExporter(Exporter):
             raise UserError(f"--max-seq-len must be at least {MIN_MAX_SEQ_LEN} (the parity check decodes ~60 "
                             f"positions), not {n}")
         from converters.onnx_graph import LOWERINGS
+        if options.get("head_bits") not in (None, 4, 8):
+            raise UserError(f"--head-bits must be 4 or 8, not {options['head_bits']}")
         lowering = options.get("moe_lowering")
         if lowering is not None and lowering not in LOWERINGS:
             raise UserError(f"--moe-lowering for onnx must be one of {', '.join(LOWERINGS)}, not {lowering!r}")
@@ -103,7 +107,8 @@ class OnnxExporter(Exporter):
                 "weights": meta.get("weights")}
 
 
-def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe_lowering: str = "sparse"):
+def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe_lowering: str = "sparse",
+                head_bits: int | None = None):
     """The ONNX ModelProto for a Hugging Face folder, at `quant`; positions up to `max_seq_len` (default:
     the model's context, at most MAX_POSITIONS); MoE layers `sparse` (one MoE/QMoE node), `gather` (routed
     in-graph, per-expert MatMuls) or `dense` (every expert, masked)."""
@@ -127,7 +132,7 @@ def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe
         sd.pop("lm_head.weight", None)
     del model
     g = Graph()
-    lin = Linears(g) if quant == "fp32" else quantized_linears(g, quant)
+    lin = Linears(g) if quant == "fp32" else quantized_linears(g, quant, head_bits)
     if moe_lowering == "dense" and quant != "fp32":
         raise UserError("--moe-lowering dense is offered at fp32 only (it is there for comparison)")
     proto = build_graph(spec, sd, cos, sin, lin, tied=tied, moe_lowering=moe_lowering)

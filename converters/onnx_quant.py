@@ -8,8 +8,9 @@
   that ONNX Runtime folds at load).
 
 Kept in fp32: norms, biases, the routers (routing decisions are sensitive and the routers tiny), the
-rotary tables. For int4 the LM head (and so a tied embedding) is kept at int8, as llama.cpp keeps
-the output head above 4 bits.
+rotary tables. The LM head (and so a tied embedding) is stored at the projections' bits, as ONNX
+Runtime GenAI's model builder does; `head_bits=8` keeps it at int8 under int4, as llama.cpp keeps
+the output head above 4 bits (`bench/results/genai_builder_smollm2.md` measures both).
 
 `accuracy_level` is MatMulNBits' own knob: 4 lets the kernels quantize activations to int8 (the fast
 integer dot-product path), 0 keeps fp32 activations. Block-wise 8-bit experts in QMoE always use
@@ -56,12 +57,18 @@ def dequantize_blocks(q: np.ndarray, scale: np.ndarray, bits: int, k: int) -> np
     return w.reshape(w.shape[0], -1)[:, :k]
 
 
+# LM head (and tied embedding) bits by default: int4 stores it in int4 as ONNX Runtime GenAI's builder
+# does; on SmolLM2 that keeps the greedy agreement (42 vs 43 of 64 tokens with an int8 head) and
+# makes the file 14% smaller and decode 1.15x faster (bench/results/genai_builder_smollm2.md)
+HEAD_BITS = {"int8": 8, "int4": 4}
+
+
 class NBitsLinears(Linears):
-    def __init__(self, g: Graph, quant: str, accuracy_level: int = ACCURACY_LEVEL):
+    def __init__(self, g: Graph, quant: str, accuracy_level: int = ACCURACY_LEVEL, head_bits: int | None = None):
         super().__init__(g)
         self.quant = quant
         self.bits = BITS[quant]
-        self.head_bits = 8                      # int4 keeps the LM head (and a tied embedding) at int8
+        self.head_bits = head_bits or HEAD_BITS[quant]
         self.accuracy_level = accuracy_level
 
     def _nbits(self, x: str, q: str, scales: str, n: int, k: int, bits: int, name: str, output=None) -> str:
@@ -118,8 +125,8 @@ class NBitsLinears(Linears):
                            f"int{self.head_bits}; accuracy_level {self.accuracy_level}; norms, biases, routers fp32"}
 
 
-def quantized_linears(g: Graph, quant: str) -> Linears:
-    return Fp16Linears(g) if quant == "fp16" else NBitsLinears(g, quant)
+def quantized_linears(g: Graph, quant: str, head_bits: int | None = None) -> Linears:
+    return Fp16Linears(g) if quant == "fp16" else NBitsLinears(g, quant, head_bits=head_bits)
 
 
 class Fp16Linears(Linears):

@@ -215,7 +215,8 @@ def cmd_export(args) -> int:
         raise UserError("--target needs --out DIR")
     manifest = export(args.export_target, args.export_model, args.export_quant, Path(args.export_out),
                       threads=args.export_threads, options={"max_seq_len": args.export_max_seq_len,
-                                                            "moe_lowering": args.export_moe_lowering})
+                                                            "moe_lowering": args.export_moe_lowering,
+                                                            "head_bits": args.export_head_bits})
     p, sizes = manifest["parity"], manifest["sizes_mb"]
     print(f"{manifest['target']} {manifest['quant']}: wrote {', '.join(f'{f} ({mb:.1f} MB)' for f, mb in sizes.items())} "
           f"to {args.export_out}")
@@ -304,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "experts) | dense (every expert, masked; for comparison). onnx: sparse (default; one "
                              "com.microsoft.MoE/QMoE node) | gather (routed in plain ONNX, each expert's own MatMuls "
                              "on the rows that chose it; no contrib op, slower) | dense (every expert, masked; fp32 only)")
+    export.add_argument("--head-bits", dest="export_head_bits", type=int, default=None,
+                        help="onnx int4/int8: bits of the LM head and (tied) embedding; default: the --quant's own, "
+                             "as ONNX Runtime GenAI's builder; --head-bits 8 with int4 keeps the head at int8, as "
+                             "llama.cpp keeps it above 4 bits (larger, slower, a little more exact)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("analyze", help="score layer blocks for redundancy (JSON + heatmap)")

@@ -63,26 +63,20 @@ class OnnxRuntimeGenAIRunner(Runner):
         return self._og.Generator(self.model, params)
 
     def _append(self, token_ids: list[int]) -> np.ndarray:
+        """Append tokens to the sequence; the logits of its last position (get_logits gives [1, 1, vocab])."""
         if self.pos + len(token_ids) > self.n_ctx:
             raise UserError(f"sequence of {self.pos + len(token_ids)} tokens exceeds n_ctx {self.n_ctx}")
         self.generator.append_tokens(np.asarray([token_ids], np.int32))
         self.pos += len(token_ids)
-        return np.asarray(self.generator.get_logits(), np.float32).reshape(-1, self.vocab_size)[-1].copy()
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.manifest.get("vocab_size") or self._vocab)
+        logits = np.asarray(self.generator.get_logits(), np.float32)
+        return logits.reshape(-1, logits.shape[-1])[-1].copy()
 
     def prefill(self, token_ids: list[int]) -> np.ndarray:
         if not token_ids:
             raise UserError("prefill needs at least one token")
         self.reset()
         self.generator = self._new_generator()
-        self.generator.append_tokens(np.asarray([token_ids], np.int32))
-        self.pos = len(token_ids)
-        logits = np.asarray(self.generator.get_logits(), np.float32)
-        self._vocab = logits.shape[-1]
-        return logits.reshape(-1, self._vocab)[-1].copy()
+        return self._append(list(token_ids))
 
     def decode(self, token_id: int) -> np.ndarray:
         if self.generator is None:

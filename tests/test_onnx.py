@@ -309,6 +309,8 @@ def test_runner_state_reset_and_context_limit(capsys, models, tmp_path):
 @pytest.mark.parametrize("argv, needle", [
     (["--quant", "int3"], "--quant 'int3'"),
     (["--quant", "q8_0"], "--quant 'q8_0'"),
+    (["--quant", "int4", "--head-bits", "5"], "--head-bits must be 4 or 8"),
+    (["--head-bits", "8"], "--head-bits applies to --quant int8 and int4"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(capsys, models, tmp_path, argv, needle):
     code, _, err = run(capsys, "--target", "onnx", "--model", models["llama"], "--out", tmp_path / "o", *argv)
@@ -408,6 +410,21 @@ def test_quantized_gather_lowering_quantizes_every_expert_and_passes_its_floor(c
     experts = len(moe_layers(model)) * model.config.num_experts
     nbits = [n.name for n in graph_of(tmp_path / "q").node if n.op_type == "MatMulNBits"]
     assert len([n for n in nbits if ".experts." in n]) == 2 * experts
+
+
+@pytest.mark.parametrize("head_bits", [None, 8])
+def test_int4_head_bits_follow_the_quant_unless_asked(capsys, models, tmp_path, head_bits):
+    """int4 stores the tied LM head / embedding in int4 (as ONNX Runtime GenAI's builder); --head-bits 8 keeps it at int8."""
+    argv = ["--head-bits", str(head_bits)] if head_bits else []
+    code, _, err = run(capsys, "--target", "onnx", "--model", models["llama"], "--quant", "int4", *argv,
+                       "--threads", 2, "--out", tmp_path / "q")
+    assert code == 0, err
+    nodes = {n.name: n for n in graph_of(tmp_path / "q").node}
+    bits = {a.name: a.i for a in nodes["embed"].attribute}["bits"]
+    head = {a.name: a.i for a in nodes["lm_head"].attribute}["bits"]
+    assert nodes["embed"].op_type == "GatherBlockQuantized" and bits == head == (head_bits or 4)
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["parity"]["other_runtimes"]["onnxruntime-genai"]["greedy_match"] >= 0.5 * manifest["parity"]["greedy_total"]
 
 
 OPTIMUM_PYTHON = ROOT / ".venv-optimum" / "bin" / "python"      # made by `make test` (optimum pins another transformers)
