@@ -2,9 +2,12 @@
 
 - Our exports of dense SmolLM2 and of its LF-UC conversion (--ratio) at f32, f16, q8_0, q4_0, each
   checked against transformers inside the export (greedy agreement, logit error).
+- Our k-quants (q4_k_m, q5_k_m, q6_k: our f32 file through llama.cpp's quantizer, as
+  `llama-quantize` does it, via llama-cpp-python).
 - llama.cpp's own `convert_hf_to_gguf.py` (taken from the llama-cpp-python sdist of the installed
-  version, i.e. the llama.cpp that runs the files) on the same Hugging Face folder, f16 and q8_0:
-  logits compared with ours under teacher forcing, decode speed side by side.
+  version, i.e. the llama.cpp that runs the files) on the same Hugging Face folder, f16 and q8_0,
+  and its f32 output through llama.cpp's quantizer for the k-quants: logits compared with ours
+  under teacher forcing, decode speed side by side.
 - Decode speed of every variant, side by side in rounds (bench/sidebyside.py), 2 threads, llama.cpp's
   default f16 KV cache; LF-UC ÷ dense against the roofline's bytes-per-token ratio at each quant.
 - Peak RSS while decoding and file sizes, with the file's overhead over the real weights' bytes.
@@ -28,13 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sidebyside import (ROOT, bench_export, convert, done, export, median, parity_cells, ratio,  # noqa: E402
                         ratio_lines, rounds, sh)  # noqa: E402
 
+from converters.gguf import K_QUANTS, llama_quantize  # noqa: E402
 from d2m_export.models import DEFAULT_MODEL, read_config, resolve_model  # noqa: E402
 from d2m_export.outputs import write_json  # noqa: E402
 from d2m_export.params import param_counts  # noqa: E402
 from d2m_export.roofline import BYTES_PER_WEIGHT, decode_cost  # noqa: E402
 
-QUANTS = ("f32", "f16", "q8_0", "q4_0")
-REFERENCE_QUANTS = ("f16", "q8_0")
+QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+REFERENCE_QUANTS = ("f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
 
 
 def llama_cpp_converter(work: Path) -> Path:
@@ -69,7 +73,11 @@ def reference_export(script: Path, hf_dir: Path, quant: str, out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     name = f"llama-cpp-{quant}.gguf"
-    sh([sys.executable, script, hf_dir, "--outtype", quant, "--outfile", tmp / name], stderr=subprocess.DEVNULL)
+    if quant in K_QUANTS:      # the converter writes f32, llama.cpp's quantizer (as llama-quantize) makes the k-quant
+        sh([sys.executable, script, hf_dir, "--outtype", "f32", "--outfile", tmp / "f32.gguf"], stderr=subprocess.DEVNULL)
+        llama_quantize(tmp / "f32.gguf", tmp / name, K_QUANTS[quant])
+    else:
+        sh([sys.executable, script, hf_dir, "--outtype", quant, "--outfile", tmp / name], stderr=subprocess.DEVNULL)
     shutil.copy2(hf_dir / "tokenizer.json", tmp / "tokenizer.json")
     cfg = read_config(hf_dir)
     (tmp / "manifest.json").write_text(json.dumps({

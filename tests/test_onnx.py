@@ -376,6 +376,44 @@ def test_bench_and_generate(capsys, models, tmp_path):
     assert code == 2 and err.startswith("d2m-export: error:") and "a-file" in err
 
 
+def test_bench_and_generate_in_onnxruntime_genai(capsys, models, tmp_path):
+    from d2m_export.errors import UserError
+    from runtimes.base import load_runner
+
+    out = tmp_path / "e"
+    export(capsys, models["lfuc-routed-k2"], out)
+    code, _, err = run(capsys, "bench", out, "--runtime", "onnxruntime-genai", "--prompt-tokens", 16, "--new-tokens", 8,
+                       "--repeats", 1, "--out", tmp_path / "bench.json")
+    assert code == 0, err
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["runtime"] == "onnxruntime-genai" and result["decode_tokens_per_s"] > 0
+    assert result["runtime_settings"]["runtime"].startswith("onnxruntime-genai")
+    code, stdout, err = run(capsys, "generate", out, "--runtime", "onnxruntime-genai", "--prompt", "Once upon a time",
+                            "--max-new-tokens", 12)
+    assert code == 0, err
+    code, ours, err = run(capsys, "generate", out, "--prompt", "Once upon a time", "--max-new-tokens", 12)
+    assert code == 0 and stdout == ours                                 # fp32: the same text in both runtimes
+    with load_runner(out, runtime="onnxruntime-genai", n_ctx=12) as runner:     # state, reset and its limit
+        a = runner.prefill(PROMPT[:4])
+        np.testing.assert_array_equal(a, runner.prefill(PROMPT[:4]))
+        runner.decode(1)
+        with pytest.raises(UserError, match="exceeds n_ctx"):
+            runner.prefill(PROMPT + PROMPT)
+
+
+@pytest.mark.parametrize("runtime, needle", [("nope", "no runner 'nope'"),
+                                             ("gguf", "--runtime gguf does not run onnx exports; choose one of onnx, "
+                                                      "onnxruntime-genai")])
+def test_unknown_or_foreign_runtime_exits_2(capsys, models, tmp_path, runtime, needle):
+    out = tmp_path / "e"
+    export(capsys, models["llama"], out)
+    code, _, err = run(capsys, "bench", out, "--runtime", runtime, "--out", tmp_path / "b.json")
+    assert code == 2 and needle in err and err.count("\n") == 1 and not (tmp_path / "b.json").exists()
+    (out / "genai_config.json").unlink()                                # an export from before genai_config.json
+    code, _, err = run(capsys, "generate", out, "--runtime", "onnxruntime-genai", "--prompt", "Hi")
+    assert code == 2 and "has no genai_config.json" in err
+
+
 def test_interleaved_rounds_time_every_export_in_turn(capsys, models, tmp_path):
     from d2m_export.errors import UserError
     from runtimes.bench import interleaved
