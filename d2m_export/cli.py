@@ -281,7 +281,7 @@ RUNTIME_HELP = "the runtime that runs the export (default: the target's own); on
 
 
 def _add_model(p):
-    p.add_argument("--model", default=None, help="embedded name (smollm2-135m, the default) or a Hugging Face folder")
+    p.add_argument("--model", default=None, help="embedded name (smollm2-135m, the default), a Hugging Face folder, a .gguf file or a Hub id org/name")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--target", dest="export_target", help="export target: gguf, onnx, coreml, executorch "
                         "(executorch alone, without --model/--out: convert, export, check and bench the default model)")
     export.add_argument("--model", dest="export_model", default=None,
-                        help="embedded name (smollm2-135m, the default) or a Hugging Face folder")
+                        help="embedded name (smollm2-135m, the default), a Hugging Face folder, a .gguf file or a Hub id org/name")
     export.add_argument("--quant", dest="export_quant", default=None, help="gguf: f32 (default) | f16 | q8_0 | q4_0 | q4_k_m | q5_k_m | q6_k (k-quants by llama.cpp's quantizer); onnx: fp32 (default) | fp16 | int8 | int4; coreml: fp16 (default) | int8 | int4; executorch: fp32 (default) | 8da4w | 8da8w")
     export.add_argument("--out", dest="export_out", help="output directory (artifact, tokenizer, manifest.json)")
     export.add_argument("--threads", dest="export_threads", type=int, default=None,

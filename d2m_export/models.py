@@ -1,4 +1,4 @@
-"""Model resolution and loading: the embedded default and local Hugging Face folders.
+"""Model resolution and loading: the embedded default, local Hugging Face folders, GGUF files, Hub ids.
 
 One registry, `ARCHITECTURES`, says which `model_type`s we read and how their layers are laid
 out; adding an architecture touches only this table.
@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,15 +64,81 @@ def architecture_of(model_dir: Path) -> Architecture:
 
 
 def resolve_model(spec: str | Path | None) -> Path:
-    """Turn `--model` into a local Hugging Face folder (building the embedded one on first use)."""
+    """Turn `--model` into a local Hugging Face folder: an embedded name (built on first use), a folder,
+    a `.gguf` file (dequantized once through transformers' GGUF loader and cached) or a Hub id
+    `org/name` (resolved through huggingface_hub's cache, honouring HF_HOME and HF_HUB_OFFLINE)."""
     spec = str(spec or DEFAULT_MODEL)
     if spec in EMBEDDED:
         return embedded_model_dir(spec)
     path = Path(spec).expanduser()
-    if not path.exists():
-        raise UserError(f"model {spec!r} not found: give a Hugging Face model directory or one of {', '.join(EMBEDDED)}")
+    if path.is_file() and path.suffix == ".gguf":
+        path = gguf_model_dir(path)
+    elif not path.exists() and HUB_ID.fullmatch(spec):
+        path = hub_model_dir(spec)
+    elif not path.exists():
+        raise UserError(f"model {spec!r} not found: give a Hugging Face model directory, a .gguf file, a Hub id "
+                        f"(org/name) or one of {', '.join(EMBEDDED)}")
+    elif path.is_file():
+        raise UserError(f"model {spec!r} is a file, not a Hugging Face model directory or a .gguf file")
     architecture_of(path)
     return path
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]   # no pickles
+
+
+def hub_model_dir(repo_id: str) -> Path:
+    """The snapshot of a Hub model in huggingface_hub's cache, downloaded there first when online."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except LocalEntryNotFoundError:
+        raise UserError(f"model {repo_id!r} is not in the Hugging Face cache and cannot be downloaded (offline or no "
+                        f"network); download it where there is network, or point HF_HOME at a cache that has it") from None
+    except Exception as e:       # unknown repo, gated repo, HTTP errors: one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise UserError(f"model {repo_id!r} could not be fetched from the Hugging Face Hub: {first}") from None
+
+
+# GGUF `general.architecture` -> the transformers model_type its loader produces
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen2moe": "qwen2_moe", "qwen3": "qwen3",
+                      "gemma3": "gemma3_text", "mistral": "mistral"}
+
+
+def gguf_architecture(path: Path) -> str:
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(path).fields["general.architecture"]
+        return str(field.contents())
+    except Exception as e:       # not a GGUF file, truncated, no architecture
+        raise UserError(f"{path} is not a readable GGUF file ({e.__class__.__name__}: {e})") from None
+
+
+def gguf_model_dir(path: Path) -> Path:
+    """The fp32 Hugging Face copy of a .gguf file, converted once; the cache key is the file's path, size and mtime."""
+    import hashlib
+
+    arch = gguf_architecture(path)
+    if GGUF_ARCHITECTURES.get(arch) not in ARCHITECTURES:
+        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
+                        f"{', '.join(a for a, t in GGUF_ARCHITECTURES.items() if t in ARCHITECTURES)}")
+    st = path.resolve().stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / "models" / "gguf" / f"{path.stem}-{key}"
+    if not ((out / "config.json").is_file() and any(out.glob("*.safetensors"))):
+        logging.getLogger(__name__).info("dequantizing %s (once)", path)
+        try:
+            _convert_gguf(path.resolve().parent, path.name, out)
+        except UserError:
+            raise
+        except Exception as e:   # gguf/transformers raise many types: an unsupported family, a corrupt file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise UserError(f"cannot read {path} with transformers' GGUF loader: {first}") from None
+    return out
 
 
 def embedded_model_dir(name: str) -> Path:

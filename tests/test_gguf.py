@@ -157,6 +157,7 @@ def test_embedded_lineage_takes_the_original_pre_tokenizer(tmp_path):
 
 @pytest.mark.parametrize("argv, needle", [
     (["--quant", "q3_k"], "--quant 'q3_k'"),
+    (["--quant", "q4_k_s"], "choose one of f32, f16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k"),
     (["--target", "onnx-nope"], "unknown --target"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(capsys, models, tmp_path, argv, needle):
