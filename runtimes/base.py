@@ -172,7 +172,9 @@ def read_manifest(export_dir: Path) -> dict:
 def runner_class(target: str, runtime: str | None = None) -> type[Runner]:
     """The runner for exports of `target`: its default one, or the one named `runtime`."""
     name = runtime or target
-    if runtime is not None and RUNTIMES.get(runtime, (target,))[0] != target:
+    if runtime is not None and runtime not in RUNTIMES:
+        raise UserError(f"unknown --runtime {runtime!r}; for {target} exports: {', '.join(runtimes_for(target))}")
+    if runtime is not None and RUNTIMES[runtime][0] != target:
         raise UserError(f"--runtime {runtime} does not run {target} exports; choose one of {', '.join(runtimes_for(target))}")
     if name not in RUNNERS:
         if name in RUNTIMES:

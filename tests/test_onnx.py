@@ -401,7 +401,7 @@ def test_bench_and_generate_in_onnxruntime_genai(capsys, models, tmp_path):
             runner.prefill(PROMPT + PROMPT)
 
 
-@pytest.mark.parametrize("runtime, needle", [("nope", "no runner 'nope'"),
+@pytest.mark.parametrize("runtime, needle", [("nope", "unknown --runtime 'nope'; for onnx exports: onnx, onnxruntime-genai"),
                                              ("gguf", "--runtime gguf does not run onnx exports; choose one of onnx, "
                                                       "onnxruntime-genai")])
 def test_unknown_or_foreign_runtime_exits_2(capsys, models, tmp_path, runtime, needle):
