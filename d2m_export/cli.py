@@ -9,6 +9,8 @@ import warnings
 from pathlib import Path
 
 from d2m_export import __version__
+from d2m_export.cli_args import (FINITE, FRACTION, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_FLOAT, RATIO,
+                                 OneLineParser, float_in)
 from d2m_export.errors import ParityError, UserError
 
 DEFAULT_TASKS = ["arc_easy", "hellaswag", "piqa"]
@@ -285,7 +287,7 @@ def _add_model(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="d2m-export", description=(
+    parser = OneLineParser(prog="d2m-export", description=(
         "Turn dense LLMs into faster Mixture-of-Experts models and export them to edge runtimes."))
     parser.add_argument("--version", action="version", version=f"d2m-export {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
@@ -296,16 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="embedded name (smollm2-135m, the default), a Hugging Face folder, a .gguf file or a Hub id org/name")
     export.add_argument("--quant", dest="export_quant", default=None, help="gguf: f32 (default) | f16 | q8_0 | q4_0 | q4_k_m | q5_k_m | q6_k (k-quants by llama.cpp's quantizer); onnx: fp32 (default) | fp16 | int8 | int4; coreml: fp16 (default) | int8 | int4; executorch: fp32 (default) | 8da4w | 8da8w")
     export.add_argument("--out", dest="export_out", help="output directory (artifact, tokenizer, manifest.json)")
-    export.add_argument("--threads", dest="export_threads", type=int, default=None,
+    export.add_argument("--threads", dest="export_threads", type=POSITIVE, default=None,
                         help="runtime threads for the parity check")
-    export.add_argument("--max-seq-len", dest="export_max_seq_len", type=int, default=None,
+    export.add_argument("--max-seq-len", dest="export_max_seq_len", type=POSITIVE, default=None,
                         help="onnx, coreml, executorch: KV cache length (onnx: rotary table), the longest sequence the export runs (default: min(context, 2048))")
     export.add_argument("--moe-lowering", dest="export_moe_lowering", default=None,
                         help="how MoE layers are lowered. executorch: cond (default; decode runs only the selected "
                              "experts) | dense (every expert, masked; for comparison). onnx: sparse (default; one "
                              "com.microsoft.MoE/QMoE node) | gather (routed in plain ONNX, each expert's own MatMuls "
                              "on the rows that chose it; no contrib op, slower) | dense (every expert, masked; fp32 only)")
-    export.add_argument("--head-bits", dest="export_head_bits", type=int, default=None,
+    export.add_argument("--head-bits", dest="export_head_bits", type=POSITIVE, default=None,
                         help="onnx int4/int8: bits of the LM head and (tied) embedding; default: the --quant's own, "
                              "as ONNX Runtime GenAI's builder; --head-bits 8 with int4 keeps the head at int8, as "
                              "llama.cpp keeps it above 4 bits (larger, slower, a little more exact)")
@@ -313,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="score layer blocks for redundancy (JSON + heatmap)")
     _add_model(p)
-    p.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens (Brown corpus; default 2048)")
+    p.add_argument("--calib-tokens", type=POSITIVE, default=2048, help="calibration tokens (Brown corpus; default 2048)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_analyze)
 
@@ -322,40 +324,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="lfuc", help="lfuc | prune | upcycle | moe2dense")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--plan", type=Path, help="YAML/JSON plan: blocks: [{host: 10, donors: [11, 12]}]")
-    how.add_argument("--target-active-ratio", type=float, help="active decode weights ÷ dense (default 0.8)")
-    how.add_argument("--threshold", type=float, help="fuse every block whose angular distance is at most δ")
-    how.add_argument("--latency-budget-ms", type=float,
+    how.add_argument("--target-active-ratio", type=RATIO, help="active decode weights ÷ dense (default 0.8)")
+    how.add_argument("--threshold", type=FRACTION, help="fuse every block whose angular distance is at most δ")
+    how.add_argument("--latency-budget-ms", type=POSITIVE_FLOAT,
                      help="fuse as little as meets this roofline decode time per token on --device")
     p.add_argument("--device", help="with --latency-budget-ms: a profile in device_profiles/ or a YAML path")
     p.add_argument("--precision", default="fp16", help="with --latency-budget-ms: weight precision deployed "
                    "(fp32, fp16, int8, int4, q8_0, q4_0, 8da4w, …; default fp16)")
-    p.add_argument("--context", type=int, default=512, help="with --latency-budget-ms: context length (default 512)")
+    p.add_argument("--context", type=POSITIVE, default=512, help="with --latency-budget-ms: context length (default 512)")
     p.add_argument("--runtime", help="with --latency-budget-ms: scale by the profile's measured efficiency "
                    "for RUNTIME:PRECISION (e.g. onnx)")
     p.add_argument("--plan-search", default="metric",
                    help="metric (default: angular-distance greedy) | loss (lfuc, prune: grow the plan one layer at a "
                         "time by the calibration KL to the dense model; with --threshold, δ is that KL)")
-    p.add_argument("--search-tokens", type=int, default=1024, help="with --plan-search loss: calibration tokens "
+    p.add_argument("--search-tokens", type=POSITIVE, default=1024, help="with --plan-search loss: calibration tokens "
                    "(default 1024)")
     p.add_argument("--heal", action="store_true", help="heal the converted model locally before writing it "
                    "(the `heal` stage: closed-form fit, then block-wise distillation)")
-    p.add_argument("--heal-tokens", type=int, default=None, help="with --heal: calibration tokens (default 8192)")
-    p.add_argument("--heal-steps", type=int, default=None, help="with --heal: distillation steps per block "
+    p.add_argument("--heal-tokens", type=POSITIVE, default=None, help="with --heal: calibration tokens (default 8192)")
+    p.add_argument("--heal-steps", type=NON_NEGATIVE, default=None, help="with --heal: distillation steps per block "
                    "(default 150; 0: closed form only)")
     p.add_argument("--analysis", type=Path, help="reuse a similarity.json from `analyze` instead of recalibrating")
-    p.add_argument("--calib-tokens", type=int, default=2048)
-    p.add_argument("--max-block", type=int, default=4, help="longest block considered, in layers (default 4)")
-    p.add_argument("--min-mlp-cos", type=float, default=-1.0, help="skip blocks whose MLP-input cosine is lower")
+    p.add_argument("--calib-tokens", type=POSITIVE, default=2048)
+    p.add_argument("--max-block", type=POSITIVE, default=4, help="longest block considered, in layers (default 4)")
+    p.add_argument("--min-mlp-cos", type=float_in(-1, 1), default=-1.0, help="skip blocks whose MLP-input cosine is lower")
     p.add_argument("--host-mode", default="routed", help="routed (default: the host MLP is one of the routed "
                    "experts, active parameters as pruning's) | shared (an always-on shared expert)")
-    p.add_argument("--top-k", type=int, default=1, help="routed experts per token (default 1)")
-    p.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer (replicated); default: as needed")
+    p.add_argument("--top-k", type=POSITIVE, default=1, help="routed experts per token (default 1)")
+    p.add_argument("--num-experts", type=POSITIVE, default=None, help="experts per MoE layer (replicated); default: as needed")
     p.add_argument("--router-init", default="calibrated",
                    help="calibrated (default: route to the expert with the largest output) | zero")
-    p.add_argument("--alpha", type=float, default=1.0, help="weight of the host MLP")
-    p.add_argument("--beta", type=float, default=1.0, help="weight of each selected routed expert")
-    p.add_argument("--experts-kept", type=int, help="moe2dense: experts kept per layer (K)")
-    p.add_argument("--groups", type=int, help="moe2dense: groups they merge into (k ≤ K; default K)")
+    p.add_argument("--alpha", type=FINITE, default=1.0, help="weight of the host MLP")
+    p.add_argument("--beta", type=FINITE, default=1.0, help="weight of each selected routed expert")
+    p.add_argument("--experts-kept", type=POSITIVE, help="moe2dense: experts kept per layer (K)")
+    p.add_argument("--groups", type=POSITIVE, help="moe2dense: groups they merge into (k ≤ K; default K)")
     p.add_argument("--score", default="acp", help="moe2dense expert score: sf | cp | acp (default) | do-acp")
     p.add_argument("--out", required=True, help="output directory (a Hugging Face checkpoint)")
     p.set_defaults(func=cmd_convert)
@@ -363,11 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("heal", help="fit a converted model's fused layers to the dense blocks they replace")
     p.add_argument("--model", required=True, help="a model written by `convert` (lfuc, prune or upcycle)")
     p.add_argument("--out", required=True, help="output directory (the healed Hugging Face checkpoint)")
-    p.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (default 8192; the last "
+    p.add_argument("--calib-tokens", type=POSITIVE, default=8192, help="calibration tokens (default 8192; the last "
                    "eighth is held out for early stopping)")
-    p.add_argument("--steps", type=int, default=150, help="distillation steps per block (default 150; 0: closed "
+    p.add_argument("--steps", type=NON_NEGATIVE, default=150, help="distillation steps per block (default 150; 0: closed "
                    "form only)")
-    p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (default 1e-4)")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=1e-4, help="distillation learning rate (default 1e-4)")
     p.add_argument("--attention", action="store_true", help="also train the host's attention and norms")
     p.add_argument("--calib-corpus", action="append", default=None,
                    help="calibration text: brown, olmo-passages, calibration (default) or a .txt/.jsonl/.parquet "
@@ -380,9 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, help="tasks, space or comma separated (default: "
                    "arc_easy hellaswag piqa); none: perplexity only")
-    p.add_argument("--limit", type=int, default=None, help="first N documents per task")
-    p.add_argument("--ppl-tokens", type=int, default=10240, help="held-out tokens for perplexity (default 10240)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=POSITIVE, default=None, help="first N documents per task")
+    p.add_argument("--ppl-tokens", type=POSITIVE, default=10240, help="held-out tokens for perplexity (default 10240)")
+    p.add_argument("--batch-size", type=POSITIVE, default=8)
     p.add_argument("--out", help="write the results as JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -392,39 +394,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", dest="corpora", action="append",
                    help="training text: brown, olmo-passages, or a .txt/.jsonl/.parquet file (repeatable; "
                         "default: brown and olmo-passages)")
-    p.add_argument("--tokens", type=int, default=200_000, help="training budget in tokens (default 200k)")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--micro-batch", type=int, default=4, help="sequences per forward pass")
-    p.add_argument("--global-batch", type=int, default=16, help="sequences per optimizer step (all processes)")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4, chosen by "
+    p.add_argument("--tokens", type=POSITIVE, default=200_000, help="training budget in tokens (default 200k)")
+    p.add_argument("--seq-len", type=POSITIVE, default=256)
+    p.add_argument("--micro-batch", type=POSITIVE, default=4, help="sequences per forward pass")
+    p.add_argument("--global-batch", type=POSITIVE, default=16, help="sequences per optimizer step (all processes)")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=3e-4, help="peak learning rate (default 3e-4, chosen by "
                    "bench/cpt_defaults_sweep.py)")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--min-lr-ratio", type=FRACTION, default=0.1, help="cosine floor as a fraction of --lr")
+    p.add_argument("--warmup-steps", type=NON_NEGATIVE, default=None, help="default: 5%% of the steps")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.0)
+    p.add_argument("--grad-clip", type=NON_NEGATIVE_FLOAT, default=1.0)
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 (autocast)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--train-only", default="all", help="all | moe (experts, shared experts, routers) | router")
-    p.add_argument("--balance-loss-weight", type=float, default=0.01, help="Switch load-balancing loss weight")
-    p.add_argument("--z-loss-weight", type=float, default=0.0, help="router z-loss weight (0: off)")
+    p.add_argument("--balance-loss-weight", type=NON_NEGATIVE_FLOAT, default=0.01, help="Switch load-balancing loss weight")
+    p.add_argument("--z-loss-weight", type=NON_NEGATIVE_FLOAT, default=0.0, help="router z-loss weight (0: off)")
     p.add_argument("--distill-from", default=None, help="teacher model: adds forward KL on logits")
-    p.add_argument("--distill-weight", type=float, default=0.5, help="loss = (1-w)·CE + w·KL when distilling")
-    p.add_argument("--teacher-topk", type=int, default=0, metavar="K",
+    p.add_argument("--distill-weight", type=FRACTION, default=0.5, help="loss = (1-w)·CE + w·KL when distilling")
+    p.add_argument("--teacher-topk", type=NON_NEGATIVE, default=0, metavar="K",
                    help="with --distill-from: run the teacher once per training chunk before training, keep its "
                         "top-K log-probabilities on disk and distill from those (reused by later runs on the "
                         "same data; 0, the default: the full teacher logits on every step)")
     p.add_argument("--teacher-cache", default=None, help="where --teacher-topk keeps them (default: the "
                    "d2m-export cache, $D2M_CACHE or ~/.cache/d2m-export)")
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every K steps")
-    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
+    p.add_argument("--save-every", type=POSITIVE, default=50, help="checkpoint every K steps")
+    p.add_argument("--keep-last", type=POSITIVE, default=2, help="checkpoints kept")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("profile", help="measure this machine (bandwidth and matmul probes) as a device profile")
-    p.add_argument("--threads", type=int, default=None, help="threads to measure with (default: all cores)")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="threads to measure with (default: all cores)")
     p.add_argument("--calibrate", nargs="+", default=None, metavar="EXPORT_DIR",
                    help="exports to bench for each runtime's efficiency (achieved ÷ roofline), e.g. dense onnx and gguf")
-    p.add_argument("--long-prompt-tokens", type=int, default=None, metavar="N",
+    p.add_argument("--long-prompt-tokens", type=POSITIVE, default=None, metavar="N",
                    help="with --calibrate: also bench at an N-token prompt, for a separate efficiency of the "
                         "KV-cache reads (e.g. 960; the exports need room for N + 64 tokens)")
     p.add_argument("--out", default="device_profiles/host.yaml")
@@ -441,29 +443,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", default="1.0,0.9,0.8,0.7")
     p.add_argument("--methods", default="lfuc,prune")
     p.add_argument("--targets", default="onnx")
-    p.add_argument("--cpt-tokens", type=int, default=None, help="also train each variant with this budget")
+    p.add_argument("--cpt-tokens", type=POSITIVE, default=None, help="also train each variant with this budget")
     p.add_argument("--tasks", nargs="+", default=None)
-    p.add_argument("--limit", type=int, default=100)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--limit", type=POSITIVE, default=100)
+    p.add_argument("--threads", type=POSITIVE, default=2)
     p.add_argument("--devices", nargs="+", default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="analyze → convert (LF-UC and pruning) → eval, and print the comparison")
     _add_model(p)
-    p.add_argument("--target-active-ratio", type=float, default=0.8)
+    p.add_argument("--target-active-ratio", type=RATIO, default=0.8)
     p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS)
-    p.add_argument("--limit", type=int, default=150)
-    p.add_argument("--heal-steps", type=int, default=150, help="distillation steps per healed block "
+    p.add_argument("--limit", type=POSITIVE, default=150)
+    p.add_argument("--heal-steps", type=NON_NEGATIVE, default=150, help="distillation steps per healed block "
                    "(default 150; 0: closed form only)")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("bench", help="speed of an export in its runtime (prefill, decode, peak RSS) as JSON")
     p.add_argument("dir", help="an export directory (from --target)")
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; medians are reported")
+    p.add_argument("--prompt-tokens", type=POSITIVE, default=64)
+    p.add_argument("--new-tokens", type=POSITIVE, default=64)
+    p.add_argument("--threads", type=POSITIVE, default=2)
+    p.add_argument("--repeats", type=POSITIVE, default=3, help="timed runs after one warm-up; medians are reported")
     p.add_argument("--runtime", default=None, help=RUNTIME_HELP)
     p.add_argument("--out", required=True, help="results JSON file")
     p.set_defaults(func=cmd_bench)
@@ -471,8 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="greedy text generation with an export, streamed")
     p.add_argument("dir", help="an export directory (from --target)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=64)
+    p.add_argument("--threads", type=POSITIVE, default=None)
     p.add_argument("--runtime", default=None, help=RUNTIME_HELP)
     p.set_defaults(func=cmd_generate)
     return parser
@@ -492,7 +494,10 @@ def task_list(values: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:          # --help, --version, or a bad flag (one line already printed): its exit code
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     from runtimes.base import show_native_logs
     show_native_logs(args.verbose)

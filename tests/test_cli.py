@@ -194,3 +194,23 @@ def test_latency_budget_bad_input(capsys, tiny_model_dir, tmp_path, argv, needle
                        "--out", tmp_path / "o")
     assert_user_error(code, err, needle)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--tokens", "-5"], "--tokens must be at least 1, not -5"),
+    (["convert", "--target-active-ratio", "1.5"], "--target-active-ratio must be in (0, 1], not 1.5"),
+    (["convert", "--target-active-ratio", "nan"], "--target-active-ratio expected a finite number"),
+    (["convert", "--top-k", "0"], "--top-k must be at least 1"),
+    (["heal", "--calib-tokens", "0"], "--calib-tokens must be at least 1"),
+    (["train", "--distill-weight", "1.5"], "--distill-weight must be in [0, 1]"),
+    (["train", "--lr=-1e-3"], "--lr must be in (0, ∞)"),
+    (["eval", "--limit", "ten"], "--limit expected an integer, not 'ten'"),
+    (["bench", "--repeats", "0"], "--repeats must be at least 1"),
+])
+def test_numeric_flags_are_checked_before_anything_is_loaded(capsys, tmp_path, argv, needle):
+    """The model named here does not exist: the flag's error must come first, and nothing is written."""
+    command, *flags = argv
+    where = [tmp_path / "export"] if command == "bench" else ["--model", tmp_path / "no-model"]
+    code, _, err = run(capsys, command, *where, *flags, "--out", tmp_path / "out")
+    assert_user_error(code, err, needle)
+    assert list(tmp_path.iterdir()) == []

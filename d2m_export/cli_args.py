@@ -1,0 +1,63 @@
+"""Flag types that validate while the command line is parsed, before any model is loaded or any file
+written, and a parser whose errors are one line (`d2m-export: error: ...`, exit 2)."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints its usage block before the error; we print the error alone, with where to look."""
+
+    def error(self, message: str):
+        flag, sep, rest = message.removeprefix("argument ").partition(": ")
+        if message.startswith("argument -") and sep:       # "argument --tokens: must be ..." -> "--tokens must be ..."
+            message = f"{flag.split('/')[-1]} {rest}"
+        print(f"d2m-export: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _number(kind, text: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, not {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, not {text!r}")
+    return value
+
+
+def int_at_least(low: int):
+    def parse(text: str) -> int:
+        value = _number(int, text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        return value
+    parse.__name__ = f"integer ≥ {low}"
+    return parse
+
+
+def float_in(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False):
+    """A finite float in [low, high] (an open end where asked; None: unbounded)."""
+    def parse(text: str) -> float:
+        value = _number(float, text)
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            lo = "-∞" if low is None else f"{low:g}"
+            hi = "∞" if high is None else f"{high:g}"
+            raise argparse.ArgumentTypeError(f"must be in {'(' if low_open or low is None else '['}{lo}, {hi}"
+                                             f"{')' if high_open or high is None else ']'}, not {value:g}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE = int_at_least(1)
+NON_NEGATIVE = int_at_least(0)
+POSITIVE_FLOAT = float_in(0, None, low_open=True)
+NON_NEGATIVE_FLOAT = float_in(0, None)
+FRACTION = float_in(0, 1)                              # [0, 1]
+RATIO = float_in(0, 1, low_open=True)                  # (0, 1]
+FINITE = float_in()
