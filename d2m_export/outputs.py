@@ -16,6 +16,7 @@ from d2m_export import __version__
 from d2m_export.errors import UserError
 
 MARKER = ".d2m-export"
+OWNER = ".d2m-export.pid"       # inside a temporary directory: the process writing it
 GENERATOR = "d2m-export"
 
 
@@ -30,15 +31,46 @@ def check_output_dir(out: Path) -> None:
         raise UserError(f"--out {out} exists and was not written by d2m-export; pick another path or remove it")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Temporary siblings of `out` left by a killed run of ours (their writer is dead), removed. A sibling
+    without our owner file, or whose writer still runs, is left alone."""
+    removed = []
+    for path in list(out.parent.glob(f".{out.name}.tmp-*")) + list(out.parent.glob(f".{out.name}.old-*")):
+        owner = path / OWNER if (path / OWNER).is_file() else None
+        try:
+            pid = int(owner.read_text().split()[0]) if owner else int(path.name.rsplit("-", 1)[1])
+        except (ValueError, IndexError, OSError):
+            continue
+        ours = owner is not None or (path / MARKER).is_file()     # an .old-PID directory is a finished output of ours
+        if ours and not _alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path):
-    """Yield a temporary sibling directory; on success it replaces `out` in one rename."""
+    """Yield a temporary sibling directory; on success it replaces `out` in one rename. Temporaries
+    that a killed earlier run left beside `out` are cleaned first."""
     out = Path(out)
     check_output_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    (tmp / OWNER).write_text(f"{os.getpid()}\n")
     try:
         yield tmp
+        (tmp / OWNER).unlink(missing_ok=True)
         (tmp / MARKER).write_text(f"{GENERATOR} {__version__}\n")
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -1,0 +1,78 @@
+"""SIGKILL while a stage writes its output: nothing that looks complete at --out, and the next run into
+the same --out works, cleaning the temporary directory the killed run left (never somebody else's).
+
+Training's SIGKILL-then-resume is tested in test_train.py."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import save_with_tokenizer, tiny_dense
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAN = "blocks:\n  - {host: 1, donors: [2, 3]}\n"
+
+
+def cli(*argv) -> list[str]:
+    return [sys.executable, "-m", "d2m_export.cli", *map(str, argv)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("crash")
+    dense = save_with_tokenizer(tiny_dense("llama"), root / "dense", tokenizer_dir)
+    (root / "plan.yaml").write_text(PLAN)
+    fused = root / "lfuc"
+    res = subprocess.run(cli("convert", "--model", dense, "--plan", root / "plan.yaml", "--out", fused),
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return {"dense": dense, "lfuc": fused, "plan": root / "plan.yaml"}
+
+
+STAGES = {
+    "convert": lambda m: ["convert", "--model", m["dense"], "--plan", m["plan"]],
+    "heal": lambda m: ["heal", "--model", m["lfuc"], "--calib-tokens", 1024, "--steps", 5],
+    "onnx": lambda m: ["--target", "onnx", "--model", m["lfuc"], "--threads", 1],
+    "gguf": lambda m: ["--target", "gguf", "--model", m["lfuc"], "--threads", 1],
+    "executorch": lambda m: ["--target", "executorch", "--model", m["lfuc"], "--threads", 1],
+    "coreml": lambda m: ["--target", "coreml", "--model", m["lfuc"]],
+}
+COMPLETE = {"convert": "d2m_plan.json", "heal": "d2m_plan.json"}         # exports: manifest.json
+
+
+def ours(out: Path, foreign: Path) -> list[Path]:
+    return [p for p in out.parent.glob(f".{out.name}.tmp-*") if p != foreign]
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_sigkill_leaves_nothing_complete_and_the_next_run_cleans_up(models, tmp_path, stage):
+    if stage in ("executorch", "coreml"):
+        pytest.importorskip(stage if stage == "executorch" else "coremltools")
+    out = tmp_path / "out"
+    foreign = tmp_path / ".out.tmp-someone-else"           # looks like ours by name, but has no owner file
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("not d2m-export's")
+    argv = [*STAGES[stage](models), "--out", out]
+
+    proc = subprocess.Popen(cli(*argv), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not ours(out, foreign):                          # the run is writing its temporary output: kill it there
+        assert proc.poll() is None and time.time() < deadline, f"{stage} ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), f"a killed {stage} left {sorted(p.name for p in out.iterdir())} at --out"
+    assert ours(out, foreign), "the killed run's temporary directory should still be there, for the next run to clean"
+
+    res = subprocess.run(cli(*argv), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (out / COMPLETE.get(stage, "manifest.json")).is_file() and (out / ".d2m-export").is_file()
+    assert not ours(out, foreign)                          # the stale temporary of ours is gone
+    assert (foreign / "keep.txt").read_text() == "not d2m-export's"
+    assert not list(tmp_path.glob(".out.old-*"))
