@@ -30,9 +30,17 @@ def save(out: Path, step: int, model, optimizer, scheduler, meta: dict, keep_las
         if v.data_ptr() not in seen:
             seen.add(v.data_ptr())
             unique[k] = v
-    save_file(unique, tmp / "model.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-    (tmp / "trainer.json").write_text(json.dumps({**meta, "step": step}, indent=2))  # written last: marks complete
+    try:
+        save_file(unique, tmp / "model.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        (tmp / "trainer.json").write_text(json.dumps({**meta, "step": step}, indent=2))  # written last: marks complete
+    except Exception as e:      # a full disk surfaces as OSError, or RuntimeError from torch's writer
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = checkpoint_dirs(out)
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]) or type(e).__name__
+        raise UserError(f"cannot write the step-{step} checkpoint into {root} ({reason}); "
+                        + (f"{previous[-1].name} is intact: free space and rerun with --resume" if previous
+                           else "no earlier checkpoint")) from None
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in checkpoint_dirs(out)[:-keep_last]:

@@ -519,14 +519,25 @@ def main(argv: list[str] | None = None) -> int:
             args.tasks = task_list(args.tasks)
         return args.func(args)
     except UserError as e:
+        _close_progress_bars()
         print(f"d2m-export: error: {e}", file=sys.stderr)
         return 2
     except ParityError as e:
+        _close_progress_bars()
         print(f"d2m-export: parity check failed: {e}", file=sys.stderr)
         return 1
     except OSError as e:       # an unwritable or impossible output path, a full disk
+        _close_progress_bars()
         print(f"d2m-export: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         return 2
+
+
+def _close_progress_bars() -> None:
+    """A bar still open when an error stops the work would put the error on the bar's own line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":
