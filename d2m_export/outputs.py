@@ -41,20 +41,34 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _writer_pid(path: Path) -> int | None:
+    """The pid of the run that wrote a temporary of ours: from its owner file, else from its name
+    (`.NAME.tmp-PID-xxxx`, `.NAME.old-PID`)."""
+    try:
+        if (path / OWNER).is_file():
+            return int((path / OWNER).read_text().split()[0])
+        return int(path.name.rsplit(".", 1)[1].split("-")[1])
+    except (ValueError, IndexError, OSError):
+        return None
+
+
 def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Temporary siblings of `out` left by a killed run of ours (their writer is dead), removed. A sibling
-    without our owner file, or whose writer still runs, is left alone."""
+    """Temporary siblings of `out` left by a killed run of ours (their writer is dead), removed: those
+    with our owner file or completion marker. One killed before it wrote its owner file is empty, and
+    only removed as such (rmdir); anything else, or one whose writer still runs, is left alone."""
     removed = []
     for path in list(out.parent.glob(f".{out.name}.tmp-*")) + list(out.parent.glob(f".{out.name}.old-*")):
-        owner = path / OWNER if (path / OWNER).is_file() else None
-        try:
-            pid = int(owner.read_text().split()[0]) if owner else int(path.name.rsplit("-", 1)[1])
-        except (ValueError, IndexError, OSError):
+        pid = _writer_pid(path)
+        if pid is None or _alive(pid):
             continue
-        ours = owner is not None or (path / MARKER).is_file()     # an .old-PID directory is a finished output of ours
-        if ours and not _alive(pid):
+        if (path / OWNER).is_file() or (path / MARKER).is_file():
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+        else:
+            try:
+                path.rmdir()            # fails unless empty: never someone else's files
+            except OSError:
+                continue
+        removed.append(path)
     return removed
 
 
@@ -66,7 +80,7 @@ def atomic_dir(out: Path):
     check_output_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     (tmp / OWNER).write_text(f"{os.getpid()}\n")
     try:
         yield tmp

@@ -76,3 +76,30 @@ def test_sigkill_leaves_nothing_complete_and_the_next_run_cleans_up(models, tmp_
     assert not ours(out, foreign)                          # the stale temporary of ours is gone
     assert (foreign / "keep.txt").read_text() == "not d2m-export's"
     assert not list(tmp_path.glob(".out.old-*"))
+
+
+def test_stale_temporaries_of_dead_runs_go_and_nothing_else(tmp_path):
+    """Including a run killed between creating its temporary and writing its owner file (empty, pid in
+    the name), which the SIGKILL tests can hit on a loaded machine."""
+    from d2m_export.outputs import OWNER, remove_stale_temporaries
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    d, live = tmp_path, os.getpid()
+
+    def make(name: str, owner: int | None = None, files: tuple[str, ...] = ()) -> None:
+        (d / name).mkdir()
+        if owner is not None:
+            (d / name / OWNER).write_text(f"{owner}\n")
+        for f in files:
+            (d / name / f).write_text("x")
+
+    make(f".out.tmp-{dead.pid}-a")                                  # killed before its owner file: empty
+    make(f".out.tmp-{dead.pid}-b", owner=dead.pid, files=("model.onnx",))
+    make(f".out.tmp-{dead.pid}-c", files=("theirs.txt",))           # no owner file and not empty: not ours
+    make(".out.tmp-someone-else", files=("keep.txt",))
+    make(f".out.tmp-{live}-d", owner=live)                          # its writer still runs
+    removed = remove_stale_temporaries(d / "out")
+    assert sorted(p.name for p in removed) == [f".out.tmp-{dead.pid}-a", f".out.tmp-{dead.pid}-b"]
+    assert sorted(p.name for p in d.iterdir()) == sorted([f".out.tmp-{dead.pid}-c", ".out.tmp-someone-else",
+                                                          f".out.tmp-{live}-d"])
