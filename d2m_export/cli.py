@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     how = p.add_mutually_exclusive_group()
     how.add_argument("--plan", type=Path, help="YAML/JSON plan: blocks: [{host: 10, donors: [11, 12]}]")
     how.add_argument("--target-active-ratio", type=RATIO, help="active decode weights ÷ dense (default 0.8)")
-    how.add_argument("--threshold", type=FRACTION, help="fuse every block whose angular distance is at most δ")
+    how.add_argument("--threshold", type=POSITIVE_FLOAT, help="fuse every block whose angular distance is at most δ")
     how.add_argument("--latency-budget-ms", type=POSITIVE_FLOAT,
                      help="fuse as little as meets this roofline decode time per token on --device")
     p.add_argument("--device", help="with --latency-budget-ms: a profile in device_profiles/ or a YAML path")

@@ -44,6 +44,8 @@ def float_in(low: float | None = None, high: float | None = None, low_open: bool
         value = _number(float, text)
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low and low == 0 and low_open and high is None:
+            raise argparse.ArgumentTypeError(f"must be positive, not {value:g}")
         if too_low or too_high:
             lo = "-∞" if low is None else f"{low:g}"
             hi = "∞" if high is None else f"{high:g}"

@@ -203,7 +203,7 @@ def test_latency_budget_bad_input(capsys, tiny_model_dir, tmp_path, argv, needle
     (["convert", "--top-k", "0"], "--top-k must be at least 1"),
     (["heal", "--calib-tokens", "0"], "--calib-tokens must be at least 1"),
     (["train", "--distill-weight", "1.5"], "--distill-weight must be in [0, 1]"),
-    (["train", "--lr=-1e-3"], "--lr must be in (0, ∞)"),
+    (["train", "--lr=-1e-3"], "--lr must be positive, not -0.001"),
     (["eval", "--limit", "ten"], "--limit expected an integer, not 'ten'"),
     (["bench", "--repeats", "0"], "--repeats must be at least 1"),
 ])
