@@ -119,14 +119,12 @@ def model_record(model_dir: Path) -> tuple[str | None, dict | None]:
     return record.get("base_model"), record.get("plan")
 
 
-def copy_tokenizer(model_dir: Path, out_tmp: Path, exporter: Exporter | None = None) -> list[str]:
+def copy_tokenizer(model_dir: Path, out_tmp: Path) -> list[str]:
     """The tokenizer files, and the model's config.json / generation_config.json, which optimum's
     ORTModelForCausalLM and ExecuTorchModelForCausalLM read beside the artifact."""
     for name in CONFIG_FILES:
         if (Path(model_dir) / name).is_file():
             shutil.copy2(Path(model_dir) / name, Path(out_tmp) / name)
-    if exporter is not None and (Path(out_tmp) / "config.json").is_file():
-        exporter.adapt_config(Path(out_tmp))
     copied = []
     for name in TOKENIZER_FILES:
         if (Path(model_dir) / name).is_file():
@@ -177,11 +175,13 @@ def export(target: str, model_spec, quant: str | None, out: Path, threads: int |
             # what the export holds: its KV cache / position table where it has one, else the model's
             "context_length": details.get("max_seq_len") or details.get("max_positions")
                               or config.get("max_position_embeddings"),
-            "tokenizer": copy_tokenizer(model_dir, tmp, exporter),
+            "tokenizer": copy_tokenizer(model_dir, tmp),
             "sizes_mb": {f: round(path_bytes(tmp / f) / 2**20, 2) for f in files},
             exporter.name: details,
             "parity": None,
         }
+        if (tmp / "config.json").is_file():
+            exporter.adapt_config(tmp)
         _write_manifest(tmp, manifest)           # the runner reads it to load the export
         export_s = time.time() - t0
         manifest["parity"] = exporter.parity(model_dir, tmp, quant, threads=threads, new_tokens=new_tokens)
