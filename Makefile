@@ -47,7 +47,7 @@ $(OPTIMUM_VENV)/.ready: $(STAMP)
 optimum-env: $(OPTIMUM_VENV)/.ready
 
 test: assets chromium optimum-env
-	$(PY) -m pytest -q -x --timeout=1800
+	$(PY) -m pytest -q -x --timeout=1800 --hypothesis-show-statistics   # property tests: examples run, per test
 
 clean:
 	rm -rf $(VENV) $(OPTIMUM_VENV) runs .pytest_cache

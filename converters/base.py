@@ -17,7 +17,7 @@ from pathlib import Path
 
 from d2m_export.errors import UserError
 from d2m_export.models import model_label, read_config, resolve_model
-from d2m_export.outputs import GENERATOR, atomic_dir, check_output_dir
+from d2m_export.outputs import GENERATOR, atomic_dir, check_output_dir, file_checksums
 
 TARGETS: dict[str, "Exporter"] = {}
 MANIFEST = "manifest.json"
@@ -188,5 +188,7 @@ def export(target: str, model_spec, quant: str | None, out: Path, threads: int |
         if (verification := exporter.verification(tmp, manifest)) is not None:
             manifest["verification"] = verification
         manifest["wall_s"] = {"export": round(export_s, 1), "parity": round(time.time() - t0 - export_s, 1)}
+        # runners check these before a runtime parses the files (a damaged file can crash a native parser)
+        manifest["checksums"] = file_checksums(tmp, skip=(MANIFEST,))
         _write_manifest(tmp, manifest)
     return manifest

@@ -17,7 +17,11 @@ RoPE is NEOX. Its pitfalls, each handled below:
 5. a MoE layer without shared-expert tensors would add silu(x) (llama.cpp's FFN with no
    weights is the activation alone), so the routed-host variant gets a zero shared expert of
    width 1;
-6. `output.weight` is required (no fallback to the token embedding): tied models store a copy.
+6. `output.weight` is required (no fallback to the token embedding): tied models store a copy;
+7. q/k/v biases (LF-UC of a Qwen2 model) are optional step35 tensors, added by llama.cpp's shared
+   q/k/v projection (`build_qkv`) in the llama.cpp that llama-cpp-python 0.3.36 bundles. A build
+   whose step35 graph projects without them would run such a file with the biases left out:
+   the manifest names the llama.cpp it was checked with (`gguf.checked_with`).
 """
 from __future__ import annotations
 
@@ -217,9 +221,6 @@ class GGUFExporter(Exporter):
             raise UserError("Qwen2 models with use_sliding_window are not supported by the gguf target yet")
         state, cfg = load_state(model_dir)
         arch = ARCHS[model_type]
-        if arch == "step35" and any(k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) for k in state):
-            raise UserError("this MoE model has attention biases (it came from Qwen2), which llama.cpp's step35 "
-                            "architecture, the only one that mixes dense and MoE layers, does not have")
         filename = f"model-{quant}.gguf"
         written = "model-f32.source.gguf" if quant in K_QUANTS else filename
         writer = gguf.GGUFWriter(Path(out_tmp) / written, arch)
@@ -248,7 +249,8 @@ class GGUFExporter(Exporter):
             "quantized_by": "llama.cpp's quantizer, from f32" if quant in K_QUANTS else "d2m-export (gguf-py)",
             "architecture": arch, "tokenizer_pre": pre, "tensor_types": types, "quant_fallbacks": deviations,
             # step35 has no fallback from the LM head to the token embedding: tied models store it twice
-            "output_copies_embedding": arch == "step35" and bool(cfg.tie_word_embeddings)}
+            "output_copies_embedding": arch == "step35" and bool(cfg.tie_word_embeddings),
+            "checked_with": checked_with()}
         return [filename]
 
     def details(self, out_tmp: Path, files: list[str]) -> dict:
@@ -271,6 +273,15 @@ def llama_quantize(src: Path, dst: Path, file_type: int) -> None:
     if status != 0:
         raise UserError(f"llama.cpp's quantizer failed on {src.name} (status {status}); rerun with -v to see its log")
     src.unlink()
+
+
+def checked_with() -> str | None:
+    """The llama.cpp the parity check runs (llama-cpp-python's bundled build), when it is installed."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return f"llama-cpp-python {version('llama_cpp_python')}"
+    except PackageNotFoundError:
+        return None
 
 
 def tensor_types(path: Path) -> dict[str, int]:

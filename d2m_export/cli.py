@@ -9,8 +9,8 @@ import warnings
 from pathlib import Path
 
 from d2m_export import __version__
-from d2m_export.cli_args import (FINITE, FRACTION, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_FLOAT, RATIO,
-                                 OneLineParser, float_in)
+from d2m_export.cli_args import (CALIB_TOKENS, FINITE, FRACTION, HEAL_TOKENS, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE,
+                                 POSITIVE_FLOAT, PPL_TOKENS, RATIO, OneLineParser, float_in)
 from d2m_export.errors import ParityError, UserError
 
 DEFAULT_TASKS = ["arc_easy", "hellaswag", "piqa"]
@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="score layer blocks for redundancy (JSON + heatmap)")
     _add_model(p)
-    p.add_argument("--calib-tokens", type=POSITIVE, default=2048, help="calibration tokens (Brown corpus; default 2048)")
+    p.add_argument("--calib-tokens", type=CALIB_TOKENS, default=2048, help="calibration tokens (Brown corpus; default 2048)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_analyze)
 
@@ -337,15 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-search", default="metric",
                    help="metric (default: angular-distance greedy) | loss (lfuc, prune: grow the plan one layer at a "
                         "time by the calibration KL to the dense model; with --threshold, δ is that KL)")
-    p.add_argument("--search-tokens", type=POSITIVE, default=1024, help="with --plan-search loss: calibration tokens "
+    p.add_argument("--search-tokens", type=CALIB_TOKENS, default=1024, help="with --plan-search loss: calibration tokens "
                    "(default 1024)")
     p.add_argument("--heal", action="store_true", help="heal the converted model locally before writing it "
                    "(the `heal` stage: closed-form fit, then block-wise distillation)")
-    p.add_argument("--heal-tokens", type=POSITIVE, default=None, help="with --heal: calibration tokens (default 8192)")
+    p.add_argument("--heal-tokens", type=HEAL_TOKENS, default=None, help="with --heal: calibration tokens (default 8192)")
     p.add_argument("--heal-steps", type=NON_NEGATIVE, default=None, help="with --heal: distillation steps per block "
                    "(default 150; 0: closed form only)")
     p.add_argument("--analysis", type=Path, help="reuse a similarity.json from `analyze` instead of recalibrating")
-    p.add_argument("--calib-tokens", type=POSITIVE, default=2048)
+    p.add_argument("--calib-tokens", type=CALIB_TOKENS, default=2048)
     p.add_argument("--max-block", type=POSITIVE, default=4, help="longest block considered, in layers (default 4)")
     p.add_argument("--min-mlp-cos", type=float_in(-1, 1), default=-1.0, help="skip blocks whose MLP-input cosine is lower")
     p.add_argument("--host-mode", default="routed", help="routed (default: the host MLP is one of the routed "
@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("heal", help="fit a converted model's fused layers to the dense blocks they replace")
     p.add_argument("--model", required=True, help="a model written by `convert` (lfuc, prune or upcycle)")
     p.add_argument("--out", required=True, help="output directory (the healed Hugging Face checkpoint)")
-    p.add_argument("--calib-tokens", type=POSITIVE, default=8192, help="calibration tokens (default 8192; the last "
+    p.add_argument("--calib-tokens", type=HEAL_TOKENS, default=8192, help="calibration tokens (default 8192; the last "
                    "eighth is held out for early stopping)")
     p.add_argument("--steps", type=NON_NEGATIVE, default=150, help="distillation steps per block (default 150; 0: closed "
                    "form only)")
@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, help="tasks, space or comma separated (default: "
                    "arc_easy hellaswag piqa); none: perplexity only")
     p.add_argument("--limit", type=POSITIVE, default=None, help="first N documents per task")
-    p.add_argument("--ppl-tokens", type=POSITIVE, default=10240, help="held-out tokens for perplexity (default 10240)")
+    p.add_argument("--ppl-tokens", type=PPL_TOKENS, default=10240, help="held-out tokens for perplexity (default 10240)")
     p.add_argument("--batch-size", type=POSITIVE, default=8)
     p.add_argument("--out", help="write the results as JSON")
     p.set_defaults(func=cmd_eval)

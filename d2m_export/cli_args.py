@@ -10,6 +10,13 @@ import sys
 class OneLineParser(argparse.ArgumentParser):
     """argparse prints its usage block before the error; we print the error alone, with where to look."""
 
+    def parse_known_args(self, args=None, namespace=None):
+        for arg in sys.argv[1:] if args is None else args:
+            flag, sep, value = str(arg).partition("=")
+            if flag.startswith("--") and sep and value == "--":   # argparse would drop the "--" and keep the default
+                self.error(f"argument {flag}: expected a value, not '--'")
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str):
         flag, sep, rest = message.removeprefix("argument ").partition(": ")
         if message.startswith("argument -") and sep:       # "argument --tokens: must be ..." -> "--tokens must be ..."
@@ -28,13 +35,15 @@ def _number(kind, text: str):
     return value
 
 
-def int_at_least(low: int):
+def int_at_least(low: int, why: str = ""):
+    """An integer ≥ low; `why` says where the floor comes from (shown in the error)."""
     def parse(text: str) -> int:
         value = _number(int, text)
         if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+            raise argparse.ArgumentTypeError(f"must be at least {low}{f' ({why})' if why else ''}, not {value}")
         return value
     parse.__name__ = f"integer ≥ {low}"
+    parse.bounds, parse.open_low, parse.open_high = (low, None, True), False, False   # read by the property tests
     return parse
 
 
@@ -53,6 +62,7 @@ def float_in(low: float | None = None, high: float | None = None, low_open: bool
                                              f"{')' if high_open or high is None else ']'}, not {value:g}")
         return value
     parse.__name__ = "number"
+    parse.bounds, parse.open_low, parse.open_high = (low, high, False), low_open, high_open
     return parse
 
 
@@ -63,3 +73,8 @@ NON_NEGATIVE_FLOAT = float_in(0, None)
 FRACTION = float_in(0, 1)                              # [0, 1]
 RATIO = float_in(0, 1, low_open=True)                  # (0, 1]
 FINITE = float_in()
+# Token budgets hold at least one window of the stage's text (calibration.calibration_ids: 256;
+# heal.WINDOW: 256, one window fitted and one held out; evaluation.perplexity: 512)
+CALIB_TOKENS = int_at_least(256, "one calibration window")
+HEAL_TOKENS = int_at_least(512, "one window to fit, one held out")
+PPL_TOKENS = int_at_least(512, "one perplexity window")

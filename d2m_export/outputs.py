@@ -127,3 +127,37 @@ def write_json(path: Path, payload: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+
+def _checksum(path: Path) -> dict:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def file_checksums(root: Path, skip: tuple[str, ...] = ()) -> dict[str, dict]:
+    """{relative path: {bytes, sha256}} of every file under `root` except our markers and `skip`."""
+    return {p.relative_to(root).as_posix(): _checksum(p) for p in sorted(Path(root).rglob("*"))
+            if p.is_file() and p.name not in (MARKER, OWNER) and p.relative_to(root).as_posix() not in skip}
+
+
+def verify_checksums(root: Path, recorded) -> None:
+    """A one-line UserError unless every recorded file is there and unchanged. Runs before a runtime
+    parses the files: a damaged file can crash a native parser outright."""
+    if not isinstance(recorded, dict) or not all(isinstance(k, str) and isinstance(v, dict)
+                                                 for k, v in recorded.items()):
+        raise UserError(f"{root}/manifest.json has a malformed 'checksums' entry; export again")
+    for rel, want in recorded.items():
+        path = Path(root) / rel
+        if not path.is_file() or Path(root).resolve() not in path.resolve().parents:
+            raise UserError(f"{root}: {rel} is missing; export again")
+        got = _checksum(path)
+        if got != want:
+            what = "size" if got["bytes"] != want.get("bytes") else "contents"
+            raise UserError(f"{root}: {rel} is damaged (its {what} differ from those recorded at export); "
+                            "export again")

@@ -77,6 +77,8 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
         heal.validate({"calib_tokens": "--heal-tokens", "steps": "--heal-steps"})
     latency_ms = _latency_model(latency_budget_ms, device, precision, context, runtime)
     plan_data = read_plan_file(plan_file) if plan_file else None
+    if plan_data is not None:
+        Plan.from_dict(plan_data, method=method.name, num_layers=1)    # its structure, before the model loads
     check_output_dir(out)
     t0 = time.time()
     model, tokenizer, _ = load_model(model_spec)

@@ -5,6 +5,7 @@ A plan is plain data (it round-trips through `d2m_plan.json`); methods turn it i
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,10 +34,18 @@ class Options:
             raise UserError(f"--host-mode must be shared or routed, not {self.host_mode!r}")
         if self.router_init not in ("zero", "calibrated"):
             raise UserError(f"--router-init must be zero or calibrated, not {self.router_init!r}")
-        if self.top_k < 1:
-            raise UserError(f"--top-k must be at least 1, not {self.top_k}")
-        if self.num_experts is not None and self.num_experts < self.top_k:
-            raise UserError(f"--num-experts {self.num_experts} is below --top-k {self.top_k}")
+        if not _is_int(self.top_k) or self.top_k < 1:
+            raise UserError(f"--top-k must be an integer of at least 1, not {self.top_k!r}")
+        if self.num_experts is not None and (not _is_int(self.num_experts) or self.num_experts < self.top_k):
+            raise UserError(f"--num-experts {self.num_experts!r} must be an integer, at least --top-k {self.top_k}")
+        for name in ("alpha", "beta"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+                raise UserError(f"--{name} must be a finite number, not {value!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -73,22 +82,39 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict, method: str | None = None, num_layers: int | None = None) -> "Plan":
-        try:
-            blocks = [Block(host=b["host"], donors=list(b.get("donors", []))) if isinstance(b, dict)
-                      else Block(host=list(b)[0], donors=list(b)[1:]) for b in d.get("blocks", [])]
-            options = Options(**d.get("options", {}))
-        except (KeyError, TypeError, IndexError) as e:
-            raise UserError(f"plan is malformed ({e}); expected blocks: [{{host: 3, donors: [4, 5]}}, ...]") from None
-        return cls(method=method or d.get("method", "lfuc"), num_layers=num_layers or d["num_layers"],
-                   blocks=blocks, options=options)
+        example = "expected blocks: [{host: 3, donors: [4, 5]}, ...]"
+        if not isinstance(d.get("blocks"), list):
+            raise UserError(f"plan has no 'blocks' list; {example}")
+        if unknown := set(d) - {"method", "num_layers", "blocks", "options"}:
+            raise UserError(f"plan has unknown key(s) {', '.join(sorted(map(str, unknown)))}; {example}")
+        blocks = []
+        for b in d["blocks"]:
+            if isinstance(b, dict) and set(b) <= {"host", "donors"} and "host" in b and isinstance(b.get("donors", []), list):
+                host, donors = b["host"], list(b.get("donors", []))
+            elif isinstance(b, list) and b:
+                host, donors = b[0], b[1:]
+            else:
+                raise UserError(f"plan block {b!r} is malformed; {example}")
+            if not all(map(_is_int, [host, *donors])):
+                raise UserError(f"plan block {b!r}: layers are integers")
+            blocks.append(Block(host=host, donors=donors))
+        options = d.get("options", {})
+        if not isinstance(options, dict) or not set(options) <= set(Options.__dataclass_fields__):
+            raise UserError(f"plan options {options!r} are malformed; known options: "
+                            f"{', '.join(Options.__dataclass_fields__)}")
+        num_layers = num_layers or d.get("num_layers")
+        if not _is_int(num_layers):
+            raise UserError(f"plan has no valid num_layers ({num_layers!r})")
+        return cls(method=method or d.get("method", "lfuc"), num_layers=num_layers, blocks=blocks,
+                   options=Options(**options))
 
 
 def read_plan_file(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--plan {path} not found")
-    text = path.read_text()
     try:
+        text = path.read_bytes().decode("utf-8")
         if path.suffix in (".yaml", ".yml"):
             import yaml
             data = yaml.safe_load(text)
@@ -98,4 +124,7 @@ def read_plan_file(path: Path) -> dict:
         raise UserError(f"--plan {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"--plan {path}: expected a mapping with a 'blocks' list")
-    return data.get("plan", data)   # accept a d2m_plan.json as a plan file too
+    data = data.get("plan", data)   # accept a d2m_plan.json as a plan file too
+    if not isinstance(data, dict):
+        raise UserError(f"--plan {path}: 'plan' is not a mapping with a 'blocks' list")
+    return data

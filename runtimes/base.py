@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from d2m_export.errors import UserError
+from d2m_export.outputs import verify_checksums
 
 RUNNERS: dict[str, type["Runner"]] = {}
 MANIFEST = "manifest.json"
@@ -164,8 +165,11 @@ def read_manifest(export_dir: Path) -> dict:
         manifest = json.loads(path.read_text())
     except ValueError as e:
         raise UserError(f"{path} is corrupt ({e})") from None
-    if not isinstance(manifest, dict) or "target" not in manifest:
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("target"), str):
         raise UserError(f"{path} names no target")
+    files = manifest.get("files")
+    if not (isinstance(files, list) and files and all(isinstance(f, str) for f in files)):
+        raise UserError(f"{path} lists no files; export again")
     return manifest
 
 
@@ -193,6 +197,8 @@ def runner_class(target: str, runtime: str | None = None) -> type[Runner]:
 def load_runner(export_dir: Path, threads: int | None = None, runtime: str | None = None, **options) -> Runner:
     """The runner for an export directory, chosen by its manifest's `target` (or named by `runtime`), loaded."""
     manifest = read_manifest(export_dir)
+    if "checksums" in manifest:               # absent while the export's own parity check runs
+        verify_checksums(export_dir, manifest["checksums"])
     runner = runner_class(manifest["target"], runtime)(threads=threads, **options)
     runner.manifest = manifest
     return runner.load(Path(export_dir))

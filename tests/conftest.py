@@ -88,3 +88,11 @@ def export_with_cli(capsys, target, model_dir, out, quant=None):
                            "--threads", 2, "--out", out)
     assert code == 0, err
     return json.loads((out / "manifest.json").read_text())
+
+
+# Property-based tests: a small budget by default (CI), `--hypothesis-profile long` for a longer local run
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("ci", max_examples=100, derandomize=True, print_blob=True)
+_hypothesis_settings.register_profile("long", max_examples=1000, print_blob=True)
+_hypothesis_settings.load_profile("ci")

@@ -89,10 +89,18 @@ def test_unsupported_architecture(capsys, tmp_path):
     ("blocks:\n  - {host: 1, donors: [2, 3]}\n  - {host: 3, donors: [4]}\n", "overlap"),
     ("blocks:\n  - {host: 1, donors: [3]}\n", "right after the host"),
     ("blocks: [", "not valid"),
+    # found by tests/test_properties.py:
+    (b"\x80", "not valid"),                                        # not UTF-8 (was a traceback)
+    ("{}", "no 'blocks' list"),                                     # was accepted as an empty plan
+    ("blocks:\n  - {host: 1, donor: [2]}\n", "malformed"),          # a misspelt key was ignored
+    ("blocks: [[1, true]]\n", "layers are integers"),
+    ("blocks: [{host: 1, donors: [2]}]\noptions: {top_k: x}\n", "--top-k must be an integer"),
+    ("blocks: [{host: 1, donors: [2]}]\noptions: {alpha: .nan}\n", "--alpha must be a finite number"),
+    ("blocks: [{host: 1, donors: [2]}]\nplan: 3\n", "'plan' is not a mapping"),
 ])
 def test_bad_plans(capsys, tiny_model_dir, tmp_path, plan_text, needle):
     plan = tmp_path / "plan.yaml"
-    plan.write_text(plan_text)
+    plan.write_bytes(plan_text if isinstance(plan_text, bytes) else plan_text.encode())
     code, _, err = run(capsys, "convert", "--model", tiny_model_dir, "--plan", plan, "--out", tmp_path / "o")
     assert_user_error(code, err, needle)
     assert not (tmp_path / "o").exists()
@@ -201,7 +209,11 @@ def test_latency_budget_bad_input(capsys, tiny_model_dir, tmp_path, argv, needle
     (["convert", "--target-active-ratio", "1.5"], "--target-active-ratio must be in (0, 1], not 1.5"),
     (["convert", "--target-active-ratio", "nan"], "--target-active-ratio expected a finite number"),
     (["convert", "--top-k", "0"], "--top-k must be at least 1"),
-    (["heal", "--calib-tokens", "0"], "--calib-tokens must be at least 1"),
+    (["heal", "--calib-tokens", "0"], "--calib-tokens must be at least 512 (one window to fit, one held out)"),
+    # found by tests/test_properties.py (were errors about a "window" after the model had loaded):
+    (["convert", "--calib-tokens", "64"], "--calib-tokens must be at least 256 (one calibration window)"),
+    (["eval", "--ppl-tokens", "256"], "--ppl-tokens must be at least 512 (one perplexity window)"),
+    (["train", "--seq-len=--"], "--seq-len expected a value"),     # argparse dropped "--" and kept the default
     (["train", "--distill-weight", "1.5"], "--distill-weight must be in [0, 1]"),
     (["train", "--lr=-1e-3"], "--lr must be positive, not -0.001"),
     (["eval", "--limit", "ten"], "--limit expected an integer, not 'ten'"),

@@ -1,7 +1,8 @@
 """GGUF export run in stock llama.cpp (llama-cpp-python), checked against transformers independently.
 
 Tiny random models: a dense Llama and Qwen2, and LF-UC Qwen2MoE conversions of the Llama (shared and
-routed host, top-1 and top-2) whose routers are made random so that routing matters.
+routed host, top-1 and top-2) and of the Qwen2 (q/k/v biases), whose routers are made random so that
+routing matters.
 """
 from __future__ import annotations
 
@@ -19,16 +20,17 @@ pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
 BLOCKS = [Block(1, [2, 3]), Block(4, [5])]      # 6 layers -> 3: dense, MoE, MoE
-VARIANTS = ["llama", "qwen2", "lfuc-shared-k1", "lfuc-shared-k2", "lfuc-routed-k1", "lfuc-routed-k2"]
+VARIANTS = ["llama", "qwen2", "lfuc-shared-k1", "lfuc-shared-k2", "lfuc-routed-k1", "lfuc-routed-k2",
+            "lfuc-shared-k2-qwen2", "lfuc-routed-k1-qwen2"]
 
 
 def build(variant: str):
     if variant in ("llama", "qwen2"):
         return tiny_dense(variant)
-    _, mode, k = variant.split("-")
+    _, mode, k, *base = variant.split("-")
     top_k = int(k[1])
     plan = Plan("lfuc", 6, BLOCKS, Options(host_mode=mode, top_k=top_k, num_experts=3, router_init="zero"))
-    moe = get_method("lfuc").build(tiny_dense("llama"), plan)
+    moe = get_method("lfuc").build(tiny_dense(*base or ["llama"]), plan)
     g = torch.Generator().manual_seed(top_k)
     with torch.no_grad():       # a random router: different tokens take different experts
         for layer in moe.model.layers:
@@ -85,6 +87,8 @@ def test_f32_matches_transformers_greedy(capsys, models, tmp_path, variant):
         assert "blk.0.ffn_gate.weight" in names and "blk.0.ffn_gate_inp.weight" not in names
         assert {"blk.1.ffn_gate_inp.weight", "blk.1.ffn_gate_exps.weight", "blk.1.ffn_down_shexp.weight"} <= names
         assert reader.fields[f"{arch}.expert_shared_feed_forward_length"].contents() == (48 if "shared" in variant else 1)
+        # from Qwen2: q/k/v biases (random, std 0.1: leaving them out moves logits far beyond the 1e-4 above)
+        assert ({"blk.0.attn_q.bias", "blk.2.attn_k.bias", "blk.2.attn_v.bias"} <= names) == variant.endswith("qwen2")
 
     # Independently of the exporter's own check: free-running greedy decoding in llama.cpp
     # reproduces transformers' generate() token for token.
