@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from d2m_export.errors import UserError
-from d2m_export.models import model_label, read_config, resolve_model
+from d2m_export.models import model_label, read_config, read_record, resolve_model
 from d2m_export.outputs import GENERATOR, atomic_dir, check_output_dir, file_checksums
 
 TARGETS: dict[str, "Exporter"] = {}
@@ -109,13 +109,7 @@ def check_quant(exporter: Exporter, quant: str | None) -> str:
 
 def model_record(model_dir: Path) -> tuple[str | None, dict | None]:
     """(base_model, plan) from a d2m_plan.json beside the model, if there is one."""
-    path = Path(model_dir) / "d2m_plan.json"
-    if not path.is_file():
-        return None, None
-    try:
-        record = json.loads(path.read_text())
-    except ValueError:
-        raise UserError(f"{path} is corrupt; re-run `d2m-export convert`") from None
+    record = read_record(model_dir) or {}
     return record.get("base_model"), record.get("plan")
 
 

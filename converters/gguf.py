@@ -1,10 +1,11 @@
-"""GGUF for stock llama.cpp: dense Llama/Qwen2 as llama.cpp's own converter writes them, LF-UC MoE as `step35`.
+"""GGUF for stock llama.cpp: dense Llama/Qwen2/Qwen3 as llama.cpp's own converter writes them, LF-UC MoE as `step35`.
 
 Dense models use the `llama` architecture (Llama; q/k rows re-ordered from rotate-half to
-llama.cpp's adjacent-pair RoPE layout) or `qwen2` (NEOX RoPE: weights as they are).
+llama.cpp's adjacent-pair RoPE layout), `qwen2` or `qwen3` (NEOX RoPE: weights as they are; Qwen3's
+per-head q/k norms as `attn_q_norm` / `attn_k_norm`).
 
-Our Qwen2MoE outputs mix dense and MoE layers freely, which no Qwen-family architecture in
-llama.cpp accepts. `step35` does, exactly (DESIGN.md §3): a layer is MoE when it has
+Our Qwen2-MoE and Qwen3-MoE outputs mix dense and MoE layers freely, which no Qwen-family
+architecture in llama.cpp accepts. `step35` does, exactly (DESIGN.md §3): a layer is MoE when it has
 `ffn_gate_inp`, else it runs its dense `ffn_*`; shared experts are always on and ungated;
 RoPE is NEOX. Its pitfalls, each handled below:
 1. its KV cache is always the sliding-window kind and needs one SWA layer: the last layer is
@@ -15,8 +16,8 @@ RoPE is NEOX. Its pitfalls, each handled below:
 4. the shared expert has no gate: Qwen2MoE's zero `shared_expert_gate` gives sigmoid(0) = 0.5,
    folded into `ffn_down_shexp`;
 5. a MoE layer without shared-expert tensors would add silu(x) (llama.cpp's FFN with no
-   weights is the activation alone), so the routed-host variant gets a zero shared expert of
-   width 1;
+   weights is the activation alone), so the routed-host variant and Qwen3-MoE (which has no
+   shared expert) get a zero shared expert of width 1;
 6. `output.weight` is required (no fallback to the token embedding): tied models store a copy;
 7. q/k/v biases (LF-UC of a Qwen2 model) are optional step35 tensors, added by llama.cpp's shared
    q/k/v projection (`build_qkv`) in the llama.cpp that llama-cpp-python 0.3.36 bundles. A build
@@ -46,14 +47,15 @@ FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTL
 # multiple of 256): made by llama.cpp's own quantizer from the f32 file, never re-implemented here
 K_QUANTS = {"q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M, "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M,
             "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K}
-ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen2_moe": "step35"}    # HF model_type -> GGUF architecture
+ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3",                # HF model_type -> GGUF architecture
+         "qwen2_moe": "step35", "qwen3_moe": "step35"}
 SWA_WINDOW = 1 << 20      # "sliding" window of the one SWA-flagged step35 layer: wider than any context
 
 # HF name inside a layer -> GGUF tensor (one table owns the mapping)
 LAYER_TENSORS = {
     "input_layernorm": T.ATTN_NORM, "post_attention_layernorm": T.FFN_NORM,
     "self_attn.q_proj": T.ATTN_Q, "self_attn.k_proj": T.ATTN_K, "self_attn.v_proj": T.ATTN_V,
-    "self_attn.o_proj": T.ATTN_OUT,
+    "self_attn.o_proj": T.ATTN_OUT, "self_attn.q_norm": T.ATTN_Q_NORM, "self_attn.k_norm": T.ATTN_K_NORM,
     "mlp.gate_proj": T.FFN_GATE, "mlp.up_proj": T.FFN_UP, "mlp.down_proj": T.FFN_DOWN,
     "mlp.gate": T.FFN_GATE_INP,
     "mlp.shared_expert.gate_proj": T.FFN_GATE_SHEXP, "mlp.shared_expert.up_proj": T.FFN_UP_SHEXP,
@@ -112,6 +114,11 @@ def layer_tensors(state: dict, cfg, arch: str):
                 if hf.startswith("mlp.shared_expert.") and w.size == 0:   # routed host: zero width-1 expert
                     w = np.zeros((1, w.shape[1]) if w.shape[0] == 0 else (w.shape[0], 1), np.float32)
                 yield tname(kind, i, suffix), w
+        if p + "mlp.gate.weight" in state and p + "mlp.shared_expert.down_proj.weight" not in state:
+            h = state[p + "mlp.gate.weight"].shape[1]          # Qwen3-MoE has no shared expert: see 5. above
+            yield tname(T.FFN_GATE_SHEXP, i), np.zeros((1, h), np.float32)
+            yield tname(T.FFN_UP_SHEXP, i), np.zeros((1, h), np.float32)
+            yield tname(T.FFN_DOWN_SHEXP, i), np.zeros((h, 1), np.float32)
         if p + "mlp.experts.gate_up_proj" in state:
             gate_up, down = state[p + "mlp.experts.gate_up_proj"], state[p + "mlp.experts.down_proj"]
             n_ff = gate_up.shape[1] // 2                          # [E, 2I, H]: gate rows, then up rows
@@ -185,7 +192,7 @@ def add_metadata(w: gguf.GGUFWriter, cfg, arch: str, quant: str, name: str) -> N
         w.add_expert_count(cfg.num_experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size or 1)
+        w.add_expert_shared_feed_forward_length(getattr(cfg, "shared_expert_intermediate_size", 0) or 1)
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
         w.add_expert_weights_norm(bool(cfg.norm_topk_prob))
         w.add_expert_weights_scale(1.0)
@@ -200,7 +207,7 @@ def head_tensor(names: list[str]) -> str:
 
 @register_target("gguf")
 class GGUFExporter(Exporter):
-    description = "llama.cpp (GGUF): llama/qwen2 for dense models, step35 for LF-UC mixtures"
+    description = "llama.cpp (GGUF): llama/qwen2/qwen3 for dense models, step35 for LF-UC mixtures"
     quants = ("f32", "f16", "q8_0", "q4_0", *K_QUANTS)
     default_quant = "f32"
     # Lossy floors from SmolLM2-135M: q8_0 60/64 greedy tokens, max |logit error| 1.6 (LF-UC, routed host,

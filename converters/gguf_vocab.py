@@ -50,16 +50,12 @@ def embedded_origin(model_dir: Path) -> Path | None:
     """The packaged GGUF a model folder comes from (the embedded model, or a conversion of it)."""
     import importlib.util
 
-    from d2m_export.models import EMBEDDED
+    from d2m_export.models import EMBEDDED, read_record
     from d2m_export.paths import cache_dir
 
     names = [n for n in EMBEDDED if Path(model_dir).resolve() == (cache_dir() / "models" / n).resolve()]
-    plan = Path(model_dir) / "d2m_plan.json"
-    if not names and plan.is_file():
-        try:
-            base = json.loads(plan.read_text()).get("base_model")
-        except ValueError:
-            base = None
+    if not names:
+        base = (read_record(model_dir) or {}).get("base_model")
         names = [base] if base in EMBEDDED else []
     if not names:
         return None

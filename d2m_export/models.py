@@ -1,7 +1,6 @@
 """Model resolution and loading: the embedded default, local Hugging Face folders, GGUF files, Hub ids.
 
-One registry, `ARCHITECTURES`, says which `model_type`s we read and how their layers are laid
-out; adding an architecture touches only this table.
+Which `model_type`s we read is the registry in `d2m_export.architectures` (one module per family).
 """
 from __future__ import annotations
 
@@ -9,26 +8,12 @@ import importlib.util
 import json
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
+from d2m_export.architectures import ARCHITECTURES, Architecture
 from d2m_export.errors import UserError
 from d2m_export.paths import cache_dir
 
-
-@dataclass(frozen=True)
-class Architecture:
-    model_type: str
-    qkv_bias: bool          # q/k/v projections carry a bias (Qwen2) or not (Llama)
-    is_moe: bool            # already a Mixture-of-Experts (our own LF-UC/upcycle outputs)
-
-
-ARCHITECTURES = {
-    "llama": Architecture("llama", qkv_bias=False, is_moe=False),
-    "qwen2": Architecture("qwen2", qkv_bias=True, is_moe=False),
-    "qwen2_moe": Architecture("qwen2_moe", qkv_bias=True, is_moe=True),
-    "mixtral": Architecture("mixtral", qkv_bias=False, is_moe=True),
-}
 
 EMBEDDED = {
     # name -> (package, file inside it)
@@ -54,6 +39,24 @@ def read_config(model_dir: Path) -> dict:
     if not isinstance(cfg, dict):
         raise UserError(f"{cfg_path} is corrupt: expected a JSON object")
     return cfg
+
+
+RECORD = "d2m_plan.json"      # what `convert` (and heal, train) did to a model, written beside it
+
+
+def read_record(model_dir: Path) -> dict | None:
+    """The model's d2m_plan.json, or None when it has none (a model we did not write)."""
+    path = Path(model_dir) / RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as e:       # also UnicodeDecodeError
+        raise UserError(f"{path} is corrupt ({e.__class__.__name__}); convert the model again") from None
+    if not (isinstance(record, dict) and isinstance(record.get("base_model"), (str, type(None)))
+            and isinstance(record.get("plan"), (dict, type(None)))):
+        raise UserError(f"{path} is corrupt (not a d2m-export record); convert the model again")
+    return record
 
 
 def architecture_of(model_dir: Path) -> Architecture:

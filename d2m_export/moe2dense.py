@@ -127,7 +127,9 @@ def group(kept: list[int], score: torch.Tensor, similarity: torch.Tensor, groups
 
 
 def dense_config(moe_config, width: int):
-    from transformers import LlamaConfig, Qwen2Config
+    """The dense family that holds the MoE model's attention exactly: Qwen3 (q/k norms), Qwen2
+    (q/k/v biases) or Llama."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     c = moe_config
     common = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=width,
@@ -137,6 +139,8 @@ def dense_config(moe_config, width: int):
                   rope_parameters=dict(c.rope_parameters), tie_word_embeddings=c.tie_word_embeddings,
                   bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if c.model_type == "qwen3_moe":
+        return Qwen3Config(**common, head_dim=head_dim, attention_bias=False, use_sliding_window=False)
     if getattr(c, "qkv_bias", False):
         return Qwen2Config(**common, use_sliding_window=False)
     return LlamaConfig(**common, head_dim=head_dim, attention_bias=False, mlp_bias=False)

@@ -25,11 +25,12 @@ def param_counts(cfg) -> ParamCounts:
     hd = _get(cfg, "head_dim") or h // heads
     model_type = _get(cfg, "model_type")
     qkv_bias = model_type == "qwen2" or (model_type == "qwen2_moe" and _get(cfg, "qkv_bias", True))
-    attn = h * heads * hd * 2 + h * kv * hd * 2 + (heads * hd + 2 * kv * hd if qkv_bias else 0)
+    qk_norm = 2 * hd if model_type in ("qwen3", "qwen3_moe") else 0
+    attn = h * heads * hd * 2 + h * kv * hd * 2 + (heads * hd + 2 * kv * hd if qkv_bias else 0) + qk_norm
     layers = _get(cfg, "num_hidden_layers")
     num_experts = _get(cfg, "num_experts", 0) or 0
     moe_layers = set()
-    if model_type == "qwen2_moe" and num_experts:
+    if model_type in ("qwen2_moe", "qwen3_moe") and num_experts:
         step = _get(cfg, "decoder_sparse_step", 1)
         skip = set(_get(cfg, "mlp_only_layers", None) or [])
         moe_layers = {i for i in range(layers) if i not in skip and (i + 1) % step == 0}
@@ -38,7 +39,7 @@ def param_counts(cfg) -> ParamCounts:
         active += attn + 2 * h
         total += attn + 2 * h
         if i in moe_layers:
-            shared = 3 * h * _get(cfg, "shared_expert_intermediate_size", 0) + h
+            shared = 3 * h * _get(cfg, "shared_expert_intermediate_size", 0) + (h if model_type == "qwen2_moe" else 0)
             expert = 3 * h * _get(cfg, "moe_intermediate_size")
             router = num_experts * h
             active += router + shared + _get(cfg, "num_experts_per_tok") * expert

@@ -9,6 +9,7 @@ from d2m_export.errors import UserError
 from d2m_export.models import load_model, model_label
 from d2m_export.outputs import atomic_dir, check_output_dir, check_output_file, write_json
 from d2m_export.params import param_counts
+from d2m_export.architectures import dense_families
 from d2m_export.plan import Options, Plan, read_plan_file
 
 DEFAULT_RATIO = 0.8
@@ -83,8 +84,8 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
     t0 = time.time()
     model, tokenizer, _ = load_model(model_spec)
     num_layers = model.config.num_hidden_layers
-    if model.config.model_type not in ("llama", "qwen2"):
-        raise UserError(f"convert --method {method_name} needs a dense Llama or Qwen2 model; "
+    if model.config.model_type not in dense_families():
+        raise UserError(f"convert --method {method_name} needs a dense model ({', '.join(dense_families())}); "
                         f"{model_label(model_spec)} is {model.config.model_type}")
 
     from d2m_export.analysis import block_table, score_blocks

@@ -197,6 +197,10 @@ def runner_class(target: str, runtime: str | None = None) -> type[Runner]:
 def load_runner(export_dir: Path, threads: int | None = None, runtime: str | None = None, **options) -> Runner:
     """The runner for an export directory, chosen by its manifest's `target` (or named by `runtime`), loaded."""
     manifest = read_manifest(export_dir)
+    for f in manifest["files"]:
+        if not (Path(export_dir) / f).exists() or (manifest.get("checksums") and f not in manifest["checksums"]
+                                                   and not (Path(export_dir) / f).is_dir()):
+            raise UserError(f"{export_dir}/{MANIFEST} lists {f!r}, which is not part of this export; export again")
     if "checksums" in manifest:               # absent while the export's own parity check runs
         verify_checksums(export_dir, manifest["checksums"])
     runner = runner_class(manifest["target"], runtime)(threads=threads, **options)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from d2m_export.errors import UserError
-from runtimes.base import Runner, register_runner
+from runtimes.base import Runner, quiet_native_stderr, register_runner
 
 # ggml type ids of the KV cache element types we offer
 KV_TYPES = {"f32": 0, "f16": 1}
@@ -74,7 +74,7 @@ class LlamaCppRunner(Runner):
         n_ctx = int(self.options.get("n_ctx") or min(int(self.manifest.get("context_length") or 4096), 4096))
         extra = self.options.get("extra_buffers")
         extra = not cpu_has_amx() if extra is None else bool(extra)
-        with _model_params(use_extra_bufts=extra):
+        with _model_params(use_extra_bufts=extra), quiet_native_stderr():    # e.g. step35's SWA-cache notice
             self.llm = Llama(model_path=str(self.export_dir / files[0]), n_ctx=n_ctx, n_batch=min(n_ctx, 512),
                              n_threads=self.threads, n_threads_batch=self.threads, logits_all=False,
                              type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type], verbose=False)

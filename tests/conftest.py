@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random Llama/Qwen2 models saved as Hugging Face folders."""
+"""Shared fixtures: tiny random Llama/Qwen2/Qwen3 models saved as Hugging Face folders."""
 from __future__ import annotations
 
 import pytest
@@ -10,10 +10,12 @@ TINY = dict(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_l
 
 
 def tiny_dense(arch: str = "llama", seed: int = 0, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
     torch.manual_seed(seed)
-    cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                          "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
     model = model_cls(cfg_cls(**{**TINY, **overrides})).eval()
     with torch.no_grad():   # non-trivial norm weights, so that γ folding is exercised
         for name, p in model.named_parameters():

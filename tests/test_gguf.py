@@ -1,8 +1,8 @@
 """GGUF export run in stock llama.cpp (llama-cpp-python), checked against transformers independently.
 
-Tiny random models: a dense Llama and Qwen2, and LF-UC Qwen2MoE conversions of the Llama (shared and
-routed host, top-1 and top-2) and of the Qwen2 (q/k/v biases), whose routers are made random so that
-routing matters.
+Tiny random models: a dense Llama, Qwen2 and Qwen3, and LF-UC conversions of the Llama (Qwen2-MoE;
+shared and routed host, top-1 and top-2), of the Qwen2 (q/k/v biases) and of the Qwen3 (Qwen3-MoE:
+q/k norms, no shared expert), whose routers are made random so that routing matters.
 """
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
 BLOCKS = [Block(1, [2, 3]), Block(4, [5])]      # 6 layers -> 3: dense, MoE, MoE
-VARIANTS = ["llama", "qwen2", "lfuc-shared-k1", "lfuc-shared-k2", "lfuc-routed-k1", "lfuc-routed-k2",
-            "lfuc-shared-k2-qwen2", "lfuc-routed-k1-qwen2"]
+VARIANTS = ["llama", "qwen2", "qwen3", "lfuc-shared-k1", "lfuc-shared-k2", "lfuc-routed-k1", "lfuc-routed-k2",
+            "lfuc-shared-k2-qwen2", "lfuc-routed-k1-qwen2", "lfuc-shared-k2-qwen3", "lfuc-routed-k1-qwen3"]
+DENSE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
 def build(variant: str):
-    if variant in ("llama", "qwen2"):
+    if variant in DENSE:
         return tiny_dense(variant)
     _, mode, k, *base = variant.split("-")
     top_k = int(k[1])
@@ -82,13 +83,18 @@ def test_f32_matches_transformers_greedy(capsys, models, tmp_path, variant):
     reader = gguf.GGUFReader(out / manifest["files"][0])
     arch = reader.fields["general.architecture"].contents()
     names = {t.name for t in reader.tensors}
-    assert arch == {"llama": "llama", "qwen2": "qwen2"}.get(variant, "step35")
+    assert arch == DENSE.get(variant, "step35")
     if arch == "step35":    # layer 0 dense, layers 1-2 MoE (router + experts + a shared expert)
         assert "blk.0.ffn_gate.weight" in names and "blk.0.ffn_gate_inp.weight" not in names
         assert {"blk.1.ffn_gate_inp.weight", "blk.1.ffn_gate_exps.weight", "blk.1.ffn_down_shexp.weight"} <= names
-        assert reader.fields[f"{arch}.expert_shared_feed_forward_length"].contents() == (48 if "shared" in variant else 1)
+        # Qwen3-MoE has no shared expert: its shared host is folded into the experts (48 + 48 wide)
+        folded = variant.endswith("qwen3") and "shared" in variant
+        assert reader.fields[f"{arch}.expert_shared_feed_forward_length"].contents() == (
+            48 if "shared" in variant and not folded else 1)
+        assert reader.fields[f"{arch}.expert_feed_forward_length"].contents() == (96 if folded else 48)
         # from Qwen2: q/k/v biases (random, std 0.1: leaving them out moves logits far beyond the 1e-4 above)
         assert ({"blk.0.attn_q.bias", "blk.2.attn_k.bias", "blk.2.attn_v.bias"} <= names) == variant.endswith("qwen2")
+    assert ({"blk.0.attn_q_norm.weight", "blk.2.attn_k_norm.weight"} <= names) == variant.endswith("qwen3")
 
     # Independently of the exporter's own check: free-running greedy decoding in llama.cpp
     # reproduces transformers' generate() token for token.

@@ -22,7 +22,8 @@ def logits(model, ids=IDS):
 
 
 def tiny_moe(kind: str, experts: int = 4, top_k: int | None = None):
-    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+    from transformers import (MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
+                              Qwen3MoeForCausalLM)
 
     torch.manual_seed(0)
     common = dict(vocab_size=49152, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
@@ -30,6 +31,9 @@ def tiny_moe(kind: str, experts: int = 4, top_k: int | None = None):
                   num_experts_per_tok=top_k or experts)
     if kind == "mixtral":
         model = MixtralForCausalLM(MixtralConfig(**common, intermediate_size=24, num_local_experts=experts))
+    elif kind == "qwen3_moe":
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, intermediate_size=40, moe_intermediate_size=24,
+                                                   num_experts=experts, norm_topk_prob=True, mlp_only_layers=[1]))
     else:
         model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**common, intermediate_size=40, moe_intermediate_size=24,
                                                    shared_expert_intermediate_size=40, num_experts=experts,
@@ -49,25 +53,28 @@ def constant_router(model):
                 model.model.layers[i].mlp.shared_expert_gate.weight.zero_()
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_all_experts_kept_with_constant_router_is_exact(kind):
     moe = tiny_moe(kind)
     constant_router(moe)
     stats = moe2dense.routing_stats(moe, torch.randint(0, 49152, (4, 16)), progress=False)
     dense, record = moe2dense.convert(moe, stats, kept=4, groups=4, score="acp")
-    assert type(dense).__name__ == {"mixtral": "LlamaForCausalLM", "qwen2_moe": "Qwen2ForCausalLM"}[kind]
+    assert type(dense).__name__ == {"mixtral": "LlamaForCausalLM", "qwen2_moe": "Qwen2ForCausalLM",
+                                    "qwen3_moe": "Qwen3ForCausalLM"}[kind]
     torch.testing.assert_close(logits(dense), logits(moe), rtol=1e-5, atol=1e-5)
     if kind == "qwen2_moe":   # the dense layer is padded to the concatenated width, exactly
         assert record[1]["zero_padding"] == 40 + 4 * 24 - 40
 
 
-def test_lfuc_round_trip_is_exact_with_all_donors_selected():
-    dense = tiny_dense("qwen2")
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_lfuc_round_trip_is_exact_with_all_donors_selected(family):
+    """Qwen3: the shared host is folded into each expert, and concatenation still gives it back."""
+    dense = tiny_dense(family)
     fused = get_method("lfuc").build(dense, Plan("lfuc", 6, [Block(1, [2, 3])],
                                                  Options(host_mode="shared", router_init="zero", top_k=2)))
     stats = moe2dense.routing_stats(fused, torch.randint(0, 49152, (2, 16)), progress=False)
     back, _ = moe2dense.convert(fused, stats, kept=2, groups=2, score="sf")
-    assert type(back).__name__ == "Qwen2ForCausalLM" and back.config.num_hidden_layers == 4
+    assert type(back) is type(dense) and back.config.num_hidden_layers == 4
     torch.testing.assert_close(logits(back), logits(fused), rtol=1e-5, atol=1e-5)
 
 

@@ -507,3 +507,16 @@ def test_damaged_gguf_found_by_hypothesis(world, damage_of):
     code, err = run(["bench", export, "--prompt-tokens", 4, "--out", out])
     assert code == 2 and error_lines(err) == [l for l in err.splitlines() if l.strip()], err
     assert "is damaged" in err and "export again" in err and not out.exists()
+
+
+def test_damaged_json_found_by_the_long_profile(world):
+    """Regressions from `--hypothesis-profile long`: a d2m_plan.json holding `null` was an AttributeError in
+    the exporter, and a manifest naming a file that is not there reached llama-cpp-python's ValueError."""
+    model = damaged_copy(world["lfuc"], world["work"], "d2m_plan.json", "null")
+    code, err = run(MODEL_COMMANDS["gguf"](model, model.parent / "out"))
+    assert code == 2 and "d2m_plan.json is corrupt" in error_lines(err)[0], err
+    manifest = json.loads((world["gguf"] / "manifest.json").read_text())
+    manifest["files"] = ["lodel-f32.gguf"]
+    export = damaged_copy(world["gguf"], world["work"], "manifest.json", json.dumps(manifest))
+    code, err = run(["bench", export, "--out", export.parent / "bench.json"])
+    assert code == 2 and "lists 'lodel-f32.gguf'" in error_lines(err)[0], err

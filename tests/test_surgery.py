@@ -43,15 +43,19 @@ def fused_reference(dense, blocks: list[Block]):
     return ref
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+FAMILIES = ["llama", "qwen2", "qwen3"]
+MOE_CLASS = {"llama": "Qwen2MoeForCausalLM", "qwen2": "Qwen2MoeForCausalLM", "qwen3": "Qwen3MoeForCausalLM"}
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
 def test_empty_plan_reproduces_dense_exactly(arch):
     dense = tiny_dense(arch)
     fused = get_method("lfuc").build(dense, Plan("lfuc", 6, []))
-    assert type(fused).__name__ == "Qwen2MoeForCausalLM"
+    assert type(fused).__name__ == MOE_CLASS[arch]
     assert torch.equal(logits(fused), logits(dense))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", FAMILIES)
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_upcycle_with_zero_router_is_exact(arch, top_k):
     dense = tiny_dense(arch)
@@ -60,14 +64,16 @@ def test_upcycle_with_zero_router_is_exact(arch, top_k):
     torch.testing.assert_close(logits(moe), logits(dense), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", FAMILIES)
 @pytest.mark.parametrize("host_mode", ["shared", "routed"])
 def test_fused_equals_donor_attention_removed_reference(arch, host_mode):
+    """Qwen3-MoE has no shared expert: in shared mode the host MLP is folded into every expert."""
     dense = tiny_dense(arch)
     blocks = [Block(1, [2, 3]), Block(4, [5])]
     experts = 2 if host_mode == "shared" else 3
     plan = Plan("lfuc", 6, blocks, Options(router_init="zero", host_mode=host_mode, top_k=experts, num_experts=experts))
     fused = get_method("lfuc").build(dense, plan)
+    assert type(fused).__name__ == MOE_CLASS[arch]
     assert fused.config.num_hidden_layers == 3 and fused.config.mlp_only_layers == [0]
     reference = fused_reference(dense, blocks)
     torch.testing.assert_close(logits(fused), logits(reference), rtol=1e-5, atol=1e-5)
@@ -95,13 +101,14 @@ def test_replication_fills_num_experts():
     assert all(torch.equal(experts[0], experts[i]) for i in range(1, 4))
 
 
-def test_prune_equals_dense_with_layers_deleted():
-    dense = tiny_dense("qwen2")
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_prune_equals_dense_with_layers_deleted(arch):
+    dense = tiny_dense(arch)
     pruned = get_method("prune").build(dense, Plan("prune", 6, [Block(1, [2, 3])]))
     reference = copy.deepcopy(dense)
     del reference.model.layers[3]
     del reference.model.layers[2]
-    assert type(pruned).__name__ == "Qwen2ForCausalLM" and pruned.config.num_hidden_layers == 4
+    assert type(pruned) is type(dense) and pruned.config.num_hidden_layers == 4
     torch.testing.assert_close(logits(pruned), logits(reference), rtol=0, atol=0)
 
 
@@ -125,3 +132,17 @@ def test_saved_checkpoint_loads_with_plain_transformers(tmp_path):
     fused.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)   # no remote code
     assert torch.equal(logits(loaded.eval()), logits(fused))
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("method, host_mode", [("prune", "routed"), ("lfuc", "routed"), ("lfuc", "shared"),
+                                               ("upcycle", "routed")])
+def test_parameter_counts_from_the_config_match_the_model(arch, method, host_mode):
+    """What the planner and the roofline cost (params.py) is what the converted model stores."""
+    from d2m_export.params import param_counts
+
+    dense = tiny_dense(arch)
+    blocks = [] if method == "upcycle" else [Block(1, [2, 3])]
+    model = get_method(method).build(dense, Plan(method, 6, blocks, Options(host_mode=host_mode, router_init="zero")))
+    stored = sum(p.numel() for p in model.parameters())        # tied: the embedding once
+    assert param_counts(model.config).total == stored

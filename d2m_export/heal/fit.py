@@ -115,7 +115,7 @@ def fit_closed_form(runner: LayerRunner, fit: BlockData, max_tokens: int = 8192,
         runner.layer.mlp.down_proj.weight.mul_(alpha)
         return {"mlp_scale": round(alpha, 4)}
     mlp = runner.layer.mlp
-    has_shared = mlp.shared_expert.down_proj.weight.shape[1] > 0
+    has_shared = hasattr(mlp, "shared_expert") and mlp.shared_expert.down_proj.weight.shape[1] > 0
     n = mlp.experts.down_proj.shape[0]
     stats = _expert_stats(runner, u, d, s)
     err = _squared_errors(stats, 1.0, torch.ones(n))

@@ -1,6 +1,6 @@
 """One decoder layer of the converted model, run on its own: the pieces healing needs.
 
-Works for the dense layers of Llama/Qwen2 (a pruned model's hosts) and for Qwen2-MoE layers
+Works for the dense layers of Llama/Qwen2 (a pruned model's hosts) and for Qwen2-/Qwen3-MoE layers
 (LF-UC hosts, upcycled layers). An explicit causal mask keeps it independent of the attention
 implementation.
 """
@@ -50,7 +50,7 @@ class LayerRunner:
     def shared(self, u: torch.Tensor) -> torch.Tensor:
         """The always-on part: the shared expert behind its sigmoid gate (zero when it has no width)."""
         mlp = self.layer.mlp
-        if mlp.shared_expert.down_proj.weight.shape[1] == 0:
+        if not hasattr(mlp, "shared_expert") or mlp.shared_expert.down_proj.weight.shape[1] == 0:
             return torch.zeros_like(u)
         return torch.sigmoid(mlp.shared_expert_gate(u)) * mlp.shared_expert(u)
 

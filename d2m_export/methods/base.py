@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from d2m_export.errors import UserError
-from d2m_export.models import ARCHITECTURES
+from d2m_export.architectures import ARCHITECTURES, Architecture, dense_families
 from d2m_export.plan import Plan
 
 METHODS: dict[str, "Method"] = {}
@@ -41,34 +41,34 @@ class Method:
         return host + 1, n_donors
 
 
-def check_convertible(config) -> None:
+def check_convertible(config) -> Architecture:
+    """The dense family of `config`, if we convert it."""
     arch = ARCHITECTURES.get(config.model_type)
     if arch is None or arch.is_moe:
-        raise UserError(f"this method converts dense models ({', '.join(k for k, a in ARCHITECTURES.items() if not a.is_moe)});"
-                        f" got {config.model_type!r}")
+        raise UserError(f"this method converts dense models ({', '.join(dense_families())}); got {config.model_type!r}")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise UserError("models with an o_proj or MLP bias are not supported yet (attention_bias/mlp_bias is set)")
     if getattr(config, "use_sliding_window", False):
         raise UserError("models with sliding-window attention are not supported yet (use_sliding_window is set)")
+    return arch
+
+
+def moe_family(dense_config) -> Architecture:
+    """The MoE family a dense model of this family is converted into."""
+    return ARCHITECTURES[check_convertible(dense_config).fuses_into]
 
 
 def moe_config(dense_config, *, num_layers: int, mlp_only_layers: list[int], num_experts: int, top_k: int,
                shared_size: int):
-    """A Qwen2MoeConfig that keeps the dense model's attention, norms and vocabulary."""
-    from transformers import Qwen2MoeConfig
+    """The converted model's config, in the MoE family of the dense model's family."""
+    return moe_family(dense_config).moe_config(dense_config, num_layers=num_layers, mlp_only_layers=mlp_only_layers,
+                                               num_experts=num_experts, top_k=top_k, shared_size=shared_size)
 
-    d = dense_config
-    return Qwen2MoeConfig(
-        vocab_size=d.vocab_size, hidden_size=d.hidden_size, intermediate_size=d.intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=d.num_attention_heads,
-        num_key_value_heads=d.num_key_value_heads, head_dim=getattr(d, "head_dim", None) or d.hidden_size // d.num_attention_heads,
-        hidden_act=d.hidden_act, max_position_embeddings=d.max_position_embeddings, rms_norm_eps=d.rms_norm_eps,
-        rope_parameters=dict(d.rope_parameters), tie_word_embeddings=d.tie_word_embeddings,
-        bos_token_id=d.bos_token_id, eos_token_id=d.eos_token_id, pad_token_id=d.pad_token_id,
-        qkv_bias=ARCHITECTURES[d.model_type].qkv_bias, use_sliding_window=False,
-        moe_intermediate_size=d.intermediate_size, shared_expert_intermediate_size=shared_size,
-        num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=True,
-        mlp_only_layers=mlp_only_layers, decoder_sparse_step=1, router_aux_loss_coef=0.01)
+
+def moe_mlp_state(dense_config, prefix: str, experts_gate_up, experts_down, router, shared=None) -> dict:
+    """One MoE FFN's weights, named under `prefix` (`model.layers.N.mlp.`) as the MoE family stores them."""
+    parts = moe_family(dense_config).moe_mlp_state(experts_gate_up, experts_down, router, shared)
+    return {prefix + k: v for k, v in parts.items()}
 
 
 def shared_state(src_sd: dict, kept: list[int], skip_mlp_of: set[int] = frozenset()) -> dict:

@@ -5,8 +5,9 @@ their MLPs become routed experts of the host's FFN:
 
     y = x + Attn_h(x) + α·MLP_h(u) + β·Σ_{i∈TopK} g_i(u)·min(k, D)·E_i(u),   u = γ_h ⊙ rms_norm(x + Attn_h(x))
 
-The result is a Qwen2MoeForCausalLM: unfused layers are `mlp_only_layers`, the host MLP is the
-shared expert (its gate is zero, so sigmoid(0) = 0.5 is undone by doubling its down_proj), and
+The result is in the dense family's MoE family (`architectures/`: Qwen2-MoE for Llama and Qwen2,
+Qwen3-MoE for Qwen3): unfused layers are `mlp_only_layers`; in `--host-mode shared` the host MLP is
+always on (the shared expert, or folded into every expert where the family has none); and
 each donor keeps its own RMSNorm scale by folding γ_donor / γ_host into its gate/up columns.
 The routed mix is scaled (see `routed_scale`) so that a uniform router adds each selected expert
 at weight β; with every expert selected and α = β = 1 a zero router reproduces "donor attention
@@ -19,7 +20,8 @@ import logging
 import torch
 
 from d2m_export.errors import UserError
-from d2m_export.methods.base import Method, check_convertible, instantiate, moe_config, register, shared_state
+from d2m_export.methods.base import (Method, check_convertible, instantiate, moe_config, moe_mlp_state, register,
+                                     shared_state)
 from d2m_export.plan import Block, Plan
 
 log = logging.getLogger(__name__)
@@ -60,31 +62,21 @@ class LayerFusionUpcycling(Method):
         state = shared_state(src, kept, skip_mlp_of={b.host for b in plan.blocks})
         h, n = config.hidden_size, config.num_experts
         for block in plan.blocks:
-            new = kept.index(block.host)
-            p = f"model.layers.{new}.mlp."
             host_mlp = _mlp(src, block.host)
-            if o.host_mode == "shared":
-                state[p + "shared_expert.gate_proj.weight"] = host_mlp["gate"]
-                state[p + "shared_expert.up_proj.weight"] = host_mlp["up"]
-                state[p + "shared_expert.down_proj.weight"] = host_mlp["down"] * (2.0 * o.alpha)
-            else:
-                state[p + "shared_expert.gate_proj.weight"] = torch.zeros(0, h)
-                state[p + "shared_expert.up_proj.weight"] = torch.zeros(0, h)
-                state[p + "shared_expert.down_proj.weight"] = torch.zeros(h, 0)
-            state[p + "shared_expert_gate.weight"] = torch.zeros(1, h)
+            shared = (host_mlp["gate"], host_mlp["up"], host_mlp["down"] * o.alpha) if o.host_mode == "shared" else None
             layers = routed_layers(block, o.host_mode)
             order = [i % len(layers) for i in range(n)]     # replicate cyclically up to N experts
             experts = [self._expert(src, layer, block.host, o.alpha if layer == block.host else 1.0)
                        * routed_scale(o.beta, o.top_k, n, len(layers), order.count(e))
                        for e, layer in enumerate(layers)]
-            state[p + "experts.gate_up_proj"] = torch.stack([experts[i][0] for i in order])
-            state[p + "experts.down_proj"] = torch.stack([experts[i][1] for i in order])
             router = torch.zeros(len(experts), h)
             if o.router_init == "calibrated":
                 if acts is None:
                     raise UserError("--router-init calibrated needs calibration data")
                 router = fit_router(acts.mlp_input(block.host), experts, model.config.hidden_act)
-            state[p + "gate.weight"] = router[order]
+            state.update(moe_mlp_state(model.config, f"model.layers.{kept.index(block.host)}.mlp.",
+                                       torch.stack([experts[i][0] for i in order]),
+                                       torch.stack([experts[i][1] for i in order]), router[order], shared))
         return instantiate(config, state)
 
     @staticmethod

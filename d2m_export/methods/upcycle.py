@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from d2m_export.methods.base import Method, check_convertible, instantiate, moe_config, register, shared_state
+from d2m_export.methods.base import (Method, check_convertible, instantiate, moe_config, moe_mlp_state, register,
+                                     shared_state)
 from d2m_export.plan import Plan
 
 
@@ -37,11 +38,6 @@ class Upcycle(Method):
         for i in layers:
             p = f"model.layers.{i}.mlp."
             gate_up = torch.cat([src[p + "gate_proj.weight"], src[p + "up_proj.weight"]])
-            state[p + "experts.gate_up_proj"] = gate_up.expand(n, -1, -1)
-            state[p + "experts.down_proj"] = src[p + "down_proj.weight"].expand(n, -1, -1)
-            state[p + "gate.weight"] = torch.zeros(n, h)
-            state[p + "shared_expert.gate_proj.weight"] = torch.zeros(0, h)
-            state[p + "shared_expert.up_proj.weight"] = torch.zeros(0, h)
-            state[p + "shared_expert.down_proj.weight"] = torch.zeros(h, 0)
-            state[p + "shared_expert_gate.weight"] = torch.zeros(1, h)
+            state.update(moe_mlp_state(model.config, p, gate_up.expand(n, -1, -1),
+                                       src[p + "down_proj.weight"].expand(n, -1, -1), torch.zeros(n, h)))
         return instantiate(config, state)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from d2m_export import checkpoints
 from d2m_export.data import DEFAULT_TRAIN_CORPORA, batch_indices, pack
 from d2m_export.errors import UserError
-from d2m_export.models import load_model, model_label
+from d2m_export.models import load_model, model_label, read_record
 from d2m_export.outputs import MARKER, GENERATOR, check_output_dir
 from d2m_export.train.teacher_cache import TeacherTopK, default_root, full_kl, topk_kl
 
@@ -142,6 +142,7 @@ def train(cfg: TrainConfig) -> dict:
             raise UserError(f"--out {out} already holds a training run; pass --resume or choose a new --out")
     torch.manual_seed(cfg.seed)
     model, tokenizer, model_dir = load_model(cfg.model)
+    record = read_record(model_dir)            # a damaged one is refused now, not after training
     max_len = getattr(model.config, "max_position_embeddings", None)
     if max_len and cfg.seq_len > max_len:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's maximum context of {max_len}")
@@ -346,9 +347,7 @@ def finish(out: Path, model, tokenizer, model_dir: Path, cfg: TrainConfig, meta:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    plan_file = Path(model_dir) / "d2m_plan.json"
-    record = json.loads(plan_file.read_text()) if plan_file.is_file() else {"generator": GENERATOR,
-                                                                             "base_model": meta["base_model"]}
+    record = read_record(model_dir) or {"generator": GENERATOR, "base_model": meta["base_model"]}
     record["training"] = {**asdict(cfg), **result, "trained_from": meta["base_model"]}
     (tmp / "d2m_plan.json").write_text(json.dumps(record, indent=2) + "\n")
     if stats_after is not None:

@@ -1,0 +1,58 @@
+"""Model families, one module each: what we read, what a dense model of the family is converted
+into, and how that MoE family stores a fused layer. Adding a family touches one module here (and,
+per export target, that target's own table of the runtime architectures it maps to)."""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+
+import torch
+
+ARCHITECTURES: dict[str, "Architecture"] = {}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    is_moe: bool                 # a Mixture-of-Experts family (our conversions' outputs, or read for moe2dense)
+    qkv_bias: bool = False       # q/k/v projections carry a bias (Qwen2)
+    qk_norm: bool = False        # per-head RMSNorm on q and k before RoPE (Qwen3)
+    fuses_into: str | None = None   # dense families: the MoE family LF-UC and upcycling write
+
+    # --- MoE families we write --------------------------------------------------------------
+    def moe_config(self, dense_config, *, num_layers: int, mlp_only_layers: list[int], num_experts: int,
+                   top_k: int, shared_size: int):
+        """The config of a converted model: the dense model's attention, norms and vocabulary; MoE FFNs
+        in the layers not listed in `mlp_only_layers`; `shared_size`: the always-on host MLP's width."""
+        raise NotImplementedError(f"{self.model_type} is not a family we convert into")
+
+    def moe_mlp_state(self, experts_gate_up: torch.Tensor, experts_down: torch.Tensor, router: torch.Tensor,
+                      shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """One MoE FFN's weights under `mlp.`: experts [E, 2I, H] (gate rows, then up rows) and [E, H, I],
+        the router [E, H], and the always-on MLP (gate, up, down), added at weight 1, or None."""
+        raise NotImplementedError(f"{self.model_type} is not a family we convert into")
+
+
+def register(arch: Architecture) -> Architecture:
+    ARCHITECTURES[arch.model_type] = arch
+    return arch
+
+
+def dense_families() -> list[str]:
+    return [k for k, a in ARCHITECTURES.items() if not a.is_moe]
+
+
+def _common(d) -> dict:
+    """Config fields every converted model keeps from its dense source."""
+    return dict(vocab_size=d.vocab_size, hidden_size=d.hidden_size, intermediate_size=d.intermediate_size,
+                num_attention_heads=d.num_attention_heads, num_key_value_heads=d.num_key_value_heads,
+                head_dim=getattr(d, "head_dim", None) or d.hidden_size // d.num_attention_heads,
+                hidden_act=d.hidden_act, max_position_embeddings=d.max_position_embeddings,
+                rms_norm_eps=d.rms_norm_eps, rope_parameters=dict(d.rope_parameters),
+                tie_word_embeddings=d.tie_word_embeddings, bos_token_id=d.bos_token_id,
+                eos_token_id=d.eos_token_id, pad_token_id=d.pad_token_id, use_sliding_window=False)
+
+
+for _info in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_info.name}")

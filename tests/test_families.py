@@ -1,0 +1,81 @@
+"""Families beyond Llama/Qwen2 through every stage on the command line: a tiny random Qwen3 (per-head
+q/k norms) is analysed, converted (lfuc, prune, upcycle, lfuc with --heal), healed, evaluated,
+trained, taken back to dense (moe2dense) and exported. The exactness identities are in
+test_surgery.py and test_moe2dense.py; llama.cpp's token-for-token parity in test_gguf.py.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import assert_user_error, run_cli, save_with_tokenizer, tiny_dense
+
+PLAN = "blocks:\n  - {host: 1, donors: [2, 3]}\n"
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("qwen3")
+    (root / "plan.yaml").write_text(PLAN)
+    (root / "corpus.txt").write_text(" ".join(f"The {w} sat on the mat by the door." for w in range(400)))
+    return {"dense": save_with_tokenizer(tiny_dense("qwen3"), root / "dense", tokenizer_dir), "root": root}
+
+
+def config(path):
+    return json.loads((path / "config.json").read_text())
+
+
+@pytest.mark.parametrize("method, flags, model_type", [
+    ("lfuc", ["--target-active-ratio", "0.9"], "qwen3_moe"),
+    ("lfuc", ["--plan", "PLAN", "--host-mode", "shared", "--heal", "--heal-tokens", "1024", "--heal-steps", "2"],
+     "qwen3_moe"),
+    ("prune", ["--target-active-ratio", "0.9"], "qwen3"),
+    ("upcycle", ["--num-experts", "2"], "qwen3_moe"),
+])
+def test_convert(capsys, qwen3, tmp_path, method, flags, model_type):
+    flags = [str(qwen3["root"] / "plan.yaml") if f == "PLAN" else f for f in flags]
+    code, out, err = run_cli(capsys, "convert", "--model", qwen3["dense"], "--method", method, *flags,
+                             "--calib-tokens", 512, "--out", tmp_path / "out")
+    assert code == 0, err
+    cfg = config(tmp_path / "out")
+    assert cfg["model_type"] == model_type
+    if "--heal" in flags:
+        assert "healed on 1024 calibration tokens" in out
+
+
+def test_analyze_heal_eval_train_moe2dense_gguf(capsys, qwen3, tmp_path):
+    dense, root = qwen3["dense"], qwen3["root"]
+    code, _, err = run_cli(capsys, "analyze", "--model", dense, "--calib-tokens", 512, "--out", tmp_path / "an")
+    assert code == 0, err
+    lfuc = tmp_path / "lfuc"
+    code, _, err = run_cli(capsys, "convert", "--model", dense, "--plan", root / "plan.yaml", "--calib-tokens", 512,
+                           "--out", lfuc)
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "heal", "--model", lfuc, "--calib-tokens", 1024, "--steps", 2,
+                             "--out", tmp_path / "healed")
+    assert code == 0 and "1←[2, 3]" in out, err
+    code, _, err = run_cli(capsys, "eval", "--model", tmp_path / "healed", "--tasks", "piqa", "--limit", 2,
+                           "--ppl-tokens", 1024, "--out", tmp_path / "eval.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "eval.json").read_text())["perplexity"]["value"] > 1
+    code, _, err = run_cli(capsys, "train", "--model", lfuc, "--corpus", root / "corpus.txt", "--tokens", 256,
+                           "--seq-len", 32, "--global-batch", 4, "--micro-batch", 2, "--out", tmp_path / "trained")
+    assert code == 0, err
+    assert config(tmp_path / "trained")["model_type"] == "qwen3_moe"
+    code, _, err = run_cli(capsys, "convert", "--model", tmp_path / "trained", "--method", "moe2dense",
+                           "--experts-kept", 1, "--calib-tokens", 512, "--out", tmp_path / "back")
+    assert code == 0, err
+    assert config(tmp_path / "back")["model_type"] == "qwen3"
+    for model in (tmp_path / "healed", tmp_path / "back"):
+        code, out, err = run_cli(capsys, "--target", "gguf", "--model", model, "--threads", 1,
+                                 "--out", tmp_path / f"gguf-{model.name}")
+        assert code == 0 and "greedy 64/64" in out, err
+
+
+@pytest.mark.parametrize("target", ["onnx", "executorch", "coreml"])
+def test_targets_without_qwen3_yet_refuse_it(capsys, qwen3, tmp_path, target):
+    """Their graphs have no q/k norm yet: refused before any work, never approximated."""
+    code, _, err = run_cli(capsys, "--target", target, "--model", qwen3["dense"], "--out", tmp_path / "out")
+    assert_user_error(code, err, "not 'qwen3'")
+    assert not (tmp_path / "out").exists()
