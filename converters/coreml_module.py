@@ -47,8 +47,8 @@ def check_supported(config) -> None:
         return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
 
     kind = get("model_type")
-    if kind not in ("llama", "qwen2", "qwen2_moe", "mixtral"):
-        raise UserError(f"the coreml target exports llama, qwen2, qwen2_moe and mixtral models, not {kind!r}")
+    if kind not in FAMILIES:
+        raise UserError(f"the coreml target exports {', '.join(FAMILIES)} models, not {kind!r}")
     if get("use_sliding_window") or "sliding_attention" in (get("layer_types") or []) or (
             kind == "mixtral" and get("sliding_window")):
         raise UserError("sliding-window attention is not supported by the coreml target yet")
@@ -56,6 +56,9 @@ def check_supported(config) -> None:
         raise UserError(f"activation {get('hidden_act')!r} is not supported by the coreml target yet")
     if get("mlp_bias"):
         raise UserError("MLP biases are not supported by the coreml target yet")
+
+
+FAMILIES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral")
 
 
 class StableRMSNorm(nn.Module):
@@ -75,7 +78,7 @@ def rotate_half(x, half: int):
 
 
 class GatherMoE(nn.Module):
-    """Qwen2-MoE / Mixtral sparse block: router → top-k → gather the chosen experts' weights."""
+    """Qwen2-MoE / Qwen3-MoE / Mixtral sparse block: router → top-k → gather the chosen experts' weights."""
 
     def __init__(self, block: nn.Module, config):
         super().__init__()
@@ -114,6 +117,8 @@ class Attention(nn.Module):
     def __init__(self, attn: nn.Module, config, index: int):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.q_norm = StableRMSNorm(attn.q_norm) if hasattr(attn, "q_norm") else None     # Qwen3
+        self.k_norm = StableRMSNorm(attn.k_norm) if hasattr(attn, "k_norm") else None
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -124,6 +129,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(1, -1, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(1, -1, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(1, -1, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         half = self.head_dim // 2                              # a constant: traced sizes would become ops
         q = q * cos + rotate_half(q, half) * sin
         k = k * cos + rotate_half(k, half) * sin

@@ -138,7 +138,7 @@ def expected_structure(config, max_seq_len: int, quant: str, compressible: list[
     """What the program must contain for this model (a transformers config) and export."""
     moe: dict[str, int] = {}
     layers = config.num_hidden_layers
-    if getattr(config, "model_type", "") == "qwen2_moe" and config.num_experts:
+    if getattr(config, "model_type", "") in ("qwen2_moe", "qwen3_moe") and config.num_experts:
         skip = set(getattr(config, "mlp_only_layers", None) or [])
         step = getattr(config, "decoder_sparse_step", 1) or 1
         moe = {str(i): config.num_experts for i in range(layers) if i not in skip and (i + 1) % step == 0}

@@ -139,7 +139,7 @@ def expert_tree(leaves: list, lo: int = 0, hi: int | None = None):
 
 
 class MoE(nn.Module):
-    """Qwen2MoE's sparse block with the routed experts lowered as described in the module docstring."""
+    """Qwen2-MoE's / Qwen3-MoE's sparse block with the routed experts lowered as described in the module docstring."""
 
     def __init__(self, block, config, lowering: str, quant: str, max_tokens: int):
         super().__init__()
@@ -150,8 +150,8 @@ class MoE(nn.Module):
         self.router = nn.Linear(self.hidden, self.num_experts, bias=False)
         with torch.no_grad():
             self.router.weight.copy_(block.gate.weight)
-        shared = block.shared_expert
-        self.shared_expert = shared if shared.gate_proj.weight.numel() else None
+        shared = getattr(block, "shared_expert", None)          # Qwen3-MoE has none
+        self.shared_expert = shared if shared is not None and shared.gate_proj.weight.numel() else None
         self.shared_expert_gate = block.shared_expert_gate if self.shared_expert is not None else None
         act = block.experts.act_fn
         gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
@@ -238,6 +238,7 @@ class Attention(nn.Module):
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)    # Qwen3
         self.scale = float(attn.scaling)
         shape = (1, max_seq_len, self.kv_heads, self.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
@@ -248,6 +249,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(1, t, self.heads, self.head_dim)
         k = self.k_proj(x).view(1, t, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(1, t, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         torch.ops.llama.update_cache(k, self.k_cache, start_pos)

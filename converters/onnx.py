@@ -27,8 +27,8 @@ DATA_FILE = "model.onnx.data"
 MAX_POSITIONS = 32768      # rotary table rows (and so the longest sequence) at most
 MIN_MAX_SEQ_LEN = 64       # the parity check decodes ~60 positions
 # MoE model type -> the dense family with the same attention, named in the export's config.json
-FAMILIES = ("llama", "qwen2", "qwen2_moe", "mixtral")     # the graph builder has no q/k norm (Qwen3) yet
-OPTIMUM_ATTENTION_FAMILY = {"qwen2_moe": "qwen2", "mixtral": "mistral"}
+FAMILIES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral")
+OPTIMUM_ATTENTION_FAMILY = {"qwen2_moe": "qwen2", "qwen3_moe": "qwen3", "mixtral": "mistral"}
 
 
 @register_target("onnx")

@@ -19,7 +19,8 @@ from pathlib import Path
 CONFIG_FILE = "genai_config.json"
 # ONNX Runtime GenAI's model types whose decoder is the plain one (no vision or speech parts); our
 # graph is the same for all of them, the type mainly picks defaults such as the chat template.
-GENAI_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen2_moe": "qwen2", "mixtral": "mistral"}
+GENAI_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen2_moe": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3",
+               "mixtral": "mistral"}
 
 
 def _token_id(value, default=None):

@@ -275,9 +275,15 @@ def build_graph(spec: Spec, sd: dict[str, np.ndarray], cos: np.ndarray, sin: np.
         if a + "q_proj.bias" in sd:
             bias = np.concatenate([pad_heads_rows(sd[a + f"{n}_proj.bias"], h, spec)
                                    for n, h in (("q", spec.heads), ("k", spec.kv_heads), ("v", spec.kv_heads))])
-        qkv = lin.linear(x, np.concatenate([wq, wk, wv]), bias, f"layers.{i}.qkv")
+        if a + "q_norm.weight" in sd:      # Qwen3: per-head RMSNorm on q and k, so they are projected apart
+            b = np.split(bias, [len(wq), len(wq) + len(wk)]) if bias is not None else (None, None, None)
+            q_k_v = [lin.linear(x, w, bw, f"layers.{i}.{n}_proj") for w, bw, n in zip((wq, wk, wv), b, "qkv")]
+            q_k_v[0] = head_norm(g, spec, q_k_v[0], sd[a + "q_norm.weight"], spec.heads, f"layers.{i}.q_norm")
+            q_k_v[1] = head_norm(g, spec, q_k_v[1], sd[a + "k_norm.weight"], spec.kv_heads, f"layers.{i}.k_norm")
+        else:
+            q_k_v = [lin.linear(x, np.concatenate([wq, wk, wv]), bias, f"layers.{i}.qkv"), "", ""]
         attn, _, _ = g.op("GroupQueryAttention",
-                          [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total,
+                          [*q_k_v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total,
                            cos_c, sin_c, "position_ids"], f"layers.{i}.attn",
                           outputs=[f"layers.{i}.attn/out", f"present.{i}.key", f"present.{i}.value"], domain=MS,
                           num_heads=spec.heads, kv_num_heads=spec.kv_heads, do_rotary=1, rotary_interleaved=0,
@@ -302,6 +308,18 @@ def build_graph(spec: Spec, sd: dict[str, np.ndarray], cos: np.ndarray, sin: np.
                               producer_name="d2m-export")
     model.ir_version = 10
     return model
+
+
+def head_norm(g: Graph, spec: Spec, x: str, gamma: np.ndarray, n_heads: int, name: str) -> str:
+    """RMSNorm over each head of [B, S, n_heads·head_dim_padded]. Over a padded head the mean of squares
+    is hd/hdp of the true one; scaling γ by sqrt(hd/hdp) and ε by hd/hdp makes it exact."""
+    ratio = spec.head_dim / spec.head_dim_padded
+    gamma = pad_heads_rows(gamma.astype(np.float32), 1, spec) * np.float32(np.sqrt(ratio))
+    heads = g.op("Reshape", [x, g.const(f"{name}.heads_shape", np.array([0, 0, n_heads, spec.head_dim_padded],
+                                                                         np.int64))], f"{name}.heads")
+    normed = g.op("RMSNormalization", [heads, g.const(f"{name}.weight", gamma)], name, axis=-1,
+                  epsilon=spec.eps * ratio)
+    return g.op("Reshape", [normed, g.const(f"{name}.flat_shape", np.array([0, 0, -1], np.int64))], f"{name}.flat")
 
 
 def moe_block(g: Graph, lin: Linears, spec: Spec, sd: dict, m: str, x: str, name: str, mlp,

@@ -1,7 +1,8 @@
 """Families beyond Llama/Qwen2 through every stage on the command line: a tiny random Qwen3 (per-head
 q/k norms) is analysed, converted (lfuc, prune, upcycle, lfuc with --heal), healed, evaluated,
-trained, taken back to dense (moe2dense) and exported. The exactness identities are in
-test_surgery.py and test_moe2dense.py; llama.cpp's token-for-token parity in test_gguf.py.
+trained, taken back to dense (moe2dense) and exported to every target with parity in its runtime.
+The exactness identities are in test_surgery.py and test_moe2dense.py; llama.cpp's free-running
+greedy decoding in test_gguf.py.
 """
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import json
 
 import pytest
 
-from conftest import assert_user_error, run_cli, save_with_tokenizer, tiny_dense
+from conftest import run_cli, save_with_tokenizer, tiny_dense
+from d2m_export.cli import main
 
 PLAN = "blocks:\n  - {host: 1, donors: [2, 3]}\n"
 
@@ -73,9 +75,32 @@ def test_analyze_heal_eval_train_moe2dense_gguf(capsys, qwen3, tmp_path):
         assert code == 0 and "greedy 64/64" in out, err
 
 
-@pytest.mark.parametrize("target", ["onnx", "executorch", "coreml"])
-def test_targets_without_qwen3_yet_refuse_it(capsys, qwen3, tmp_path, target):
-    """Their graphs have no q/k norm yet: refused before any work, never approximated."""
-    code, _, err = run_cli(capsys, "--target", target, "--model", qwen3["dense"], "--out", tmp_path / "out")
-    assert_user_error(code, err, "not 'qwen3'")
-    assert not (tmp_path / "out").exists()
+@pytest.fixture(scope="module")
+def qwen3_lfuc(qwen3):
+    """LF-UC with the shared host, which Qwen3-MoE holds folded into every expert."""
+    out = qwen3["root"] / "lfuc-shared"
+    code = main(
+        ["convert", "--model", str(qwen3["dense"]), "--plan", str(qwen3["root"] / "plan.yaml"), "--host-mode",
+         "shared", "--calib-tokens", "512", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+@pytest.mark.parametrize("target, model", [("onnx", "dense"), ("onnx", "lfuc"), ("executorch", "lfuc"),
+                                           ("coreml", "lfuc")])
+def test_exports_match_transformers(capsys, qwen3, qwen3_lfuc, tmp_path, target, model):
+    """q/k norms in each graph: fp32 (Core ML: its fp16 export, checked on Linux as the traced program)
+    gives transformers' greedy tokens; the tiny 8-wide heads are padded to 16 in ONNX, so the padded
+    head norm is exercised too. ONNX exports are also run in ONNX Runtime GenAI."""
+    if target == "executorch":
+        pytest.importorskip("executorch")
+    if target == "coreml":
+        pytest.importorskip("coremltools")
+    src = qwen3["dense"] if model == "dense" else qwen3_lfuc
+    code, out, err = run_cli(capsys, "--target", target, "--model", src, "--threads", 1, "--out", tmp_path / "x")
+    assert code == 0 and "greedy 64/64" in out, err
+    parity = json.loads((tmp_path / "x" / "manifest.json").read_text())["parity"]
+    assert parity["greedy_match"] == parity["greedy_total"] == 64 and parity["max_abs_logit_err"] < 1e-4
+    if target == "onnx":
+        genai = parity["other_runtimes"]["onnxruntime-genai"]
+        assert genai["greedy_match"] == 64 and genai["max_abs_logit_err"] < 1e-4
