@@ -129,7 +129,6 @@ def write_json(path: Path, payload: dict) -> None:
         raise
 
 
-
 def _checksum(path: Path) -> dict:
     import hashlib
 

@@ -5,11 +5,11 @@ import json
 import time
 from pathlib import Path
 
+from d2m_export.architectures import dense_families
 from d2m_export.errors import UserError
 from d2m_export.models import load_model, model_label
 from d2m_export.outputs import atomic_dir, check_output_dir, check_output_file, write_json
 from d2m_export.params import param_counts
-from d2m_export.architectures import dense_families
 from d2m_export.plan import Options, Plan, read_plan_file
 
 DEFAULT_RATIO = 0.8

@@ -142,7 +142,7 @@ def train(cfg: TrainConfig) -> dict:
             raise UserError(f"--out {out} already holds a training run; pass --resume or choose a new --out")
     torch.manual_seed(cfg.seed)
     model, tokenizer, model_dir = load_model(cfg.model)
-    record = read_record(model_dir)            # a damaged one is refused now, not after training
+    read_record(model_dir)            # a damaged d2m_plan.json is refused now, not after training
     max_len = getattr(model.config, "max_position_embeddings", None)
     if max_len and cfg.seq_len > max_len:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's maximum context of {max_len}")
