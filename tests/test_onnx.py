@@ -410,6 +410,10 @@ def test_unknown_or_foreign_runtime_exits_2(capsys, models, tmp_path, runtime, n
     code, _, err = run(capsys, "bench", out, "--runtime", runtime, "--out", tmp_path / "b.json")
     assert code == 2 and needle in err and err.count("\n") == 1 and not (tmp_path / "b.json").exists()
     (out / "genai_config.json").unlink()                                # an export from before genai_config.json
+    manifest = json.loads((out / "manifest.json").read_text())         # (and before checksums)
+    del manifest["checksums"]
+    manifest["files"].remove("genai_config.json")
+    (out / "manifest.json").write_text(json.dumps(manifest))
     code, _, err = run(capsys, "generate", out, "--runtime", "onnxruntime-genai", "--prompt", "Hi")
     assert code == 2 and "has no genai_config.json" in err
 
