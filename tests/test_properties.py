@@ -15,6 +15,7 @@ import io
 import json
 import math
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,7 @@ def check_outcome(code: int, err: str, out: Path | None, valid) -> None:
 
 def fresh(tmp: Path, name: str) -> Path:
     """A path that does not exist yet, under a per-example directory (examples share the fixture's tmp)."""
-    d = Path(__import__("tempfile").mkdtemp(dir=tmp))
+    d = Path(tempfile.mkdtemp(dir=tmp))
     return d / name
 
 
