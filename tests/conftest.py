@@ -64,6 +64,12 @@ def save_with_tokenizer(model, path, tokenizer_dir):
     return path
 
 
+def write_tiny_corpus(path):
+    """A small training text file (`train --corpus`) that tokenizes in no time."""
+    path.write_text(" ".join(f"The {w} sat on the mat by the door." for w in range(400)))
+    return path
+
+
 def run_cli(capsys, *argv):
     """(exit code, stdout, stderr) of `d2m-export argv...` run in-process."""
     from d2m_export.cli import main

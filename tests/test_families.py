@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from conftest import run_cli, save_with_tokenizer, tiny_dense
+from conftest import run_cli, save_with_tokenizer, tiny_dense, write_tiny_corpus
 from d2m_export.cli import main
 
 PLAN = "blocks:\n  - {host: 1, donors: [2, 3]}\n"
@@ -20,7 +20,7 @@ PLAN = "blocks:\n  - {host: 1, donors: [2, 3]}\n"
 def qwen3(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("qwen3")
     (root / "plan.yaml").write_text(PLAN)
-    (root / "corpus.txt").write_text(" ".join(f"The {w} sat on the mat by the door." for w in range(400)))
+    write_tiny_corpus(root / "corpus.txt")
     return {"dense": save_with_tokenizer(tiny_dense("qwen3"), root / "dense", tokenizer_dir), "root": root}
 
 

@@ -23,7 +23,7 @@ import yaml
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-from conftest import save_with_tokenizer, tiny_dense
+from conftest import save_with_tokenizer, tiny_dense, write_tiny_corpus
 from d2m_export.cli import build_parser, main
 
 PLAN = "blocks:\n  - {host: 1, donors: [2, 3]}\n"
@@ -86,7 +86,7 @@ def world(tmp_path_factory, tokenizer_dir):
         code, err = run(["--target", target, "--model", lfuc, "--threads", 1, "--out", root / target])
         assert code == 0, err
         exports[target] = root / target
-    (root / "corpus.txt").write_text(" ".join(f"The {w} sat on the mat by the door." for w in range(400)))
+    write_tiny_corpus(root / "corpus.txt")
     work = root / "work"
     work.mkdir()
     return {"dense": dense, "lfuc": lfuc, "corpus": root / "corpus.txt", "work": work, **exports}

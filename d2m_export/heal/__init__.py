@@ -189,16 +189,15 @@ def heal(model_spec, out: Path, cfg: HealConfig, dense_spec: str | None = None, 
 
 
 def _read_record(model_dir: Path) -> dict:
-    path = Path(model_dir) / "d2m_plan.json"
-    if not path.is_file():
-        raise UserError(f"{model_dir} has no d2m_plan.json: heal works on models written by `d2m-export convert` "
+    from d2m_export.models import RECORD, read_record
+
+    record = read_record(model_dir)
+    if record is None:
+        raise UserError(f"{model_dir} has no {RECORD}: heal works on models written by `d2m-export convert` "
                         f"(--method {', '.join(HEALABLE)})")
-    try:
-        record = json.loads(path.read_text())
-        method = record["method"]
-        record["plan"]["num_layers"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is corrupt ({e.__class__.__name__}: {e}); convert the model again") from None
+    method, plan = record.get("method"), record.get("plan")
+    if "method" not in record or not isinstance(plan, dict) or "num_layers" not in plan:
+        raise UserError(f"{Path(model_dir) / RECORD} is corrupt (no method or plan); convert the model again")
     if method not in HEALABLE:
         raise UserError(f"{model_dir} was made by --method {method}; heal fits {', '.join(HEALABLE)} conversions")
     return record
