@@ -43,6 +43,10 @@ class Exporter:
     # quant -> (largest allowed max |logit error|, smallest fraction of greedy tokens that must match).
     # Lossless quants must match every greedy token; lossy ones get a floor that a broken export misses.
     tolerances: dict[str, tuple[float, float]] = {}
+
+    def tolerance(self, quant: str, config) -> tuple[float, float]:
+        """(max |logit error|, min greedy-token fraction) the parity check allows for `config`'s model."""
+        return self.tolerances[quant]
     # extra export options this target takes (e.g. "max_seq_len"); `export` passes them as keywords
     options: tuple[str, ...] = ()
     # runtimes besides the target's own that run its files; the parity check runs each of them

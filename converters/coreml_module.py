@@ -25,6 +25,11 @@ Core ML cannot take as they are:
   norm divides by max(|x|, 1) first: `x / sqrt(mean x² + ε) = x̃ / sqrt(mean x̃² + ε/m²)` with
   `x̃ = x / m` — the same function, no overflow.
 
+Gemma 3: norms scale by (1 + w), the attention and MLP outputs are normed before their residual adds,
+the query is scaled by query_pre_attn_scalar^-½ (folded into q), and sliding-window layers add a band
+to the caller's causal mask (built in the model from the mask's shape: the interface is unchanged)
+and use their own RoPE table.
+
 Only the last position's logits are returned ([1, vocab]): decoding needs no more, and prefill
 skips q-1 rows of the LM head.
 """
@@ -49,28 +54,40 @@ def check_supported(config) -> None:
     kind = get("model_type")
     if kind not in FAMILIES:
         raise UserError(f"the coreml target exports {', '.join(FAMILIES)} models, not {kind!r}")
-    if get("use_sliding_window") or "sliding_attention" in (get("layer_types") or []) or (
+    if get("use_sliding_window") or (kind != "gemma3_text" and "sliding_attention" in (get("layer_types") or [])) or (
             kind == "mixtral" and get("sliding_window")):
-        raise UserError("sliding-window attention is not supported by the coreml target yet")
-    if get("hidden_act", "silu") not in ("silu", "swish"):
-        raise UserError(f"activation {get('hidden_act')!r} is not supported by the coreml target yet")
+        raise UserError("sliding-window attention is not supported by the coreml target yet (except Gemma 3's)")
+    act = get("hidden_act") or get("hidden_activation") or "silu"
+    if act not in ("silu", "swish", "gelu_pytorch_tanh"):
+        raise UserError(f"activation {act!r} is not supported by the coreml target yet")
+    if get("attn_logit_softcapping") or get("final_logit_softcapping"):
+        raise UserError("logit soft-capping is not supported by the coreml target yet")
     if get("mlp_bias"):
         raise UserError("MLP biases are not supported by the coreml target yet")
 
 
-FAMILIES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral")
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma3_text", "qwen2_moe", "qwen3_moe", "mixtral")
 
 
 class StableRMSNorm(nn.Module):
-    def __init__(self, norm: nn.Module):
+    def __init__(self, norm: nn.Module, offset: float = 0.0):
         super().__init__()
         self.weight = norm.weight
+        self.offset = float(offset)           # Gemma scales by (1 + w)
         self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
     def forward(self, x):
         m = x.abs().amax(dim=-1, keepdim=True).clamp(min=1.0)
         xs = x / m
-        return self.weight * (xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + self.eps / (m * m)))
+        scale = self.weight + self.offset if self.offset else self.weight
+        return scale * (xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + self.eps / (m * m)))
+
+
+def with_window(mask, window: int):
+    """The causal mask [1, 1, q, end] with keys `window` or more positions behind their query masked too."""
+    q, end = mask.shape[-2], mask.shape[-1]
+    behind = (torch.arange(q).unsqueeze(1) + (end - q)) - torch.arange(end).unsqueeze(0)
+    return mask.masked_fill(behind >= window, float("-inf"))
 
 
 def rotate_half(x, half: int):
@@ -114,14 +131,16 @@ class GatherMoE(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, attn: nn.Module, config, index: int):
+    def __init__(self, attn: nn.Module, config, index: int, offset: float = 0.0):
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        self.q_norm = StableRMSNorm(attn.q_norm) if hasattr(attn, "q_norm") else None     # Qwen3
-        self.k_norm = StableRMSNorm(attn.k_norm) if hasattr(attn, "k_norm") else None
+        self.q_norm = StableRMSNorm(attn.q_norm, offset) if hasattr(attn, "q_norm") else None     # Qwen3, Gemma 3
+        self.k_norm = StableRMSNorm(attn.k_norm, offset) if hasattr(attn, "k_norm") else None
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        # SDPA scales by 1/√head_dim; a model that scales otherwise (Gemma 3) gets the ratio on q
+        self.q_scale = float(attn.scaling) * self.head_dim ** 0.5
         self.index = index
 
     def forward(self, x, cos, sin, mask, key_cache, value_cache):     # x [1, q, H]
@@ -131,6 +150,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(1, -1, self.kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
         half = self.head_dim // 2                              # a constant: traced sizes would become ops
         q = q * cos + rotate_half(q, half) * sin
         k = k * cos + rotate_half(k, half) * sin
@@ -147,21 +168,32 @@ class Attention(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, layer: nn.Module, config, index: int):
+    def __init__(self, layer: nn.Module, config, index: int, layer_type: str | None = None):
         super().__init__()
-        self.input_norm = StableRMSNorm(layer.input_layernorm)
-        self.attn = Attention(layer.self_attn, config, index)
-        self.post_norm = StableRMSNorm(layer.post_attention_layernorm)
+        from d2m_export.architectures import ARCHITECTURES
+
+        arch = ARCHITECTURES[config.model_type]
+        off = arch.norm_offset
+        self.input_norm = StableRMSNorm(layer.input_layernorm, off)
+        self.attn = Attention(layer.self_attn, config, index, off)
+        self.post_norm = StableRMSNorm(getattr(layer, arch.mlp_norm), off)      # the MLP's input norm
+        identity = nn.Identity()
+        self.attn_out_norm = StableRMSNorm(getattr(layer, arch.attn_out_norm), off) if arch.attn_out_norm else identity
+        self.mlp_out_norm = StableRMSNorm(getattr(layer, arch.mlp_out_norm), off) if arch.mlp_out_norm else identity
+        self.layer_type = layer_type
+        self.window = int(config.sliding_window) if layer_type == "sliding_attention" else None
         mlp = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe")
         self.moe = GatherMoE(mlp, config) if hasattr(mlp, "experts") else None
         self.mlp = None if self.moe is not None else mlp
 
     def forward(self, x, cos, sin, mask, key_cache, value_cache):
-        x = x + self.attn(self.input_norm(x), cos, sin, mask, key_cache, value_cache)
+        if self.window is not None:
+            mask = with_window(mask, self.window)
+        x = x + self.attn_out_norm(self.attn(self.input_norm(x), cos, sin, mask, key_cache, value_cache))
         u = self.post_norm(x)
         if self.moe is not None:
-            return x + self.moe(u[0]).unsqueeze(0)
-        return x + self.mlp(u)
+            return x + self.mlp_out_norm(self.moe(u[0]).unsqueeze(0))
+        return x + self.mlp_out_norm(self.mlp(u))
 
 
 class LoweredDecoder(nn.Module):
@@ -173,19 +205,29 @@ class LoweredDecoder(nn.Module):
         check_supported(config)
         self.config = config
         self.max_seq_len = int(max_seq_len)
+        from d2m_export.architectures import ARCHITECTURES
+
         self.embed = model.model.embed_tokens
-        self.layers = nn.ModuleList(Layer(layer, config, i) for i, layer in enumerate(model.model.layers))
-        self.norm = StableRMSNorm(model.model.norm)
+        rope_params = getattr(config, "rope_parameters", None) or {}
+        types = getattr(config, "layer_types", None) or [None] * len(model.model.layers)
+        self.layers = nn.ModuleList(Layer(layer, config, i, t) for i, (layer, t) in enumerate(zip(model.model.layers, types)))
+        self.norm = StableRMSNorm(model.model.norm, ARCHITECTURES[config.model_type].norm_offset)
         self.lm_head = model.lm_head
         a = self.layers[0].attn
         shape = (len(self.layers), 1, a.kv_heads, self.max_seq_len, a.head_dim)
         self.register_buffer("key_cache", torch.zeros(shape))
         self.register_buffer("value_cache", torch.zeros(shape))
-        with torch.no_grad():      # transformers' own rotary embedding (any RoPE type it supports), in fp32
+        # transformers' own rotary embedding (any RoPE type it supports), in fp32; one table per layer
+        # type where RoPE is given per type (Gemma 3's local and global bases)
+        self.rope_keys = [t if t in rope_params else None for t in types]
+        with torch.no_grad():
             positions = torch.arange(self.max_seq_len).unsqueeze(0)
-            cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
-        self.register_buffer("rope_cos", cos[0].float().clone(), persistent=False)   # [S, d]
-        self.register_buffer("rope_sin", sin[0].float().clone(), persistent=False)
+            for t in sorted(set(self.rope_keys), key=str):
+                probe = torch.zeros(1, dtype=torch.float32)
+                cos, sin = model.model.rotary_emb(probe, positions, t) if t else model.model.rotary_emb(probe, positions)
+                suffix = f"_{t}" if t else ""
+                self.register_buffer(f"rope_cos{suffix}", cos[0].float().clone(), persistent=False)   # [S, d]
+                self.register_buffer(f"rope_sin{suffix}", sin[0].float().clone(), persistent=False)
 
     @property
     def moe_layers(self) -> dict[int, int]:
@@ -215,11 +257,14 @@ class LoweredDecoder(nn.Module):
         q_len, end = input_ids.shape[1], causal_mask.shape[-1]
         past = end - q_len
         x = self.embed(input_ids)
-        cos = self.rope_cos[past:end].to(x.dtype)
-        sin = self.rope_sin[past:end].to(x.dtype)
+        tables = {}
+        for key in self.rope_keys:
+            if key not in tables:
+                suffix = f"_{key}" if key else ""
+                tables[key] = tuple(getattr(self, f"rope_{k}{suffix}")[past:end].to(x.dtype) for k in ("cos", "sin"))
         mask = causal_mask.to(x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, self.key_cache, self.value_cache)
+        for layer, key in zip(self.layers, self.rope_keys):
+            x = layer(x, *tables[key], mask, self.key_cache, self.value_cache)
         return self.lm_head(self.norm(x[:, -1, :]))
 
 

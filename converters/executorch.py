@@ -26,7 +26,7 @@ from d2m_export.models import read_config
 
 log = logging.getLogger(__name__)
 PROGRAM = "model.pte"
-ARCHS = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3_text", "qwen2_moe", "qwen3_moe")
 DEFAULT_MAX_SEQ_LEN = 2048
 MIN_MAX_SEQ_LEN = 64            # the parity check decodes ~60 positions
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")     # inv_freq does not depend on the sequence length

@@ -8,6 +8,8 @@ start position and the logits are those of the last position.
   written in place by `llama::update_cache` and read by `llama::custom_sdpa` (causal, bounded by
   the start position, GQA), the ops of ExecuTorch's own Llama export. RoPE tables are precomputed
   from the model's own rotary module, so every rope type transformers knows is reproduced.
+  Sliding-window layers (Gemma 3) pass custom_sdpa a banded causal mask instead, sliced from one
+  [max_seq_len, max_seq_len] table, and use their own RoPE table (Gemma 3's local base).
 - MoE layers (Qwen2MoE: router → softmax → top-k → renormalise; shared expert gated by a sigmoid):
   `lowering="cond"` (default) lowers every distinct routed expert to its own XNNPACK delegate
   before the model is exported, then picks experts at run time with a binary tree of `cond` on the
@@ -244,7 +246,7 @@ class Attention(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
 
-    def forward(self, x, cos, sin, start_pos: int):
+    def forward(self, x, cos, sin, start_pos: int, mask=None):
         t = x.shape[1]
         q = self.q_proj(x).view(1, t, self.heads, self.head_dim)
         k = self.k_proj(x).view(1, t, self.kv_heads, self.head_dim)
@@ -255,7 +257,7 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         torch.ops.llama.update_cache(k, self.k_cache, start_pos)
         torch.ops.llama.update_cache(v, self.v_cache, start_pos)
-        out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start_pos, None, 0.0, True, self.scale)
+        out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start_pos, mask, 0.0, mask is None, self.scale)
         return self.o_proj(out.reshape(1, t, self.heads * self.head_dim))
 
 
@@ -269,20 +271,27 @@ def without_zero_neurons(mlp: nn.Module) -> nn.Module:
 
 
 class Layer(nn.Module):
-    def __init__(self, layer, config, max_seq_len, lowering, quant):
+    def __init__(self, layer, config, max_seq_len, lowering, quant, layer_type=None):
         super().__init__()
+        from d2m_export.architectures import ARCHITECTURES
+
+        arch = ARCHITECTURES[config.model_type]
+        identity = nn.Identity()
         self.input_layernorm = layer.input_layernorm
-        self.post_attention_layernorm = layer.post_attention_layernorm
+        self.ffn_norm = getattr(layer, arch.mlp_norm)
+        self.attn_out_norm = getattr(layer, arch.attn_out_norm) if arch.attn_out_norm else identity   # Gemma
+        self.mlp_out_norm = getattr(layer, arch.mlp_out_norm) if arch.mlp_out_norm else identity
+        self.layer_type = layer_type
         self.self_attn = Attention(layer.self_attn, config, max_seq_len)
         self.is_moe = hasattr(layer.mlp, "experts")
         self.mlp = MoE(layer.mlp, config, lowering, quant, max_seq_len) if self.is_moe else without_zero_neurons(layer.mlp)
 
-    def forward(self, x, cos, sin, start_pos):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos)
-        h = self.post_attention_layernorm(x)
+    def forward(self, x, cos, sin, start_pos, mask=None):
+        x = x + self.attn_out_norm(self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask))
+        h = self.ffn_norm(x)
         if self.is_moe:
-            return x + self.mlp(h[0]).unsqueeze(0)
-        return x + self.mlp(h)
+            return x + self.mlp_out_norm(self.mlp(h[0]).unsqueeze(0))
+        return x + self.mlp_out_norm(self.mlp(h))
 
 
 class Decoder(nn.Module):
@@ -296,7 +305,11 @@ class Decoder(nn.Module):
         self.max_seq_len = max_seq_len
         self.embed_tokens = inner.embed_tokens
         t0 = time.time()
-        self.layers = nn.ModuleList(Layer(layer, config, max_seq_len, lowering, quant) for layer in inner.layers)
+        rope_params = getattr(config, "rope_parameters", None) or {}
+        layer_types = [t if t in rope_params else None                   # RoPE per layer type (Gemma 3)
+                       for t in (getattr(config, "layer_types", None) or [None] * len(inner.layers))]
+        self.layers = nn.ModuleList(Layer(layer, config, max_seq_len, lowering, quant, t)
+                                    for layer, t in zip(inner.layers, layer_types))
         self.expert_lowering_s = time.time() - t0
         self.norm = inner.norm
         head = hf_model.lm_head
@@ -308,9 +321,20 @@ class Decoder(nn.Module):
         with torch.no_grad():
             positions = torch.arange(max_seq_len).unsqueeze(0)
             probe = torch.zeros(1, max_seq_len, config.hidden_size)
-            cos, sin = inner.rotary_emb(probe, positions)
-        self.register_buffer("rope_cos", cos[0].float().contiguous(), persistent=False)   # [S, head_dim]
-        self.register_buffer("rope_sin", sin[0].float().contiguous(), persistent=False)
+            for t in sorted(set(layer_types), key=str):
+                cos, sin = inner.rotary_emb(probe, positions, t) if t else inner.rotary_emb(probe, positions)
+                suffix = f"_{t}" if t else ""
+                self.register_buffer(f"rope_cos{suffix}", cos[0].float().contiguous(), persistent=False)  # [S, hd]
+                self.register_buffer(f"rope_sin{suffix}", sin[0].float().contiguous(), persistent=False)
+        window = getattr(config, "sliding_window", None)
+        self.windowed = window is not None and "sliding_attention" in (getattr(config, "layer_types", None) or [])
+        if self.windowed:     # 0 where query i may see key j (j <= i < j + window), -inf elsewhere
+            i, j = torch.arange(max_seq_len)[:, None], torch.arange(max_seq_len)[None]
+            allowed = (j <= i) & (i - j < window)
+            self.register_buffer("window_mask", torch.zeros(max_seq_len, max_seq_len).masked_fill(~allowed, float("-inf")),
+                                 persistent=False)
+        self.sliding = [getattr(config, "layer_types", [None] * len(inner.layers))[k] == "sliding_attention"
+                        for k in range(len(inner.layers))]
         # Routers (and the shared-expert gate) stay fp32, as llama.cpp keeps them: they decide the routing.
         # Routed experts were quantized (and, with cond, lowered) on their own above.
         skipped = quantize_linears(self, quant, keep=lambda name: ".mlp.router" in name or ".mlp.experts." in name
@@ -325,10 +349,15 @@ class Decoder(nn.Module):
         start = input_pos[0].item()
         torch._check(start >= 0)
         torch._check(start + t <= self.max_seq_len)
-        cos = self.rope_cos.narrow(0, start, t).view(1, t, 1, -1)
-        sin = self.rope_sin.narrow(0, start, t).view(1, t, 1, -1)
-        x = self.embed_tokens(tokens)
+        tables = {}
         for layer in self.layers:
-            x = layer(x, cos, sin, start)
+            if layer.layer_type not in tables:
+                suffix = f"_{layer.layer_type}" if layer.layer_type else ""
+                tables[layer.layer_type] = tuple(getattr(self, f"rope_{k}{suffix}").narrow(0, start, t).view(1, t, 1, -1)
+                                                 for k in ("cos", "sin"))
+        mask = self.window_mask.narrow(0, start, t) if self.windowed else None     # [t, whole cache]
+        x = self.embed_tokens(tokens)
+        for layer, sliding in zip(self.layers, self.sliding):
+            x = layer(x, *tables[layer.layer_type], start, mask if sliding else None)
         x = self.norm(x[:, -1, :])
         return self.lm_head(x)

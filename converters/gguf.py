@@ -23,6 +23,12 @@ RoPE is NEOX. Its pitfalls, each handled below:
    q/k/v projection (`build_qkv`) in the llama.cpp that llama-cpp-python 0.3.36 bundles. A build
    whose step35 graph projects without them would run such a file with the biases left out:
    the manifest names the llama.cpp it was checked with (`gguf.checked_with`).
+
+Dense Gemma 3 uses llama.cpp's `gemma3`, which fixes three things that transformers configures:
+every 6th layer is global and the others slide (refused when a model's `layer_types` differ, as
+after pruning), the local RoPE base is 10000 (refused otherwise), and the softmax scale is
+1/√head_dim (query_pre_attn_scalar differs: the ratio is folded into the q norm, exactly).
+Norm weights are stored as the scale they apply (1 + w), as llama.cpp's converter does.
 """
 from __future__ import annotations
 
@@ -47,8 +53,10 @@ FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTL
 # multiple of 256): made by llama.cpp's own quantizer from the f32 file, never re-implemented here
 K_QUANTS = {"q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M, "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M,
             "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K}
-ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3",                # HF model_type -> GGUF architecture
+ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",  # HF model_type -> GGUF
          "qwen2_moe": "step35", "qwen3_moe": "step35"}
+GEMMA3_PATTERN = 6        # llama.cpp's gemma3: layer i is global when i % 6 == 5, else sliding
+GEMMA3_LOCAL_THETA = 10000.0
 SWA_WINDOW = 1 << 20      # "sliding" window of the one SWA-flagged step35 layer: wider than any context
 
 # HF name inside a layer -> GGUF tensor (one table owns the mapping)
@@ -61,6 +69,9 @@ LAYER_TENSORS = {
     "mlp.shared_expert.gate_proj": T.FFN_GATE_SHEXP, "mlp.shared_expert.up_proj": T.FFN_UP_SHEXP,
     "mlp.shared_expert.down_proj": T.FFN_DOWN_SHEXP,
 }
+# Gemma 3 norms around attention and MLP (where Llama's post-attention norm is the MLP's input norm)
+GEMMA3_NORMS = {"post_attention_layernorm": T.ATTN_POST_NORM, "pre_feedforward_layernorm": T.FFN_NORM,
+                "post_feedforward_layernorm": T.FFN_POST_NORM}
 GLOBAL_TENSORS = {"model.embed_tokens": T.TOKEN_EMBD, "model.norm": T.OUTPUT_NORM, "lm_head": T.OUTPUT}
 
 
@@ -91,24 +102,30 @@ def rope_rows_to_pairs(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def load_state(model_dir: Path):
+    """fp32 numpy weights (norm weights as the scale they apply) and the config."""
+    from d2m_export.architectures import norms_as_scales
     from d2m_export.models import load_model
 
     model, _, _ = load_model(model_dir)       # any load failure is a one-line UserError
-    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}, model.config
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    return norms_as_scales(model.config, state), model.config
 
 
 def layer_tensors(state: dict, cfg, arch: str):
     """(GGUF name, array) for every layer tensor, experts split and shared expert folded."""
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    table = {**LAYER_TENSORS, **GEMMA3_NORMS} if arch == "gemma3" else LAYER_TENSORS
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        for hf, kind in LAYER_TENSORS.items():
+        for hf, kind in table.items():
             for suffix in (".weight", ".bias"):
                 w = state.get(p + hf + suffix)
                 if w is None:
                     continue
                 if arch == "llama" and hf in ("self_attn.q_proj", "self_attn.k_proj"):
                     w = rope_rows_to_pairs(w, heads if hf.endswith("q_proj") else kv_heads)
+                if arch == "gemma3" and hf == "self_attn.q_norm":
+                    w = w * gemma3_query_fold(cfg)
                 if hf == "mlp.shared_expert.down_proj":
                     w = w * _shared_gate_scale(state, p)
                 if hf.startswith("mlp.shared_expert.") and w.size == 0:   # routed host: zero width-1 expert
@@ -149,13 +166,40 @@ def all_tensors(state: dict, cfg, arch: str):
     yield from layer_tensors(state, cfg, arch)
 
 
+def gemma3_query_fold(cfg) -> float:
+    """What the q norm is multiplied by so that llama.cpp's fixed softmax scale gives transformers'
+    query_pre_attn_scalar^-½ (RoPE rotates, so a scale on q commutes with it)."""
+    head_dim = cfg.head_dim
+    fixed = (cfg.hidden_size / cfg.num_attention_heads) ** -0.5 if cfg.num_hidden_layers == 62 else head_dim ** -0.5
+    return float(cfg.query_pre_attn_scalar ** -0.5 / fixed)       # llama.cpp reads 62 layers as the 27B
+
+
+def check_gemma3(cfg) -> dict:
+    """The global layers' RoPE parameters, after checking what llama.cpp's gemma3 fixes."""
+    n = cfg.num_hidden_layers
+    want = ["full_attention" if i % GEMMA3_PATTERN == GEMMA3_PATTERN - 1 else "sliding_attention" for i in range(n)]
+    if list(cfg.layer_types) != want:
+        differ = [i for i in range(n) if cfg.layer_types[i] != want[i]]
+        raise UserError(f"llama.cpp's gemma3 makes every {GEMMA3_PATTERN}th layer global and the others sliding; "
+                        f"this model's layer types differ at layers {differ[:6]} (pruning shifts them), and no "
+                        "stock llama.cpp architecture takes Gemma 3 layers in another order: export it to onnx, "
+                        "executorch or coreml instead")
+    local = cfg.rope_parameters.get("sliding_attention", {})
+    if local.get("rope_type", "default") != "default" or float(local.get("rope_theta", 0)) != GEMMA3_LOCAL_THETA:
+        raise UserError(f"llama.cpp's gemma3 fixes the sliding layers' RoPE at base {GEMMA3_LOCAL_THETA:g}; "
+                        f"this model's is {local}")
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "attn_logit_softcapping", None):
+        raise UserError("Gemma 3 with logit soft-capping is not supported by the gguf target")
+    return dict(cfg.rope_parameters["full_attention"])
+
+
 def rope_theta(cfg) -> float:
     params = getattr(cfg, "rope_parameters", None) or {}
     return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
 
 
 def check_rope(cfg, arch: str) -> dict:
-    params = dict(getattr(cfg, "rope_parameters", None) or {})
+    params = check_gemma3(cfg) if arch == "gemma3" else dict(getattr(cfg, "rope_parameters", None) or {})
     kind = params.get("rope_type", "default")
     if kind == "default" or (kind == "linear" and arch != "step35"):
         return params
@@ -172,8 +216,10 @@ def add_metadata(w: gguf.GGUFWriter, cfg, arch: str, quant: str, name: str) -> N
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(rope_theta(cfg))
+    w.add_rope_freq_base(float(rope["rope_theta"]) if arch == "gemma3" else rope_theta(cfg))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if arch == "gemma3":
+        w.add_sliding_window(cfg.sliding_window)
     if rope.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rope["factor"])
@@ -217,8 +263,18 @@ class GGUFExporter(Exporter):
     tolerances = {"f32": (1e-2, 1.0), "f16": (1.0, 0.9), "q8_0": (20.0, 0.75), "q4_0": (40.0, 0.5),
                   "q6_k": (20.0, 0.75), "q5_k_m": (30.0, 0.6), "q4_k_m": (40.0, 0.5)}
 
+    # ggml's CPU GELU reads an fp16 table (x rounded to fp16), ~1e-3 relative per activation: a GeGLU
+    # model (Gemma 3) at f32 is off by up to ~1e-2 on real weights (measured: 0.0105 on Gemma 3 270M)
+    GELU_F32_MAX_ERR = 5e-2
+
     def __init__(self):
         self._written: dict[str, dict] = {}      # artifact path -> facts about it, for `details`
+
+    def tolerance(self, quant, config):
+        max_err, min_frac = self.tolerances[quant]
+        if quant == "f32" and "gelu" in str(getattr(config, "hidden_activation", None) or config.hidden_act):
+            max_err = max(max_err, self.GELU_F32_MAX_ERR)
+        return max_err, min_frac
 
     def export(self, model_dir: Path, quant: str, out_tmp: Path) -> list[str]:
         model_type = read_config(model_dir).get("model_type")

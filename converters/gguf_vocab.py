@@ -47,24 +47,31 @@ def _pre_from_structure(pre: dict | None) -> str | None:
 
 
 def embedded_origin(model_dir: Path) -> Path | None:
-    """The packaged GGUF a model folder comes from (the embedded model, or a conversion of it)."""
-    import importlib.util
-
-    from d2m_export.models import EMBEDDED, read_record
+    """The GGUF file a model folder comes from: an embedded model's, a `--model x.gguf` conversion's, or
+    that of the model a converted folder was made from (its d2m_plan.json's base_model)."""
+    from d2m_export.models import EMBEDDED, ORIGIN, embedded_gguf, read_record
     from d2m_export.paths import cache_dir
 
-    names = [n for n in EMBEDDED if Path(model_dir).resolve() == (cache_dir() / "models" / n).resolve()]
+    model_dir = Path(model_dir)
+    names = [n for n in EMBEDDED if model_dir.resolve() == (cache_dir() / "models" / n).resolve()]
+    if not names and (model_dir / ORIGIN).is_file():
+        try:
+            path = Path(json.loads((model_dir / ORIGIN).read_text())["gguf"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        return path if path.is_file() else None
     if not names:
         base = (read_record(model_dir) or {}).get("base_model")
-        names = [base] if base in EMBEDDED else []
+        if base in EMBEDDED:
+            names = [base]
+        elif base and str(base).endswith(".gguf") and Path(base).is_file():
+            return Path(base)
     if not names:
         return None
-    package, filename = EMBEDDED[names[0]]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    try:
+        return embedded_gguf(names[0])
+    except UserError:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    return path if path.is_file() else None
 
 
 @functools.lru_cache(maxsize=4)
@@ -73,6 +80,12 @@ def _tokenizer_fields(path: Path) -> dict:
     fields = gguf.GGUFReader(path).fields
     keys = ("tokenizer.ggml.pre", "tokenizer.ggml.add_space_prefix")
     return {k: fields[k].contents() for k in keys if k in fields}
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_model(path: Path) -> str:
+    field = gguf.GGUFReader(path).fields.get("tokenizer.ggml.model")
+    return str(field.contents()) if field is not None else "gpt2"
 
 
 def pre_tokenizer(model_dir: Path, tokenizer_json: dict) -> str:
@@ -94,7 +107,8 @@ def _looks_special(text: str) -> bool:
 def vocab_tokens(tokenizer_json: dict, n_vocab: int) -> tuple[list[str], list[int]]:
     model = tokenizer_json.get("model", {})
     if model.get("type") != "BPE":
-        raise UserError(f"the gguf target reads BPE (gpt2-style) tokenizers; this one is {model.get('type')!r}")
+        raise UserError(f"the gguf target reads BPE (gpt2-style) tokenizers, and SentencePiece ones from the GGUF "
+                        f"file a model came from (--model x.gguf, embedded models); this one is {model.get('type')!r}")
     by_id = {i: t for t, i in model["vocab"].items()}
     added = {t["id"]: t for t in tokenizer_json.get("added_tokens", [])}
     by_id.update({i: t["content"] for i, t in added.items()})
@@ -122,8 +136,27 @@ def adds_bos(model_dir: Path, bos_id: int | None) -> bool:
     return bos_id is not None and bool(ids) and ids[0] == bos_id
 
 
+def copy_vocab(writer: gguf.GGUFWriter, origin: Path, n_vocab: int) -> str:
+    """Every `tokenizer.*` field of the GGUF the model came from, as it is there; returns its pre-tokenizer."""
+    fields = {k: f for k, f in gguf.GGUFReader(origin).fields.items() if k.startswith("tokenizer.")}
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if tokens is None or len(tokens.data) != n_vocab:
+        raise UserError(f"{origin.name} has {len(tokens.data) if tokens else 0} tokens but the model's vocabulary "
+                        f"is {n_vocab}")
+    for key, field in fields.items():
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+    pre = fields.get("tokenizer.ggml.pre")
+    return str(pre.contents()) if pre is not None else "default"
+
+
 def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> str:
-    """Write the tokenizer metadata; return the pre-tokenizer name used."""
+    """Write the tokenizer metadata; return the pre-tokenizer name used. A SentencePiece vocabulary
+    (Gemma's) is taken from the GGUF file the model came from."""
+    origin = embedded_origin(model_dir)
+    if origin is not None and _tokenizer_model(origin) != "gpt2":
+        return copy_vocab(writer, origin, n_vocab)
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise UserError(f"{model_dir} has no tokenizer.json; the gguf target needs the model's fast tokenizer")

@@ -27,7 +27,7 @@ DATA_FILE = "model.onnx.data"
 MAX_POSITIONS = 32768      # rotary table rows (and so the longest sequence) at most
 MIN_MAX_SEQ_LEN = 64       # the parity check decodes ~60 positions
 # MoE model type -> the dense family with the same attention, named in the export's config.json
-FAMILIES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral")
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma3_text", "qwen2_moe", "qwen3_moe", "mixtral")
 OPTIMUM_ATTENTION_FAMILY = {"qwen2_moe": "qwen2", "qwen3_moe": "qwen3", "mixtral": "mistral"}
 
 
@@ -118,7 +118,8 @@ def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe
     import torch
     from transformers import AutoModelForCausalLM
 
-    from converters.onnx_graph import Graph, Linears, build_graph, rotary_tables, spec_of
+    from d2m_export.architectures import norms_as_scales
+    from converters.onnx_graph import Graph, Linears, build_graph, rotary_tables_by_type, spec_of
     from converters.onnx_quant import quantized_linears
 
     try:
@@ -127,9 +128,9 @@ def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe
         raise UserError(f"cannot load the model in {model_dir}: {str(e).strip().splitlines()[0] if str(e).strip() else e}") from None
     config = model.config
     spec = spec_of(config, max_positions=min(int(config.max_position_embeddings), max_seq_len or MAX_POSITIONS))
-    cos, sin = rotary_tables(model, spec)
+    rotary = rotary_tables_by_type(model, spec)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    sd = norms_as_scales(config, {k: v.detach().float().numpy() for k, v in model.state_dict().items()})
     if tied:
         sd.pop("lm_head.weight", None)
     del model
@@ -137,7 +138,7 @@ def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe
     lin = Linears(g) if quant == "fp32" else quantized_linears(g, quant, head_bits)
     if moe_lowering == "dense" and quant != "fp32":
         raise UserError("--moe-lowering dense is offered at fp32 only (it is there for comparison)")
-    proto = build_graph(spec, sd, cos, sin, lin, tied=tied, moe_lowering=moe_lowering)
+    proto = build_graph(spec, sd, rotary, lin, tied=tied, moe_lowering=moe_lowering)
     onnx.helper.set_model_props(proto, {"max_positions": str(spec.max_positions), "weights": lin.describe()["weights"],
                                         "model_type": config.model_type, "moe_lowering": moe_lowering})
     return proto

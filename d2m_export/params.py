@@ -25,7 +25,8 @@ def param_counts(cfg) -> ParamCounts:
     hd = _get(cfg, "head_dim") or h // heads
     model_type = _get(cfg, "model_type")
     qkv_bias = model_type == "qwen2" or (model_type == "qwen2_moe" and _get(cfg, "qkv_bias", True))
-    qk_norm = 2 * hd if model_type in ("qwen3", "qwen3_moe") else 0
+    qk_norm = 2 * hd if model_type in ("qwen3", "qwen3_moe", "gemma3_text") else 0
+    norms = 4 * h if model_type == "gemma3_text" else 2 * h
     attn = h * heads * hd * 2 + h * kv * hd * 2 + (heads * hd + 2 * kv * hd if qkv_bias else 0) + qk_norm
     layers = _get(cfg, "num_hidden_layers")
     num_experts = _get(cfg, "num_experts", 0) or 0
@@ -36,8 +37,8 @@ def param_counts(cfg) -> ParamCounts:
         moe_layers = {i for i in range(layers) if i not in skip and (i + 1) % step == 0}
     active = total = 0
     for i in range(layers):
-        active += attn + 2 * h
-        total += attn + 2 * h
+        active += attn + norms
+        total += attn + norms
         if i in moe_layers:
             shared = 3 * h * _get(cfg, "shared_expert_intermediate_size", 0) + (h if model_type == "qwen2_moe" else 0)
             expert = 3 * h * _get(cfg, "moe_intermediate_size")

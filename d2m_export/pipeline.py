@@ -87,6 +87,9 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
     if model.config.model_type not in dense_families():
         raise UserError(f"convert --method {method_name} needs a dense model ({', '.join(dense_families())}); "
                         f"{model_label(model_spec)} is {model.config.model_type}")
+    if method.writes_moe:
+        from d2m_export.methods.base import moe_family
+        moe_family(model.config)      # a family with no exact MoE form is refused before calibrating
 
     from d2m_export.analysis import block_table, score_blocks
     from d2m_export.calibration import calibration_ids, collect

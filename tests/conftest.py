@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random Llama/Qwen2/Qwen3 models saved as Hugging Face folders."""
+"""Shared fixtures: tiny random Llama/Qwen2/Qwen3/Gemma 3 models saved as Hugging Face folders."""
 from __future__ import annotations
 
 import pytest
@@ -9,14 +9,24 @@ TINY = dict(vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_l
             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, rms_norm_eps=1e-5)
 
 
+# Gemma 3's extras, small enough to matter in short tests: an 8-token sliding window on every layer but the
+# sixth (Gemma 3's own pattern), a query scale that is not 1/√head_dim, and a local RoPE base of its own.
+TINY_GEMMA3 = dict(head_dim=8, query_pre_attn_scalar=12, sliding_window=8,
+                   layer_types=["sliding_attention"] * 5 + ["full_attention"],
+                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                    "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})
+
+
 def tiny_dense(arch: str = "llama", seed: int = 0, **overrides):
-    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                              Qwen3ForCausalLM)
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed(seed)
     cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-                          "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[arch]
-    model = model_cls(cfg_cls(**{**TINY, **overrides})).eval()
+                          "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+                          "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM)}[arch]
+    extra = TINY_GEMMA3 if arch == "gemma3_text" else {}
+    model = model_cls(cfg_cls(**{**TINY, **extra, **overrides})).eval()
     with torch.no_grad():   # non-trivial norm weights, so that γ folding is exercised
         for name, p in model.named_parameters():
             if "norm" in name:

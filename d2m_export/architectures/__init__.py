@@ -19,6 +19,12 @@ class Architecture:
     qkv_bias: bool = False       # q/k/v projections carry a bias (Qwen2)
     qk_norm: bool = False        # per-head RMSNorm on q and k before RoPE (Qwen3)
     fuses_into: str | None = None   # dense families: the MoE family LF-UC and upcycling write
+    no_fusion_reason: str | None = None   # dense families with no exact MoE form: why (LF-UC/upcycle refuse)
+    mlp_norm: str = "post_attention_layernorm"   # the norm whose output is the MLP's input
+    attn_out_norm: str | None = None   # a norm on the attention's output before the residual add (Gemma)
+    mlp_out_norm: str | None = None    # a norm on the MLP's output before the residual add (Gemma)
+    norm_offset: float = 0.0     # RMSNorm scales by (offset + weight): Gemma stores weight - 1
+    norms_per_layer: int = 2     # RMSNorms of hidden width per layer (Gemma 3: 4, around attention and MLP)
 
     # --- MoE families we write --------------------------------------------------------------
     def moe_config(self, dense_config, *, num_layers: int, mlp_only_layers: list[int], num_experts: int,
@@ -52,6 +58,15 @@ def _common(d) -> dict:
                 rms_norm_eps=d.rms_norm_eps, rope_parameters=dict(d.rope_parameters),
                 tie_word_embeddings=d.tie_word_embeddings, bos_token_id=d.bos_token_id,
                 eos_token_id=d.eos_token_id, pad_token_id=d.pad_token_id, use_sliding_window=False)
+
+
+
+def norms_as_scales(config, state: dict) -> dict:
+    """`state` with every RMSNorm weight as the scale it applies: Gemma stores w and scales by (1 + w)."""
+    offset = ARCHITECTURES[config.model_type].norm_offset if config.model_type in ARCHITECTURES else 0.0
+    if not offset:
+        return state
+    return {k: v + offset if k.endswith("norm.weight") else v for k, v in state.items()}
 
 
 for _info in pkgutil.iter_modules(__path__):

@@ -112,7 +112,7 @@ def fit_closed_form(runner: LayerRunner, fit: BlockData, max_tokens: int = 8192,
         u, d, s = u[keep], d[keep], s[keep]
     if not runner.is_moe:       # a dense host (pruning): one scale on its MLP
         alpha = _bounded(float((d * s).sum() / s.pow(2).sum().clamp_min(1e-30)))
-        runner.layer.mlp.down_proj.weight.mul_(alpha)
+        runner.scale_mlp(alpha)
         return {"mlp_scale": round(alpha, 4)}
     mlp = runner.layer.mlp
     has_shared = hasattr(mlp, "shared_expert") and mlp.shared_expert.down_proj.weight.shape[1] > 0
@@ -141,10 +141,11 @@ def trainable(runner: LayerRunner, attention: bool) -> list[torch.nn.Parameter]:
     layer = runner.layer
     # The shared expert's gate stays at zero: exporters fold its constant sigmoid(0) = 0.5 into the
     # shared expert (llama.cpp has no such gate), and the shared expert's own scale learns the rest.
-    params = [p for name, p in layer.mlp.named_parameters() if not name.startswith("shared_expert_gate")]
-    if attention:
-        params += list(layer.self_attn.parameters()) + list(layer.input_layernorm.parameters())
-        params += list(layer.post_attention_layernorm.parameters())
+    gate = {id(p) for name, p in layer.mlp.named_parameters() if name.startswith("shared_expert_gate")}
+    params = [p for p in runner.ffn_parameters() if id(p) not in gate]
+    if attention:       # and every norm outside the FFN branch
+        ffn = {id(p) for p in runner.ffn_parameters()}
+        params += [p for p in layer.parameters() if id(p) not in ffn]
     return [p for p in params if p.numel()]
 
 

@@ -1,8 +1,8 @@
 """One decoder layer of the converted model, run on its own: the pieces healing needs.
 
-Works for the dense layers of Llama/Qwen2 (a pruned model's hosts) and for Qwen2-/Qwen3-MoE layers
-(LF-UC hosts, upcycled layers). An explicit causal mask keeps it independent of the attention
-implementation.
+Works for the dense layers of Llama/Qwen2/Qwen3/Gemma 3 (a pruned model's hosts) and for Qwen2-/Qwen3-MoE
+layers (LF-UC hosts, upcycled layers). An explicit causal mask (banded on sliding-window layers) keeps it
+independent of the attention implementation.
 """
 from __future__ import annotations
 
@@ -10,13 +10,24 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
+from d2m_export.architectures import ARCHITECTURES
+
 
 class LayerRunner:
     def __init__(self, model, index: int):
+        config = model.config
+        self.arch = ARCHITECTURES[config.model_type]
         self.layer = model.model.layers[index]
         self.rotary = model.model.rotary_emb
-        self.act = ACT2FN[model.config.hidden_act]
+        self.act = ACT2FN[getattr(config, "hidden_act", None) or config.hidden_activation]
+        layer_type = (getattr(config, "layer_types", None) or [None] * (index + 1))[index]
+        # RoPE given per layer type (Gemma 3: local and global bases) is looked up by the layer's type
+        self.layer_type = layer_type if layer_type in (config.rope_parameters or {}) else None
+        self.window = config.sliding_window if layer_type == "sliding_attention" else None
         self._masks: dict[tuple, tuple] = {}
+
+    def _norm(self, name: str | None, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.layer, name)(x) if name else x
 
     @property
     def is_moe(self) -> bool:
@@ -27,8 +38,12 @@ class LayerRunner:
         if key not in self._masks:
             t = x.shape[1]
             pos = torch.arange(t, device=x.device).unsqueeze(0)
-            mask = torch.full((t, t), float("-inf"), device=x.device).triu(1)[None, None].to(x.dtype)
-            self._masks[key] = (pos, mask, self.rotary(x, pos))
+            blocked = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+            if self.window:     # token i sees the `window` tokens ending at i
+                blocked |= torch.ones_like(blocked).tril(-self.window)
+            mask = torch.zeros(t, t, device=x.device).masked_fill(blocked, float("-inf"))[None, None].to(x.dtype)
+            pe = self.rotary(x, pos, self.layer_type) if self.layer_type else self.rotary(x, pos)
+            self._masks[key] = (pos, mask, pe)
         return self._masks[key]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,10 +55,15 @@ class LayerRunner:
         pos, mask, pe = self._pos(x)
         out, _ = self.layer.self_attn(hidden_states=self.layer.input_layernorm(x), attention_mask=mask,
                                       position_ids=pos, position_embeddings=pe)
-        return x + out
+        return x + self._norm(self.arch.attn_out_norm, out)
 
     def ffn_input(self, r: torch.Tensor) -> torch.Tensor:
-        return self.layer.post_attention_layernorm(r)
+        return getattr(self.layer, self.arch.mlp_norm)(r)
+
+    def ffn_parameters(self) -> list[torch.nn.Parameter]:
+        """What the FFN branch owns: its MLP and the norm on the MLP's output, if the family has one."""
+        out_norm = [getattr(self.layer, self.arch.mlp_out_norm).weight] if self.arch.mlp_out_norm else []
+        return list(self.layer.mlp.parameters()) + out_norm
 
     # --- MoE pieces (Qwen2-MoE layout) ---------------------------------------------------
 
@@ -70,4 +90,15 @@ class LayerRunner:
     # --- dense MLP ----------------------------------------------------------------------
 
     def mlp(self, u: torch.Tensor) -> torch.Tensor:
-        return self.layer.mlp(u)
+        """The FFN branch's output, added to the residual (after the output norm, if any)."""
+        return self._norm(self.arch.mlp_out_norm, self.layer.mlp(u))
+
+    @torch.no_grad()
+    def scale_mlp(self, alpha: float) -> None:
+        """Multiply the FFN branch's output by `alpha`: through its output norm's scale where there is
+        one ((offset + w) → α·(offset + w)), else through the down projection."""
+        if self.arch.mlp_out_norm:
+            w = getattr(self.layer, self.arch.mlp_out_norm).weight
+            w.copy_(alpha * (w + self.arch.norm_offset) - self.arch.norm_offset)
+        else:
+            self.layer.mlp.down_proj.weight.mul_(alpha)

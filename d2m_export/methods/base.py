@@ -26,6 +26,7 @@ class Method:
     description: str
     allow_empty_donors = False
     calibrates_router = False     # build() fits routers on calibration activations when the plan asks
+    writes_moe = True             # the output is in the dense family's MoE family (prune: the dense family)
 
     def output_config(self, dense_config, plan: Plan):
         """The config of the converted model (no weights): what the planner costs."""
@@ -55,7 +56,10 @@ def check_convertible(config) -> Architecture:
 
 def moe_family(dense_config) -> Architecture:
     """The MoE family a dense model of this family is converted into."""
-    return ARCHITECTURES[check_convertible(dense_config).fuses_into]
+    arch = check_convertible(dense_config)
+    if arch.fuses_into is None:
+        raise UserError(f"{arch.model_type} models cannot be converted to MoE: {arch.no_fusion_reason}")
+    return ARCHITECTURES[arch.fuses_into]
 
 
 def moe_config(dense_config, *, num_layers: int, mlp_only_layers: list[int], num_experts: int, top_k: int,

@@ -11,6 +11,7 @@ from d2m_export.plan import Plan
 class Prune(Method):
     name = "prune"
     description = "drop the donor layers outright (attention and MLP)"
+    writes_moe = False
 
     def output_config(self, dense_config, plan: Plan):
         check_convertible(dense_config)
