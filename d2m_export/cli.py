@@ -42,7 +42,7 @@ def cmd_convert(args) -> int:
         if args.experts_kept is None:
             raise UserError("--method moe2dense needs --experts-kept K")
         record = moe_to_dense(args.model, Path(args.out), args.experts_kept, args.groups, args.score,
-                              calib_tokens=args.calib_tokens)
+                              calib_tokens=args.calib_tokens, grouping=args.grouping, scaling=args.scaling)
         p = record["params"]
         print(f"moe2dense: wrote {record['architecture']} to {args.out} in {record['wall_s']} s; "
               f"{p['active'] / 1e6:.1f}M params (MoE: {p['moe_active'] / 1e6:.1f}M active, "
@@ -358,7 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=FINITE, default=1.0, help="weight of each selected routed expert")
     p.add_argument("--experts-kept", type=POSITIVE, help="moe2dense: experts kept per layer (K)")
     p.add_argument("--groups", type=POSITIVE, help="moe2dense: groups they merge into (k ≤ K; default K)")
-    p.add_argument("--score", default="acp", help="moe2dense expert score: sf | cp | acp (default) | do-acp")
+    p.add_argument("--score", default="acp",
+                   help="moe2dense expert score: sf | cp | acp (default) | do-acp | pp | random (a control)")
+    p.add_argument("--grouping", default="score",
+                   help="moe2dense, when --groups < --experts-kept: score (default) | frequency | kmeans")
+    p.add_argument("--scaling", default="score",
+                   help="moe2dense: each group times its mean routing weight (score, default) or 1/k (uniform)")
     p.add_argument("--out", required=True, help="output directory (a Hugging Face checkpoint)")
     p.set_defaults(func=cmd_convert)
 

@@ -151,6 +151,26 @@ def encode_pair(tokenizer, context: str, continuation: str, cache: dict | None =
     return ctx, whole[len(ctx):]
 
 
+def _body_and_head(model):
+    """(decoder, LM head) when the logits are a plain linear head on the decoder's last hidden state, so
+    that only the positions being scored go through the head (a 262k-vocabulary head over every
+    position of a batch is most of the work and gigabytes of logits); None otherwise (soft-capping)."""
+    if getattr(model.config, "final_logit_softcapping", None):
+        return None
+    body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    return (body, head) if isinstance(body, torch.nn.Module) and isinstance(head, torch.nn.Linear) else None
+
+
+def _position_logits(model, ids, mask=None):
+    """f(row, start, end) -> the logits of those positions of that row."""
+    parts = _body_and_head(model)
+    if parts is None:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return lambda row, a, b: logits[row, a:b]
+    hidden = parts[0](input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    return lambda row, a, b: parts[1](hidden[row, a:b])
+
+
 @torch.inference_mode()
 def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size: int = 4,
                    desc: str = "loglikelihood", progress: bool = True) -> list[float]:
@@ -183,10 +203,10 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size
         for row, inp in enumerate(batch):
             ids[row, :len(inp)] = torch.tensor(inp)
             mask[row, :len(inp)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        logits = _position_logits(model, ids.to(device), mask.to(device))
         for row, inp in enumerate(batch):
             for i, target in inputs[inp]:
-                span = logits[row, len(inp) - len(target):len(inp)].float().log_softmax(-1)
+                span = logits(row, len(inp) - len(target), len(inp)).float().log_softmax(-1)
                 out[i] = span.gather(-1, torch.tensor(target, device=device)[:, None]).sum().item()
     return out
 
@@ -228,9 +248,9 @@ def perplexity(model, tokenizer, corpus: str = "austen", tokens: int = 10240, wi
     for start in tqdm(range(0, len(windows), batch_size), desc=f"perplexity {corpus}", unit="batch",
                       file=sys.stderr, disable=not progress):
         ids = windows[start:start + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                               reduction="sum").item()
+        logits = _position_logits(model, ids)
+        for row in range(len(ids)):          # row by row: one row's logits at a time
+            nll += F.cross_entropy(logits(row, 0, ids.shape[1] - 1).float(), ids[row, 1:], reduction="sum").item()
         scored += ids[:, 1:].numel()
     return {"corpus": corpus, "tokens": scored, "value": math.exp(nll / scored)}
 

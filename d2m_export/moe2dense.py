@@ -3,9 +3,19 @@ merge them into k groups, and concatenate each MoE layer into one dense SwiGLU M
 
 A SwiGLU MLP is a sum over hidden neurons, so stacking gate/up rows and down columns gives
 one MLP equal to Σ_e c_e·E_e(x). Shared experts go in unscaled (times their mean sigmoid
-gate, exactly 0.5 for our zero-gated LF-UC hosts); routed groups are scaled by their mean
-routing weight when selected (CP). Layers that were dense already are zero-padded to the
-common width, since Llama/Qwen2 configs have one intermediate size.
+gate, exactly 0.5 for our zero-gated LF-UC hosts); routed groups are scaled (`--scaling`) by
+their mean routing weight when selected (`score`, the default) or by 1/k (`uniform`, the paper's
+default). Layers that were dense already are zero-padded to the common width, since
+Llama/Qwen2 configs have one intermediate size.
+
+Scores (`--score`, per expert, over the calibration tokens): `sf` selection frequency; `cp` mean
+routing weight when selected; `acp` cp × RMS of the expert's output; `do-acp` the K experts
+that maximise a quality (acp) × diversity (output cosine) determinant; `pp` mean router
+probability before top-k; `random` a seeded random order (a control).
+Grouping when K > k (`--grouping`): `score` (each kept expert joins the most similar of the k
+best, merged weighted by score), `frequency` (the same groups, merged weighted by selection
+frequency), `kmeans` (k-means on the experts' flattened weights, seeded by the best expert and
+then farthest points, merged as a plain mean).
 """
 from __future__ import annotations
 
@@ -16,7 +26,9 @@ import torch
 from d2m_export.errors import UserError
 from d2m_export.methods.base import instantiate
 
-SCORES = ("sf", "cp", "acp", "do-acp")
+SCORES = ("sf", "cp", "acp", "do-acp", "pp", "random")
+GROUPINGS = ("score", "frequency", "kmeans")
+SCALINGS = ("score", "uniform")
 
 
 @dataclass
@@ -27,12 +39,13 @@ class LayerStats:
     sq_norm_sum: torch.Tensor   # [E] Σ_t ‖f_e(x_t)‖² over all tokens
     gram: torch.Tensor          # [E, E] Σ_t <f_i(x_t), f_j(x_t)>
     shared_gate_sum: float      # Σ_t sigmoid(shared_expert_gate(x_t)), 0 without a shared expert
+    prob_sum: torch.Tensor      # [E] Σ_t softmax(router(x_t)), before top-k
 
     def scores(self) -> dict[str, torch.Tensor]:
         sf = self.selected / self.tokens
         cp = torch.where(self.selected > 0, self.weight_sum / self.selected.clamp_min(1), torch.zeros_like(sf))
         acp = cp * (self.sq_norm_sum / self.tokens).sqrt()
-        return {"sf": sf, "cp": cp, "acp": acp}
+        return {"sf": sf, "cp": cp, "acp": acp, "pp": self.prob_sum / self.tokens}
 
     def similarity(self) -> torch.Tensor:
         d = self.gram.diagonal().clamp_min(1e-12).sqrt()
@@ -84,18 +97,23 @@ def _accumulate(stats, i, block, seen):
     chosen = torch.zeros(x.shape[0], n).scatter_(1, index, weights.float())
     shared = float(torch.sigmoid(block.shared_expert_gate(x.to(block.shared_expert_gate.weight.dtype))).sum()) \
         if hasattr(block, "shared_expert_gate") else 0.0
+    probs = torch.softmax(x @ block.gate.weight.detach().float().T, dim=-1).sum(0)
     part = LayerStats(x.shape[0], (chosen > 0).sum(0).float(), chosen.sum(0), f.pow(2).sum((1, 2)),
-                      torch.einsum("ith,jth->ij", f, f), shared)
+                      torch.einsum("ith,jth->ij", f, f), shared, probs)
     if i in stats:
         s = stats[i]
         part = LayerStats(s.tokens + part.tokens, s.selected + part.selected, s.weight_sum + part.weight_sum,
-                          s.sq_norm_sum + part.sq_norm_sum, s.gram + part.gram, s.shared_gate_sum + part.shared_gate_sum)
+                          s.sq_norm_sum + part.sq_norm_sum, s.gram + part.gram, s.shared_gate_sum + part.shared_gate_sum,
+                          s.prob_sum + part.prob_sum)
     stats[i] = part
 
 
-def select(stats: LayerStats, score: str, kept: int) -> tuple[list[int], torch.Tensor]:
+def select(stats: LayerStats, score: str, kept: int, seed: int = 0) -> tuple[list[int], torch.Tensor]:
     """Indices of the experts kept (best first) and the per-expert score used."""
     scores = stats.scores()
+    if score == "random":
+        s = torch.rand(len(stats.selected), generator=torch.Generator().manual_seed(seed))
+        return s.argsort(descending=True)[:kept].tolist(), s
     if score in scores:
         s = scores[score]
         return s.argsort(descending=True)[:kept].tolist(), s
@@ -126,6 +144,35 @@ def group(kept: list[int], score: torch.Tensor, similarity: torch.Tensor, groups
     return [members[s] for s in seeds]
 
 
+def kmeans_groups(kept: list[int], flat: torch.Tensor, groups: int, iters: int = 20) -> list[list[int]]:
+    """k-means on the kept experts' flattened weights `flat` [E, D]. Seeds: the best expert, then each
+    time the kept expert farthest from the seeds so far (near copies never seed two groups). Groups
+    list their members best first, in the order of their best member."""
+    points = flat[kept]
+    seeds = [0]
+    while len(seeds) < groups:
+        seeds.append(int(torch.cdist(points, points[seeds]).min(1).values.argmax()))
+    centres = points[seeds].clone()
+    for _ in range(iters):
+        dist = torch.cdist(points, centres)
+        assign = dist.argmin(1)
+        for g in range(groups):
+            if not (assign == g).any():       # an emptied group takes the point worst served by its own
+                far = int(dist.gather(1, assign[:, None]).squeeze(1).argmax())
+                assign[far] = g
+        centres = torch.stack([points[assign == g].mean(0) for g in range(groups)])
+    members = [[e for e, a in zip(kept, assign.tolist()) if a == g] for g in range(groups)]
+    return sorted(members, key=lambda m: kept.index(m[0]))
+
+
+def merge_weights(members: list[int], stats: LayerStats, score: torch.Tensor, grouping: str) -> list[float]:
+    """How a group's members are averaged: by score, by selection frequency, or plainly (k-means)."""
+    if grouping == "kmeans":
+        return [1.0 / len(members)] * len(members)
+    w = (stats.scores()["sf"] if grouping == "frequency" else score)[members].clamp_min(1e-12)
+    return (w / w.sum()).tolist()
+
+
 def dense_config(moe_config, width: int):
     """The dense family that holds the MoE model's attention exactly: Qwen3 (q/k norms), Qwen2
     (q/k/v biases) or Llama."""
@@ -146,9 +193,13 @@ def dense_config(moe_config, width: int):
     return LlamaConfig(**common, head_dim=head_dim, attention_bias=False, mlp_bias=False)
 
 
-def validate(model, kept: int, groups: int, score: str) -> None:
+def validate(model, kept: int, groups: int, score: str, grouping: str = "score", scaling: str = "score") -> None:
     if score not in SCORES:
         raise UserError(f"--score must be one of {', '.join(SCORES)}, not {score!r}")
+    if grouping not in GROUPINGS:
+        raise UserError(f"--grouping must be one of {', '.join(GROUPINGS)}, not {grouping!r}")
+    if scaling not in SCALINGS:
+        raise UserError(f"--scaling must be one of {', '.join(SCALINGS)}, not {scaling!r}")
     layers = moe_layers(model)
     if not layers:
         raise UserError("moe2dense needs a Mixture-of-Experts model; this one has no MoE layers")
@@ -159,9 +210,10 @@ def validate(model, kept: int, groups: int, score: str) -> None:
         raise UserError(f"--groups {groups} must be between 1 and --experts-kept {kept}")
 
 
-def convert(model, stats: dict[int, LayerStats], kept: int, groups: int, score: str):
+def convert(model, stats: dict[int, LayerStats], kept: int, groups: int, score: str, grouping: str = "score",
+            scaling: str = "score"):
     """Returns (dense model, record of scores/selection per layer)."""
-    validate(model, kept, groups, score)
+    validate(model, kept, groups, score, grouping, scaling)
     src = model.state_dict()
     state = {k: v for k, v in src.items() if ".mlp." not in k}
     mlps, record = {}, {}
@@ -170,9 +222,12 @@ def convert(model, stats: dict[int, LayerStats], kept: int, groups: int, score: 
             mlps[i] = [(layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight)]
             continue
         block, st = layer.mlp, stats[i]
-        chosen, s = select(st, score, kept)
-        grouped = group(chosen, s, st.similarity(), groups)
+        chosen, s = select(st, score, kept, seed=i)
         gate_up, down, _ = _experts(block)
+        if grouping == "kmeans":
+            grouped = kmeans_groups(chosen, torch.cat([gate_up.flatten(1), down.flatten(1)], 1), groups)
+        else:
+            grouped = group(chosen, s, st.similarity(), groups)
         cp = st.scores()["cp"]
         parts = []
         if hasattr(block, "shared_expert") and block.shared_expert.gate_proj.weight.shape[0]:
@@ -180,11 +235,10 @@ def convert(model, stats: dict[int, LayerStats], kept: int, groups: int, score: 
             parts.append((sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight * (st.shared_gate_sum / st.tokens)))
         half = gate_up.shape[1] // 2
         for members in grouped:
-            w = s[members].clamp_min(1e-12)
-            w = w / w.sum()
-            gu = sum(wi * gate_up[e] for wi, e in zip(w.tolist(), members))
-            dn = sum(wi * down[e] for wi, e in zip(w.tolist(), members))
-            scale = float(sum(wi * cp[e] for wi, e in zip(w.tolist(), members)))
+            w = merge_weights(members, st, s, grouping)
+            gu = sum(wi * gate_up[e] for wi, e in zip(w, members))
+            dn = sum(wi * down[e] for wi, e in zip(w, members))
+            scale = 1.0 / len(grouped) if scaling == "uniform" else float(sum(wi * cp[e] for wi, e in zip(w, members)))
             parts.append((gu[:half], gu[half:], dn * scale))
         mlps[i] = parts
         record[i] = {"scores": {k: [round(float(x), 6) for x in v] for k, v in st.scores().items()},

@@ -232,7 +232,8 @@ def evaluate(model_spec, out: Path | None, tasks: list[str], limit: int | None, 
 
 
 def moe_to_dense(model_spec, out: Path, experts_kept: int, groups: int | None = None, score: str = "acp",
-                 calib_tokens: int = 2048, progress: bool = True) -> dict:
+                 calib_tokens: int = 2048, progress: bool = True, grouping: str = "score",
+                 scaling: str = "score") -> dict:
     from d2m_export import moe2dense
     from d2m_export.calibration import calibration_ids
 
@@ -243,13 +244,13 @@ def moe_to_dense(model_spec, out: Path, experts_kept: int, groups: int | None = 
     if not moe2dense.moe_layers(model):
         raise UserError(f"--method moe2dense needs a Mixture-of-Experts model; {model_label(model_spec)} "
                         f"({model.config.model_type}) has no MoE layers")
-    moe2dense.validate(model, experts_kept, groups, score)   # before the (slow) calibration
+    moe2dense.validate(model, experts_kept, groups, score, grouping, scaling)   # before the (slow) calibration
     stats = moe2dense.routing_stats(model, calibration_ids(tokenizer, calib_tokens), progress=progress)
-    dense, layers = moe2dense.convert(model, stats, experts_kept, groups, score)
+    dense, layers = moe2dense.convert(model, stats, experts_kept, groups, score, grouping, scaling)
     moe, new = param_counts(model.config), param_counts(dense.config)
     record = {"base_model": model_label(model_spec), "method": "moe2dense",
-              "plan": {"experts_kept": experts_kept, "groups": groups, "score": score,
-                       "calibration_tokens": int(next(iter(stats.values())).tokens)},
+              "plan": {"experts_kept": experts_kept, "groups": groups, "score": score, "grouping": grouping,
+                       "scaling": scaling, "calibration_tokens": int(next(iter(stats.values())).tokens)},
               "layers": {str(k): v for k, v in layers.items()},
               "params": {"moe_active": moe.active, "moe_total": moe.total, "active": new.active, "total": new.total,
                          "zero_padding": 3 * dense.config.hidden_size * sum(v.get("zero_padding", 0) for v in layers.values())},

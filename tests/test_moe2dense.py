@@ -88,9 +88,70 @@ def test_scores_rank_a_dead_expert_last():
     for score in ("acp", "do-acp"):
         kept, _ = moe2dense.select(stats[0], score, 3)
         assert 2 not in kept, score
+    pp = stats[0].scores()["pp"]          # a mean of probability vectors
+    assert torch.all(pp > 0) and abs(float(pp.sum()) - 1) < 1e-5
     merged, record = moe2dense.convert(moe, stats, kept=3, groups=2, score="do-acp")
     assert merged.config.intermediate_size == 2 * 24
     assert sorted(len(g) for g in record[0]["groups"]) == [1, 2]
+
+
+def expert_outputs(block, x):
+    gate_up, down, act = moe2dense._experts(block)
+    outs = []
+    for e in range(gate_up.shape[0]):
+        g, u = (x @ gate_up[e].T).chunk(2, dim=-1)
+        outs.append((act(g) * u) @ down[e].T)
+    return torch.stack(outs)                      # [E, T, H]
+
+
+@pytest.mark.parametrize("grouping", ["score", "frequency", "kmeans"])
+def test_uniform_scaling_with_every_expert_kept_is_their_mean(grouping):
+    """K = k = E with 1/k scaling: each dense MLP is exactly the mean of the layer's experts (grouping
+    does nothing when every group has one member)."""
+    moe = tiny_moe("mixtral", experts=4, top_k=2)
+    stats = moe2dense.routing_stats(moe, torch.randint(0, 49152, (2, 16)), progress=False)
+    dense, _ = moe2dense.convert(moe, stats, kept=4, groups=4, score="pp", grouping=grouping, scaling="uniform")
+    x = torch.randn(5, 32)
+    for i in moe2dense.moe_layers(moe):
+        with torch.no_grad():
+            torch.testing.assert_close(dense.model.layers[i].mlp(x), expert_outputs(moe.model.layers[i].mlp, x).mean(0),
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_groupings_merge_as_they_say():
+    """kmeans: a plain mean of its members' weights; frequency: weighted by selection frequency."""
+    moe = tiny_moe("mixtral", experts=4, top_k=2)
+    stats = moe2dense.routing_stats(moe, torch.randint(0, 49152, (2, 16)), progress=False)
+    gate_up, down, _ = moe2dense._experts(moe.model.layers[0].mlp)
+    for grouping in ("kmeans", "frequency"):
+        dense, record = moe2dense.convert(moe, stats, kept=3, groups=1, score="acp", grouping=grouping,
+                                          scaling="uniform")
+        members = record[0]["groups"][0]
+        assert sorted(members) == sorted(record[0]["kept"])
+        sf = stats[0].scores()["sf"][members]
+        w = torch.full((3,), 1 / 3) if grouping == "kmeans" else sf / sf.sum()
+        expected = sum(wi * gate_up[e][:24] for wi, e in zip(w, members))
+        torch.testing.assert_close(dense.model.layers[0].mlp.gate_proj.weight, expected)
+
+
+def test_kmeans_puts_near_copies_together():
+    """Two experts that are near copies of each other end in one group, the third apart."""
+    moe = tiny_moe("mixtral", experts=3, top_k=2)
+    with torch.no_grad():
+        e = moe.model.layers[0].mlp.experts
+        e.gate_up_proj[1].copy_(e.gate_up_proj[0] + 1e-3 * torch.randn_like(e.gate_up_proj[0]))
+        e.down_proj[1].copy_(e.down_proj[0])
+    stats = moe2dense.routing_stats(moe, torch.randint(0, 49152, (2, 16)), progress=False)
+    _, record = moe2dense.convert(moe, stats, kept=3, groups=2, score="random", grouping="kmeans")
+    assert sorted(sorted(g) for g in record[0]["groups"]) in ([[0, 1], [2]], [[2], [0, 1]])
+
+
+def test_random_score_is_a_seeded_control():
+    moe = tiny_moe("mixtral", experts=4, top_k=2)
+    stats = moe2dense.routing_stats(moe, torch.randint(0, 49152, (2, 16)), progress=False)
+    a, _ = moe2dense.select(stats[0], "random", 4, seed=0)
+    assert sorted(a) == [0, 1, 2, 3] and moe2dense.select(stats[0], "random", 4, seed=0)[0] == a
+    assert any(moe2dense.select(stats[0], "random", 4, seed=s)[0] != a for s in range(1, 6))
 
 
 @pytest.fixture
@@ -109,10 +170,11 @@ def test_cli_writes_dense_checkpoint_with_scores(moe_dir, tmp_path):
     assert main(["convert", "--method", "moe2dense", "--model", str(moe_dir), "--experts-kept", "2",
                  "--score", "do-acp", "--calib-tokens", "256", "--out", str(out)]) == 0
     record = json.loads((out / "d2m_plan.json").read_text())
-    assert record["plan"] == {"experts_kept": 2, "groups": 2, "score": "do-acp", "calibration_tokens": 256}
+    assert record["plan"] == {"experts_kept": 2, "groups": 2, "score": "do-acp", "grouping": "score",
+                              "scaling": "score", "calibration_tokens": 256}
     # layer 1 was dense (40 wide) and is padded to the shared 40 + 2 × 24 neurons of the merged layers
     assert record["params"]["zero_padding"] == 3 * 32 * (40 + 2 * 24 - 40)
-    assert set(record["layers"]["0"]["scores"]) == {"sf", "cp", "acp"}
+    assert set(record["layers"]["0"]["scores"]) == {"sf", "cp", "acp", "pp"}
     assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "Qwen2ForCausalLM"
 
 
@@ -120,6 +182,8 @@ def test_cli_writes_dense_checkpoint_with_scores(moe_dir, tmp_path):
     (["--experts-kept", "9"], "between 1 and the 4 experts"),
     (["--experts-kept", "2", "--groups", "3"], "--groups 3"),
     (["--experts-kept", "2", "--score", "magic"], "--score"),
+    (["--experts-kept", "2", "--grouping", "magic"], "--grouping must be one of score, frequency, kmeans"),
+    (["--experts-kept", "2", "--scaling", "magic"], "--scaling must be one of score, uniform"),
 ])
 def test_bad_input(capsys, moe_dir, tmp_path, argv, needle):
     code = main(["convert", "--method", "moe2dense", "--model", str(moe_dir), *argv, "--out", str(tmp_path / "o")])
