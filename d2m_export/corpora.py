@@ -124,10 +124,19 @@ def assert_disjoint(train_names: Iterable[str], eval_names: Iterable[str], min_c
                              f"e.g. {shared[0][:80]!r}")
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """[BOS] for tokenizers that start every text with it (Gemma: its models expect it and do badly
+    without), else []."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a")["input_ids"]
+    return [bos] if bos is not None and ids and ids[0] == bos else []
+
+
 def token_windows(tokenizer, text: str, window: int, max_tokens: int) -> torch.Tensor:
     """LongTensor [n, window] of consecutive, non-overlapping windows of the text's first tokens.
 
-    n = min(max_tokens, tokens in text) // window. No special tokens are added.
+    n = min(max_tokens, tokens in text) // window. No special tokens are added, except that for a
+    tokenizer that starts every text with BOS each window does too (BOS, then window − 1 text tokens).
     """
     if window < 2 or max_tokens < window:
         raise UserError(f"need window >= 2 and tokens >= window, got window={window} tokens={max_tokens}")
@@ -142,6 +151,10 @@ def token_windows(tokenizer, text: str, window: int, max_tokens: int) -> torch.T
     n = min(max_tokens, len(ids)) // window
     if n == 0:
         raise UserError(f"text has {len(ids)} tokens, fewer than one window of {window}")
+    bos = bos_prefix(tokenizer)
+    if bos:
+        text_ids = torch.tensor(ids[: n * (window - 1)], dtype=torch.long).view(n, window - 1)
+        return torch.cat([torch.full((n, 1), bos[0], dtype=torch.long), text_ids], dim=1)
     return torch.tensor(ids[: n * window], dtype=torch.long).view(n, window)
 
 

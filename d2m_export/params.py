@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from d2m_export.architectures import ARCHITECTURES
+
 
 @dataclass(frozen=True)
 class ParamCounts:
@@ -25,8 +27,9 @@ def param_counts(cfg) -> ParamCounts:
     hd = _get(cfg, "head_dim") or h // heads
     model_type = _get(cfg, "model_type")
     qkv_bias = model_type == "qwen2" or (model_type == "qwen2_moe" and _get(cfg, "qkv_bias", True))
-    qk_norm = 2 * hd if model_type in ("qwen3", "qwen3_moe", "gemma3_text") else 0
-    norms = 4 * h if model_type == "gemma3_text" else 2 * h
+    arch = ARCHITECTURES.get(model_type)
+    qk_norm = 2 * hd if arch is not None and arch.qk_norm else 0
+    norms = (arch.norms_per_layer if arch is not None else 2) * h
     attn = h * heads * hd * 2 + h * kv * hd * 2 + (heads * hd + 2 * kv * hd if qkv_bias else 0) + qk_norm
     layers = _get(cfg, "num_hidden_layers")
     num_experts = _get(cfg, "num_experts", 0) or 0
