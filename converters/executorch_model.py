@@ -8,8 +8,8 @@ start position and the logits are those of the last position.
   written in place by `llama::update_cache` and read by `llama::custom_sdpa` (causal, bounded by
   the start position, GQA), the ops of ExecuTorch's own Llama export. RoPE tables are precomputed
   from the model's own rotary module, so every rope type transformers knows is reproduced.
-  Sliding-window layers (Gemma 3) pass custom_sdpa a banded causal mask instead, sliced from one
-  [max_seq_len, max_seq_len] table, and use their own RoPE table (Gemma 3's local base).
+  Sliding-window layers (Gemma 3) pass custom_sdpa a banded causal mask instead, [T, max_seq_len],
+  built per call from the positions, and use their own RoPE table (Gemma 3's local base).
 - MoE layers (Qwen2MoE: router → softmax → top-k → renormalise; shared expert gated by a sigmoid):
   `lowering="cond"` (default) lowers every distinct routed expert to its own XNNPACK delegate
   before the model is exported, then picks experts at run time with a binary tree of `cond` on the
@@ -229,10 +229,9 @@ class MoE(nn.Module):
 # Attention with a static KV cache, and the decoder
 # --------------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
-    """RMSNorm whose mean of squares is a matmul with a 1/n row: XNNPACK lowers `mean` over the last dim
-    of a 3-D tensor only as part of nothing (each one would end a delegate and start another; Gemma 3
-    has six per layer), while a linear joins the surrounding delegate. `scale` is the weight as applied
-    (Gemma: 1 + w)."""
+    """RMSNorm whose mean of squares is a matmul with a 1/n row. XNNPACK does not take this `mean`, so
+    each one would end a delegate and start another (Gemma 3 has six norms per layer); a linear joins
+    the delegate around it. `weight` is the scale as applied (Gemma: 1 + w)."""
 
     def __init__(self, norm: nn.Module, offset: float = 0.0):
         super().__init__()
@@ -350,15 +349,9 @@ class Decoder(nn.Module):
                 suffix = f"_{t}" if t else ""
                 self.register_buffer(f"rope_cos{suffix}", cos[0].float().contiguous(), persistent=False)  # [S, hd]
                 self.register_buffer(f"rope_sin{suffix}", sin[0].float().contiguous(), persistent=False)
-        window = getattr(config, "sliding_window", None)
-        self.windowed = window is not None and "sliding_attention" in (getattr(config, "layer_types", None) or [])
-        if self.windowed:     # 0 where query i may see key j (j <= i < j + window), -inf elsewhere
-            i, j = torch.arange(max_seq_len)[:, None], torch.arange(max_seq_len)[None]
-            allowed = (j <= i) & (i - j < window)
-            self.register_buffer("window_mask", torch.zeros(max_seq_len, max_seq_len).masked_fill(~allowed, float("-inf")),
-                                 persistent=False)
-        self.sliding = [getattr(config, "layer_types", [None] * len(inner.layers))[k] == "sliding_attention"
-                        for k in range(len(inner.layers))]
+        types = getattr(config, "layer_types", None) or [None] * len(inner.layers)
+        self.sliding = [t == "sliding_attention" for t in types]
+        self.window = int(config.sliding_window) if any(self.sliding) else None
         # Routers (and the shared-expert gate) stay fp32, as llama.cpp keeps them: they decide the routing.
         # Routed experts were quantized (and, with cond, lowered) on their own above.
         skipped = quantize_linears(self, quant, keep=lambda name: ".mlp.router" in name or ".mlp.experts." in name
@@ -379,7 +372,11 @@ class Decoder(nn.Module):
                 suffix = f"_{layer.layer_type}" if layer.layer_type else ""
                 tables[layer.layer_type] = tuple(getattr(self, f"rope_{k}{suffix}").narrow(0, start, t).view(1, t, 1, -1)
                                                  for k in ("cos", "sin"))
-        mask = self.window_mask.narrow(0, start, t) if self.windowed else None     # [t, whole cache]
+        mask = None
+        if self.window is not None:     # [t, whole cache]: 0 where query i sees key j (j <= i < j + window)
+            i = torch.arange(t).unsqueeze(1) + start
+            j = torch.arange(self.max_seq_len).unsqueeze(0)
+            mask = torch.zeros(t, self.max_seq_len).masked_fill((j > i) | (i - j >= self.window), float("-inf"))
         x = self.embed_tokens(tokens)
         for layer, sliding in zip(self.layers, self.sliding):
             x = layer(x, *tables[layer.layer_type], start, mask if sliding else None)
