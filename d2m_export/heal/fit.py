@@ -143,7 +143,7 @@ def trainable(runner: LayerRunner, attention: bool) -> list[torch.nn.Parameter]:
     # shared expert (llama.cpp has no such gate), and the shared expert's own scale learns the rest.
     gate = {id(p) for name, p in layer.mlp.named_parameters() if name.startswith("shared_expert_gate")}
     params = [p for p in runner.ffn_parameters() if id(p) not in gate]
-    if attention:       # and every norm outside the FFN branch
+    if attention:       # and the attention, with every norm outside the FFN branch
         ffn = {id(p) for p in runner.ffn_parameters()}
         params += [p for p in layer.parameters() if id(p) not in ffn]
     return [p for p in params if p.numel()]
