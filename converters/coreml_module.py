@@ -205,11 +205,10 @@ class LoweredDecoder(nn.Module):
         check_supported(config)
         self.config = config
         self.max_seq_len = int(max_seq_len)
-        from d2m_export.architectures import ARCHITECTURES
+        from d2m_export.architectures import ARCHITECTURES, layer_types, rope_keys
 
         self.embed = model.model.embed_tokens
-        rope_params = getattr(config, "rope_parameters", None) or {}
-        types = getattr(config, "layer_types", None) or [None] * len(model.model.layers)
+        types = layer_types(config)
         self.layers = nn.ModuleList(Layer(layer, config, i, t) for i, (layer, t) in enumerate(zip(model.model.layers, types)))
         self.norm = StableRMSNorm(model.model.norm, ARCHITECTURES[config.model_type].norm_offset)
         self.lm_head = model.lm_head
@@ -219,7 +218,7 @@ class LoweredDecoder(nn.Module):
         self.register_buffer("value_cache", torch.zeros(shape))
         # transformers' own rotary embedding (any RoPE type it supports), in fp32; one table per layer
         # type where RoPE is given per type (Gemma 3's local and global bases)
-        self.rope_keys = [t if t in rope_params else None for t in types]
+        self.rope_keys = rope_keys(config)
         with torch.no_grad():
             positions = torch.arange(self.max_seq_len).unsqueeze(0)
             for t in sorted(set(self.rope_keys), key=str):

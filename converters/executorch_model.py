@@ -326,14 +326,12 @@ class Decoder(nn.Module):
         self.max_seq_len = max_seq_len
         self.embed_tokens = inner.embed_tokens
         t0 = time.time()
-        rope_params = getattr(config, "rope_parameters", None) or {}
-        layer_types = [t if t in rope_params else None                   # RoPE per layer type (Gemma 3)
-                       for t in (getattr(config, "layer_types", None) or [None] * len(inner.layers))]
-        self.layers = nn.ModuleList(Layer(layer, config, max_seq_len, lowering, quant, t)
-                                    for layer, t in zip(inner.layers, layer_types))
-        self.expert_lowering_s = time.time() - t0
-        from d2m_export.architectures import ARCHITECTURES
+        from d2m_export.architectures import ARCHITECTURES, layer_types, rope_keys
 
+        keys = rope_keys(config)                  # RoPE per layer type (Gemma 3)
+        self.layers = nn.ModuleList(Layer(layer, config, max_seq_len, lowering, quant, t)
+                                    for layer, t in zip(inner.layers, keys))
+        self.expert_lowering_s = time.time() - t0
         self.norm = RMSNorm(inner.norm, ARCHITECTURES[config.model_type].norm_offset)
         head = hf_model.lm_head
         self.lm_head = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
@@ -344,13 +342,12 @@ class Decoder(nn.Module):
         with torch.no_grad():
             positions = torch.arange(max_seq_len).unsqueeze(0)
             probe = torch.zeros(1, max_seq_len, config.hidden_size)
-            for t in sorted(set(layer_types), key=str):
+            for t in sorted(set(keys), key=str):
                 cos, sin = inner.rotary_emb(probe, positions, t) if t else inner.rotary_emb(probe, positions)
                 suffix = f"_{t}" if t else ""
                 self.register_buffer(f"rope_cos{suffix}", cos[0].float().contiguous(), persistent=False)  # [S, hd]
                 self.register_buffer(f"rope_sin{suffix}", sin[0].float().contiguous(), persistent=False)
-        types = getattr(config, "layer_types", None) or [None] * len(inner.layers)
-        self.sliding = [t == "sliding_attention" for t in types]
+        self.sliding = [t == "sliding_attention" for t in layer_types(config)]
         self.window = int(config.sliding_window) if any(self.sliding) else None
         # Routers (and the shared-expert gate) stay fp32, as llama.cpp keeps them: they decide the routing.
         # Routed experts were quantized (and, with cond, lowered) on their own above.

@@ -78,14 +78,8 @@ def embedded_origin(model_dir: Path) -> Path | None:
 def _tokenizer_fields(path: Path) -> dict:
     """The scalar tokenizer settings of a GGUF file (parsing one is slow: its vocabulary is large)."""
     fields = gguf.GGUFReader(path).fields
-    keys = ("tokenizer.ggml.pre", "tokenizer.ggml.add_space_prefix")
+    keys = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.add_space_prefix")
     return {k: fields[k].contents() for k in keys if k in fields}
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer_model(path: Path) -> str:
-    field = gguf.GGUFReader(path).fields.get("tokenizer.ggml.model")
-    return str(field.contents()) if field is not None else "gpt2"
 
 
 def pre_tokenizer(model_dir: Path, tokenizer_json: dict) -> str:
@@ -155,7 +149,7 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> str:
     """Write the tokenizer metadata; return the pre-tokenizer name used. A SentencePiece vocabulary
     (Gemma's) is taken from the GGUF file the model came from."""
     origin = embedded_origin(model_dir)
-    if origin is not None and _tokenizer_model(origin) != "gpt2":
+    if origin is not None and _tokenizer_fields(origin).get("tokenizer.ggml.model", "gpt2") != "gpt2":
         return copy_vocab(writer, origin, n_vocab)
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():

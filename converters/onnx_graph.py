@@ -163,9 +163,9 @@ def rotary_tables(model, spec: Spec, layer_type: str | None = None) -> tuple[np.
 
 def rotary_tables_by_type(model, spec: Spec) -> dict[str | None, tuple[np.ndarray, np.ndarray]]:
     """One table per RoPE the layers use: keyed by layer type where RoPE is given per type, else by None."""
-    rope_params = getattr(model.config, "rope_parameters", None) or {}
-    types = sorted(set(spec.layer_types) & set(rope_params))
-    return {t: rotary_tables(model, spec, t) for t in types} if types else {None: rotary_tables(model, spec)}
+    from d2m_export.architectures import rope_keys
+
+    return {t: rotary_tables(model, spec, t) for t in sorted(set(rope_keys(model.config)), key=str)}
 
 
 def head_slots(spec: Spec) -> np.ndarray:

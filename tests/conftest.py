@@ -74,6 +74,14 @@ def save_with_tokenizer(model, path, tokenizer_dir):
     return path
 
 
+def family_workspace(root, arch: str, tokenizer_dir) -> dict:
+    """A tiny dense model of `arch` in `root`, with a plan (host 1 fuses layers 2 and 3) and a training
+    corpus beside it, as the per-family tests take them."""
+    (root / "plan.yaml").write_text("blocks:\n  - {host: 1, donors: [2, 3]}\n")
+    write_tiny_corpus(root / "corpus.txt")
+    return {"dense": save_with_tokenizer(tiny_dense(arch), root / "dense", tokenizer_dir), "root": root}
+
+
 def write_tiny_corpus(path):
     """A small training text file (`train --corpus`) that tokenizes in no time."""
     path.write_text(" ".join(f"The {w} sat on the mat by the door." for w in range(400)))

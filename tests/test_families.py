@@ -10,18 +10,12 @@ import json
 
 import pytest
 
-from conftest import run_cli, save_with_tokenizer, tiny_dense, write_tiny_corpus
+from conftest import family_workspace, run_cli
 from d2m_export.cli import main
-
-PLAN = "blocks:\n  - {host: 1, donors: [2, 3]}\n"
-
 
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory, tokenizer_dir):
-    root = tmp_path_factory.mktemp("qwen3")
-    (root / "plan.yaml").write_text(PLAN)
-    write_tiny_corpus(root / "corpus.txt")
-    return {"dense": save_with_tokenizer(tiny_dense("qwen3"), root / "dense", tokenizer_dir), "root": root}
+    return family_workspace(tmp_path_factory.mktemp("qwen3"), "qwen3", tokenizer_dir)
 
 
 def config(path):

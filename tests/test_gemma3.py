@@ -11,23 +11,18 @@ import json
 import pytest
 import torch
 
-from conftest import assert_user_error, run_cli, save_with_tokenizer, tiny_dense, write_tiny_corpus
-
-PLAN = "blocks:\n  - {host: 1, donors: [2, 3]}\n"
+from conftest import assert_user_error, family_workspace, run_cli
 
 
 @pytest.fixture(scope="module")
 def gemma3(tmp_path_factory, tokenizer_dir):
     from d2m_export.cli import main
 
-    root = tmp_path_factory.mktemp("gemma3")
-    (root / "plan.yaml").write_text(PLAN)
-    write_tiny_corpus(root / "corpus.txt")
-    dense = save_with_tokenizer(tiny_dense("gemma3_text"), root / "dense", tokenizer_dir)
-    pruned = root / "pruned"
-    assert main(["convert", "--model", str(dense), "--method", "prune", "--plan", str(root / "plan.yaml"),
+    ws = family_workspace(tmp_path_factory.mktemp("gemma3"), "gemma3_text", tokenizer_dir)
+    pruned = ws["root"] / "pruned"
+    assert main(["convert", "--model", str(ws["dense"]), "--method", "prune", "--plan", str(ws["root"] / "plan.yaml"),
                  "--calib-tokens", "512", "--out", str(pruned)]) == 0
-    return {"dense": dense, "pruned": pruned, "root": root}
+    return {**ws, "pruned": pruned}
 
 
 def test_prune_heal_eval_train(capsys, gemma3, tmp_path):

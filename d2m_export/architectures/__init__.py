@@ -61,6 +61,18 @@ def _common(d) -> dict:
 
 
 
+def layer_types(config) -> list[str | None]:
+    """Per layer, "sliding_attention" / "full_attention" where the config says, else None."""
+    return list(getattr(config, "layer_types", None) or [None] * config.num_hidden_layers)
+
+
+def rope_keys(config) -> list[str | None]:
+    """Per layer, which RoPE table it reads: its layer type where RoPE is given per type (Gemma 3's local
+    and global bases; `rotary_emb(x, pos, key)`), else None (one table, `rotary_emb(x, pos)`)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    return [t if t in rope else None for t in layer_types(config)]
+
+
 def norms_as_scales(config, state: dict) -> dict:
     """`state` with every RMSNorm weight as the scale it applies: Gemma stores w and scales by (1 + w)."""
     offset = ARCHITECTURES[config.model_type].norm_offset if config.model_type in ARCHITECTURES else 0.0

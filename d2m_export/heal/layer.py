@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from d2m_export.architectures import ARCHITECTURES
+from d2m_export.architectures import ARCHITECTURES, layer_types, rope_keys
 
 
 class LayerRunner:
@@ -20,10 +20,8 @@ class LayerRunner:
         self.layer = model.model.layers[index]
         self.rotary = model.model.rotary_emb
         self.act = ACT2FN[getattr(config, "hidden_act", None) or config.hidden_activation]
-        layer_type = (getattr(config, "layer_types", None) or [None] * (index + 1))[index]
-        # RoPE given per layer type (Gemma 3: local and global bases) is looked up by the layer's type
-        self.layer_type = layer_type if layer_type in (config.rope_parameters or {}) else None
-        self.window = config.sliding_window if layer_type == "sliding_attention" else None
+        self.layer_type = rope_keys(config)[index]
+        self.window = config.sliding_window if layer_types(config)[index] == "sliding_attention" else None
         self._masks: dict[tuple, tuple] = {}
 
     def _norm(self, name: str | None, x: torch.Tensor) -> torch.Tensor:
