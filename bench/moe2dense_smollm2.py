@@ -1,16 +1,22 @@
-"""MoE → dense on SmolLM2: which expert score keeps most, at two K, before and after a short distillation.
+"""MoE → dense on SmolLM2: every expert score × grouping × scaling, at K = 1 and 2, before and after a
+short distillation, against dense layer pruning at the same size.
 
-Two MoEs we can make here: LF-UC @0.8 after CPT (bench/cpt_smollm2.py's model; rebuilt with the
-same recipe if missing) and sparsely upcycled SmolLM2 (4 copies of every MLP, top-2) after a short
-CPT that lets its router and experts drift apart. Each is turned dense with `convert --method
-moe2dense` for every score × K, evaluated, distilled from its MoE with `train --distill-from`, and
-evaluated again. The baseline is dense SmolLM2 layer-pruned to the same number of non-zero weights,
-given the same distillation. Every step is a CLI call or a cached JSON, so a rerun resumes.
-Writes bench/results/moe2dense_smollm2.md (and .json). Rerun:  python bench/moe2dense_smollm2.py
+Two MoEs we can make here: LF-UC @0.8 after CPT and sparsely upcycled SmolLM2 (4 copies of every MLP,
+top-2) after a short CPT that lets its router and experts drift apart. Each is turned dense with
+`convert --method moe2dense` for every option: K experts kept per layer, merged into k groups (k = K,
+and k = 1 when K > 1, where the grouping matters), under each scaling. Options that give the very
+same weights (the same experts chosen, say) are evaluated and distilled once. The baseline is dense
+SmolLM2 layer-pruned to the same number of non-zero weights, given the same distillation.
+
+Phase 1 converts and evaluates every option; phase 2 distils and evaluates again. Every step is a
+CLI call or a cached JSON, so a rerun resumes where it stopped, and the table is rewritten after
+each step with what is done. Writes bench/results/moe2dense_smollm2.md (and .json).
+Rerun:  python bench/moe2dense_smollm2.py
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -25,35 +31,58 @@ TASKS = ["arc_easy", "hellaswag", "piqa"]
 DENSE = "smollm2-135m"
 
 
-def weight_counts(model_dir: Path) -> dict:
-    """Stored and non-zero weights (moe2dense pads dense layers with zero neurons to one width)."""
+def weight_summary(model_dir: Path) -> dict:
+    """Stored and non-zero weights (moe2dense pads dense layers with zero neurons to one width), and a
+    digest of the weights themselves, so options that give the same model share its evaluation."""
     stored = nonzero = 0
+    digest = hashlib.sha256()
     for shard in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(shard, framework="pt") as f:
-            for name in f.keys():
+            for name in sorted(f.keys()):
                 t = f.get_tensor(name)
                 stored += t.numel()
                 nonzero += int((t != 0).sum())
-    return {"stored": stored, "nonzero": nonzero}
+                digest.update(name.encode())
+                digest.update(t.float().contiguous().numpy().tobytes())
+    return {"stored": stored, "nonzero": nonzero, "digest": digest.hexdigest()[:12]}
+
+
+def options(kept: list[int], scores: list[str], groupings: list[str], scalings: list[str]):
+    """(K, k, score, grouping, scaling), most telling first: K = k (pure selection), then merges."""
+    for k in kept:
+        for score in scores:
+            for scaling in scalings:
+                yield k, k, score, "-", scaling
+    for k in kept:
+        if k > 1:
+            for score in scores:
+                for grouping in groupings:
+                    for scaling in scalings:
+                        yield k, 1, score, grouping, scaling
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--moes", default="lfuc-cpt,upcycled", help="which MoEs: lfuc-cpt, upcycled")
+    ap.add_argument("--moes", default="upcycled,lfuc-cpt", help="which MoEs: lfuc-cpt, upcycled")
     ap.add_argument("--kept", default="1,2", help="values of K (experts kept per layer)")
-    ap.add_argument("--scores", default="sf,cp,acp,do-acp")
+    ap.add_argument("--scores", default="sf,cp,acp,do-acp,pp,random")
+    ap.add_argument("--groupings", default="score,frequency,kmeans", help="used where k < K")
+    ap.add_argument("--scalings", default="score,uniform")
+    ap.add_argument("--phases", default="before,after", help="before: convert + evaluate; after: distil + evaluate")
     ap.add_argument("--distill-tokens", type=int, default=16_384, help="short distillation budget per model")
     ap.add_argument("--upcycled-distill-tokens", type=int, default=8_192,
                     help="the same for the upcycled MoE's models (its top-2-of-4 teacher is twice as slow)")
     ap.add_argument("--upcycle-cpt-tokens", type=int, default=24_576, help="CPT of the upcycled MoE")
-    ap.add_argument("--lfuc-cpt", type=Path, default=Path("runs/bench_cpt/lfuc-0.8-cpt"),
-                    help="LF-UC @0.8 after CPT (made by bench/cpt_smollm2.py; rebuilt here if missing)")
+    ap.add_argument("--lfuc-cpt-tokens", type=int, default=40_960, help="CPT (distillation from SmolLM2) of LF-UC @0.8")
     ap.add_argument("--limit", type=int, default=100, help="documents per task")
     ap.add_argument("--work", type=Path, default=Path("runs/bench_moe2dense"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "moe2dense_smollm2.md")
     args = ap.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
+    split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    kept = [int(x) for x in split(args.kept)]
+    grid = list(options(kept, split(args.scores), split(args.groupings), split(args.scalings)))
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "moes": {}}
     budget = lambda name: args.upcycled_distill_tokens if name.startswith("upcycled") else args.distill_tokens  # noqa: E731
 
@@ -71,55 +100,84 @@ def main() -> None:
                 "--save-every", 10**9, "--out", out])
         return out
 
-    def row(name: str, model: Path, teacher: Path | None, **extra) -> dict:
-        r = {**extra, "weights": weight_counts(model), "before": evaluated(name, model)}
-        if teacher is not None:
-            r["after"] = evaluated(f"{name}-distilled", distilled(name, model, teacher))
-        return r
-
-    dense_weights = weight_counts(resolve_model(DENSE))
-    for moe_name in args.moes.split(","):
+    dense_weights = weight_summary(resolve_model(DENSE))
+    phases = split(args.phases)
+    for moe_name in split(args.moes):
         moe = make_moe(moe_name, args, work)
-        rows = {"MoE (teacher)": row(f"{moe_name}-moe", moe, None)}
-        for k in [int(x) for x in args.kept.split(",")]:
-            for score in args.scores.split(","):
-                out = work / f"{moe_name}-k{k}-{score}"
-                if not done(out, "d2m_plan.json"):
-                    sh([*CLI, "convert", "--method", "moe2dense", "--model", moe, "--experts-kept", k,
-                        "--score", score, "--out", out])
-                rows[f"K={k} {score}"] = row(out.name, out, moe, kept=k, score=score)
-                save(results, moe_name, rows, args)
+        rows: dict = {"MoE (teacher)": {"weights": weight_summary(moe)}}
+        models: dict[str, Path] = {}
+        rows["MoE (teacher)"]["before"] = evaluated(f"{moe_name}-moe", moe)
+        for (k, groups, score, grouping, scaling), (digest, w) in converted(moe, grid, work, moe_name):
+            models[digest] = work / f"{moe_name}-{digest}"
+            rows[f"K={k} k={groups} {score} {grouping} {scaling}"] = {
+                "K": k, "k": groups, "score": score, "grouping": grouping, "scaling": scaling, "weights": w}
+        for size in sorted({r["weights"]["nonzero"] for r in rows.values() if "K" in r}):
             # The baseline: dense SmolLM2 with whole layers dropped down to the same non-zero size.
-            target = rows[f"K={k} {args.scores.split(',')[0]}"]["weights"]["nonzero"] / dense_weights["nonzero"]
+            target = size / dense_weights["nonzero"]
             if target >= 1.0:       # as large as SmolLM2 itself: the baseline is SmolLM2
-                rows[f"K={k} baseline: dense SmolLM2"] = row(f"{moe_name}-dense", resolve_model(DENSE), moe,
-                                                             kept=k, score="dense")
+                out, name = resolve_model(DENSE), "baseline: dense SmolLM2"
             else:
-                out = work / f"{moe_name}-k{k}-prune"
+                out, name = work / f"{moe_name}-prune-{size}", f"baseline: layer-pruned dense, {size / 1e6:.1f}M"
                 if not done(out, "d2m_plan.json"):
                     sh([*CLI, "convert", "--method", "prune", "--target-active-ratio", f"{target:.3f}", "--out", out])
-                rows[f"K={k} baseline: layer-pruned dense"] = row(out.name, out, moe, kept=k, score="prune")
-            save(results, moe_name, rows, args)
+            w = weight_summary(out)
+            models[w["digest"]] = Path(out)
+            rows[name] = {"baseline": True, "weights": w}
+        for phase in phases:                                  # phase 2: evaluate, then distil and evaluate
+            for digest, model in models.items():
+                if phase == "before":
+                    result = evaluated(f"{moe_name}-{digest}", model)
+                else:
+                    result = evaluated(f"{moe_name}-{digest}-distilled", distilled(f"{moe_name}-{digest}", model, moe))
+                for r in rows.values():
+                    if r["weights"]["digest"] == digest:
+                        r[phase] = result
+                save(results, moe_name, rows, args)
+        save(results, moe_name, rows, args)
     print(args.out.read_text())
+
+
+def converted(moe: Path, grid: list, work: Path, moe_name: str):
+    """Every option's dense model from one calibration of the MoE (`convert --method moe2dense` per
+    option would calibrate each time); each distinct model saved once, as work/<moe>-<digest>."""
+    from d2m_export import moe2dense
+    from d2m_export.calibration import calibration_ids
+    from d2m_export.models import load_model
+    from d2m_export.outputs import atomic_dir
+
+    model, tokenizer, _ = load_model(str(moe))
+    stats = moe2dense.routing_stats(model, calibration_ids(tokenizer, 2048))
+    for k, groups, score, grouping, scaling in grid:
+        dense, _ = moe2dense.convert(model, stats, k, groups, score, "score" if grouping == "-" else grouping, scaling)
+        state = dense.state_dict()
+        digest = hashlib.sha256()
+        for name in sorted(state):
+            digest.update(name.encode())
+            digest.update(state[name].float().contiguous().numpy().tobytes())
+        digest = digest.hexdigest()[:12]
+        out = work / f"{moe_name}-{digest}"
+        if not done(out, "config.json"):
+            with atomic_dir(out) as tmp:
+                dense.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+        yield (k, groups, score, grouping, scaling), (digest, {**weight_summary(out), "digest": digest})
 
 
 def make_moe(name: str, args, work: Path) -> Path:
     if name == "lfuc-cpt":
-        if done(args.lfuc_cpt, "config.json"):
-            return args.lfuc_cpt
         fused = work / "lfuc-0.8"
         if not done(fused, "d2m_plan.json"):
             sh([*CLI, "convert", "--method", "lfuc", "--target-active-ratio", 0.8, "--out", fused])
-        trained = work / "lfuc-0.8-cpt"
-        if not done(trained, "config.json"):   # bench/cpt_smollm2.py's recipe
-            sh([*CLI, "train", "--model", fused, "--distill-from", DENSE, "--tokens", 163_840, "--lr", "2e-4",
-                "--save-every", 10**9, "--out", trained])
+        trained = work / f"lfuc-0.8-cpt{args.lfuc_cpt_tokens}"
+        if not done(trained, "config.json"):   # bench/cpt_smollm2.py's recipe, shorter
+            sh([*CLI, "train", "--model", fused, "--distill-from", DENSE, "--tokens", args.lfuc_cpt_tokens,
+                "--lr", "2e-4", "--save-every", 10**9, "--out", trained])
         return trained
     if name == "upcycled":
         upcycled = work / "upcycled"
         if not done(upcycled, "d2m_plan.json"):
             sh([*CLI, "convert", "--method", "upcycle", "--num-experts", 4, "--top-k", 2, "--out", upcycled])
-        trained = work / "upcycled-cpt"
+        trained = work / f"upcycled-cpt{args.upcycle_cpt_tokens}"
         if not done(trained, "config.json"):
             sh([*CLI, "train", "--model", upcycled, "--distill-from", DENSE, "--tokens", args.upcycle_cpt_tokens,
                 "--lr", "2e-4", "--save-every", 10**9, "--out", trained])
@@ -134,26 +192,38 @@ def save(results: dict, moe_name: str, rows: dict, args) -> None:
     write_json(args.out.with_suffix(".json"), results)
 
 
-def _cells(r: dict) -> list[str]:
+def _cells(r: dict | None) -> list[str]:
+    if r is None:
+        return ["…"] * (len(TASKS) + 2)
     accs = [r["tasks"][t]["acc"] for t in TASKS]
     return [f"{r['perplexity']['value']:.2f}", *(f"{a:.3f}" for a in accs), f"{sum(accs) / len(accs):.3f}"]
 
 
 def render(results: dict, args) -> str:
-    head = ["model", "non-zero / stored weights", "ppl", *TASKS, "mean",
-            "ppl distilled", *(f"{t} distilled" for t in TASKS), "mean distilled"]
+    head = ["K", "k", "score", "grouping", "scaling", "non-zero weights", "same weights as",
+            "ppl", *TASKS, "mean", "ppl distilled", *(f"{t} distilled" for t in TASKS), "mean distilled"]
     lines = ["# MoE → dense on SmolLM2-135M", "",
              f"Austen perplexity (10,220 held-out tokens) and zero-shot accuracy on the first {args.limit} "
-             "documents per task (±0.05 at this n). Distillation: Brown + CoQA/SQuAD passages, loss "
-             "0.5·CE + 0.5·KL to the MoE, lr 1e-4 cosine, batch 8 × 256 tokens.", ""]
+             "documents per task (±0.05 at this n). K experts kept per layer, merged into k groups; "
+             "grouping applies where k < K. Options that give identical weights share one evaluation "
+             "(\"same weights as\" names the first). Distillation: Brown + CoQA/SQuAD passages, loss "
+             "0.5·CE + 0.5·KL to the MoE, lr 1e-4 cosine, batch 8 × 256 tokens. \"…\": not run yet.", "",
+             f"MoEs: upcycled SmolLM2 (4 experts, top-2) after {args.upcycle_cpt_tokens} tokens of CPT; "
+             f"LF-UC @0.8 after {args.lfuc_cpt_tokens} tokens of CPT.", ""]
     for moe_name, rows in results["moes"].items():
         tokens = args.upcycled_distill_tokens if moe_name == "upcycled" else args.distill_tokens
         lines += [f"## {moe_name} (distillation: {tokens} tokens)", "", "| " + " | ".join(head) + " |",
                   "|" + "---|" * len(head)]
+        first: dict[str, str] = {}
         for name, r in rows.items():
             w = r["weights"]
-            cells = [name, f"{w['nonzero'] / 1e6:.1f}M / {w['stored'] / 1e6:.1f}M", *_cells(r["before"])]
-            cells += _cells(r["after"]) if "after" in r else ["–"] * 5
+            label = "–" if "K" not in r else f"K={r['K']} k={r['k']} {r['score']} {r['grouping']} {r['scaling']}"
+            same = first.setdefault(w["digest"], label if "K" in r else name)
+            option = [str(r["K"]), str(r["k"]), r["score"], r["grouping"], r["scaling"]] if "K" in r \
+                else [name, "", "", "", ""]
+            cells = [*option, f"{w['nonzero'] / 1e6:.1f}M", "" if same == label or same == name else same,
+                     *_cells(r.get("before"))]
+            cells += ["–"] * (len(TASKS) + 2) if name == "MoE (teacher)" else _cells(r.get("after"))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

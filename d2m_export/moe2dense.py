@@ -2,11 +2,13 @@
 merge them into k groups, and concatenate each MoE layer into one dense SwiGLU MLP.
 
 A SwiGLU MLP is a sum over hidden neurons, so stacking gate/up rows and down columns gives
-one MLP equal to Σ_e c_e·E_e(x). Shared experts go in unscaled (times their mean sigmoid
-gate, exactly 0.5 for our zero-gated LF-UC hosts); routed groups are scaled (`--scaling`) by
-their mean routing weight when selected (`score`, the default) or by 1/k (`uniform`, the paper's
-default). Layers that were dense already are zero-padded to the common width, since
-Llama/Qwen2 configs have one intermediate size.
+one MLP equal to Σ_e c_e·E_e(x). Shared experts go in unscaled (times their mean gate where
+they have one: Qwen2-MoE's sigmoid, exactly 0.5 for our zero-gated LF-UC hosts); routed groups
+are scaled (`--scaling`) by their mean routing weight when selected (`score`, the default) or by
+1/k (`uniform`, the paper's default). Layers that were dense already are zero-padded to the
+common width, since dense configs have one intermediate size. How each MoE family stores its
+router, experts and shared expert, and which dense family holds it, is its module in
+`d2m_export.architectures`.
 
 Scores (`--score`, per expert, over the calibration tokens): `sf` selection frequency; `cp` mean
 routing weight when selected; `acp` cp × RMS of the expert's output; `do-acp` the K experts
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from d2m_export.architectures import ARCHITECTURES, MoeInput
 from d2m_export.errors import UserError
 from d2m_export.methods.base import instantiate
 
@@ -38,7 +41,7 @@ class LayerStats:
     weight_sum: torch.Tensor    # [E] sum of its routing weight over those tokens
     sq_norm_sum: torch.Tensor   # [E] Σ_t ‖f_e(x_t)‖² over all tokens
     gram: torch.Tensor          # [E, E] Σ_t <f_i(x_t), f_j(x_t)>
-    shared_gate_sum: float      # Σ_t sigmoid(shared_expert_gate(x_t)), 0 without a shared expert
+    shared_gate_sum: float      # Σ_t the shared expert's gate at x_t (1 where ungated), 0 without one
     prob_sum: torch.Tensor      # [E] Σ_t softmax(router(x_t)), before top-k
 
     def scores(self) -> dict[str, torch.Tensor]:
@@ -52,8 +55,16 @@ class LayerStats:
         return self.gram / (d[:, None] * d[None, :])
 
 
+def _family(model) -> MoeInput | None:
+    arch = ARCHITECTURES.get(model.config.model_type)
+    return arch if isinstance(arch, MoeInput) else None
+
+
 def moe_layers(model) -> list[int]:
-    return [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+    arch = _family(model)
+    if arch is None:
+        return []
+    return [i for i, layer in enumerate(model.model.layers) if arch.moe_block(layer) is not None]
 
 
 def _experts(block):
@@ -63,28 +74,30 @@ def _experts(block):
 
 @torch.no_grad()
 def routing_stats(model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = True) -> dict[int, LayerStats]:
-    layers = moe_layers(model)
+    arch, layers = _family(model), moe_layers(model)
     stats: dict[int, LayerStats] = {}
     seen: dict[int, dict] = {i: {} for i in layers}
     hooks = []
     for i in layers:
-        block = model.model.layers[i].mlp
+        block = arch.moe_block(model.model.layers[i])
         hooks.append(block.register_forward_pre_hook(lambda m, args, i=i: seen[i].__setitem__("x", args[0])))
-        hooks.append(block.gate.register_forward_hook(lambda m, args, out, i=i: seen[i].__setitem__("route", out)))
+        hooks.append(arch.router(block).register_forward_hook(
+            lambda m, args, out, i=i: seen[i].__setitem__("route", out)))
     from tqdm import tqdm
     try:
         for start in tqdm(range(0, len(input_ids), batch_size), desc="routing statistics", unit="batch",
                           disable=not progress):
             model(input_ids=input_ids[start:start + batch_size], use_cache=False)
             for i in layers:
-                _accumulate(stats, i, model.model.layers[i].mlp, seen[i])
+                _accumulate(stats, i, arch, model.model.layers[i], seen[i])
     finally:
         for h in hooks:
             h.remove()
     return stats
 
 
-def _accumulate(stats, i, block, seen):
+def _accumulate(stats, i, arch: MoeInput, layer, seen):
+    block = arch.moe_block(layer)
     x = seen["x"].reshape(-1, seen["x"].shape[-1]).float()
     _, weights, index = seen["route"]
     gate_up, down, act = _experts(block)
@@ -95,9 +108,11 @@ def _accumulate(stats, i, block, seen):
         outs.append((act(g) * u) @ down[e].T)
     f = torch.stack(outs)                                              # [E, T, H]
     chosen = torch.zeros(x.shape[0], n).scatter_(1, index, weights.float())
-    shared = float(torch.sigmoid(block.shared_expert_gate(x.to(block.shared_expert_gate.weight.dtype))).sum()) \
-        if hasattr(block, "shared_expert_gate") else 0.0
-    probs = torch.softmax(x @ block.gate.weight.detach().float().T, dim=-1).sum(0)
+    shared = 0.0
+    if arch.always_on(layer, block) is not None:
+        gate = arch.always_on_gate(block, x)
+        shared = float(gate.float().sum()) if gate is not None else float(x.shape[0])
+    probs = arch.router_probs(x @ arch.router(block).weight.detach().float().T).sum(0)
     part = LayerStats(x.shape[0], (chosen > 0).sum(0).float(), chosen.sum(0), f.pow(2).sum((1, 2)),
                       torch.einsum("ith,jth->ij", f, f), shared, probs)
     if i in stats:
@@ -173,26 +188,6 @@ def merge_weights(members: list[int], stats: LayerStats, score: torch.Tensor, gr
     return (w / w.sum()).tolist()
 
 
-def dense_config(moe_config, width: int):
-    """The dense family that holds the MoE model's attention exactly: Qwen3 (q/k norms), Qwen2
-    (q/k/v biases) or Llama."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
-
-    c = moe_config
-    common = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=width,
-                  num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                  num_key_value_heads=c.num_key_value_heads, hidden_act=c.hidden_act,
-                  max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-                  rope_parameters=dict(c.rope_parameters), tie_word_embeddings=c.tie_word_embeddings,
-                  bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    if c.model_type == "qwen3_moe":
-        return Qwen3Config(**common, head_dim=head_dim, attention_bias=False, use_sliding_window=False)
-    if getattr(c, "qkv_bias", False):
-        return Qwen2Config(**common, use_sliding_window=False)
-    return LlamaConfig(**common, head_dim=head_dim, attention_bias=False, mlp_bias=False)
-
-
 def validate(model, kept: int, groups: int, score: str, grouping: str = "score", scaling: str = "score") -> None:
     if score not in SCORES:
         raise UserError(f"--score must be one of {', '.join(SCORES)}, not {score!r}")
@@ -203,7 +198,7 @@ def validate(model, kept: int, groups: int, score: str, grouping: str = "score",
     layers = moe_layers(model)
     if not layers:
         raise UserError("moe2dense needs a Mixture-of-Experts model; this one has no MoE layers")
-    n = model.model.layers[layers[0]].mlp.experts.gate_up_proj.shape[0]
+    n = _family(model).moe_block(model.model.layers[layers[0]]).experts.gate_up_proj.shape[0]
     if not 1 <= kept <= n:
         raise UserError(f"--experts-kept {kept} must be between 1 and the {n} experts per layer")
     if not 1 <= groups <= kept:
@@ -214,14 +209,15 @@ def convert(model, stats: dict[int, LayerStats], kept: int, groups: int, score: 
             scaling: str = "score"):
     """Returns (dense model, record of scores/selection per layer)."""
     validate(model, kept, groups, score, grouping, scaling)
-    src = model.state_dict()
-    state = {k: v for k, v in src.items() if ".mlp." not in k}
+    arch = _family(model)
+    ffn = tuple(f".{m}." for m in arch.ffn_modules)
+    state = {k: v for k, v in model.state_dict().items() if not any(m in k for m in ffn)}
     mlps, record = {}, {}
     for i, layer in enumerate(model.model.layers):
         if i not in stats:
-            mlps[i] = [(layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight)]
+            mlps[i] = [arch.dense_mlp(layer)]
             continue
-        block, st = layer.mlp, stats[i]
+        block, st = arch.moe_block(layer), stats[i]
         chosen, s = select(st, score, kept, seed=i)
         gate_up, down, _ = _experts(block)
         if grouping == "kmeans":
@@ -230,9 +226,10 @@ def convert(model, stats: dict[int, LayerStats], kept: int, groups: int, score: 
             grouped = group(chosen, s, st.similarity(), groups)
         cp = st.scores()["cp"]
         parts = []
-        if hasattr(block, "shared_expert") and block.shared_expert.gate_proj.weight.shape[0]:
-            sh = block.shared_expert
-            parts.append((sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight * (st.shared_gate_sum / st.tokens)))
+        shared = arch.always_on(layer, block)
+        if shared is not None:
+            gate, up, dn = shared
+            parts.append((gate, up, dn * (st.shared_gate_sum / st.tokens)))
         half = gate_up.shape[1] // 2
         for members in grouped:
             w = merge_weights(members, st, s, grouping)
@@ -254,5 +251,5 @@ def convert(model, stats: dict[int, LayerStats], kept: int, groups: int, score: 
         state[f"model.layers.{i}.mlp.down_proj.weight"] = torch.cat([d, d.new_zeros(d.shape[0], pad)], dim=1)
         if pad:
             record.setdefault(i, {})["zero_padding"] = pad
-    dense = instantiate(dense_config(model.config, width), state)
+    dense = instantiate(*arch.dense_model(model.config, width, state))
     return dense, record

@@ -25,6 +25,7 @@ class Architecture:
     mlp_out_norm: str | None = None    # a norm on the MLP's output before the residual add (Gemma)
     norm_offset: float = 0.0     # RMSNorm scales by (offset + weight): Gemma stores weight - 1
     norms_per_layer: int = 2     # RMSNorms of hidden width per layer (Gemma 3: 4, around attention and MLP)
+    params_from_modules: bool = False   # count parameters off the module tree (layouts params.py's formula lacks)
 
     # --- MoE families we write --------------------------------------------------------------
     def moe_config(self, dense_config, *, num_layers: int, mlp_only_layers: list[int], num_experts: int,
@@ -38,6 +39,40 @@ class Architecture:
         """One MoE FFN's weights under `mlp.`: experts [E, 2I, H] (gate rows, then up rows) and [E, H, I],
         the router [E, H], and the always-on MLP (gate, up, down), added at weight 1, or None."""
         raise NotImplementedError(f"{self.model_type} is not a family we convert into")
+
+
+class MoeInput(Architecture):
+    """An MoE family moe2dense reads. The defaults are the common layout: `layer.mlp` holds a router
+    `gate` that returns (logits, top-k weights, top-k index) and `experts` with stacked `gate_up_proj`
+    [E, 2I, H] and `down_proj` [E, H, I]; dense layers hold gate/up/down_proj; no always-on expert."""
+    ffn_modules: tuple[str, ...] = ("mlp",)   # per-layer modules replaced by the dense MLP
+
+    def moe_block(self, layer):
+        mlp = getattr(layer, "mlp", None)
+        return mlp if hasattr(mlp, "experts") else None
+
+    def router(self, block):
+        return block.gate
+
+    def router_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each expert's router probability before top-k (the `pp` score)."""
+        return torch.softmax(logits, dim=-1)
+
+    def dense_mlp(self, layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight
+
+    def always_on(self, layer, block) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The MoE layer's always-on (shared) expert as (gate, up, down), or None."""
+        return None
+
+    def always_on_gate(self, block, x: torch.Tensor) -> torch.Tensor | None:
+        """Per token, the weight the always-on expert is added with; None: weight 1."""
+        return None
+
+    def dense_model(self, moe_config, width: int, state: dict):
+        """(config, state dict) of the dense model holding the MoE model's attention exactly, its MLPs
+        of `width` under `model.layers.i.mlp.{gate,up,down}_proj.weight` in `state`."""
+        raise NotImplementedError
 
 
 def register(arch: Architecture) -> Architecture:
@@ -59,6 +94,16 @@ def _common(d) -> dict:
                 tie_word_embeddings=d.tie_word_embeddings, bos_token_id=d.bos_token_id,
                 eos_token_id=d.eos_token_id, pad_token_id=d.pad_token_id, use_sliding_window=False)
 
+
+def _dense_common(c, width: int) -> dict:
+    """Config fields a dense model made from MoE config `c` keeps (its MLPs `width` wide)."""
+    return dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=width,
+                num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                num_key_value_heads=c.num_key_value_heads, hidden_act=c.hidden_act,
+                max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+                rope_parameters=dict(c.rope_parameters), tie_word_embeddings=c.tie_word_embeddings,
+                bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+                head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
 
 
 def layer_types(config) -> list[str | None]:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from d2m_export.architectures import Architecture, _common, register
+from d2m_export.architectures import Architecture, MoeInput, _common, _dense_common, register
 
 
-class Qwen2Moe(Architecture):
+class Qwen2Moe(MoeInput):
     def moe_config(self, dense_config, *, num_layers, mlp_only_layers, num_experts, top_k, shared_size):
         from transformers import Qwen2MoeConfig
 
@@ -29,6 +29,22 @@ class Qwen2Moe(Architecture):
         return {"experts.gate_up_proj": experts_gate_up, "experts.down_proj": experts_down, "gate.weight": router,
                 "shared_expert.gate_proj.weight": gate, "shared_expert.up_proj.weight": up,
                 "shared_expert.down_proj.weight": down * 2.0, "shared_expert_gate.weight": torch.zeros(1, h)}
+
+    def always_on(self, layer, block):
+        sh = block.shared_expert
+        return (sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight) if sh.gate_proj.weight.shape[0] else None
+
+    def always_on_gate(self, block, x):
+        return torch.sigmoid(block.shared_expert_gate(x.to(block.shared_expert_gate.weight.dtype))).squeeze(-1)
+
+    def dense_model(self, moe_config, width, state):
+        """Qwen2 (q/k/v biases) when the MoE has them, else Llama."""
+        from transformers import LlamaConfig, Qwen2Config
+
+        common = _dense_common(moe_config, width)
+        if getattr(moe_config, "qkv_bias", False):
+            return Qwen2Config(**{k: v for k, v in common.items() if k != "head_dim"}, use_sliding_window=False), state
+        return LlamaConfig(**common, attention_bias=False, mlp_bias=False), state
 
 
 register(Architecture("qwen2", is_moe=False, qkv_bias=True, fuses_into="qwen2_moe"))

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from d2m_export.architectures import Architecture, _common, register
+from d2m_export.architectures import Architecture, MoeInput, _common, _dense_common, register
 
 
-class Qwen3Moe(Architecture):
+class Qwen3Moe(MoeInput):
     def moe_config(self, dense_config, *, num_layers, mlp_only_layers, num_experts, top_k, shared_size):
         from transformers import Qwen3MoeConfig
 
@@ -29,6 +29,11 @@ class Qwen3Moe(Architecture):
             experts_gate_up = torch.cat([gate, s_gate, up, s_up], dim=1)
             experts_down = torch.cat([experts_down, s_down], dim=2)
         return {"experts.gate_up_proj": experts_gate_up, "experts.down_proj": experts_down, "gate.weight": router}
+
+    def dense_model(self, moe_config, width, state):
+        from transformers import Qwen3Config
+
+        return Qwen3Config(**_dense_common(moe_config, width), attention_bias=False, use_sliding_window=False), state
 
 
 register(Architecture("qwen3", is_moe=False, qk_norm=True, fuses_into="qwen3_moe"))
