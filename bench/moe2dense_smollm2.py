@@ -8,9 +8,11 @@ and k = 1 when K > 1, where the grouping matters), under each scaling. Options t
 same weights (the same experts chosen, say) are evaluated and distilled once. The baseline is dense
 SmolLM2 layer-pruned to the same number of non-zero weights, given the same distillation.
 
-Phase 1 converts and evaluates every option; phase 2 distils and evaluates again. Every step is a
-CLI call or a cached JSON, so a rerun resumes where it stopped, and the table is rewritten after
-each step with what is done. Writes bench/results/moe2dense_smollm2.md (and .json).
+Every option gets its perplexity, made in memory from one calibration of the MoE (nothing saved);
+the best option per (K, k) (`--full best`, or every option with `--full all`), the MoE and the
+baselines also get the zero-shot tasks, then a short distillation and both evaluations again.
+Every step is a CLI call or a cached JSON, so a rerun resumes where it stopped, and the table is
+rewritten after each step with what is done. Writes bench/results/moe2dense_smollm2.md (and .json).
 Rerun:  python bench/moe2dense_smollm2.py
 """
 from __future__ import annotations
@@ -68,7 +70,10 @@ def main() -> None:
     ap.add_argument("--scores", default="sf,cp,acp,do-acp,pp,random")
     ap.add_argument("--groupings", default="score,frequency,kmeans", help="used where k < K")
     ap.add_argument("--scalings", default="score,uniform")
-    ap.add_argument("--phases", default="before,after", help="before: convert + evaluate; after: distil + evaluate")
+    ap.add_argument("--full", default="best", help="which options also get tasks and distillation: best (the "
+                    "lowest perplexity per K, k) or all")
+    ap.add_argument("--phases", default="ppl,before,after",
+                    help="ppl: every option's perplexity; before: tasks; after: distil, then evaluate")
     ap.add_argument("--distill-tokens", type=int, default=16_384, help="short distillation budget per model")
     ap.add_argument("--upcycled-distill-tokens", type=int, default=8_192,
                     help="the same for the upcycled MoE's models (its top-2-of-4 teacher is twice as slow)")
@@ -83,7 +88,12 @@ def main() -> None:
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     kept = [int(x) for x in split(args.kept)]
     grid = list(options(kept, split(args.scores), split(args.groupings), split(args.scalings)))
+    phases = split(args.phases)
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "moes": {}}
+    if args.out.with_suffix(".json").is_file():       # rows of MoEs not rerun now stay in the table
+        earlier = json.loads(args.out.with_suffix(".json").read_text()).get("moes", {})
+        results["moes"] = {m: rows for m, rows in earlier.items()
+                           if all("digest" in r["weights"] for r in rows.values())}
     budget = lambda name: args.upcycled_distill_tokens if name.startswith("upcycled") else args.distill_tokens  # noqa: E731
 
     def evaluated(name: str, model: Path | str) -> dict:
@@ -101,16 +111,30 @@ def main() -> None:
         return out
 
     dense_weights = weight_summary(resolve_model(DENSE))
-    phases = split(args.phases)
     for moe_name in split(args.moes):
         moe = make_moe(moe_name, args, work)
-        rows: dict = {"MoE (teacher)": {"weights": weight_summary(moe)}}
-        models: dict[str, Path] = {}
-        rows["MoE (teacher)"]["before"] = evaluated(f"{moe_name}-moe", moe)
-        for (k, groups, score, grouping, scaling), (digest, w) in converted(moe, grid, work, moe_name):
-            models[digest] = work / f"{moe_name}-{digest}"
+        teacher = {"weights": weight_summary(moe)}
+        teacher["before"] = evaluated(f"{moe_name}-moe", moe)
+        teacher["ppl"] = teacher["before"]["perplexity"]["value"]
+        rows: dict = {"MoE (teacher)": teacher}
+        calibrated = Calibrated(moe)
+        for option in grid:                       # every option's perplexity, in memory (nothing saved)
+            k, groups, score, grouping, scaling = option
+            digest, w, ppl = calibrated.perplexity(option, work / f"ppl-{moe_name}-{{}}.json")
             rows[f"K={k} k={groups} {score} {grouping} {scaling}"] = {
-                "K": k, "k": groups, "score": score, "grouping": grouping, "scaling": scaling, "weights": w}
+                "K": k, "k": groups, "score": score, "grouping": grouping, "scaling": scaling,
+                "weights": {**w, "digest": digest}, "ppl": ppl}
+            save(results, moe_name, rows, args)
+        models: dict[str, Path] = {}
+        chosen = [r for r in rows.values() if "K" in r]
+        if args.full == "best":
+            best: dict = {}
+            for r in chosen:
+                if (r["K"], r["k"]) not in best or r["ppl"] < best[(r["K"], r["k"])]["ppl"]:
+                    best[(r["K"], r["k"])] = r
+            chosen = list(best.values())
+        for r in chosen:
+            models[r["weights"]["digest"]] = calibrated.saved(r, work / f"{moe_name}-{r['weights']['digest']}")
         for size in sorted({r["weights"]["nonzero"] for r in rows.values() if "K" in r}):
             # The baseline: dense SmolLM2 with whole layers dropped down to the same non-zero size.
             target = size / dense_weights["nonzero"]
@@ -123,7 +147,8 @@ def main() -> None:
             w = weight_summary(out)
             models[w["digest"]] = Path(out)
             rows[name] = {"baseline": True, "weights": w}
-        for phase in phases:                                  # phase 2: evaluate, then distil and evaluate
+        calibrated.release()
+        for phase in [p for p in phases if p != "ppl"]:       # tasks, then distil and evaluate again
             for digest, model in models.items():
                 if phase == "before":
                     result = evaluated(f"{moe_name}-{digest}", model)
@@ -132,35 +157,60 @@ def main() -> None:
                 for r in rows.values():
                     if r["weights"]["digest"] == digest:
                         r[phase] = result
+                        r.setdefault("ppl", result["perplexity"]["value"] if phase == "before" else None)
                 save(results, moe_name, rows, args)
         save(results, moe_name, rows, args)
     print(args.out.read_text())
 
 
-def converted(moe: Path, grid: list, work: Path, moe_name: str):
-    """Every option's dense model from one calibration of the MoE (`convert --method moe2dense` per
-    option would calibrate each time); each distinct model saved once, as work/<moe>-<digest>."""
-    from d2m_export import moe2dense
-    from d2m_export.calibration import calibration_ids
-    from d2m_export.models import load_model
-    from d2m_export.outputs import atomic_dir
+class Calibrated:
+    """One MoE, loaded and calibrated once: each option's dense model made in memory from the same
+    routing statistics (`convert --method moe2dense` would calibrate every time)."""
 
-    model, tokenizer, _ = load_model(str(moe))
-    stats = moe2dense.routing_stats(model, calibration_ids(tokenizer, 2048))
-    for k, groups, score, grouping, scaling in grid:
-        dense, _ = moe2dense.convert(model, stats, k, groups, score, "score" if grouping == "-" else grouping, scaling)
-        state = dense.state_dict()
+    def __init__(self, moe: Path):
+        from d2m_export import moe2dense
+        from d2m_export.calibration import calibration_ids
+        from d2m_export.models import load_model
+
+        self.model, self.tokenizer, _ = load_model(str(moe))
+        self.stats = moe2dense.routing_stats(self.model, calibration_ids(self.tokenizer, 2048))
+
+    def dense(self, option):
+        from d2m_export import moe2dense
+
+        k, groups, score, grouping, scaling = option
+        dense, _ = moe2dense.convert(self.model, self.stats, k, groups, score,
+                                     "score" if grouping == "-" else grouping, scaling)
         digest = hashlib.sha256()
-        for name in sorted(state):
+        for name, p in sorted(dense.named_parameters()):
             digest.update(name.encode())
-            digest.update(state[name].float().contiguous().numpy().tobytes())
-        digest = digest.hexdigest()[:12]
-        out = work / f"{moe_name}-{digest}"
+            digest.update(p.detach().float().contiguous().numpy().tobytes())
+        params = list(dense.parameters())
+        weights = {"stored": sum(p.numel() for p in params), "nonzero": sum(int((p != 0).sum()) for p in params)}
+        return dense, digest.hexdigest()[:12], weights
+
+    def perplexity(self, option, cache: str) -> tuple[str, dict, float]:
+        from d2m_export.evaluation import perplexity
+
+        dense, digest, weights = self.dense(option)
+        path = Path(cache.format(digest))
+        if not path.is_file():
+            write_json(path, perplexity(dense, self.tokenizer, tokens=10240, batch_size=8, progress=False))
+        return digest, weights, json.loads(path.read_text())["value"]
+
+    def saved(self, row: dict, out: Path) -> Path:
+        from d2m_export.outputs import atomic_dir
+
         if not done(out, "config.json"):
+            dense, digest, _ = self.dense((row["K"], row["k"], row["score"], row["grouping"], row["scaling"]))
+            assert digest == row["weights"]["digest"]
             with atomic_dir(out) as tmp:
                 dense.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-        yield (k, groups, score, grouping, scaling), (digest, {**weight_summary(out), "digest": digest})
+                self.tokenizer.save_pretrained(tmp)
+        return out
+
+    def release(self):
+        self.model = self.stats = None
 
 
 def make_moe(name: str, args, work: Path) -> Path:
@@ -192,24 +242,26 @@ def save(results: dict, moe_name: str, rows: dict, args) -> None:
     write_json(args.out.with_suffix(".json"), results)
 
 
-def _cells(r: dict | None) -> list[str]:
+def _tasks(r: dict | None) -> list[str]:
     if r is None:
-        return ["…"] * (len(TASKS) + 2)
+        return ["…"] * (len(TASKS) + 1)
     accs = [r["tasks"][t]["acc"] for t in TASKS]
-    return [f"{r['perplexity']['value']:.2f}", *(f"{a:.3f}" for a in accs), f"{sum(accs) / len(accs):.3f}"]
+    return [*(f"{a:.3f}" for a in accs), f"{sum(accs) / len(accs):.3f}"]
 
 
 def render(results: dict, args) -> str:
-    head = ["K", "k", "score", "grouping", "scaling", "non-zero weights", "same weights as",
-            "ppl", *TASKS, "mean", "ppl distilled", *(f"{t} distilled" for t in TASKS), "mean distilled"]
+    head = ["K", "k", "score", "grouping", "scaling", "non-zero weights", "same weights as", "ppl", *TASKS, "mean",
+            "ppl distilled", *(f"{t} distilled" for t in TASKS), "mean distilled"]
     lines = ["# MoE → dense on SmolLM2-135M", "",
-             f"Austen perplexity (10,220 held-out tokens) and zero-shot accuracy on the first {args.limit} "
-             "documents per task (±0.05 at this n). K experts kept per layer, merged into k groups; "
-             "grouping applies where k < K. Options that give identical weights share one evaluation "
-             "(\"same weights as\" names the first). Distillation: Brown + CoQA/SQuAD passages, loss "
-             "0.5·CE + 0.5·KL to the MoE, lr 1e-4 cosine, batch 8 × 256 tokens. \"…\": not run yet.", "",
+             "Austen perplexity (10,220 held-out tokens) for every option; zero-shot accuracy (first "
+             f"{args.limit} documents per task, ±0.05 at this n) and a short distillation for the "
+             f"{'best option (lowest perplexity) per K, k' if args.full == 'best' else 'options'}, the MoE "
+             "and the baselines. K experts kept per layer, merged into k groups; grouping applies where "
+             "k < K. Options that give identical weights are one model (\"same weights as\" names the "
+             "first). Distillation: Brown + CoQA/SQuAD passages, loss 0.5·CE + 0.5·KL to the MoE, lr 1e-4 "
+             "cosine, batch 8 × 256 tokens. \"…\": not run.", "",
              f"MoEs: upcycled SmolLM2 (4 experts, top-2) after {args.upcycle_cpt_tokens} tokens of CPT; "
-             f"LF-UC @0.8 after {args.lfuc_cpt_tokens} tokens of CPT.", ""]
+             f"LF-UC @0.8 after {args.lfuc_cpt_tokens} tokens of CPT (distilled from SmolLM2).", ""]
     for moe_name, rows in results["moes"].items():
         tokens = args.upcycled_distill_tokens if moe_name == "upcycled" else args.distill_tokens
         lines += [f"## {moe_name} (distillation: {tokens} tokens)", "", "| " + " | ".join(head) + " |",
@@ -217,13 +269,16 @@ def render(results: dict, args) -> str:
         first: dict[str, str] = {}
         for name, r in rows.items():
             w = r["weights"]
-            label = "–" if "K" not in r else f"K={r['K']} k={r['k']} {r['score']} {r['grouping']} {r['scaling']}"
-            same = first.setdefault(w["digest"], label if "K" in r else name)
+            label = f"K={r['K']} k={r['k']} {r['score']} {r['grouping']} {r['scaling']}" if "K" in r else name
+            same = first.setdefault(w["digest"], label)
             option = [str(r["K"]), str(r["k"]), r["score"], r["grouping"], r["scaling"]] if "K" in r \
                 else [name, "", "", "", ""]
-            cells = [*option, f"{w['nonzero'] / 1e6:.1f}M", "" if same == label or same == name else same,
-                     *_cells(r.get("before"))]
-            cells += ["–"] * (len(TASKS) + 2) if name == "MoE (teacher)" else _cells(r.get("after"))
+            ppl = r.get("ppl")
+            cells = [*option, f"{w['nonzero'] / 1e6:.1f}M", "" if same == label else same,
+                     f"{ppl:.2f}" if ppl is not None else "…", *_tasks(r.get("before"))]
+            after = r.get("after")
+            cells += ["–"] * (len(TASKS) + 2) if name == "MoE (teacher)" else \
+                [f"{after['perplexity']['value']:.2f}" if after else "…", *_tasks(after)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -55,7 +55,7 @@ def load_latest(out: Path, model, optimizer, scheduler, meta: dict) -> int:
         raise UserError(f"--resume: no checkpoint in {out}/checkpoints")
     latest = dirs[-1]
     saved = json.loads((latest / "trainer.json").read_text())
-    for key in ("base_fingerprint", "seq_len", "global_batch", "corpora", "seed", "train_only"):
+    for key in ("base_fingerprint", "seq_len", "global_batch", "corpora", "data", "seed", "train_only"):
         if saved.get(key) != meta.get(key):
             what = "a different model" if key == "base_fingerprint" else f"a different {key} ({saved.get(key)!r})"
             raise UserError(f"--resume: {latest} was trained from {what}; resume with the same settings "

@@ -120,10 +120,35 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_tokenize(args) -> int:
+    from transformers import AutoTokenizer
+
+    from d2m_export.data import iter_source
+    from d2m_export.models import model_label, resolve_model
+    from d2m_export.outputs import check_output_dir
+    from d2m_export.shards import write_shards
+
+    out = Path(args.out)
+    check_output_dir(out)
+    if out.exists():
+        raise UserError(f"--out {out} already exists; token shards are written to a new directory")
+    sources = [str(c) for c in args.corpora]
+    for source in sources:      # every source checked before any work: a bad last one fails now
+        next(iter_source(source), None)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    index = write_shards(tokenizer, (doc for source in sources for doc in iter_source(source)), out,
+                         shard_tokens=args.shard_tokens, sources=sources, model=model_label(args.model))
+    print(f"tokenized {index['documents']} documents into {index['tokens']} tokens ({index['dtype']}, "
+          f"{len(index['shards'])} shard{'s' if len(index['shards']) != 1 else ''}) in {out}")
+    return 0
+
+
 def cmd_train(args) -> int:
     from d2m_export.train import TrainConfig, train
 
     fields = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)}
+    if fields.get("corpora") and fields.get("data"):
+        raise UserError("give either --corpus (text, tokenized now) or --data (token shards), not both")
     if not fields.get("corpora"):
         fields.pop("corpora", None)
     result = train(TrainConfig(**fields))
@@ -393,12 +418,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the results as JSON")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("tokenize", help="tokenize a corpus once into memory-mapped token shards for train --data")
+    p.add_argument("corpora", nargs="+", metavar="CORPUS",
+                   help="brown, olmo-passages, a .txt/.jsonl/.parquet file, a directory of them, or a Hugging "
+                        "Face dataset saved with save_to_disk")
+    p.add_argument("--model", default=None, help="the model whose tokenizer to use (default: the embedded one)")
+    p.add_argument("--out", required=True, help="new directory for the shards and their index.json")
+    p.add_argument("--shard-tokens", type=POSITIVE, default=100_000_000, help="tokens per shard file (default 100M)")
+    p.set_defaults(func=cmd_tokenize)
+
     p = sub.add_parser("train", help="continual pre-training (CPT); runs under torchrun/accelerate too")
     p.add_argument("--model", required=True, help="the checkpoint to train (a converted model, or any supported one)")
     p.add_argument("--out", required=True, help="output directory: final model, checkpoints/, logs")
     p.add_argument("--corpus", dest="corpora", action="append",
                    help="training text: brown, olmo-passages, or a .txt/.jsonl/.parquet file (repeatable; "
                         "default: brown and olmo-passages)")
+    p.add_argument("--data", default=None, metavar="SHARDS",
+                   help="token shards made by `d2m-export tokenize` (streamed from disk; instead of --corpus)")
     p.add_argument("--tokens", type=POSITIVE, default=200_000, help="training budget in tokens (default 200k)")
     p.add_argument("--seq-len", type=POSITIVE, default=256)
     p.add_argument("--micro-batch", type=POSITIVE, default=4, help="sequences per forward pass")

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from d2m_export import checkpoints
 from d2m_export.data import DEFAULT_TRAIN_CORPORA, batch_indices, pack
 from d2m_export.errors import UserError
-from d2m_export.models import load_model, model_label, read_record
+from d2m_export.models import load_model, model_label, read_record, resolve_model
 from d2m_export.outputs import MARKER, GENERATOR, check_output_dir
+from d2m_export.shards import ShardChunks, stream_batch_indices
 from d2m_export.train.teacher_cache import TeacherTopK, default_root, full_kl, topk_kl
 
 
@@ -33,6 +34,7 @@ class TrainConfig:
     model: str
     out: str
     corpora: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN_CORPORA))
+    data: str | None = None          # token shards (`d2m-export tokenize`), streamed instead of `corpora`
     tokens: int = 200_000
     seq_len: int = 256
     micro_batch: int = 4
@@ -140,6 +142,10 @@ def train(cfg: TrainConfig) -> dict:
         check_output_dir(out)
         if out.is_dir() and any(out.iterdir()):
             raise UserError(f"--out {out} already holds a training run; pass --resume or choose a new --out")
+    if cfg.data:                      # bad shards are refused before the model loads
+        from transformers import AutoTokenizer
+
+        ShardChunks(Path(cfg.data), cfg.seq_len, AutoTokenizer.from_pretrained(resolve_model(cfg.model)))
     torch.manual_seed(cfg.seed)
     model, tokenizer, model_dir = load_model(cfg.model)
     read_record(model_dir)            # a damaged d2m_plan.json is refused now, not after training
@@ -157,12 +163,16 @@ def train(cfg: TrainConfig) -> dict:
         if teacher.config.vocab_size != model.config.vocab_size:
             raise UserError(f"--distill-from: teacher vocabulary {teacher.config.vocab_size} differs from "
                             f"the student's {model.config.vocab_size}")
-    chunks = pack(tokenizer, cfg.corpora, cfg.seq_len)
+    if cfg.data:
+        chunks = ShardChunks(Path(cfg.data), cfg.seq_len, tokenizer)
+        order = stream_batch_indices
+    else:
+        chunks, order = pack(tokenizer, cfg.corpora, cfg.seq_len), batch_indices
     params = select_trainable(model, cfg.train_only)
     steps = max(1, cfg.tokens // (cfg.global_batch * cfg.seq_len))
     cache, teacher_runs = None, None
     if cfg.teacher_topk:          # the teacher once, on every chunk this run will see; then it is not needed
-        needed = torch.cat([batch_indices(len(chunks), s, cfg.global_batch, cfg.seed) for s in range(steps)])
+        needed = torch.cat([order(len(chunks), s, cfg.global_batch, cfg.seed) for s in range(steps)])
         cache = TeacherTopK(Path(cfg.teacher_cache) if cfg.teacher_cache else default_root(), teacher_dir, chunks,
                             cfg.teacher_topk)
         if rank == 0:
@@ -174,7 +184,8 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg, steps))
     meta = {"base_model": model_label(cfg.model), "base_fingerprint": fingerprint(model_dir),
-            "seq_len": cfg.seq_len, "global_batch": cfg.global_batch, "corpora": cfg.corpora, "seed": cfg.seed,
+            "seq_len": cfg.seq_len, "global_batch": cfg.global_batch, "seed": cfg.seed,
+            **({"data": chunks.digest()[:16]} if cfg.data else {"corpora": cfg.corpora}),
             "train_only": cfg.train_only}
     start = checkpoints.load_latest(out, model, optimizer, scheduler, meta) if cfg.resume else 0
     if rank == 0 and not cfg.resume:
@@ -197,7 +208,7 @@ def train(cfg: TrainConfig) -> dict:
     bar = _progress(cfg, steps, start, rank)
     for step in range(start, steps):
         t0 = time.time()
-        idx = batch_indices(len(chunks), step, cfg.global_batch, cfg.seed).view(micro, cfg.micro_batch)
+        idx = order(len(chunks), step, cfg.global_batch, cfg.seed).view(micro, cfg.micro_batch)
         mine = idx[rank::world]
         sums = torch.zeros(4)
         for i, mb in enumerate(mine):

@@ -49,7 +49,8 @@ class TeacherTopK:
             raise UserError(f"--teacher-topk must be at least 1, not {k}")
         n, seq = chunks.shape
         key = {"teacher": weights_fingerprint(teacher_dir), "k": k, "seq_len": seq, "chunks": n,
-               "data": hashlib.sha256(chunks.to(torch.int64).numpy().tobytes()).hexdigest()}
+               "data": chunks.digest() if hasattr(chunks, "digest")       # token shards: their index
+               else hashlib.sha256(chunks.to(torch.int64).numpy().tobytes()).hexdigest()}
         self.k = k
         self.dir = Path(root) / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         self.dir.mkdir(parents=True, exist_ok=True)
