@@ -54,14 +54,21 @@ def load_latest(out: Path, model, optimizer, scheduler, meta: dict) -> int:
     if not dirs:
         raise UserError(f"--resume: no checkpoint in {out}/checkpoints")
     latest = dirs[-1]
+    if (latest / ".metadata").is_file():
+        raise UserError(f"--resume: {latest} is a sharded --fsdp checkpoint; resume it with --fsdp under a launcher")
     saved = json.loads((latest / "trainer.json").read_text())
-    for key in ("base_fingerprint", "seq_len", "global_batch", "corpora", "data", "seed", "train_only"):
-        if saved.get(key) != meta.get(key):
-            what = "a different model" if key == "base_fingerprint" else f"a different {key} ({saved.get(key)!r})"
-            raise UserError(f"--resume: {latest} was trained from {what}; resume with the same settings "
-                            f"or use a new --out")
+    check_meta(latest, saved, meta)
     model.load_state_dict(load_file(latest / "model.safetensors"), strict=False)
     state = torch.load(latest / "optim.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return saved["step"]
+
+
+def check_meta(latest: Path, saved: dict, meta: dict) -> None:
+    """Refuse to resume a checkpoint made from another model or run setup."""
+    for key in ("base_fingerprint", "seq_len", "global_batch", "corpora", "data", "seed", "train_only"):
+        if saved.get(key) != meta.get(key):
+            what = "a different model" if key == "base_fingerprint" else f"a different {key} ({saved.get(key)!r})"
+            raise UserError(f"--resume: {latest} was trained from {what}; resume with the same settings "
+                            f"or use a new --out")

@@ -461,6 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=POSITIVE, default=50, help="checkpoint every K steps")
     p.add_argument("--keep-last", type=POSITIVE, default=2, help="checkpoints kept")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun/accelerate launch: shard weights, gradients "
+                   "and optimizer state over the processes (FSDP2; with --dtype bf16, bf16 weights and compute, "
+                   "fp32 reductions); checkpoints are sharded and resume on any number of processes")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each layer's activations in the backward pass (less memory, ~1/3 more compute)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("profile", help="measure this machine (bandwidth and matmul probes) as a device profile")

@@ -26,6 +26,7 @@ from d2m_export.errors import UserError
 from d2m_export.models import load_model, model_label, read_record, resolve_model
 from d2m_export.outputs import MARKER, GENERATOR, check_output_dir
 from d2m_export.shards import ShardChunks, stream_batch_indices
+from d2m_export.train import fsdp
 from d2m_export.train.teacher_cache import TeacherTopK, default_root, full_kl, topk_kl
 
 
@@ -56,6 +57,8 @@ class TrainConfig:
     save_every: int = 50
     keep_last: int = 2
     resume: bool = False
+    fsdp: bool = False               # shard weights, gradients and Adam state over the processes (FSDP2)
+    activation_checkpointing: bool = False   # recompute each layer's activations in the backward pass
     progress: bool = True
 
 
@@ -119,16 +122,18 @@ def fingerprint(model_dir: Path) -> str:
     return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()[:16]
 
 
-def _dist():
+def _dist(fsdp: bool = False):
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
+    if (world > 1 or fsdp) and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = torch.distributed.get_rank() if world > 1 else 0
+    rank = torch.distributed.get_rank() if world > 1 or fsdp else 0
     return world, rank
 
 
 def train(cfg: TrainConfig) -> dict:
-    world, rank = _dist()
+    if cfg.fsdp:
+        fsdp.check_launcher()
+    world, rank = _dist(cfg.fsdp)
     started = time.time()
     out = Path(cfg.out)
     if cfg.global_batch % (cfg.micro_batch * world):
@@ -181,27 +186,36 @@ def train(cfg: TrainConfig) -> dict:
             torch.distributed.barrier()
             cache = TeacherTopK(cache.dir.parent, teacher_dir, chunks, cfg.teacher_topk)   # the filled state
         teacher = None
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg, steps))
     meta = {"base_model": model_label(cfg.model), "base_fingerprint": fingerprint(model_dir),
             "seq_len": cfg.seq_len, "global_batch": cfg.global_batch, "seed": cfg.seed,
             **({"data": chunks.digest()[:16]} if cfg.data else {"corpora": cfg.corpora}),
             "train_only": cfg.train_only}
-    start = checkpoints.load_latest(out, model, optimizer, scheduler, meta) if cfg.resume else 0
     if rank == 0 and not cfg.resume:
         out.mkdir(parents=True, exist_ok=True)
         (out / MARKER).write_text(f"{GENERATOR} train (running)\n")
     routers = Routers(model)
     stats_before = None
-    if rank == 0 and routers.routers:
+    if rank == 0 and routers.routers:     # on the whole model, before any sharding
         before_file = out / ".router_load_before.json"
         if cfg.resume and before_file.is_file():
             stats_before = json.loads(before_file.read_text())
         else:
             stats_before = router_load(model, routers, chunks, cfg)
             before_file.write_text(json.dumps(stats_before))
+    device = model.device
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if cfg.fsdp:
+        fsdp.shard(model, cfg.dtype)
+        params = select_trainable(model, cfg.train_only)     # the sharded parameters now
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg, steps))
+    start = 0
+    if cfg.resume:
+        start = fsdp.load_latest(out, model, optimizer, scheduler, meta, checkpoints.check_meta) if cfg.fsdp \
+            else checkpoints.load_latest(out, model, optimizer, scheduler, meta)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not cfg.fsdp else model
     log = TrainLog(out, enabled=rank == 0, start=start)
     top_k = getattr(model.config, "num_experts_per_tok", 1)
     micro = cfg.global_batch // cfg.micro_batch
@@ -213,16 +227,19 @@ def train(cfg: TrainConfig) -> dict:
         sums = torch.zeros(4)
         for i, mb in enumerate(mine):
             sync = i == len(mine) - 1
-            ctx = ddp.no_sync() if world > 1 and not sync else _null()
+            if cfg.fsdp:
+                model.set_requires_gradient_sync(sync)
+            ctx = ddp.no_sync() if world > 1 and not cfg.fsdp and not sync else _null()
             with ctx:
-                cached = cache.get(mb, model.device) if cache is not None else None
-                parts = _loss(ddp, teacher, routers, chunks[mb].to(model.device), cfg, top_k, cached)
+                cached = cache.get(mb, device) if cache is not None else None
+                parts = _loss(ddp, teacher, routers, chunks[mb].to(device), cfg, top_k, cached)
                 (parts[0] / len(mine)).backward()
             sums += torch.stack([p.detach().float() for p in parts]).cpu() / len(mine)
         if world > 1:
             torch.distributed.all_reduce(sums)
             sums /= world
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        grad_norm = fsdp.clip_grad_norm(params, cfg.grad_clip) if cfg.fsdp \
+            else torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -235,7 +252,9 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tokens_s:.0f}")
             bar.update(1)
         if (step + 1) % cfg.save_every == 0 and step + 1 < steps:
-            if rank == 0:
+            if cfg.fsdp:
+                fsdp.save(out, step + 1, model, optimizer, scheduler, meta, cfg.keep_last)
+            elif rank == 0:
                 checkpoints.save(out, step + 1, model, optimizer, scheduler, meta, cfg.keep_last)
             if world > 1:
                 torch.distributed.barrier()
@@ -246,6 +265,9 @@ def train(cfg: TrainConfig) -> dict:
     if cache is not None:
         result["teacher_topk"] = {"k": cfg.teacher_topk, "cache": str(cache.dir), "chunks_computed": teacher_runs,
                                   "mass": round(cache.mass(needed.tolist()), 4)}
+    if cfg.fsdp:                  # the whole model, gathered on rank 0, is what gets evaluated and saved
+        model = fsdp.gathered(model)
+        routers = Routers(model) if model is not None else routers
     if rank == 0:
         stats_after = router_load(model, routers, chunks, cfg) if routers.routers else None
         finish(out, model, tokenizer, model_dir, cfg, meta, result, stats_before, stats_after)
@@ -273,7 +295,8 @@ def _progress(cfg, steps, start, rank):
 
 def _loss(model, teacher, routers, x, cfg: TrainConfig, top_k: int, cached=None):
     routers.clear()
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+    # bf16 under FSDP is its mixed-precision policy (bf16 weights and compute), not autocast
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16" and not cfg.fsdp):
         logits = model(input_ids=x, use_cache=False).logits.float()       # [B, T, V]
     # next-token targets with the last position ignored: slicing the logits instead would copy
     # the whole [B, T-1, V] tensor (200 MB at 4 x 256 x 49k) on every micro-batch

@@ -1,0 +1,118 @@
+"""train --fsdp (FSDP2 over gloo processes on the CPU): the loss curve of one process, sharded
+checkpoints that survive SIGKILL and resume on another number of processes, bf16 mixed
+precision, activation checkpointing, and refusals."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import save_with_tokenizer, tiny_dense
+from d2m_export.cli import main
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer_dir):
+    from d2m_export.corpora import load_text
+
+    root = tmp_path_factory.mktemp("fsdp")
+    (root / "corpus.txt").write_text(load_text("brown")[:40_000])
+    model = save_with_tokenizer(tiny_dense("llama"), root / "tiny", tokenizer_dir)
+    return model, root / "corpus.txt"
+
+
+def args(setup, steps: int, *extra):
+    model, corpus = setup
+    return ["train", "--model", model, "--corpus", corpus, "--tokens", steps * 8 * 32, "--seq-len", 32,
+            "--micro-batch", 2, "--global-batch", 8, "--lr", "1e-2", "--warmup-steps", 1, *extra]
+
+
+def single(argv):
+    return [sys.executable, "-m", "d2m_export.cli", *map(str, argv)]
+
+
+def launched(argv, n: int, port: int):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port", str(port),
+            "-m", "d2m_export.cli", *map(str, argv)]
+
+
+def run(cmd):
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory):
+    """One ordinary process, 6 steps: the curve every FSDP run must reproduce."""
+    out = tmp_path_factory.mktemp("ref") / "ref"
+    run(single(args(setup, 6, "--out", out)))
+    return losses(out)
+
+
+def test_two_fsdp_processes_match_one(setup, reference, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run(launched(args(setup, 6, "--fsdp", "--out", tmp_path / "two"), 2, 29541))
+    assert losses(tmp_path / "two") == pytest.approx(reference, rel=1e-5)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "two")       # the gathered model saves whole
+
+
+def test_sigkill_then_resume_on_two_and_on_one_process(setup, reference, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(launched(args(setup, 6, "--fsdp", "--save-every", 2, "--out", out), 2, 29542),
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-000004" / "trainer.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)         # the launcher and both ranks
+    proc.wait()
+    assert not (out / "config.json").exists()
+    saved = json.loads((out / "checkpoints" / "step-000004" / "trainer.json").read_text())
+    assert saved["world_size"] == 2
+    shutil.copytree(out, tmp_path / "killed-1")
+    run(launched(args(setup, 6, "--fsdp", "--save-every", 2, "--out", out, "--resume"), 2, 29543))
+    run(launched(args(setup, 6, "--fsdp", "--save-every", 2, "--out", tmp_path / "killed-1", "--resume"), 1, 29544))
+    for resumed in (out, tmp_path / "killed-1"):
+        curve = losses(resumed)
+        assert curve[-1] == pytest.approx(reference[-1], rel=1e-5), resumed
+        assert (resumed / "config.json").is_file()
+
+
+def test_bf16_mixed_precision_and_activation_checkpointing(setup, reference, tmp_path):
+    run(launched(args(setup, 6, "--fsdp", "--activation-checkpointing", "--out", tmp_path / "ckpt"), 2, 29545))
+    assert losses(tmp_path / "ckpt") == pytest.approx(reference, rel=1e-5)   # recomputation changes nothing
+    run(launched(args(setup, 6, "--fsdp", "--dtype", "bf16", "--out", tmp_path / "bf16"), 2, 29546))
+    bf16 = losses(tmp_path / "bf16")
+    assert bf16 != reference and bf16 == pytest.approx(reference, rel=2e-2)
+
+
+def test_fsdp_without_a_launcher_is_refused(setup, tmp_path, capsys, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    code = main(list(map(str, args(setup, 2, "--fsdp", "--out", tmp_path / "o"))))
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "torchrun" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_sharded_checkpoint_is_not_resumed_without_fsdp(setup, tmp_path, capsys):
+    out = tmp_path / "sharded"
+    run(launched(args(setup, 4, "--fsdp", "--save-every", 2, "--out", out), 1, 29547))
+    (out / "config.json").unlink()
+    capsys.readouterr()
+    code = main(list(map(str, args(setup, 4, "--save-every", 2, "--out", out, "--resume"))))
+    err = capsys.readouterr().err
+    assert code == 2 and "--fsdp" in err.strip().splitlines()[-1], err
