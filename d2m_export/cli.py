@@ -445,7 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=NON_NEGATIVE, default=None, help="default: 5%% of the steps")
     p.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.0)
     p.add_argument("--grad-clip", type=NON_NEGATIVE_FLOAT, default=1.0)
-    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 (autocast)")
+    p.add_argument("--dtype", default="auto", help="fp32 | bf16 (autocast; with --fsdp, bf16 weights and compute) | "
+                   "auto (default): bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto (default): CUDA when present, each "
+                   "process on its LOCAL_RANK's GPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (first steps are slower)")
+    p.add_argument("--peak-tflops", type=POSITIVE_FLOAT, default=None, help="one device's peak TFLOP/s for the "
+                   "MFU column (default: the data sheet of known GPUs; on the CPU, a matmul probe)")
     p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--train-only", default="all", help="all | moe (experts, shared experts, routers) | router")
     p.add_argument("--balance-loss-weight", type=NON_NEGATIVE_FLOAT, default=0.01, help="Switch load-balancing loss weight")

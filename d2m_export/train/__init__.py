@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from d2m_export.errors import UserError
 from d2m_export.models import load_model, model_label, read_record, resolve_model
 from d2m_export.outputs import MARKER, GENERATOR, check_output_dir
 from d2m_export.shards import ShardChunks, stream_batch_indices
-from d2m_export.train import fsdp
+from d2m_export.train import device as devices, fsdp
 from d2m_export.train.teacher_cache import TeacherTopK, default_root, full_kl, topk_kl
 
 
@@ -45,7 +45,10 @@ class TrainConfig:
     warmup_steps: int | None = None  # default: 5% of the steps
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    dtype: str = "fp32"              # fp32 | bf16 (autocast)
+    dtype: str = "auto"              # fp32 | bf16 (autocast; under FSDP, bf16 weights) | auto: bf16 on CUDA
+    device: str = "auto"             # cpu | cuda | auto: CUDA when present
+    compile: bool = False            # torch.compile the model
+    peak_tflops: float | None = None  # for MFU (default: data sheet on CUDA, a matmul probe on the CPU)
     seed: int = 0
     train_only: str = "all"          # all | moe | router
     balance_loss_weight: float = 0.01
@@ -122,10 +125,10 @@ def fingerprint(model_dir: Path) -> str:
     return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()[:16]
 
 
-def _dist(fsdp: bool = False):
+def _dist(fsdp: bool = False, device: str = "cpu"):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if (world > 1 or fsdp) and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     rank = torch.distributed.get_rank() if world > 1 or fsdp else 0
     return world, rank
 
@@ -133,14 +136,14 @@ def _dist(fsdp: bool = False):
 def train(cfg: TrainConfig) -> dict:
     if cfg.fsdp:
         fsdp.check_launcher()
-    world, rank = _dist(cfg.fsdp)
+    device, dtype = devices.resolve(cfg.device, cfg.dtype)
+    cfg = replace(cfg, device=device, dtype=dtype)
+    world, rank = _dist(cfg.fsdp, device)
     started = time.time()
     out = Path(cfg.out)
     if cfg.global_batch % (cfg.micro_batch * world):
         raise UserError(f"--global-batch {cfg.global_batch} must be a multiple of --micro-batch {cfg.micro_batch} "
                         f"× {world} processes")
-    if cfg.dtype not in ("fp32", "bf16"):
-        raise UserError(f"--dtype must be fp32 or bf16, not {cfg.dtype!r}")
     if cfg.resume and not checkpoints.checkpoint_dirs(out):
         raise UserError(f"--resume: no checkpoint in {out}/checkpoints")
     if not cfg.resume:
@@ -153,6 +156,7 @@ def train(cfg: TrainConfig) -> dict:
         ShardChunks(Path(cfg.data), cfg.seq_len, AutoTokenizer.from_pretrained(resolve_model(cfg.model)))
     torch.manual_seed(cfg.seed)
     model, tokenizer, model_dir = load_model(cfg.model)
+    model.to(device)
     read_record(model_dir)            # a damaged d2m_plan.json is refused now, not after training
     max_len = getattr(model.config, "max_position_embeddings", None)
     if max_len and cfg.seq_len > max_len:
@@ -165,6 +169,7 @@ def train(cfg: TrainConfig) -> dict:
     teacher = teacher_dir = None
     if cfg.distill_from:
         teacher, _, teacher_dir = load_model(cfg.distill_from)
+        teacher.to(device)
         if teacher.config.vocab_size != model.config.vocab_size:
             raise UserError(f"--distill-from: teacher vocabulary {teacher.config.vocab_size} differs from "
                             f"the student's {model.config.vocab_size}")
@@ -202,12 +207,11 @@ def train(cfg: TrainConfig) -> dict:
         else:
             stats_before = router_load(model, routers, chunks, cfg)
             before_file.write_text(json.dumps(stats_before))
-    device = model.device
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     if cfg.fsdp:
-        fsdp.shard(model, cfg.dtype)
+        fsdp.shard(model, cfg.dtype, device)
         params = select_trainable(model, cfg.train_only)     # the sharded parameters now
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg, steps))
@@ -216,6 +220,10 @@ def train(cfg: TrainConfig) -> dict:
         start = fsdp.load_latest(out, model, optimizer, scheduler, meta, checkpoints.check_meta) if cfg.fsdp \
             else checkpoints.load_latest(out, model, optimizer, scheduler, meta)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 and not cfg.fsdp else model
+    if cfg.compile:
+        ddp = torch.compile(ddp)
+    per_token = devices.flops_per_token(model.config, cfg.seq_len)
+    peak, peak_source = devices.peak_flops(device, cfg.dtype, cfg.peak_tflops) if rank == 0 else (None, "")
     log = TrainLog(out, enabled=rank == 0, start=start)
     top_k = getattr(model.config, "num_experts_per_tok", 1)
     micro = cfg.global_batch // cfg.micro_batch
@@ -247,6 +255,8 @@ def train(cfg: TrainConfig) -> dict:
         row = {"step": step + 1, "loss": sums[0].item(), "ce": sums[1].item(), "balance": sums[2].item(),
                "distill_kl": sums[3].item(), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                "tokens": (step + 1) * cfg.global_batch * cfg.seq_len, "tokens_per_s": tokens_s}
+        if peak:
+            row["mfu"] = tokens_s * per_token / (peak * world)
         log.write(row)
         if bar is not None:
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tokens_s:.0f}")
@@ -261,7 +271,8 @@ def train(cfg: TrainConfig) -> dict:
     if bar is not None:
         bar.close()
     result = {"steps": steps, "tokens": steps * cfg.global_batch * cfg.seq_len,
-              "wall_s": round(time.time() - started, 1)}
+              "wall_s": round(time.time() - started, 1), "flops_per_token": per_token,
+              "peak_flops": peak, "peak_flops_source": peak_source}
     if cache is not None:
         result["teacher_topk"] = {"k": cfg.teacher_topk, "cache": str(cache.dir), "chunks_computed": teacher_runs,
                                   "mass": round(cache.mass(needed.tolist()), 4)}

@@ -32,13 +32,12 @@ def check_launcher() -> None:
                         f"({', '.join(missing)} not set)")
 
 
-def shard(model, dtype: str):
-    """Shard `model` in place over every process (a 1-D mesh); returns it."""
+def shard(model, dtype: str, device: str = "cpu"):
+    """Shard `model` in place over every process (a 1-D mesh of `device`'s type); returns it."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bf16" \
         else MixedPrecisionPolicy()
     for layer in model.model.layers:
