@@ -120,7 +120,7 @@ def main() -> None:
         calibrated = Calibrated(moe)
         for option in grid:                       # every option's perplexity, in memory (nothing saved)
             k, groups, score, grouping, scaling = option
-            digest, w, ppl = calibrated.perplexity(option, work / f"ppl-{moe_name}-{{}}.json")
+            digest, w, ppl = calibrated.perplexity(option, str(work / f"ppl-{moe_name}-{{}}.json"))
             rows[f"K={k} k={groups} {score} {grouping} {scaling}"] = {
                 "K": k, "k": groups, "score": score, "grouping": grouping, "scaling": scaling,
                 "weights": {**w, "digest": digest}, "ppl": ppl}
