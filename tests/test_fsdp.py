@@ -69,6 +69,14 @@ def test_two_fsdp_processes_match_one(setup, reference, tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "two")       # the gathered model saves whole
 
 
+def test_accelerate_launch_matches_one_process(setup, reference, tmp_path):
+    """accelerate's multi-process launcher (`--multi_gpu` starts torchrun-style ranks, on the CPU too)."""
+    run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
+         "--main_process_port", "29548", "-m", "d2m_export.cli",
+         *map(str, args(setup, 6, "--fsdp", "--out", tmp_path / "acc"))])
+    assert losses(tmp_path / "acc") == pytest.approx(reference, rel=1e-5)
+
+
 def test_sigkill_then_resume_on_two_and_on_one_process(setup, reference, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(launched(args(setup, 6, "--fsdp", "--save-every", 2, "--out", out), 2, 29542),
