@@ -431,8 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the checkpoint to train (a converted model, or any supported one)")
     p.add_argument("--out", required=True, help="output directory: final model, checkpoints/, logs")
     p.add_argument("--corpus", dest="corpora", action="append",
-                   help="training text: brown, olmo-passages, or a .txt/.jsonl/.parquet file (repeatable; "
-                        "default: brown and olmo-passages)")
+                   help="training text: brown, olmo-passages, a .txt/.jsonl/.parquet file, a directory of them or a "
+                        "saved Hugging Face dataset (repeatable; default: brown and olmo-passages)")
     p.add_argument("--data", default=None, metavar="SHARDS",
                    help="token shards made by `d2m-export tokenize` (streamed from disk; instead of --corpus)")
     p.add_argument("--tokens", type=POSITIVE, default=200_000, help="training budget in tokens (default 200k)")
