@@ -88,6 +88,38 @@ def write_tiny_corpus(path):
     return path
 
 
+def cli_argv(*argv) -> list[str]:
+    """`d2m-export argv...` as a subprocess command line."""
+    import sys
+
+    return [sys.executable, "-m", "d2m_export.cli", *map(str, argv)]
+
+
+def train_log(out) -> list[dict]:
+    """The rows of a training run's train_log.jsonl."""
+    import json
+
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def kill_at_checkpoint(cmd, out, step: int, env=None) -> None:
+    """Start `cmd` (a training run writing into `out`) and SIGKILL it, launcher and workers alike,
+    as soon as its step-`step` checkpoint is complete."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / f"step-{step:06d}" / "trainer.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def run_cli(capsys, *argv):
     """(exit code, stdout, stderr) of `d2m-export argv...` run in-process."""
     from d2m_export.cli import main

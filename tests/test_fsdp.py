@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import save_with_tokenizer, tiny_dense
+from conftest import cli_argv, kill_at_checkpoint, save_with_tokenizer, tiny_dense, train_log
 from d2m_export.cli import main
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -36,7 +34,7 @@ def args(setup, steps: int, *extra):
 
 
 def single(argv):
-    return [sys.executable, "-m", "d2m_export.cli", *map(str, argv)]
+    return cli_argv(*argv)
 
 
 def launched(argv, n: int, port: int):
@@ -50,7 +48,7 @@ def run(cmd):
 
 
 def losses(out):
-    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in train_log(out)]
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +77,7 @@ def test_accelerate_launch_matches_one_process(setup, reference, tmp_path):
 
 def test_sigkill_then_resume_on_two_and_on_one_process(setup, reference, tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.Popen(launched(args(setup, 6, "--fsdp", "--save-every", 2, "--out", out), 2, 29542),
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "step-000004" / "trainer.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)         # the launcher and both ranks
-    proc.wait()
+    kill_at_checkpoint(launched(args(setup, 6, "--fsdp", "--save-every", 2, "--out", out), 2, 29542), out, 4, ENV)
     assert not (out / "config.json").exists()
     saved = json.loads((out / "checkpoints" / "step-000004" / "trainer.json").read_text())
     assert saved["world_size"] == 2

@@ -3,22 +3,19 @@ flat memory, exact resume, and refusals."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import save_with_tokenizer, tiny_dense
+from conftest import cli_argv, kill_at_checkpoint, save_with_tokenizer, tiny_dense, train_log
 from d2m_export.cli import main
 
 TRAIN = ["--seq-len", "32", "--micro-batch", "2", "--global-batch", "4", "--lr", "1e-2", "--warmup-steps", "1"]
 
 
-def cli(*argv):
-    return [sys.executable, "-m", "d2m_export.cli", *map(str, argv)]
+cli = cli_argv
 
 
 @pytest.fixture(scope="module")
@@ -88,25 +85,15 @@ def shards(model_dir, sources, tmp_path_factory):
     return out
 
 
-def log_of(out):
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-
-
 def test_sigkill_then_resume_from_shards_matches_uninterrupted(model_dir, shards, tmp_path):
     args = ["train", "--model", model_dir, "--data", shards, "--tokens", 10 * 4 * 32, *TRAIN, "--save-every", 2]
     ref = subprocess.run(cli(*args, "--out", tmp_path / "ref"), capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cli(*args, "--out", out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "step-000004" / "trainer.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(cli(*args, "--out", out), out, 4)
     resumed = subprocess.run(cli(*args, "--out", out, "--resume"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = log_of(tmp_path / "ref"), log_of(out)
+    a, b = train_log(tmp_path / "ref"), train_log(out)
     assert [r["step"] for r in b] == list(range(1, 11))
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6, abs=1e-7)
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import tiny_dense
+from conftest import cli_argv, kill_at_checkpoint, tiny_dense, train_log
 from d2m_export.cli import main
 from d2m_export.methods import get_method
 from d2m_export.plan import Block, Options, Plan
@@ -45,12 +43,7 @@ def tiny_moe_dir(tmp_path_factory, tokenizer_dir):
     return out
 
 
-def log_of(out):
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-
-
-def cli(*argv):
-    return [sys.executable, "-m", "d2m_export.cli", *map(str, argv)]
+log_of, cli = train_log, cli_argv
 
 
 def test_train_writes_model_logs_and_router_stats(tiny_moe_dir, corpus, tmp_path):
@@ -154,13 +147,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_moe_dir, corpus, tmp_pat
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cli(*args, "--out", out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "step-000004" / "trainer.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(cli(*args, "--out", out), out, 4)
     assert not (out / "config.json").exists()          # no final model after a crash
     resumed = subprocess.run(cli(*args, "--out", out, "--resume"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
