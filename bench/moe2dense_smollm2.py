@@ -94,6 +94,7 @@ def main() -> None:
         earlier = json.loads(args.out.with_suffix(".json").read_text()).get("moes", {})
         results["moes"] = {m: rows for m, rows in earlier.items()
                            if all("digest" in r["weights"] for r in rows.values())}
+    seed_caches(results["moes"], work)
     budget = lambda name: args.upcycled_distill_tokens if name.startswith("upcycled") else args.distill_tokens  # noqa: E731
 
     def evaluated(name: str, model: Path | str) -> dict:
@@ -114,7 +115,7 @@ def main() -> None:
     for moe_name in split(args.moes):
         moe = make_moe(moe_name, args, work)
         teacher = {"weights": weight_summary(moe)}
-        teacher["before"] = evaluated(f"{moe_name}-moe", moe)
+        teacher["before"] = evaluated(f"{moe_name}-{teacher['weights']['digest']}", moe)
         teacher["ppl"] = teacher["before"]["perplexity"]["value"]
         rows: dict = {"MoE (teacher)": teacher}
         calibrated = Calibrated(moe)
@@ -152,6 +153,8 @@ def main() -> None:
             for digest, model in models.items():
                 if phase == "before":
                     result = evaluated(f"{moe_name}-{digest}", model)
+                elif (work / f"eval-{moe_name}-{digest}-distilled.json").exists():
+                    result = evaluated(f"{moe_name}-{digest}-distilled", None)
                 else:
                     result = evaluated(f"{moe_name}-{digest}-distilled", distilled(f"{moe_name}-{digest}", model, moe))
                 for r in rows.values():
@@ -161,6 +164,21 @@ def main() -> None:
                 save(results, moe_name, rows, args)
         save(results, moe_name, rows, args)
     print(args.out.read_text())
+
+
+def seed_caches(moes: dict, work: Path) -> None:
+    """Write the committed table's results into the work folder's caches, keyed by weight digest, so
+    that a fresh checkout reruns only what the table lacks. A model rebuilt with other weights (its
+    digest differs) finds no cache and is evaluated again."""
+    for moe_name, rows in moes.items():
+        for name, r in rows.items():
+            digest = r["weights"]["digest"]
+            caches = {f"ppl-{moe_name}-{digest}.json": {"value": r["ppl"]} if "K" in r and "ppl" in r else None,
+                      f"eval-{moe_name}-{digest}.json": r.get("before"),
+                      f"eval-{moe_name}-{digest}-distilled.json": r.get("after")}
+            for file, value in caches.items():
+                if value is not None and not (work / file).exists():
+                    write_json(work / file, value)
 
 
 class Calibrated:
