@@ -136,7 +136,7 @@ class CoreMLExporter(Exporter):
         import_coremltools()
         wall = {}
         t = time.time()
-        model, tokenizer, _ = load_model(model_dir)
+        model, tokenizer, _ = load_model(model_dir, dtype="float32")
         lowered = LoweredDecoder(model, max_seq_len).eval()
         wall["load"] = time.time() - t
         t = time.time()

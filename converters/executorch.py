@@ -145,7 +145,7 @@ def build_program(model_dir: Path, max_seq_len: int, quant: str, moe_lowering: s
     from converters.executorch_model import Decoder
     from d2m_export.models import load_model
 
-    model, _, _ = load_model(model_dir)
+    model, _, _ = load_model(model_dir, dtype="float32")
     t0 = time.time()
     decoder = Decoder(model, max_seq_len, lowering=moe_lowering, quant=quant).eval()
     moe = [layer.mlp for layer in decoder.layers if layer.is_moe]

@@ -95,6 +95,17 @@ def tensor_type(name: str, shape: tuple[int, ...], quant: str, head: str) -> tup
     return want, why
 
 
+def stored_layout(shape: tuple[int, ...], qtype: Q) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, numpy dtype, bytes) of a tensor of `shape` once quantized to `qtype`, as the GGUF
+    writer's tensor info takes it: block types as uint8 rows of blocks."""
+    if qtype == Q.F32:
+        return shape, np.dtype(np.float32), 4 * int(np.prod(shape))
+    if qtype == Q.F16:
+        return shape, np.dtype(np.float16), 2 * int(np.prod(shape))
+    byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
+
+
 def rope_rows_to_pairs(w: np.ndarray, heads: int) -> np.ndarray:
     """Llama q/k rows: HF's rotate-half order (first half, second half of each head) -> llama.cpp's
     interleaved pairs (its `llama` architecture rotates adjacent elements)."""
@@ -102,13 +113,12 @@ def rope_rows_to_pairs(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def load_state(model_dir: Path):
-    """fp32 numpy weights (norm weights as the scale they apply) and the config."""
-    from d2m_export.architectures import norms_as_scales
+    """The weights as fp32 numpy arrays, read lazily from the model held in its stored dtype, and the config."""
+    from d2m_export.lazy_weights import Float32Arrays
     from d2m_export.models import load_model
 
     model, _, _ = load_model(model_dir)       # any load failure is a one-line UserError
-    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    return norms_as_scales(model.config, state), model.config
+    return Float32Arrays(model), model.config
 
 
 def layer_tensors(state: dict, cfg, arch: str):
@@ -289,22 +299,27 @@ class GGUFExporter(Exporter):
         writer = gguf.GGUFWriter(Path(out_tmp) / written, arch)
         add_metadata(writer, cfg, arch, "f32" if quant in K_QUANTS else quant, Path(model_dir).name)
         pre = add_vocab(writer, model_dir, cfg.vocab_size)
-        tensors = list(all_tensors(state, cfg, arch))
-        head = head_tensor([n for n, _ in tensors])
+        # Streamed: a first pass learns every tensor's name and shape (the header comes first in the
+        # file), a second makes, quantizes and writes them one at a time.
+        shapes = [(name, data.shape) for name, data in all_tensors(state, cfg, arch)]
+        head = head_tensor([n for n, _ in shapes])
         types: dict[str, int] = {}
-        deviations = []
-        for name, data in tensors:
-            qtype, why = tensor_type(name, data.shape, "f32" if quant in K_QUANTS else quant, head)
+        deviations, qtypes = [], []
+        for name, shape in shapes:
+            qtype, why = tensor_type(name, shape, "f32" if quant in K_QUANTS else quant, head)
             types[qtype.name] = types.get(qtype.name, 0) + 1
             if why:
                 deviations.append({"tensor": name, "type": qtype.name, "why": why})
-            data = np.ascontiguousarray(data, dtype=np.float32)
-            writer.add_tensor(name, gguf.quants.quantize(data, qtype) if qtype != Q.F32 else data, raw_dtype=qtype)
+            qtypes.append(qtype)
+            writer.add_tensor_info(name, *stored_layout(shape, qtype), raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for (name, data), qtype in zip(all_tensors(state, cfg, arch), qtypes):
+            data = np.ascontiguousarray(data, dtype=np.float32)
+            writer.write_tensor_data(gguf.quants.quantize(data, qtype) if qtype != Q.F32 else data)
         writer.close()
-        del state, tensors
+        del state
         if quant in K_QUANTS:
             llama_quantize(Path(out_tmp) / written, Path(out_tmp) / filename, K_QUANTS[quant])
             types, deviations = tensor_types(Path(out_tmp) / filename), []

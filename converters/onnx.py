@@ -53,10 +53,15 @@ class OnnxExporter(Exporter):
             raise UserError(f"the onnx target exports {', '.join(FAMILIES)} models, not {model_type!r}")
         if head_bits is not None and quant not in ("int8", "int4"):
             raise UserError(f"--head-bits applies to --quant int8 and int4, not {quant}")
-        proto = build_model(model_dir, quant, max_seq_len, moe_lowering or "sparse", head_bits)
+        from converters.onnx_graph import ExternalData
+
         out_tmp = Path(out_tmp)
-        onnx.save_model(proto, out_tmp / GRAPH_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
+        data = ExternalData(out_tmp / DATA_FILE)
+        try:
+            proto = build_model(model_dir, quant, max_seq_len, moe_lowering or "sparse", head_bits, data)
+        finally:
+            data.close()
+        onnx.save_model(proto, out_tmp / GRAPH_FILE)        # its weights are in DATA_FILE already
         onnx.checker.check_model(str(out_tmp / GRAPH_FILE))
         genai = write_genai_config(out_tmp, model_dir, GRAPH_FILE, self.details(out_tmp, [GRAPH_FILE]))
         return [GRAPH_FILE, DATA_FILE, genai]
@@ -110,31 +115,26 @@ class OnnxExporter(Exporter):
 
 
 def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe_lowering: str = "sparse",
-                head_bits: int | None = None):
+                head_bits: int | None = None, data=None):
     """The ONNX ModelProto for a Hugging Face folder, at `quant`; positions up to `max_seq_len` (default:
     the model's context, at most MAX_POSITIONS); MoE layers `sparse` (one MoE/QMoE node), `gather` (routed
-    in-graph, per-expert MatMuls) or `dense` (every expert, masked)."""
+    in-graph, per-expert MatMuls) or `dense` (every expert, masked). Large weights go to `data` (an
+    `ExternalData` file) as they are made, when given. The model is held in its stored dtype and each
+    weight converted to fp32 only when the graph takes it."""
     import onnx
-    import torch
-    from transformers import AutoModelForCausalLM
 
-    from d2m_export.architectures import norms_as_scales
+    from d2m_export.lazy_weights import Float32Arrays
+    from d2m_export.models import load_model
     from converters.onnx_graph import Graph, Linears, build_graph, rotary_tables_by_type, spec_of
     from converters.onnx_quant import quantized_linears
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    except Exception as e:  # transformers and safetensors raise unrelated types
-        raise UserError(f"cannot load the model in {model_dir}: {str(e).strip().splitlines()[0] if str(e).strip() else e}") from None
+    model, _, _ = load_model(model_dir)       # any load failure is a one-line UserError
     config = model.config
     spec = spec_of(config, max_positions=min(int(config.max_position_embeddings), max_seq_len or MAX_POSITIONS))
     rotary = rotary_tables_by_type(model, spec)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    sd = norms_as_scales(config, {k: v.detach().float().numpy() for k, v in model.state_dict().items()})
-    if tied:
-        sd.pop("lm_head.weight", None)
-    del model
-    g = Graph()
+    sd = Float32Arrays(model)
+    g = Graph(data=data)
     lin = Linears(g) if quant == "fp32" else quantized_linears(g, quant, head_bits)
     if moe_lowering == "dense" and quant != "fp32":
         raise UserError("--moe-lowering dense is offered at fp32 only (it is there for comparison)")

@@ -42,6 +42,7 @@ quantized MatMulNBits / QMoE, see `converters.onnx_quant`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -55,12 +56,41 @@ MS = "com.microsoft"
 GQA_HEAD_MULTIPLE = 16
 
 
+class ExternalData:
+    """The weights file beside the graph, written as initializers are made: a large initializer is on
+    disk (ONNX external data, page-aligned like onnx's own converter aligns it) before the next is made,
+    so building the graph never holds the model's weights in memory."""
+    THRESHOLD = 1024            # bytes: smaller initializers stay inside the graph, as onnx.save_model keeps them
+    ALIGN, ALIGN_ABOVE = 4096, 1 << 20
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.file = open(self.path, "wb")
+
+    def tensor(self, array: np.ndarray, name: str) -> TensorProto:
+        proto = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        offset = self.file.tell()
+        if array.nbytes > self.ALIGN_ABOVE and offset % self.ALIGN:
+            self.file.write(b"\0" * (self.ALIGN - offset % self.ALIGN))
+            offset = self.file.tell()
+        self.file.write(array.tobytes())
+        proto.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(array.nbytes))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, value
+        return proto
+
+    def close(self) -> None:
+        self.file.close()
+
+
 @dataclass
 class Graph:
-    """Nodes and initializers, with unique names."""
+    """Nodes and initializers, with unique names; large initializers go straight to `data` when given."""
     nodes: list = field(default_factory=list)
     initializers: list = field(default_factory=list)
     names: set = field(default_factory=set)
+    data: ExternalData | None = None
 
     def fresh(self, base: str) -> str:
         name, i = base, 1
@@ -71,7 +101,11 @@ class Graph:
 
     def const(self, name: str, array: np.ndarray) -> str:
         name = self.fresh(name)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        if self.data is not None and array.nbytes >= ExternalData.THRESHOLD:
+            self.initializers.append(self.data.tensor(array, name))
+        else:
+            self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
     def op(self, op_type: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "",

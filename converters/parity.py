@@ -74,10 +74,10 @@ def check_parity(exporter, model_dir: Path, export_dir: Path, quant: str, thread
                  new_tokens: int = 32, prompts: tuple[str, ...] = PROMPTS, runtimes: tuple[str, ...] = ()) -> dict:
     """The export against transformers in the target's own runtime and in each of `runtimes` (other
     runtimes that run this target's files, e.g. onnxruntime-genai): every one must pass."""
-    from d2m_export.models import load_model
+    from d2m_export.models import load_fp32_compute
     from runtimes.base import runner_class
 
-    model, tokenizer, _ = load_model(model_dir)
+    model, tokenizer, _ = load_fp32_compute(model_dir)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     n_ctx = max(len(ids) for ids in encoded) + new_tokens + 8
     references = [reference_greedy(model, ids, new_tokens) for ids in encoded]

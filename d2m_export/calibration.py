@@ -18,17 +18,18 @@ CALIBRATION_CORPUS = "calibration"
 
 @dataclass
 class Activations:
-    h: list[torch.Tensor]        # L+1 tensors [tokens, hidden]
-    r: list[torch.Tensor]        # L tensors [tokens, hidden]: input of each MLP-input norm
+    h: list[torch.Tensor]        # L+1 tensors [tokens, hidden], in the model's dtype
+    r: list[torch.Tensor]        # L tensors [tokens, hidden]: input of each MLP-input norm, in the model's dtype
     gamma: list[torch.Tensor]    # L effective MLP-input norm scales
     eps: float
     tokens: int
+    scores: object = None        # a BlockScorer fed batch by batch, when `h` was not kept
     _x_hat: dict = field(default_factory=dict, repr=False)
 
     def normalized(self, layer: int) -> torch.Tensor:
         """rms_normalise(r[layer]), before the norm's weight γ."""
         if layer not in self._x_hat:
-            r = self.r[layer]
+            r = self.r[layer].float()
             self._x_hat[layer] = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + self.eps)
         return self._x_hat[layer]
 
@@ -42,38 +43,51 @@ def calibration_ids(tokenizer, tokens: int, window: int = 256) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def collect(model, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = True) -> Activations:
+def collect(model, input_ids: torch.Tensor, batch_size: int | None = None, progress: bool = True,
+            keep_streams: bool = True) -> Activations:
+    """Run `model` on `input_ids`, `batch_size` windows at a time (default 4; 2 when streaming). With
+    `keep_streams=False` the residual streams `h` are scored batch by batch (`Activations.scores`) and
+    dropped; only the MLP inputs `r` are kept."""
+    from d2m_export.analysis import BlockScorer
     from d2m_export.architectures import ARCHITECTURES
 
     arch = ARCHITECTURES[model.config.model_type]
     layers = model.model.layers
     norms = [getattr(layer, arch.mlp_norm) for layer in layers]
+    gamma = [norm.weight.detach().float() + arch.norm_offset for norm in norms]
+    eps = float(getattr(norms[0], "variance_epsilon", getattr(norms[0], "eps", 1e-6)))
     h: list[list[torch.Tensor]] = [[] for _ in range(len(layers) + 1)]
     r: list[list[torch.Tensor]] = [[] for _ in range(len(layers))]
+    scorer = None if keep_streams else BlockScorer()
+    batch_size = batch_size or (4 if keep_streams else 2)   # streaming: a batch's scoring temporaries are the peak
     hooks = []
     for i, layer in enumerate(layers):
         hooks.append(layer.register_forward_pre_hook(
             lambda mod, args, kwargs, i=i: h[i].append(_hidden(args, kwargs)), with_kwargs=True))
         hooks.append(norms[i].register_forward_pre_hook(
-            lambda mod, args, i=i: r[i].append(args[0].reshape(-1, args[0].shape[-1]).float())))
+            lambda mod, args, i=i: r[i].append(_flat(args[0]))))
     hooks.append(layers[-1].register_forward_hook(
         lambda mod, args, out: h[-1].append(_flat(out[0] if isinstance(out, tuple) else out))))
     try:
         from tqdm import tqdm
         batches = range(0, len(input_ids), batch_size)
         for start in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
-            model(input_ids=input_ids[start:start + batch_size].to(model.device), use_cache=False)
+            # the decoder alone: the LM head's logits are not needed (at 150k vocabularies, large)
+            model.get_decoder()(input_ids=input_ids[start:start + batch_size].to(model.device), use_cache=False)
+            if scorer is not None:
+                batch = Activations(h=[x.pop() for x in h], r=[x[-1] for x in r], gamma=gamma, eps=eps, tokens=0)
+                scorer.update(batch.h, [batch.normalized(i) for i in range(len(r))], gamma)
     finally:
         for hook in hooks:
             hook.remove()
-    return Activations(
-        h=[torch.cat(x) for x in h], r=[torch.cat(x) for x in r],
-        gamma=[norm.weight.detach().float() + arch.norm_offset for norm in norms],
-        eps=float(getattr(norms[0], "variance_epsilon", getattr(norms[0], "eps", 1e-6))), tokens=int(input_ids.numel()))
+    return Activations(h=[torch.cat(x) for x in h] if scorer is None else [], r=[torch.cat(x) for x in r],
+                       gamma=gamma, eps=eps, tokens=int(input_ids.numel()), scores=scorer)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1]).float()
+    """[tokens, hidden] in the model's own dtype: a bf16 model's activations are bf16 already, and an
+    fp32 copy would double the largest thing calibration holds; consumers upcast per layer."""
+    return t.reshape(-1, t.shape[-1]).detach().clone()
 
 
 def _hidden(args, kwargs) -> torch.Tensor:

@@ -64,7 +64,8 @@ def cmd_convert(args) -> int:
                      analysis=args.analysis, calib_tokens=args.calib_tokens, max_block=args.max_block,
                      min_mlp_cos=args.min_mlp_cos, latency_budget_ms=args.latency_budget_ms, device=args.device,
                      precision=args.precision, context=args.context, runtime=args.runtime,
-                     plan_search=args.plan_search, search_tokens=args.search_tokens, heal=heal)
+                     plan_search=args.plan_search, search_tokens=args.search_tokens, heal=heal,
+                     dtype=args.dtype)
     p = record["params"]
     blocks = ", ".join(f"{b['host']}←{b['donors']}" for b in record["plan"]["blocks"]) or "none"
     print(f"{record['method']}: wrote {record['architecture']} to {args.out} in {record['wall_s']} s")
@@ -389,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="moe2dense, when --groups < --experts-kept: score (default) | frequency | kmeans")
     p.add_argument("--scaling", default="score",
                    help="moe2dense: each group times its mean routing weight (score, default) or 1/k (uniform)")
+    p.add_argument("--dtype", default="auto", help="weights written: auto (default: as the source stores them, "
+                   "bf16 in, bf16 out) | fp32 | bf16 | fp16")
     p.add_argument("--out", required=True, help="output directory (a Hugging Face checkpoint)")
     p.set_defaults(func=cmd_convert)
 

@@ -230,14 +230,30 @@ def compute_device() -> str:
     return os.environ.get("D2M_DEVICE") or "cpu"
 
 
-def load_model(spec: str | Path | None, dtype: str = "float32"):
-    """Return (model, tokenizer, model_dir) for `--model`, in eval mode, on `compute_device()`."""
+def stored_dtype(model_dir: Path) -> str:
+    """The dtype a checkpoint's config says its weights are stored in: float32, bfloat16 or float16."""
+    cfg = read_config(Path(model_dir))
+    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").removeprefix("torch.")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+
+
+def compute_dtype(model_dir: Path, dtype: str = "auto") -> str:
+    """`auto`: bf16 checkpoints run in bf16 (half the memory; calibration agrees with fp32 within the
+    tolerance tests/test_scale.py states), everything else in fp32 (fp16 compute is slow and lossy on CPUs)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if stored_dtype(model_dir) == "bfloat16" else "float32"
+
+
+def load_model(spec: str | Path | None, dtype: str = "auto"):
+    """Return (model, tokenizer, model_dir) for `--model`, in eval mode, on `compute_device()`, in
+    `compute_dtype(dtype)`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = resolve_model(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, compute_dtype(model_dir, dtype)))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:  # safetensors, tokenizers and transformers raise unrelated types
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
@@ -245,6 +261,30 @@ def load_model(spec: str | Path | None, dtype: str = "float32"):
     model.eval()
     if compute_device() != "cpu":
         model.to(compute_device())
+    return model, tokenizer, model_dir
+
+
+def load_fp32_compute(spec: str | Path | None):
+    """(model, tokenizer, model_dir) computing in fp32 while holding a bf16/fp16 checkpoint's weights as
+    stored: each decoder layer is upcast just before it runs and cast back after (exact: the stored
+    values are representable in fp32), so a reference costs one copy of the checkpoint, not two."""
+    import torch
+
+    model_dir = resolve_model(spec)
+    stored = stored_dtype(model_dir)
+    if stored == "float32":
+        return load_model(spec, dtype="float32")
+    model, tokenizer, model_dir = load_model(spec, dtype=stored)
+    dtype = getattr(torch, stored)
+    decoder = model.get_decoder()
+    for name, child in decoder.named_children():
+        if name != "layers":
+            child.float()            # embeddings, final norm, rotary tables: small next to the layers
+    if not model.config.tie_word_embeddings:
+        model.get_output_embeddings().float()
+    for layer in decoder.layers:
+        layer.register_forward_pre_hook(lambda mod, args: mod.float())
+        layer.register_forward_hook(lambda mod, args, out: mod.to(dtype))
     return model, tokenizer, model_dir
 
 

@@ -5,14 +5,21 @@ import json
 import time
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM
+
 from d2m_export.architectures import dense_families
 from d2m_export.errors import UserError
-from d2m_export.models import load_model, model_label
+from d2m_export.lazy_weights import SourceWeights, release_memory, source_weights, write_checkpoint
+from d2m_export.memory import check_memory, weight_bytes
+from d2m_export.models import compute_dtype, load_model, model_label, read_config, resolve_model, stored_dtype
 from d2m_export.outputs import atomic_dir, check_output_dir, check_output_file, write_json
 from d2m_export.params import param_counts
 from d2m_export.plan import Options, Plan, read_plan_file
 
 DEFAULT_RATIO = 0.8
+OUTPUT_DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}   # convert --dtype
+DTYPE_NAMES = {v: k for k, v in OUTPUT_DTYPES.items() if v}
 
 
 def analyze(model_spec, out: Path, calib_tokens: int = 2048, progress: bool = True) -> dict:
@@ -21,7 +28,7 @@ def analyze(model_spec, out: Path, calib_tokens: int = 2048, progress: bool = Tr
 
     check_output_dir(out)
     model, tokenizer, _ = load_model(model_spec)
-    acts = collect(model, calibration_ids(tokenizer, calib_tokens), progress=progress)
+    acts = collect(model, calibration_ids(tokenizer, calib_tokens), progress=progress, keep_streams=False)
     result = {"model": model_label(model_spec), "num_layers": len(acts.r), "calibration_tokens": acts.tokens,
               "calibration_corpus": "brown", "blocks": score_blocks(acts)}
     with atomic_dir(out) as tmp:
@@ -50,7 +57,7 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
             analysis: Path | None = None, calib_tokens: int = 2048, max_block: int = 4,
             min_mlp_cos: float = -1.0, progress: bool = True, latency_budget_ms: float | None = None,
             device: str | None = None, precision: str = "fp16", context: int = 512, runtime: str | None = None,
-            plan_search: str = "metric", search_tokens: int = 1024, heal=None) -> dict:
+            plan_search: str = "metric", search_tokens: int = 1024, heal=None, dtype: str = "auto") -> dict:
     from d2m_export.methods import get_method
     from d2m_export.planner import active_ratio, plan_by_latency, plan_by_ratio, plan_by_threshold
 
@@ -81,28 +88,43 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
     if plan_data is not None:
         Plan.from_dict(plan_data, method=method.name, num_layers=1)    # its structure, before the model loads
     check_output_dir(out)
+    if dtype not in OUTPUT_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {dtype!r}")
     t0 = time.time()
-    model, tokenizer, _ = load_model(model_spec)
-    num_layers = model.config.num_hidden_layers
-    if model.config.model_type not in dense_families():
+    model_dir = resolve_model(model_spec)
+    out_dtype = stored_dtype(model_dir) if dtype == "auto" else OUTPUT_DTYPES[dtype]
+    compute = "float32" if out_dtype == "float32" else compute_dtype(model_dir)
+    _check_convert_memory(model_dir, compute, calib_tokens, in_memory=heal is not None or plan_search == "loss")
+    model, tokenizer, _ = load_model(model_spec, dtype=compute)
+    dense_config = model.config
+    num_layers = dense_config.num_hidden_layers
+    if dense_config.model_type not in dense_families():
         raise UserError(f"convert --method {method_name} needs a dense model ({', '.join(dense_families())}); "
-                        f"{model_label(model_spec)} is {model.config.model_type}")
+                        f"{model_label(model_spec)} is {dense_config.model_type}")
     if method.writes_moe:
         from d2m_export.methods.base import moe_family
-        moe_family(model.config)      # a family with no exact MoE form is refused before calibrating
+        moe_family(dense_config)      # a family with no exact MoE form is refused before calibrating
 
     from d2m_export.analysis import block_table, score_blocks
     from d2m_export.calibration import calibration_ids, collect
 
-    acts = table = search = None
-    calibrate = lambda: collect(model, calibration_ids(tokenizer, calib_tokens), progress=progress)  # noqa: E731
-    if plan_data is None and method.name != "upcycle" and plan_search == "metric":
-        if analysis:
-            table = _analysis_table(analysis, num_layers)
-        else:
-            acts = calibrate()
-            table = block_table(score_blocks(acts))
+    if plan_data is not None:
+        Plan.from_dict(plan_data, method=method.name, num_layers=num_layers)
+    router_options = Plan.from_dict(plan_data, method=method.name, num_layers=num_layers).options \
+        if plan_data is not None and plan_data.get("options") is not None else options
+    metric_plan = plan_data is None and method.name != "upcycle" and plan_search == "metric"
+    needs_acts = (metric_plan and not analysis) or (method.calibrates_router and router_options.router_init == "calibrated")
+    acts = collect(model, calibration_ids(tokenizer, calib_tokens), progress=progress, keep_streams=False) \
+        if needs_acts else None
+    src = source_weights(model, model_dir)
+    keep_model = heal is not None or plan_search == "loss"
+    if not keep_model and isinstance(src, SourceWeights):
+        del model            # weights are read from the checkpoint as they are written: one copy at most
+        release_memory()
 
+    table = search = None
+    if metric_plan:
+        table = _analysis_table(analysis, num_layers) if analysis else block_table(score_blocks(acts))
     if plan_data is not None:
         plan = Plan.from_dict(plan_data, method=method.name, num_layers=num_layers)
         if plan_data.get("options") is None:
@@ -113,28 +135,31 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
         plan, search = _loss_plan(method, model, tokenizer, options, target_ratio, threshold, latency_budget_ms,
                                   latency_ms, max_block, search_tokens, progress)
     elif latency_budget_ms is not None:
-        plan = plan_by_latency(method, model.config, table, latency_budget_ms, latency_ms, options, max_block,
+        plan = plan_by_latency(method, dense_config, table, latency_budget_ms, latency_ms, options, max_block,
                                min_mlp_cos)
     elif threshold is not None:
-        plan = plan_by_threshold(method, model.config, table, threshold, options, max_block, min_mlp_cos)
+        plan = plan_by_threshold(method, dense_config, table, threshold, options, max_block, min_mlp_cos)
     else:
-        plan = plan_by_ratio(method, model.config, table, target_ratio or DEFAULT_RATIO, options,
+        plan = plan_by_ratio(method, dense_config, table, target_ratio or DEFAULT_RATIO, options,
                              max_block, min_mlp_cos)
     plan.validate(allow_empty_donors=method.allow_empty_donors)
-    if acts is None and method.calibrates_router and plan.options.router_init == "calibrated" and plan.blocks:
-        acts = calibrate()
+    if not plan.blocks or plan.options.router_init != "calibrated":
+        acts = None
 
-    converted = method.build(model, plan, acts)
-    healing = None
+    config, state = method.convert_state(dense_config, src, plan, acts, dtype=getattr(torch, out_dtype))
+    healing = converted = None
     if heal is not None:
         from d2m_export.heal import heal_model
+        from d2m_export.methods.base import instantiate
+        converted = instantiate(config, state.materialize())
         healing = heal_model(converted, model, tokenizer, plan, method.name, heal, progress=progress)
-    dense, new = param_counts(model.config), param_counts(converted.config)
+    dense, new = param_counts(dense_config), param_counts(config)
     record = {
         "base_model": model_label(model_spec), "method": method.name, "plan": plan.to_dict(),
         "params": {"dense_active": dense.active, "dense_total": dense.total, "active": new.active,
-                   "total": new.total, "active_ratio": round(active_ratio(method, model.config, plan), 6)},
-        "architecture": type(converted).__name__,
+                   "total": new.total, "active_ratio": round(active_ratio(method, dense_config, plan), 6)},
+        "architecture": AutoModelForCausalLM._model_mapping[type(config)].__name__,
+        "dtype": DTYPE_NAMES[out_dtype],
         "scores": [table[method.scored_block(b.host, len(b.donors))] for b in plan.blocks if b.donors] if table else None,
         "wall_s": None,
     }
@@ -146,14 +171,32 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
         record["latency"] = {"device": device, "budget_ms": latency_budget_ms, "precision": precision,
                              "context": context, "runtime": runtime, "efficiency": latency_ms.efficiency,
                              "kv_efficiency": latency_ms.kv_efficiency,
-                             "dense_ms": round(latency_ms(model.config), 6),
-                             "predicted_ms": round(latency_ms(converted.config), 6)}
+                             "dense_ms": round(latency_ms(dense_config), 6),
+                             "predicted_ms": round(latency_ms(config), 6)}
     with atomic_dir(out) as tmp:
-        converted.save_pretrained(tmp)
+        if converted is not None:
+            converted.to(getattr(torch, out_dtype)).save_pretrained(tmp)
+        else:
+            write_checkpoint(config, state, tmp, getattr(torch, out_dtype), progress=progress)
         tokenizer.save_pretrained(tmp)
         record["wall_s"] = round(time.time() - t0, 1)
         (tmp / "d2m_plan.json").write_text(json.dumps({"generator": "d2m-export", **record}, indent=2) + "\n")
     return record
+
+
+def _check_convert_memory(model_dir, compute: str, calib_tokens: int, in_memory: bool) -> None:
+    """The dense model in `compute` dtype and its calibration activations; healing and the loss search
+    also hold the converted model, in fp32."""
+    cfg = read_config(model_dir)
+    weights = weight_bytes(model_dir, compute)
+    # the MLP inputs of every layer are kept; the residual streams only one batch at a time
+    acts = (cfg["num_hidden_layers"] * calib_tokens + (cfg["num_hidden_layers"] + 1) * 1024) * cfg["hidden_size"] \
+        * (4 if compute == "float32" else 2)
+    how = f"the model in {compute} and {calib_tokens} calibration tokens"
+    if in_memory:
+        weights += weight_bytes(model_dir, "float32")
+        how += ", and the converted model in memory for --heal/--plan-search loss"
+    check_memory(model_dir, "convert", weights + acts, how)
 
 
 def _loss_plan(method, model, tokenizer, options, target_ratio, threshold, latency_budget_ms, latency_ms,

@@ -10,6 +10,7 @@ so its output is unchanged).
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -65,30 +66,58 @@ def calibration_windows(tokenizer, cfg: HealConfig) -> torch.Tensor:
     return ids
 
 
+@dataclass
+class HealTargets:
+    """What the dense model gives healing: the calibration windows and each block's input and output.
+    Made before the converted model is loaded, so the two models are never in memory together."""
+    ids: torch.Tensor
+    blocks: list
+    seconds: float
+
+
+def heal_targets(dense, tokenizer, plan: Plan, method: str, cfg: HealConfig, progress: bool = True) -> HealTargets:
+    from d2m_export.heal.blocks import collect_blocks
+
+    t0 = time.time()
+    ids = calibration_windows(tokenizer, cfg)
+    if method == "upcycle":     # every upcycled layer, as a block of its own
+        layers = [b.host for b in plan.blocks] if plan.blocks else list(range(plan.num_layers))
+        plan = Plan(plan.method, plan.num_layers, [Block(i, []) for i in layers], plan.options)
+    blocks = collect_blocks(dense, plan, ids, progress=progress) if plan.blocks else []
+    return HealTargets(ids, blocks, time.time() - t0)
+
+
 def heal_model(model, dense, tokenizer, plan: Plan, method: str, cfg: HealConfig, progress: bool = True) -> dict:
     """Heal `model` (the conversion of `dense` by `method` under `plan`) in place; returns the record."""
-    from d2m_export.heal.blocks import collect_blocks
+    model.to(dense.device)
+    return heal_with(model, heal_targets(dense, tokenizer, plan, method, cfg, progress), method, cfg, progress)
+
+
+def heal_with(model, targets: HealTargets, method: str, cfg: HealConfig, progress: bool = True) -> dict:
+    """Heal `model` in place on `targets`; returns the record. Each layer is fitted in fp32 (a bf16
+    model's layer is upcast while it is fitted: Adam's small steps vanish in bf16 weights)."""
     from d2m_export.heal.fit import distill, fit_closed_form, relative_error
     from d2m_export.heal.layer import LayerRunner
 
-    t0 = time.time()
+    t0 = time.time() - targets.seconds
     torch.manual_seed(cfg.seed)
-    model.to(dense.device)
-    ids = calibration_windows(tokenizer, cfg)
+    ids = targets.ids
     held_windows = max(1, round(len(ids) * cfg.held_out))
     record = {"calibration_corpora": cfg.corpora, "calibration_tokens": int(ids.numel()),
               "held_out_tokens": held_windows * WINDOW, **{k: v for k, v in asdict(cfg).items()
                                                            if k in ("steps", "lr", "attention")}}
     if method == "upcycle":
-        record["blocks"] = _spread_routers(model, dense, plan, ids, progress)
+        record["blocks"] = _spread_routers(model, targets.blocks)
         record["wall_s"] = round(time.time() - t0, 1)
         return record
-    blocks = collect_blocks(dense, plan, ids, progress=progress) if plan.blocks else []
+    blocks = targets.blocks
     results = []
     bar = _bar(len(blocks) * max(cfg.steps, 1), progress)
     for i, data in enumerate(blocks, 1):
         fit, held = data.split(held_windows)
         runner = LayerRunner(model, data.layer)
+        stored = next(runner.layer.parameters()).dtype
+        runner.layer.float()
         entry = {"host": data.block.host, "donors": data.block.donors, "layer": data.layer}
         before = relative_error(runner, held)
         converted = copy.deepcopy(runner.layer.state_dict())
@@ -107,6 +136,7 @@ def heal_model(model, dense, tokenizer, plan: Plan, method: str, cfg: HealConfig
             bar.n = i * max(cfg.steps, 1)
             bar.set_postfix(block=data.block.host, error=f"{before:.3f}→{entry['error']['after']:.3f}")
             bar.refresh()
+        runner.layer.to(stored)
         results.append(entry)
     if bar is not None:
         bar.close()
@@ -124,22 +154,22 @@ def _bar(total: int, progress: bool):
 
 
 @torch.no_grad()
-def _spread_routers(model, dense, plan: Plan, ids, progress: bool) -> list[dict]:
+def _spread_routers(model, blocks: list) -> list[dict]:
     """Upcycled layers: every expert is the same MLP, so any routing gives the same output; a router
     pointing at k-means centroids of the layer's FFN inputs spreads tokens evenly before training."""
-    from d2m_export.heal.blocks import collect_blocks
     from d2m_export.heal.layer import LayerRunner
 
-    layers = [b.host for b in plan.blocks] if plan.blocks else list(range(plan.num_layers))
-    as_blocks = Plan(plan.method, plan.num_layers, [Block(i, []) for i in layers], plan.options)
     out = []
-    for data in collect_blocks(dense, as_blocks, ids, progress=progress):
+    for data in blocks:
         runner = LayerRunner(model, data.block.host)
+        stored = next(runner.layer.parameters()).dtype
+        runner.layer.float()
         u = runner.ffn_input(runner.attention(data.x)).reshape(-1, data.x.shape[-1])
         n = runner.layer.mlp.gate.weight.shape[0]
         centroids = _kmeans(torch.nn.functional.normalize(u, dim=-1), n)
         runner.layer.mlp.gate.weight.copy_(centroids * 10.0)
         load = torch.bincount(runner.routed_choice(u), minlength=n).float() / len(u)
+        runner.layer.to(stored)
         out.append({"layer": data.block.host, "router_load": [round(float(x), 4) for x in load]})
     return out
 
@@ -170,15 +200,18 @@ def heal(model_spec, out: Path, cfg: HealConfig, dense_spec: str | None = None, 
     plan = Plan.from_dict(record["plan"], method=record["method"])
     dense_spec = dense_spec or record.get("base_model")
     t0 = time.time()
-    model, tokenizer, _ = load_model(model_dir)
     try:
-        dense = load_model(dense_spec)[0]
+        dense, tokenizer, _ = load_model(dense_spec)
     except UserError as e:
         raise UserError(f"healing needs the dense model {model_label(model_spec)} was converted from ({e}); "
                         f"give it with --dense") from None
     if dense.config.num_hidden_layers != plan.num_layers:
         raise UserError(f"--dense has {dense.config.num_hidden_layers} layers; the plan was made for {plan.num_layers}")
-    healing = heal_model(model, dense, tokenizer, plan, record["method"], cfg, progress)
+    targets = heal_targets(dense, tokenizer, plan, record["method"], cfg, progress)
+    del dense             # the dense model's part is done: never both models in memory
+    gc.collect()
+    model, tokenizer, _ = load_model(model_dir)
+    healing = heal_with(model, targets, record["method"], cfg, progress)
     record["healing"] = {**healing, "healed_from": model_label(model_spec), "dense": str(dense_spec)}
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)

@@ -52,7 +52,7 @@ def collect_blocks(dense, plan: Plan, input_ids: torch.Tensor, batch_size: int =
         from tqdm import tqdm
         for start in tqdm(range(0, len(input_ids), batch_size), desc="healing: dense targets", unit="batch",
                           disable=not progress):
-            dense(input_ids=input_ids[start:start + batch_size].to(dense.device), use_cache=False)
+            dense.get_decoder()(input_ids=input_ids[start:start + batch_size].to(dense.device), use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()

@@ -1,9 +1,12 @@
 """The interface every conversion method implements, and the registry that names them."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from d2m_export.errors import UserError
+from d2m_export.lazy_weights import LazyState
 from d2m_export.architectures import ARCHITECTURES, Architecture, dense_families
 from d2m_export.plan import Plan
 
@@ -32,9 +35,16 @@ class Method:
         """The config of the converted model (no weights): what the planner costs."""
         raise NotImplementedError
 
-    def build(self, model, plan: Plan, acts=None):
-        """Return the converted model; `acts` are calibration activations when the method uses them."""
+    def convert_state(self, dense_config, src: Mapping, plan: Plan, acts=None,
+                      dtype: torch.dtype = torch.float32) -> tuple[object, LazyState]:
+        """The converted model's config and its weights (to be written in `dtype`), made lazily from the
+        dense weights `src` (by state-dict name); `acts` are calibration activations when the method uses them."""
         raise NotImplementedError
+
+    def build(self, model, plan: Plan, acts=None):
+        """The converted model, in memory."""
+        config, state = self.convert_state(model.config, model.state_dict(), plan, acts)
+        return instantiate(config, state.materialize())
 
     def scored_block(self, host: int, n_donors: int) -> tuple[int, int]:
         """(start, length) of the analysis block whose redundancy a candidate (host, n donors) relies on:
@@ -75,18 +85,26 @@ def moe_mlp_state(dense_config, prefix: str, experts_gate_up, experts_down, rout
     return {prefix + k: v for k, v in parts.items()}
 
 
-def shared_state(src_sd: dict, kept: list[int], skip_mlp_of: set[int] = frozenset()) -> dict:
+def experts_names(dense_config, prefix: str, shared: bool = False) -> list[str]:
+    """The names `moe_mlp_state` writes under `prefix`, known before any weight is made."""
+    meta = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+    parts = moe_family(dense_config).moe_mlp_state(meta(1, 2, 1), meta(1, 1, 1), meta(1, 1),
+                                                   (meta(1, 1), meta(1, 1), meta(1, 1)) if shared else None)
+    return [prefix + k for k in parts]
+
+
+def shared_state(src: Mapping, kept: list[int], skip_mlp_of: set[int] = frozenset()) -> dict[str, str]:
     """Embeddings, final norm, LM head, and each kept layer's attention/norms (and MLP unless skipped),
-    renumbered so that kept[i] becomes layer i."""
-    out = {k: v for k, v in src_sd.items() if not k.startswith("model.layers.")}
+    renumbered so that kept[i] becomes layer i: {output name: source name}."""
+    out = {k: k for k in src if not k.startswith("model.layers.")}
     for new, old in enumerate(kept):
         prefix = f"model.layers.{old}."
-        for k, v in src_sd.items():
+        for k in src:
             if k.startswith(prefix):
                 rest = k[len(prefix):]
                 if rest.startswith("mlp.") and old in skip_mlp_of:
                     continue
-                out[f"model.layers.{new}.{rest}"] = v
+                out[f"model.layers.{new}.{rest}"] = k
     return out
 
 

@@ -20,7 +20,8 @@ import logging
 import torch
 
 from d2m_export.errors import UserError
-from d2m_export.methods.base import (Method, check_convertible, instantiate, moe_config, moe_mlp_state, register,
+from d2m_export.lazy_weights import LazyState
+from d2m_export.methods.base import (Method, check_convertible, experts_names, moe_config, moe_mlp_state, register,
                                      shared_state)
 from d2m_export.plan import Block, Plan
 
@@ -54,30 +55,37 @@ class LayerFusionUpcycling(Method):
                           mlp_only_layers=[i for i, layer in enumerate(kept) if layer not in hosts],
                           num_experts=self.num_experts(plan), top_k=plan.options.top_k, shared_size=shared)
 
-    def build(self, model, plan: Plan, acts=None):
-        config = self.output_config(model.config, plan)
+    def convert_state(self, dense_config, src, plan: Plan, acts=None, dtype=torch.float32):
+        config = self.output_config(dense_config, plan)
         o = plan.options
-        src = model.state_dict()
         kept = [i for i in range(plan.num_layers) if i not in set(plan.donors)]
-        state = shared_state(src, kept, skip_mlp_of={b.host for b in plan.blocks})
-        h, n = config.hidden_size, config.num_experts
+        state = LazyState(dtype)
+        state.copy(src, shared_state(src, kept, skip_mlp_of={b.host for b in plan.blocks}))
+        if o.router_init == "calibrated" and plan.blocks and acts is None:
+            raise UserError("--router-init calibrated needs calibration data")
         for block in plan.blocks:
-            host_mlp = _mlp(src, block.host)
-            shared = (host_mlp["gate"], host_mlp["up"], host_mlp["down"] * o.alpha) if o.host_mode == "shared" else None
-            layers = routed_layers(block, o.host_mode)
-            order = [i % len(layers) for i in range(n)]     # replicate cyclically up to N experts
-            experts = [self._expert(src, layer, block.host, o.alpha if layer == block.host else 1.0)
-                       * routed_scale(o.beta, o.top_k, n, len(layers), order.count(e))
-                       for e, layer in enumerate(layers)]
-            router = torch.zeros(len(experts), h)
-            if o.router_init == "calibrated":
-                if acts is None:
-                    raise UserError("--router-init calibrated needs calibration data")
-                router = fit_router(acts.mlp_input(block.host), experts, model.config.hidden_act)
-            state.update(moe_mlp_state(model.config, f"model.layers.{kept.index(block.host)}.mlp.",
-                                       torch.stack([experts[i][0] for i in order]),
-                                       torch.stack([experts[i][1] for i in order]), router[order], shared))
-        return instantiate(config, state)
+            prefix = f"model.layers.{kept.index(block.host)}.mlp."
+            state.add(experts_names(dense_config, prefix, o.host_mode == "shared"),
+                      lambda block=block, prefix=prefix: self._fused_mlp(dense_config, config, src, block, prefix, o, acts,
+                                                                         dtype))
+        return config, state
+
+    def _fused_mlp(self, dense_config, config, src, block: Block, prefix: str, o, acts, dtype) -> dict:
+        """One host's MoE FFN: its routed experts (donor MLPs, the host's too in routed mode), router and
+        shared expert. Each expert is folded in fp32 and then kept in `dtype`."""
+        h, n = config.hidden_size, config.num_experts
+        host_mlp = _mlp(src, block.host)
+        shared = (host_mlp["gate"], host_mlp["up"], host_mlp["down"] * o.alpha) if o.host_mode == "shared" else None
+        layers = routed_layers(block, o.host_mode)
+        order = [i % len(layers) for i in range(n)]     # replicate cyclically up to N experts
+        experts = [self._expert(src, layer, block.host, o.alpha if layer == block.host else 1.0)
+                   * routed_scale(o.beta, o.top_k, n, len(layers), order.count(e)) for e, layer in enumerate(layers)]
+        experts = [Expert(gate_up.to(dtype), down.to(dtype)) for gate_up, down in experts]
+        router = torch.zeros(len(experts), h)
+        if o.router_init == "calibrated":
+            router = fit_router(acts.mlp_input(block.host), experts, dense_config.hidden_act)
+        return moe_mlp_state(dense_config, prefix, torch.stack([experts[i][0] for i in order]),
+                             torch.stack([experts[i][1] for i in order]), router[order], shared)
 
     @staticmethod
     def _expert(src: dict, layer: int, host: int, weight: float) -> "Expert":
@@ -133,8 +141,8 @@ def fit_router(u: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor]]
     with torch.no_grad():
         norms = []
         for gate_up, down in experts:
-            g, v = (u @ gate_up.T).chunk(2, dim=-1)
-            norms.append((act_fn(g) * v @ down.T).norm(dim=-1))
+            g, v = (u @ gate_up.float().T).chunk(2, dim=-1)
+            norms.append((act_fn(g) * v @ down.float().T).norm(dim=-1))
         target = torch.stack(norms, dim=-1).argmax(-1)
     return train_router(u, target, len(experts), steps=steps)
 

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import copy
 
-from d2m_export.methods.base import Method, check_convertible, instantiate, register, shared_state
+import torch
+
+from d2m_export.lazy_weights import LazyState
+from d2m_export.methods.base import Method, check_convertible, register, shared_state
 from d2m_export.plan import Plan
 
 
@@ -22,7 +25,8 @@ class Prune(Method):
             config.layer_types = [config.layer_types[i] for i in kept]
         return config
 
-    def build(self, model, plan: Plan, acts=None):
-        config = self.output_config(model.config, plan)
+    def convert_state(self, dense_config, src, plan: Plan, acts=None, dtype=torch.float32):
         kept = [i for i in range(plan.num_layers) if i not in set(plan.donors)]
-        return instantiate(config, shared_state(model.state_dict(), kept))
+        state = LazyState(dtype)
+        state.copy(src, shared_state(src, kept))
+        return self.output_config(dense_config, plan), state

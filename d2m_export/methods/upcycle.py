@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from d2m_export.methods.base import (Method, check_convertible, instantiate, moe_config, moe_mlp_state, register,
+from d2m_export.lazy_weights import LazyState
+from d2m_export.methods.base import (Method, check_convertible, experts_names, moe_config, moe_mlp_state, register,
                                      shared_state)
 from d2m_export.plan import Plan
 
@@ -29,15 +30,19 @@ class Upcycle(Method):
                           mlp_only_layers=[i for i in range(plan.num_layers) if i not in upcycled],
                           num_experts=n, top_k=plan.options.top_k, shared_size=0)
 
-    def build(self, model, plan: Plan, acts=None):
-        config = self.output_config(model.config, plan)
-        src = model.state_dict()
+    def convert_state(self, dense_config, src, plan: Plan, acts=None, dtype=torch.float32):
+        config = self.output_config(dense_config, plan)
         layers = self._layers(plan)
-        state = shared_state(src, list(range(plan.num_layers)), skip_mlp_of=set(layers))
+        state = LazyState(dtype)
+        state.copy(src, shared_state(src, list(range(plan.num_layers)), skip_mlp_of=set(layers)))
         n, h = config.num_experts, config.hidden_size
-        for i in layers:
+
+        def experts(i: int) -> dict:
             p = f"model.layers.{i}.mlp."
             gate_up = torch.cat([src[p + "gate_proj.weight"], src[p + "up_proj.weight"]])
-            state.update(moe_mlp_state(model.config, p, gate_up.expand(n, -1, -1),
-                                       src[p + "down_proj.weight"].expand(n, -1, -1), torch.zeros(n, h)))
-        return instantiate(config, state)
+            return moe_mlp_state(dense_config, p, gate_up.expand(n, -1, -1),
+                                 src[p + "down_proj.weight"].expand(n, -1, -1), torch.zeros(n, h))
+
+        for i in layers:
+            state.add(list(experts_names(dense_config, f"model.layers.{i}.mlp.")), lambda i=i: experts(i))
+        return config, state

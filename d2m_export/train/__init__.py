@@ -155,7 +155,7 @@ def train(cfg: TrainConfig) -> dict:
 
         ShardChunks(Path(cfg.data), cfg.seq_len, AutoTokenizer.from_pretrained(resolve_model(cfg.model)))
     torch.manual_seed(cfg.seed)
-    model, tokenizer, model_dir = load_model(cfg.model)
+    model, tokenizer, model_dir = load_model(cfg.model, dtype="float32")
     model.to(device)
     read_record(model_dir)            # a damaged d2m_plan.json is refused now, not after training
     max_len = getattr(model.config, "max_position_embeddings", None)
@@ -168,7 +168,7 @@ def train(cfg: TrainConfig) -> dict:
                         f"not {cfg.teacher_topk}")
     teacher = teacher_dir = None
     if cfg.distill_from:
-        teacher, _, teacher_dir = load_model(cfg.distill_from)
+        teacher, _, teacher_dir = load_model(cfg.distill_from, dtype="float32")
         teacher.to(device)
         if teacher.config.vocab_size != model.config.vocab_size:
             raise UserError(f"--distill-from: teacher vocabulary {teacher.config.vocab_size} differs from "

@@ -1,0 +1,58 @@
+"""Will a stage fit in memory? An estimate from the config alone, checked before any work starts, so
+that a model too large for this machine gets one clear line instead of an OOM kill halfway.
+
+The estimates are what `bench/scale.py` measured per stage (bench/results/scale.md), as multiples of
+the weights' bytes in the stage's working dtype, plus the activations a stage holds and the
+interpreter with torch and transformers loaded.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from d2m_export.errors import UserError
+
+GB = 2**30
+RUNTIME_BYTES = int(0.8 * GB)     # python + torch + transformers, before any weight
+LIMIT_ENV = "D2M_MEMORY_LIMIT_GB"  # the memory d2m-export may use (default: what the system has available)
+
+
+def available_bytes() -> int:
+    """$D2M_MEMORY_LIMIT_GB if set; else the system's available memory, capped by a cgroup limit."""
+    if os.environ.get(LIMIT_ENV):
+        try:
+            return int(float(os.environ[LIMIT_ENV]) * GB)
+        except ValueError:
+            raise UserError(f"${LIMIT_ENV} must be a number of GiB, not {os.environ[LIMIT_ENV]!r}") from None
+    import psutil
+
+    free = psutil.virtual_memory().available
+    try:
+        limit, used = (Path("/sys/fs/cgroup") / "memory.max").read_text().strip(), \
+            int((Path("/sys/fs/cgroup") / "memory.current").read_text())
+        if limit != "max":
+            free = min(free, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def weight_bytes(model_dir: Path, dtype: str) -> int:
+    """The model's parameters × the bytes of `dtype` (float32, bfloat16, float16)."""
+    from transformers import AutoConfig
+
+    from d2m_export.params import param_counts
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return param_counts(config).total * (4 if dtype == "float32" else 2)
+
+
+def check_memory(model_dir: Path, stage: str, need: int, how: str = "") -> None:
+    """Refuse `stage` when its estimated peak `need` (bytes, weights and activations) plus the runtime
+    exceeds what is available."""
+    need += RUNTIME_BYTES
+    have = available_bytes()
+    if need > have:
+        raise UserError(f"{stage} of {model_dir} needs about {need / GB:.1f} GiB of memory ({how or 'estimated from its config'}) "
+                        f"and {have / GB:.1f} GiB is available; free memory, use a machine with more, or set "
+                        f"${LIMIT_ENV} if the estimate is wrong for you")
