@@ -173,13 +173,18 @@ def main() -> None:
             if out_path is not None and out_path.exists() and result["rc"] == 0:
                 result["output_gb"] = dir_gb(out_path)
             row["stages"][name] = {**result, "command": "d2m-export " + " ".join(str(c) for c in cmd)}
-            save(results, args.out)
+            save(shape, row, args.out)
     print(args.out.read_text())
 
 
-def save(results: dict, out: Path) -> None:
+def save(shape: str, row: dict, out: Path) -> None:
+    """Merge one shape's row into the results on disk (runs for other shapes may write beside this one)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out.with_suffix(".json"), results)
+    path = out.with_suffix(".json")
+    results = json.loads(path.read_text()) if path.is_file() else {"shapes": {}}
+    results["shapes"][shape] = {**results["shapes"].get(shape, {}), **row,
+                                "stages": {**results["shapes"].get(shape, {}).get("stages", {}), **row["stages"]}}
+    write_json(path, results)
     lines = ["# Every stage at 1B and 3B shapes, on this machine (2 cores, 24 GiB)", "",
              "Random-weight bf16 checkpoints at the shapes of Llama-3.2-1B and Qwen2.5-3B (`bench/scale.py`). "
              "Peak RSS is each stage's own process (`os.wait4`); ratio = peak RSS ÷ checkpoint bytes. "

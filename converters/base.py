@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from d2m_export.errors import UserError
+from d2m_export.lazy_weights import release_memory
 from d2m_export.models import model_label, read_config, read_record, resolve_model
 from d2m_export.outputs import GENERATOR, atomic_dir, check_output_dir, file_checksums
 
@@ -51,6 +52,28 @@ class Exporter:
     options: tuple[str, ...] = ()
     # runtimes besides the target's own that run its files; the parity check runs each of them
     other_runtimes: tuple[str, ...] = ()
+
+    # Bytes per parameter of the artifact at each quant, and of what the toolchain holds at its peak
+    # beyond the model itself, per parameter in fp32 (the measured floors in bench/results/scale.md).
+    artifact_bytes_per_param: dict[str, float] = {}
+    toolchain_fp32_copies: float = 0.0
+
+    def memory_need(self, model_dir: Path, quant: str) -> tuple[int, str]:
+        """The estimated peak of an export and its parity check, from the config: the model held in its
+        stored dtype (the export reads it; the reference computes from it a layer at a time), the runtime
+        holding the artifact, and what the toolchain copies (in fp32) beyond them."""
+        from d2m_export.memory import weight_bytes
+        from d2m_export.models import stored_dtype
+
+        stored = weight_bytes(model_dir, stored_dtype(model_dir))
+        fp32 = weight_bytes(model_dir, "float32")
+        artifact = int(fp32 / 4 * self.artifact_bytes_per_param.get(quant, 4.0))
+        need = max(int(1.3 * stored), int(1.2 * artifact)) + int(self.toolchain_fp32_copies * fp32)
+        how = (f"the model as stored ({stored / 2**30:.1f} GiB), the {quant} artifact in the runtime "
+               f"({artifact / 2**30:.1f} GiB)")
+        if self.toolchain_fp32_copies:
+            how += f", and {self.toolchain_fp32_copies:g} fp32 copies the {self.name} toolchain makes"
+        return need, how
 
     def export(self, model_dir: Path, quant: str, out_tmp: Path) -> list[str]:
         """Write the artifact(s) for `model_dir` into `out_tmp`; return their file names."""
@@ -162,6 +185,8 @@ def export(target: str, model_spec, quant: str | None, out: Path, threads: int |
         raise UserError(f"{model_dir} has no tokenizer.json; the export needs the model's (fast) tokenizer")
     config = read_config(model_dir)
     options = exporter.check_options(config, options)
+    from d2m_export.memory import check_memory
+    check_memory(model_dir, f"export --target {exporter.name} --quant {quant}", *exporter.memory_need(model_dir, quant))
     base_model, plan = model_record(model_dir)
     t0 = time.time()
     with atomic_dir(out) as tmp:
@@ -182,6 +207,7 @@ def export(target: str, model_spec, quant: str | None, out: Path, threads: int |
             exporter.adapt_config(tmp)
         _write_manifest(tmp, manifest)           # the runner reads it to load the export
         export_s = time.time() - t0
+        release_memory()          # the export's model (reference cycles hold it) before the reference loads
         manifest["parity"] = exporter.parity(model_dir, tmp, quant, threads=threads, new_tokens=new_tokens)
         if (verification := exporter.verification(tmp, manifest)) is not None:
             manifest["verification"] = verification

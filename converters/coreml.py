@@ -109,6 +109,8 @@ class CoreMLExporter(Exporter):
     # the package's stored (decompressed) weights in the fp32 lowered module, against transformers.
     # Lossy: the greedy floor is the guard, the logit bound only catches blow-ups (SmolLM2 int4:
     # 38/64 tokens, max error 25.5; llama.cpp q4_0 on the same weights: 44/64, 19.7).
+    artifact_bytes_per_param = {"fp16": 2.0, "int8": 1.0, "int4": 0.5}
+    toolchain_fp32_copies = 2.0      # torch.jit trace + MIL program + serialisation: measured in bench/results/scale.md
     tolerances = {"fp16": (1.0, 0.9), "int8": (10.0, 0.75), "int4": (40.0, 0.5)}
 
     def __init__(self):

@@ -270,6 +270,8 @@ class GGUFExporter(Exporter):
     # unhealed: 58/64, 10.2); q4_0 44/64, 19.7. The greedy floor is the guard (a broken export matches
     # almost no greedy token); the logit bound only catches blow-ups. k-quants: see
     # bench/results/gguf_smollm2.md.
+    artifact_bytes_per_param = {"f32": 4.0, "f16": 2.0, "q8_0": 1.0625, "q4_0": 0.5625, "q4_k_m": 0.6,
+                                "q5_k_m": 0.69, "q6_k": 0.82}
     tolerances = {"f32": (1e-2, 1.0), "f16": (1.0, 0.9), "q8_0": (20.0, 0.75), "q4_0": (40.0, 0.5),
                   "q6_k": (20.0, 0.75), "q5_k_m": (30.0, 0.6), "q4_k_m": (40.0, 0.5)}
 

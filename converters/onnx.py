@@ -40,6 +40,7 @@ class OnnxExporter(Exporter):
     # from SmolLM2-135M (int8: 62/64 tokens, max error 1.6; int4: 46/64, 19.6 — llama.cpp q8_0/q4_0 give
     # 60/64, 1.6 and 44/64, 19.7 on the same prompts); a broken export matches almost no greedy token.
     # int8 allows the logit error gguf q8_0 needs on an unhealed LF-UC model (10.2; see converters/gguf.py)
+    artifact_bytes_per_param = {"fp32": 4.0, "fp16": 2.0, "int8": 1.1, "int4": 0.6}
     tolerances = {"fp32": (1e-2, 1.0), "fp16": (1.0, 0.9), "int8": (20.0, 0.75), "int4": (40.0, 0.5)}
     options = ("max_seq_len", "moe_lowering", "head_bits")
     other_runtimes = ("onnxruntime-genai",)

@@ -74,6 +74,7 @@ def check_parity(exporter, model_dir: Path, export_dir: Path, quant: str, thread
                  new_tokens: int = 32, prompts: tuple[str, ...] = PROMPTS, runtimes: tuple[str, ...] = ()) -> dict:
     """The export against transformers in the target's own runtime and in each of `runtimes` (other
     runtimes that run this target's files, e.g. onnxruntime-genai): every one must pass."""
+    from d2m_export.lazy_weights import release_memory
     from d2m_export.models import load_fp32_compute
     from runtimes.base import runner_class
 
@@ -83,6 +84,7 @@ def check_parity(exporter, model_dir: Path, export_dir: Path, quant: str, thread
     references = [reference_greedy(model, ids, new_tokens) for ids in encoded]
     max_err, min_frac = exporter.tolerance(quant, model.config)
     del model
+    release_memory()          # the reference, before the runtime maps the export
     result = None
     for runtime in (None, *runtimes):
         # one thread by default: exact either way, and immune to oversubscribed cores, where waiting

@@ -56,3 +56,15 @@ def check_memory(model_dir: Path, stage: str, need: int, how: str = "") -> None:
         raise UserError(f"{stage} of {model_dir} needs about {need / GB:.1f} GiB of memory ({how or 'estimated from its config'}) "
                         f"and {have / GB:.1f} GiB is available; free memory, use a machine with more, or set "
                         f"${LIMIT_ENV} if the estimate is wrong for you")
+
+
+def check_model_stage(model_dir: Path, stage: str, dtype: str, extra: int = 0, how: str = "") -> None:
+    """`stage` holds the model once in `dtype`, plus `extra` bytes (activations, outputs)."""
+    check_memory(model_dir, stage, weight_bytes(model_dir, dtype) + extra, how or f"the model in {dtype}")
+
+
+def logits_bytes(model_dir: Path, batch: int, tokens: int, dtype: str) -> int:
+    """One batch's logits: at 150k-word vocabularies these rival a small model's weights."""
+    from d2m_export.models import read_config
+
+    return batch * tokens * int(read_config(model_dir)["vocab_size"]) * (4 if dtype == "float32" else 2)

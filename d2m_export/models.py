@@ -282,9 +282,15 @@ def load_fp32_compute(spec: str | Path | None):
             child.float()            # embeddings, final norm, rotary tables: small next to the layers
     if not model.config.tie_word_embeddings:
         model.get_output_embeddings().float()
+    def upcast(mod, args):
+        mod.float()
+
+    def restore(mod, args, out):
+        mod.to(dtype)
+
     for layer in decoder.layers:
-        layer.register_forward_pre_hook(lambda mod, args: mod.float())
-        layer.register_forward_hook(lambda mod, args, out: mod.to(dtype))
+        layer.register_forward_pre_hook(upcast)
+        layer.register_forward_hook(restore)
     return model, tokenizer, model_dir
 
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from d2m_export.architectures import dense_families
 from d2m_export.errors import UserError
 from d2m_export.lazy_weights import SourceWeights, release_memory, source_weights, write_checkpoint
-from d2m_export.memory import check_memory, weight_bytes
+from d2m_export.memory import check_memory, check_model_stage, logits_bytes, weight_bytes
 from d2m_export.models import compute_dtype, load_model, model_label, read_config, resolve_model, stored_dtype
 from d2m_export.outputs import atomic_dir, check_output_dir, check_output_file, write_json
 from d2m_export.params import param_counts
@@ -27,6 +27,8 @@ def analyze(model_spec, out: Path, calib_tokens: int = 2048, progress: bool = Tr
     from d2m_export.calibration import calibration_ids, collect
 
     check_output_dir(out)
+    model_dir = resolve_model(model_spec)
+    _check_convert_memory(model_dir, compute_dtype(model_dir), calib_tokens, in_memory=False, stage="analyze")
     model, tokenizer, _ = load_model(model_spec)
     acts = collect(model, calibration_ids(tokenizer, calib_tokens), progress=progress, keep_streams=False)
     result = {"model": model_label(model_spec), "num_layers": len(acts.r), "calibration_tokens": acts.tokens,
@@ -184,7 +186,7 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
     return record
 
 
-def _check_convert_memory(model_dir, compute: str, calib_tokens: int, in_memory: bool) -> None:
+def _check_convert_memory(model_dir, compute: str, calib_tokens: int, in_memory: bool, stage: str = "convert") -> None:
     """The dense model in `compute` dtype and its calibration activations; healing and the loss search
     also hold the converted model, in fp32."""
     cfg = read_config(model_dir)
@@ -196,7 +198,7 @@ def _check_convert_memory(model_dir, compute: str, calib_tokens: int, in_memory:
     if in_memory:
         weights += weight_bytes(model_dir, "float32")
         how += ", and the converted model in memory for --heal/--plan-search loss"
-    check_memory(model_dir, "convert", weights + acts, how)
+    check_memory(model_dir, stage, weights + acts, how)
 
 
 def _loss_plan(method, model, tokenizer, options, target_ratio, threshold, latency_budget_ms, latency_ms,
@@ -263,6 +265,10 @@ def evaluate(model_spec, out: Path | None, tasks: list[str], limit: int | None, 
         raise UserError(f"unknown task {unknown[0]!r}; available: {', '.join(evaluation.available_tasks())}")
     if out:
         check_output_file(out)
+    model_dir = resolve_model(model_spec)
+    compute = compute_dtype(model_dir)
+    check_model_stage(model_dir, "eval", compute, logits_bytes(model_dir, batch_size, 512, compute),
+                      f"the model in {compute} and a batch of {batch_size} × 512-token logits")
     model, tokenizer, model_dir = load_model(model_spec)
     t0 = time.time()
     result = evaluation.evaluate(model, tokenizer, tasks=tasks, limit=limit, ppl_tokens=ppl_tokens,

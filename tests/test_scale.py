@@ -129,6 +129,33 @@ def test_a_model_too_large_for_memory_is_refused_before_work(tmp_path, tokenizer
     code, _, err = run_cli(capsys, "convert", "--model", src, "--out", tmp_path / "out")
     assert_user_error(code, err, "needs about", "GiB", "D2M_MEMORY_LIMIT_GB")
     assert not (tmp_path / "out").exists()
+    for argv in (["--target", "gguf", "--model", src, "--out", tmp_path / "out"], ["eval", "--model", src],
+                 ["analyze", "--model", src, "--out", tmp_path / "out"]):
+        code, _, err = run_cli(capsys, *argv)
+        assert_user_error(code, err, "needs about", "GiB is available")
+        assert not (tmp_path / "out").exists()
     monkeypatch.setenv("D2M_MEMORY_LIMIT_GB", "lots")
     code, _, err = run_cli(capsys, "convert", "--model", src, "--out", tmp_path / "out")
     assert_user_error(code, err, "D2M_MEMORY_LIMIT_GB", "lots")
+
+
+@pytest.mark.parametrize("target,quant", [("gguf", "f32"), ("onnx", "fp32")])
+def test_a_bf16_conversion_exports_exactly(tmp_path, tokenizer_dir, capsys, target, quant):
+    """bf16 in, bf16 out, then exported: the streamed GGUF/ONNX writers read the bf16 weights one tensor
+    at a time, and the parity reference (fp32 arithmetic, one layer upcast at a time) matches the
+    runtime on every greedy token."""
+    from conftest import export_with_cli
+    from d2m_export.models import load_fp32_compute
+
+    src = save_with_tokenizer(tiny_dense("qwen2").to(torch.bfloat16), tmp_path / "dense", tokenizer_dir)
+    code, _, err = run_cli(capsys, "convert", "--model", src, "--plan", write_plan(tmp_path / "plan.json", "routed", 3),
+                           "--out", tmp_path / "lfuc")
+    assert code == 0, err
+    manifest = export_with_cli(capsys, target, tmp_path / "lfuc", tmp_path / "export", quant)
+    parity = manifest["parity"]
+    assert parity["greedy_match"] == parity["greedy_total"] and parity["max_abs_logit_err"] <= 1e-2
+    model, _, _ = load_fp32_compute(tmp_path / "lfuc")     # between steps the layers hold bf16 again
+    assert {p.dtype for p in model.model.layers.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        model(input_ids=IDS)
+    assert {p.dtype for p in model.model.layers.parameters()} == {torch.bfloat16}

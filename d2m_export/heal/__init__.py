@@ -199,6 +199,11 @@ def heal(model_spec, out: Path, cfg: HealConfig, dense_spec: str | None = None, 
         raise UserError(f"--out {out} is the model being healed; write the healed model to a new folder")
     plan = Plan.from_dict(record["plan"], method=record["method"])
     dense_spec = dense_spec or record.get("base_model")
+    from d2m_export.memory import check_model_stage
+    from d2m_export.models import compute_dtype
+
+    compute = compute_dtype(model_dir)
+    check_model_stage(model_dir, "heal", compute, how=f"one model at a time in {compute}")
     t0 = time.time()
     try:
         dense, tokenizer, _ = load_model(dense_spec)
