@@ -145,43 +145,49 @@ def build_program(model_dir: Path, max_seq_len: int, quant: str, moe_lowering: s
     from torch.export import Dim, export
 
     from converters.executorch_model import Decoder
+    from d2m_export.lazy_weights import release_memory
     from d2m_export.models import load_model
 
     model, _, _ = load_model(model_dir, dtype="float32")
     t0 = time.time()
     decoder = Decoder(model, max_seq_len, lowering=moe_lowering, quant=quant).eval()
     moe = [layer.mlp for layer in decoder.layers if layer.is_moe]
-    del model
+    moe_facts = None if not moe else {
+        "layers": [i for i, layer in enumerate(decoder.layers) if layer.is_moe],
+        "num_experts": moe[0].num_experts, "top_k": moe[0].top_k,
+        "distinct_experts_per_layer": [len(set(m.expert_of)) for m in moe], "lowering": moe_lowering,
+        "decode_leaves_expected": sum(m.top_k * m.num_experts for m in moe)}
+    quant_kept = decoder.quant_skipped + (["routers", "shared_expert_gate"] if moe else [])
+    del model, moe
     t1 = time.time()
     example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long))
     dynamic = ({1: Dim("seq_len", min=1, max=max_seq_len)}, None)
     program = export(decoder, example, dynamic_shapes=dynamic, strict=False)
+    del decoder                 # the exported program holds the weights now
     t2 = time.time()
     edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False),
                                        constant_methods=metadata)
+    del program                 # lowered: the delegates hold their own (packed) copies of the weights
+    release_memory()
     t3 = time.time()
     et = edge.to_executorch(ExecutorchBackendConfig(
         extract_delegate_segments=True,
         memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
         sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
-    data = et.buffer
     structure = branch_structure(edge.exported_program().graph_module)
-    if moe:
+    del edge
+    data = et.buffer
+    if moe_facts:
         # sparse: every decode-tree leaf is a branch that runs exactly one expert delegate
-        leaves = sum(m.top_k * m.num_experts for m in moe)
+        leaves = moe_facts.pop("decode_leaves_expected")
         structure["decode_leaves_expected"] = leaves
         structure["sparse"] = moe_lowering == "cond" and structure["single_delegate_branches"] >= leaves
+        moe_facts["structure"] = structure
     facts = {
         "wall_s": {"build_and_lower_experts": round(t1 - t0, 1), "torch_export": round(t2 - t1, 1),
                    "to_edge_and_lower": round(t3 - t2, 1), "to_executorch": round(time.time() - t3, 1)},
-        "quant_kept_fp32": decoder.quant_skipped + (["routers", "shared_expert_gate"] if moe else []),
-        "moe": None if not moe else {
-            "layers": [i for i, layer in enumerate(decoder.layers) if layer.is_moe],
-            "num_experts": moe[0].num_experts, "top_k": moe[0].top_k,
-            "distinct_experts_per_layer": [len(set(m.expert_of)) for m in moe],
-            "lowering": moe_lowering, "structure": structure,
-        },
+        "quant_kept_fp32": quant_kept, "moe": moe_facts,
     }
     return data, facts
 
