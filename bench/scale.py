@@ -5,7 +5,8 @@ fall inside the larger vocabularies).
 Stages, each its own process so that its peak RSS is its own (os.wait4): analyze, convert lfuc@0.8,
 heal (a short one), eval (a small --limit), generate, and each export at its default quant and its
 smallest. A stage that fails is recorded with its last error line; the table says which. Random weights
-say nothing about quality: only memory and time are measured. Each finished stage is cached in the work
+say nothing about quality: only memory and time are measured (the embedding is scaled so that greedy
+decoding has clear winners, which lossy exports' parity checks need; see EMBED_STD). Each finished stage is cached in the work
 folder, so a rerun resumes. Writes bench/results/scale.md (and .json).
 Rerun:  python bench/scale.py [--shapes llama-3.2-1b,qwen2.5-3b] [--stages ...]
 """
@@ -42,6 +43,11 @@ SHAPES = {
         "max_window_layers": 36},
 }
 SHARD_BYTES = 2 << 30
+# With every weight at std 0.02 the tied LM head's logits are near-ties among 100k+ words, and a lossy
+# export's parity check (greedy tokens against transformers) fails on noise: the embedding is scaled up
+# so that each step has a clear argmax (the residual stream, and so the next token, is led by the
+# current one), as a trained model has. Memory and time do not depend on the values.
+EMBED_STD = 1.0
 
 
 def layer_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
@@ -69,7 +75,8 @@ def make_model(name: str, out: Path) -> Path:
     def tensor(key, shape):
         if key.endswith("norm.weight"):
             return torch.ones(shape, dtype=torch.bfloat16)
-        return (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        std = EMBED_STD if key == "model.embed_tokens.weight" else 0.02
+        return (torch.randn(shape, generator=gen) * std).to(torch.bfloat16)
 
     names = [("model.embed_tokens.weight", (cfg["vocab_size"], cfg["hidden_size"]))]
     for layer in range(cfg["num_hidden_layers"]):

@@ -110,10 +110,8 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
     from d2m_export.analysis import block_table, score_blocks
     from d2m_export.calibration import calibration_ids, collect
 
-    if plan_data is not None:
-        Plan.from_dict(plan_data, method=method.name, num_layers=num_layers)
-    router_options = Plan.from_dict(plan_data, method=method.name, num_layers=num_layers).options \
-        if plan_data is not None and plan_data.get("options") is not None else options
+    given = Plan.from_dict(plan_data, method=method.name, num_layers=num_layers) if plan_data is not None else None
+    router_options = given.options if given is not None and plan_data.get("options") is not None else options
     metric_plan = plan_data is None and method.name != "upcycle" and plan_search == "metric"
     needs_acts = (metric_plan and not analysis) or (method.calibrates_router and router_options.router_init == "calibrated")
     acts = collect(model, calibration_ids(tokenizer, calib_tokens), progress=progress, keep_streams=False) \
@@ -127,8 +125,8 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
     table = search = None
     if metric_plan:
         table = _analysis_table(analysis, num_layers) if analysis else block_table(score_blocks(acts))
-    if plan_data is not None:
-        plan = Plan.from_dict(plan_data, method=method.name, num_layers=num_layers)
+    if given is not None:
+        plan = given
         if plan_data.get("options") is None:
             plan.options = options
     elif method.name == "upcycle":

@@ -10,7 +10,6 @@ so its output is unchanged).
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -116,8 +115,7 @@ def heal_with(model, targets: HealTargets, method: str, cfg: HealConfig, progres
     for i, data in enumerate(blocks, 1):
         fit, held = data.split(held_windows)
         runner = LayerRunner(model, data.layer)
-        stored = next(runner.layer.parameters()).dtype
-        runner.layer.float()
+        stored = _upcast(runner.layer)
         entry = {"host": data.block.host, "donors": data.block.donors, "layer": data.layer}
         before = relative_error(runner, held)
         converted = copy.deepcopy(runner.layer.state_dict())
@@ -146,6 +144,13 @@ def heal_with(model, targets: HealTargets, method: str, cfg: HealConfig, progres
     return record
 
 
+def _upcast(layer) -> torch.dtype:
+    """Fit `layer` in fp32 (a bf16 model's small Adam steps would vanish); returns its dtype to restore."""
+    stored = next(layer.parameters()).dtype
+    layer.float()
+    return stored
+
+
 def _bar(total: int, progress: bool):
     if not progress or not total:
         return None
@@ -162,8 +167,7 @@ def _spread_routers(model, blocks: list) -> list[dict]:
     out = []
     for data in blocks:
         runner = LayerRunner(model, data.block.host)
-        stored = next(runner.layer.parameters()).dtype
-        runner.layer.float()
+        stored = _upcast(runner.layer)
         u = runner.ffn_input(runner.attention(data.x)).reshape(-1, data.x.shape[-1])
         n = runner.layer.mlp.gate.weight.shape[0]
         centroids = _kmeans(torch.nn.functional.normalize(u, dim=-1), n)
@@ -199,6 +203,7 @@ def heal(model_spec, out: Path, cfg: HealConfig, dense_spec: str | None = None, 
         raise UserError(f"--out {out} is the model being healed; write the healed model to a new folder")
     plan = Plan.from_dict(record["plan"], method=record["method"])
     dense_spec = dense_spec or record.get("base_model")
+    from d2m_export.lazy_weights import release_memory
     from d2m_export.memory import check_model_stage
     from d2m_export.models import compute_dtype
 
@@ -214,7 +219,7 @@ def heal(model_spec, out: Path, cfg: HealConfig, dense_spec: str | None = None, 
         raise UserError(f"--dense has {dense.config.num_hidden_layers} layers; the plan was made for {plan.num_layers}")
     targets = heal_targets(dense, tokenizer, plan, record["method"], cfg, progress)
     del dense             # the dense model's part is done: never both models in memory
-    gc.collect()
+    release_memory()
     model, tokenizer, _ = load_model(model_dir)
     healing = heal_with(model, targets, record["method"], cfg, progress)
     record["healing"] = {**healing, "healed_from": model_label(model_spec), "dense": str(dense_spec)}
