@@ -42,7 +42,8 @@ def cmd_convert(args) -> int:
         if args.experts_kept is None:
             raise UserError("--method moe2dense needs --experts-kept K")
         record = moe_to_dense(args.model, Path(args.out), args.experts_kept, args.groups, args.score,
-                              calib_tokens=args.calib_tokens, grouping=args.grouping, scaling=args.scaling)
+                              calib_tokens=args.calib_tokens, grouping=args.grouping, scaling=args.scaling,
+                              dtype=args.dtype)
         p = record["params"]
         print(f"moe2dense: wrote {record['architecture']} to {args.out} in {record['wall_s']} s; "
               f"{p['active'] / 1e6:.1f}M params (MoE: {p['moe_active'] / 1e6:.1f}M active, "

@@ -280,13 +280,16 @@ def evaluate(model_spec, out: Path | None, tasks: list[str], limit: int | None, 
 
 def moe_to_dense(model_spec, out: Path, experts_kept: int, groups: int | None = None, score: str = "acp",
                  calib_tokens: int = 2048, progress: bool = True, grouping: str = "score",
-                 scaling: str = "score") -> dict:
+                 scaling: str = "score", dtype: str = "auto") -> dict:
     from d2m_export import moe2dense
     from d2m_export.calibration import calibration_ids
 
     check_output_dir(out)
+    if dtype not in OUTPUT_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {dtype!r}")
     t0 = time.time()
-    model, tokenizer, _ = load_model(model_spec)
+    model, tokenizer, model_dir = load_model(model_spec)
+    out_dtype = stored_dtype(model_dir) if dtype == "auto" else OUTPUT_DTYPES[dtype]
     groups = groups or experts_kept
     if not moe2dense.moe_layers(model):
         raise UserError(f"--method moe2dense needs a Mixture-of-Experts model; {model_label(model_spec)} "
@@ -301,9 +304,9 @@ def moe_to_dense(model_spec, out: Path, experts_kept: int, groups: int | None = 
               "layers": {str(k): v for k, v in layers.items()},
               "params": {"moe_active": moe.active, "moe_total": moe.total, "active": new.active, "total": new.total,
                          "zero_padding": 3 * dense.config.hidden_size * sum(v.get("zero_padding", 0) for v in layers.values())},
-              "architecture": type(dense).__name__}
+              "architecture": type(dense).__name__, "dtype": DTYPE_NAMES[out_dtype]}
     with atomic_dir(out) as tmp:
-        dense.save_pretrained(tmp)
+        dense.to(getattr(torch, out_dtype)).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         record["wall_s"] = round(time.time() - t0, 1)
         (tmp / "d2m_plan.json").write_text(json.dumps({"generator": "d2m-export", **record}, indent=2) + "\n")
