@@ -48,6 +48,7 @@ SHARD_BYTES = 2 << 30
 # so that each step has a clear argmax (the residual stream, and so the next token, is led by the
 # current one), as a trained model has. Memory and time do not depend on the values.
 EMBED_STD = 1.0
+FINAL_NORM = 1 / 64     # and the final norm scaled down, so that logits stay in a trained model's range (~30)
 
 
 def layer_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
@@ -74,7 +75,7 @@ def make_model(name: str, out: Path) -> Path:
 
     def tensor(key, shape):
         if key.endswith("norm.weight"):
-            return torch.ones(shape, dtype=torch.bfloat16)
+            return torch.full(shape, FINAL_NORM if key == "model.norm.weight" else 1.0, dtype=torch.bfloat16)
         std = EMBED_STD if key == "model.embed_tokens.weight" else 0.02
         return (torch.randn(shape, generator=gen) * std).to(torch.bfloat16)
 
@@ -127,7 +128,9 @@ def stages(model: Path, work: Path, which: list[str]) -> dict[str, list]:
                                                 "--threads", 2, "--out", work / f"{target}-{quant}"]
     plan["generate"] = ["generate", work / "gguf-q4_0", "--prompt", "The capital of France is",
                         "--max-new-tokens", 8]
-    return {k: v for k, v in plan.items() if not which or k.split()[0] in which or k in which}
+    if not which:
+        return plan
+    return {k: v for w in which for k, v in plan.items() if k == w or k.split()[0] == w}   # in the order asked
 
 
 def run_stage(cmd: list) -> dict:

@@ -69,8 +69,8 @@ class Exporter:
         fp32 = weight_bytes(model_dir, "float32")
         artifact = int(fp32 / 4 * self.artifact_bytes_per_param.get(quant, 4.0))
         need = max(int(1.3 * stored), int(1.2 * artifact)) + int(self.toolchain_fp32_copies * fp32)
-        how = (f"the model as stored ({stored / 2**30:.1f} GiB), the {quant} artifact in the runtime "
-               f"({artifact / 2**30:.1f} GiB)")
+        how = (f"the larger of the model as stored, {stored / 2**30:.1f} GiB, and the {quant} artifact in its "
+               f"runtime, {artifact / 2**30:.1f} GiB")
         if self.toolchain_fp32_copies:
             how += f", and {self.toolchain_fp32_copies:g} fp32 copies the {self.name} toolchain makes"
         return need, how

@@ -106,6 +106,18 @@ def stored_layout(shape: tuple[int, ...], qtype: Q) -> tuple[tuple[int, ...], np
     return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
 
 
+def quantize_in_rows(data: np.ndarray, qtype: Q, chunk_bytes: int = 64 << 20) -> np.ndarray:
+    """gguf-py's quantization, a block of rows at a time: its numpy temporaries are several times the
+    tensor, and a 150k-row embedding would cost gigabytes at once. Blocks never span rows, so the
+    bytes are the same."""
+    if qtype == Q.F32:
+        return data
+    rows = data.reshape(-1, data.shape[-1])
+    step = max(1, chunk_bytes // (4 * rows.shape[1]))
+    parts = [gguf.quants.quantize(rows[i:i + step], qtype) for i in range(0, len(rows), step)]
+    return np.concatenate(parts).reshape(*data.shape[:-1], parts[0].shape[-1])
+
+
 def rope_rows_to_pairs(w: np.ndarray, heads: int) -> np.ndarray:
     """Llama q/k rows: HF's rotate-half order (first half, second half of each head) -> llama.cpp's
     interleaved pairs (its `llama` architecture rotates adjacent elements)."""
@@ -318,8 +330,7 @@ class GGUFExporter(Exporter):
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for (name, data), qtype in zip(all_tensors(state, cfg, arch), qtypes):
-            data = np.ascontiguousarray(data, dtype=np.float32)
-            writer.write_tensor_data(gguf.quants.quantize(data, qtype) if qtype != Q.F32 else data)
+            writer.write_tensor_data(quantize_in_rows(np.ascontiguousarray(data, dtype=np.float32), qtype))
         writer.close()
         del state
         if quant in K_QUANTS:

@@ -159,3 +159,16 @@ def test_a_bf16_conversion_exports_exactly(tmp_path, tokenizer_dir, capsys, targ
     with torch.no_grad():
         model(input_ids=IDS)
     assert {p.dtype for p in model.model.layers.parameters()} == {torch.bfloat16}
+
+
+def test_gguf_quantizes_a_block_of_rows_at_a_time_with_the_same_bytes():
+    import gguf
+    import numpy as np
+
+    from converters.gguf import Q, quantize_in_rows
+
+    x = np.random.default_rng(0).standard_normal((3, 100, 256)).astype(np.float32)
+    for qtype in (Q.Q8_0, Q.Q4_0, Q.F16):
+        whole, rows = gguf.quants.quantize(x, qtype), quantize_in_rows(x, qtype, chunk_bytes=4096)
+        assert whole.shape == rows.shape and whole.dtype == rows.dtype
+        assert np.array_equal(whole.view(np.uint8), rows.view(np.uint8))
