@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SHARD_BYTES = 512 << 20    # safetensors serialises a shard through one more in-memory copy: keep it small
+SHARD_BYTES = 512 << 20    # a shard is held whole until it is written: small shards keep the peak low
 
 
 class SourceWeights(Mapping):
