@@ -17,46 +17,48 @@ import torch
 SHARD_BYTES = 512 << 20    # a shard is held whole until it is written: small shards keep the peak low
 
 
-class SourceWeights(Mapping):
+class _ByName(Mapping):
+    """Tensors by name, made when read; `_names` holds whatever each name needs to make its tensor."""
+    _names: dict
+
+    def __contains__(self, name) -> bool:
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class SourceWeights(_ByName):
     """A checkpoint's tensors by name, each read from its safetensors file when asked for (the file is
     mapped only while the tensor is read, so untouched weights never count against memory)."""
 
     def __init__(self, model_dir: Path):
         from safetensors import safe_open
 
-        self.files: dict[str, Path] = {}
+        self._names: dict[str, Path] = {}
         for path in sorted(Path(model_dir).glob("*.safetensors")):
             with safe_open(path, framework="pt") as f:
-                self.files.update({name: path for name in f.keys()})
+                self._names.update({name: path for name in f.keys()})
 
     def __getitem__(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
-        with safe_open(self.files[name], framework="pt") as f:
+        with safe_open(self._names[name], framework="pt") as f:
             return f.get_tensor(name)
-
-    def __contains__(self, name) -> bool:
-        return name in self.files
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.files)
-
-    def __len__(self) -> int:
-        return len(self.files)
 
 
 def source_weights(model, model_dir: Path) -> Mapping:
     """The model's weights by state-dict name: lazily from its safetensors files when they hold exactly
-    those names, else the loaded model's own tensors."""
-    names = set(model.state_dict())
-    if getattr(model.config, "tie_word_embeddings", False):
-        names.discard("lm_head.weight")
+    those names (a tied LM head aside), else the loaded model's own tensors."""
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     lazy = SourceWeights(model_dir)
-    stored = set(lazy.files) - ({"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set())
-    return lazy if stored == names else model.state_dict()
+    return lazy if set(lazy) - tied == set(model.state_dict()) - tied else model.state_dict()
 
 
-class Float32Arrays(Mapping):
+class Float32Arrays(_ByName):
     """A loaded model's weights as fp32 numpy arrays, each converted when it is read (norm weights as the
     scale they apply, `norms_as_scales`): the model stays in its stored dtype, one tensor at a time is
     fp32. A tied LM head is left out."""
@@ -64,23 +66,14 @@ class Float32Arrays(Mapping):
     def __init__(self, model):
         from d2m_export.architectures import ARCHITECTURES
 
-        self.state = model.state_dict()
+        self._names = model.state_dict()
         if getattr(model.config, "tie_word_embeddings", False):
-            self.state.pop("lm_head.weight", None)
+            self._names.pop("lm_head.weight", None)
         self.offset = ARCHITECTURES[model.config.model_type].norm_offset
 
     def __getitem__(self, name: str):
-        w = self.state[name].detach().float().numpy()
+        w = self._names[name].detach().float().numpy()
         return w + self.offset if self.offset and name.endswith("norm.weight") else w
-
-    def __contains__(self, name) -> bool:
-        return name in self.state
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.state)
-
-    def __len__(self) -> int:
-        return len(self.state)
 
 
 class LazyState:
@@ -99,9 +92,6 @@ class LazyState:
         """Output tensors that are source tensors under a new name (`new: old`)."""
         for new, old in renames.items():
             self.add([new], lambda new=new, old=old: {new: src[old]})
-
-    def names(self) -> list[str]:
-        return [n for names, _ in self.groups for n in names]
 
     def made_groups(self) -> Iterator[dict[str, torch.Tensor]]:
         for names, make in self.groups:
