@@ -48,7 +48,7 @@ $(OPTIMUM_VENV)/.ready: $(STAMP)
 optimum-env: $(OPTIMUM_VENV)/.ready
 
 test: assets chromium optimum-env
-	$(PY) -m pytest -q -x --timeout=1800 --hypothesis-show-statistics   # property tests: examples run, per test
+	$(PY) -m pytest -q -x --timeout=1800 --durations=30 --hypothesis-show-statistics   # slowest tests; property tests: examples run, per test
 
 clean:
 	rm -rf $(VENV) $(OPTIMUM_VENV) runs .pytest_cache

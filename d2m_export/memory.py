@@ -39,12 +39,16 @@ def available_bytes() -> int:
 
 def weight_bytes(model_dir: Path, dtype: str) -> int:
     """The model's parameters × the bytes of `dtype` (float32, bfloat16, float16)."""
-    from transformers import AutoConfig
-
+    from d2m_export.models import load_config
     from d2m_export.params import param_counts
 
-    config = AutoConfig.from_pretrained(model_dir)
-    return param_counts(config).total * (4 if dtype == "float32" else 2)
+    config = load_config(model_dir)
+    try:
+        params = param_counts(config).total
+    except (TypeError, ValueError, ArithmeticError) as e:  # numbers transformers accepts but no model has
+        raise UserError(f"{model_dir}/config.json does not describe a model ({e.__class__.__name__}: {e}); "
+                        "re-save the model") from None
+    return params * (4 if dtype == "float32" else 2)
 
 
 def check_memory(model_dir: Path, stage: str, need: int, how: str = "") -> None:
@@ -65,6 +69,6 @@ def check_model_stage(model_dir: Path, stage: str, dtype: str, extra: int = 0, h
 
 def logits_bytes(model_dir: Path, batch: int, tokens: int, dtype: str) -> int:
     """One batch's logits: at 150k-word vocabularies these rival a small model's weights."""
-    from d2m_export.models import read_config
+    from d2m_export.models import load_config
 
-    return batch * tokens * int(read_config(model_dir)["vocab_size"]) * (4 if dtype == "float32" else 2)
+    return batch * tokens * load_config(model_dir).vocab_size * (4 if dtype == "float32" else 2)

@@ -62,6 +62,21 @@ def read_record(model_dir: Path) -> dict | None:
     return record
 
 
+def load_config(model_dir: Path):
+    """transformers' config object for `model_dir`; a config that transformers rejects, or whose numbers
+    cannot describe a model, is a UserError like any unloadable model."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except Exception as e:  # transformers' validators raise TypeError, ValueError, KeyError, their own types
+        raise UserError(f"cannot load the model in {model_dir}: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+
+
 def architecture_of(model_dir: Path) -> Architecture:
     model_type = read_config(model_dir).get("model_type")
     if model_type not in ARCHITECTURES:
@@ -105,7 +120,7 @@ def hub_model_dir(repo_id: str) -> Path:
         raise UserError(f"model {repo_id!r} is not in the Hugging Face cache and cannot be downloaded (offline or no "
                         f"network); download it where there is network, or point HF_HOME at a cache that has it") from None
     except Exception as e:       # unknown repo, gated repo, HTTP errors: one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        first = _first_line(e)
         raise UserError(f"model {repo_id!r} could not be fetched from the Hugging Face Hub: {first}") from None
 
 
@@ -142,7 +157,7 @@ def gguf_model_dir(path: Path) -> Path:
         except UserError:
             raise
         except Exception as e:   # gguf/transformers raise many types: an unsupported family, a corrupt file
-            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            first = _first_line(e)
             raise UserError(f"cannot read {path} with transformers' GGUF loader: {first}") from None
     return out
 
@@ -256,8 +271,7 @@ def load_model(spec: str | Path | None, dtype: str = "auto"):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, compute_dtype(model_dir, dtype)))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:  # safetensors, tokenizers and transformers raise unrelated types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise UserError(f"cannot load the model in {model_dir}: {first}") from None
+        raise UserError(f"cannot load the model in {model_dir}: {_first_line(e)}") from None
     model.eval()
     if compute_device() != "cpu":
         model.to(compute_device())
