@@ -31,25 +31,39 @@ def check_output_dir(out: Path) -> None:
         raise UserError(f"--out {out} exists and was not written by d2m-export; pick another path or remove it")
 
 
-def _alive(pid: int) -> bool:
+def _started(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch); None if there is no such process."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:      # someone else's live process
-        return True
-    return True
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.Error:         # someone else's live process
+        return 0.0
 
 
-def _writer_pid(path: Path) -> int | None:
-    """The pid of the run that wrote a temporary of ours: from its owner file, else from its name
-    (`.NAME.tmp-PID-xxxx`, `.NAME.old-PID`)."""
+def _owner_line() -> str:
+    return f"{os.getpid()} {_started(os.getpid())!r}\n"
+
+
+def _writer_alive(path: Path) -> bool | None:
+    """Whether the run that wrote a temporary of ours still runs; None if the temporary names no writer.
+    The owner file gives its pid and start time, so that a pid the system has since given to another
+    process (or thread) is not taken for the writer; without it, the pid in the name
+    (`.NAME.tmp-PID-xxxx`, `.NAME.old-PID`) is all there is."""
     try:
         if (path / OWNER).is_file():
-            return int((path / OWNER).read_text().split()[0])
-        return int(path.name.rsplit(".", 1)[1].split("-")[1])
+            fields = (path / OWNER).read_text().split()
+            pid, when = int(fields[0]), float(fields[1]) if len(fields) > 1 else None
+        else:
+            pid, when = int(path.name.rsplit(".", 1)[1].split("-")[1]), None
     except (ValueError, IndexError, OSError):
         return None
+    started = _started(pid)
+    if started is None:
+        return False
+    return when is None or not started or abs(started - when) < 0.5
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
@@ -58,8 +72,7 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     only removed as such (rmdir); anything else, or one whose writer still runs, is left alone."""
     removed = []
     for path in list(out.parent.glob(f".{out.name}.tmp-*")) + list(out.parent.glob(f".{out.name}.old-*")):
-        pid = _writer_pid(path)
-        if pid is None or _alive(pid):
+        if _writer_alive(path) is not False:
             continue
         if (path / OWNER).is_file() or (path / MARKER).is_file():
             shutil.rmtree(path, ignore_errors=True)
@@ -81,7 +94,7 @@ def atomic_dir(out: Path):
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    (tmp / OWNER).write_text(f"{os.getpid()}\n")
+    (tmp / OWNER).write_text(_owner_line())
     try:
         yield tmp
         (tmp / OWNER).unlink(missing_ok=True)

@@ -81,14 +81,15 @@ def test_sigkill_leaves_nothing_complete_and_the_next_run_cleans_up(models, tmp_
 
 def test_stale_temporaries_of_dead_runs_go_and_nothing_else(tmp_path):
     """Including a run killed between creating its temporary and writing its owner file (empty, pid in
-    the name), which the SIGKILL tests can hit on a loaded machine."""
-    from d2m_export.outputs import OWNER, remove_stale_temporaries
+    the name), which the SIGKILL tests can hit on a loaded machine, and a dead writer whose pid the
+    system has given to another process since (its start time differs)."""
+    from d2m_export.outputs import OWNER, _owner_line, remove_stale_temporaries
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     d, live = tmp_path, os.getpid()
 
-    def make(name: str, owner: int | None = None, files: tuple[str, ...] = ()) -> None:
+    def make(name: str, owner: int | str | None = None, files: tuple[str, ...] = ()) -> None:
         (d / name).mkdir()
         if owner is not None:
             (d / name / OWNER).write_text(f"{owner}\n")
@@ -100,7 +101,10 @@ def test_stale_temporaries_of_dead_runs_go_and_nothing_else(tmp_path):
     make(f".out.tmp-{dead.pid}-c", files=("theirs.txt",))           # no owner file and not empty: not ours
     make(".out.tmp-someone-else", files=("keep.txt",))
     make(f".out.tmp-{live}-d", owner=live)                          # its writer still runs
+    make(f".out.tmp-{live}-e", owner=_owner_line())                 # so does this one, by pid and start time
+    make(f".out.tmp-{live}-f", owner=f"{live} 12345.0", files=("model.onnx",))  # pid reused: its writer is dead
     removed = remove_stale_temporaries(d / "out")
-    assert sorted(p.name for p in removed) == [f".out.tmp-{dead.pid}-a", f".out.tmp-{dead.pid}-b"]
+    assert sorted(p.name for p in removed) == sorted([f".out.tmp-{dead.pid}-a", f".out.tmp-{dead.pid}-b",
+                                                      f".out.tmp-{live}-f"])
     assert sorted(p.name for p in d.iterdir()) == sorted([f".out.tmp-{dead.pid}-c", ".out.tmp-someone-else",
-                                                          f".out.tmp-{live}-d"])
+                                                          f".out.tmp-{live}-d", f".out.tmp-{live}-e"])
