@@ -150,7 +150,7 @@ def build_program(model_dir: Path, max_seq_len: int, quant: str, moe_lowering: s
     from d2m_export.lazy_weights import release_memory
     from d2m_export.models import load_model
 
-    model, _, _ = load_model(model_dir, dtype="float32")
+    model, _, _ = load_model(model_dir)      # as stored: the Decoder upcasts it a layer at a time
     t0 = time.time()
     decoder = Decoder(model, max_seq_len, lowering=moe_lowering, quant=quant).eval()
     moe = [layer.mlp for layer in decoder.layers if layer.is_moe]
@@ -227,10 +227,14 @@ def program_summary(path: Path) -> dict:
     delegates by backend, operators, or the constant a metadata method returns."""
     from collections import Counter
 
-    from executorch.exir._serialize._program import deserialize_pte_binary
+    from executorch.exir._serialize._program import _flatbuffer_to_program, _get_extended_header
 
-    pte = deserialize_pte_binary(Path(path).read_bytes())
-    program = getattr(pte, "program", pte)
+    # The flatbuffer only: the segments that follow it (weights, delegate blobs) are most of the file,
+    # and deserializing them too costs several times the file in memory.
+    with open(path, "rb") as f:
+        header = _get_extended_header(f.read(64))
+        f.seek(0)
+        program = _flatbuffer_to_program(f.read(header.program_size if header and header.is_valid() else -1))
     out = {}
     for plan in program.execution_plan:
         instructions = Counter(type(i.instr_args).__name__ for chain in plan.chains for i in chain.instructions)
@@ -244,7 +248,8 @@ def program_summary(path: Path) -> dict:
             "delegates": dict(Counter(d.id for d in plan.delegates)),
             "operators": sorted(f"{op.name}.{op.overload}" if op.overload else op.name for op in plan.operators),
         }
-    out["distinct_delegate_blobs"] = len(program.backend_delegate_data)     # identical blobs are stored once
+    blobs = {(str(d.processed.location), d.processed.index) for plan in program.execution_plan for d in plan.delegates}
+    out["distinct_delegate_blobs"] = len(blobs)     # identical blobs are stored once
     return out
 
 

@@ -72,7 +72,7 @@ def quantize_linears(module: nn.Module, quant: str, keep=lambda name: False) -> 
     else:
         raise ValueError(quant)
     skipped = [name for name, m in module.named_modules()
-               if isinstance(m, nn.Linear) and quant == "8da4w" and m.in_features % QUANT_GROUP]
+               if isinstance(m, nn.Linear) and quant == "8da4w" and m.in_features % QUANT_GROUP and not keep(name)]
 
     def wanted(m, name):
         return isinstance(m, nn.Linear) and name not in skipped and not keep(name)
@@ -316,7 +316,10 @@ class Layer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """forward(tokens [1, T], input_pos [1]) -> logits of the last position [1, vocab]."""
+    """forward(tokens [1, T], input_pos [1]) -> logits of the last position [1, vocab].
+
+    Consumes `hf_model`, which may be held in bf16: each layer is upcast to fp32 and quantized as it is
+    taken, so that the build never holds the model twice (a 3B model is 12 GB in fp32)."""
 
     def __init__(self, hf_model, max_seq_len: int, lowering: str = "cond", quant: str = "fp32"):
         super().__init__()
@@ -324,36 +327,43 @@ class Decoder(nn.Module):
         config = hf_model.config
         inner = hf_model.model
         self.max_seq_len = max_seq_len
-        self.embed_tokens = inner.embed_tokens
+        self.embed_tokens = inner.embed_tokens.float()
         t0 = time.time()
         from d2m_export.architectures import ARCHITECTURES, layer_types, rope_keys
 
         keys = rope_keys(config)                  # RoPE per layer type (Gemma 3)
-        self.layers = nn.ModuleList(Layer(layer, config, max_seq_len, lowering, quant, t)
-                                    for layer, t in zip(inner.layers, keys))
+        self.layers = nn.ModuleList()
+        self.quant_skipped: list[str] = []
+        for i, t in enumerate(keys):
+            layer = Layer(inner.layers[i].float(), config, max_seq_len, lowering, quant, t)
+            # Routers (and the shared-expert gate) stay fp32, as llama.cpp keeps them: they decide the
+            # routing. Routed experts were quantized (and, with cond, lowered) on their own in MoE.
+            skipped = quantize_linears(layer, quant, keep=lambda name: name.startswith(("mlp.router", "mlp.experts."))
+                                       or name.endswith("shared_expert_gate"))
+            self.quant_skipped += [f"layers.{i}.{n}" for n in skipped]
+            self.layers.append(layer)
+            inner.layers[i] = nn.Identity()       # what the layer does not share with ours (experts) goes now
+        self.quant_skipped += [n for layer in self.layers if layer.is_moe for n in layer.mlp.quant_skipped]
         self.expert_lowering_s = time.time() - t0
         self.norm = RMSNorm(inner.norm, ARCHITECTURES[config.model_type].norm_offset)
         head = hf_model.lm_head
-        self.lm_head = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+        self.lm_head = torch.nn.utils.skip_init(nn.Linear, head.in_features, head.out_features, bias=head.bias is not None)
         with torch.no_grad():                     # untied copy: quantizing the head leaves the embedding alone
             self.lm_head.weight.copy_(head.weight)
             if head.bias is not None:
                 self.lm_head.bias.copy_(head.bias)
+        self.quant_skipped += quantize_linears(self, quant, keep=lambda name: name.startswith("layers."))
+        rotary = inner.rotary_emb.float()
         with torch.no_grad():
             positions = torch.arange(max_seq_len).unsqueeze(0)
             probe = torch.zeros(1, max_seq_len, config.hidden_size)
             for t in sorted(set(keys), key=str):
-                cos, sin = inner.rotary_emb(probe, positions, t) if t else inner.rotary_emb(probe, positions)
+                cos, sin = rotary(probe, positions, t) if t else rotary(probe, positions)
                 suffix = f"_{t}" if t else ""
                 self.register_buffer(f"rope_cos{suffix}", cos[0].float().contiguous(), persistent=False)  # [S, hd]
                 self.register_buffer(f"rope_sin{suffix}", sin[0].float().contiguous(), persistent=False)
         self.sliding = [t == "sliding_attention" for t in layer_types(config)]
         self.window = int(config.sliding_window) if any(self.sliding) else None
-        # Routers (and the shared-expert gate) stay fp32, as llama.cpp keeps them: they decide the routing.
-        # Routed experts were quantized (and, with cond, lowered) on their own above.
-        skipped = quantize_linears(self, quant, keep=lambda name: ".mlp.router" in name or ".mlp.experts." in name
-                                   or name.endswith("shared_expert_gate"))
-        self.quant_skipped = skipped + [n for layer in self.layers if layer.is_moe for n in layer.mlp.quant_skipped]
         # Inference only: with gradients on, `cond` takes its autograd path, which cannot re-trace
         # a branch that calls a delegate while the start position is an unbacked symbol.
         self.requires_grad_(False)
