@@ -110,9 +110,9 @@ class CoreMLExporter(Exporter):
     # Lossy: the greedy floor is the guard, the logit bound only catches blow-ups (SmolLM2 int4:
     # 38/64 tokens, max error 25.5; llama.cpp q4_0 on the same weights: 44/64, 19.7).
     artifact_bytes_per_param = {"fp16": 2.0, "int8": 1.0, "int4": 0.5}
-    # torch.jit trace + MIL program + serialisation, beyond the model: at least 2.2 fp32 copies at fp16 on a
-    # 1.24B model (killed at 14.8 GB beside another job): bench/results/scale.md
-    toolchain_fp32_copies = 2.2
+    # torch.jit trace + MIL program + serialisation, beyond the model: 2.5 fp32 copies at fp16 and at int4
+    # on a 1.24B model (15.45 GB peak for both): bench/results/scale.md
+    toolchain_fp32_copies = 2.6
     tolerances = {"fp16": (1.0, 0.9), "int8": (10.0, 0.75), "int4": (40.0, 0.5)}
 
     def __init__(self):
