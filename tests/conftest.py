@@ -36,6 +36,21 @@ def tiny_dense(arch: str = "llama", seed: int = 0, **overrides):
     return model
 
 
+@pytest.fixture(scope="module", autouse=True)
+def free_module_disk(request, tmp_path_factory, tokenizer_dir):
+    """Remove what a test module wrote under pytest's temporary folder once the module is done, unless one
+    of its tests failed: the suite exports many models, and keeping all of them can fill a CI disk.
+    (tmp_path_retention_policy = "failed" does the same for each passing test's own tmp_path.)"""
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    before, failed = set(base.iterdir()), request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for path in set(base.iterdir()) - before:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """The embedded SmolLM2 tokenizer, saved once (tiny models share its vocabulary)."""
