@@ -3,7 +3,8 @@ Llama-3.2-1B and Qwen2.5-3B (bf16 safetensors, configs written here; SmolLM2's t
 fall inside the larger vocabularies).
 
 Stages, each its own process so that its peak RSS is its own (os.wait4): analyze, convert lfuc@0.8,
-heal (a short one), eval (a small --limit), generate, and each export at its default quant and its
+heal (a short one), train (one optimizer step; bf16 weights as stored, and fp32 weights), eval (a small
+--limit), generate, and each export at its default quant and its
 smallest. A stage that fails is recorded with its last error line; the table says which. Random weights
 say nothing about quality: only memory and time are measured (the embedding is scaled so that greedy
 decoding has clear winners, which lossy exports' parity checks need; see EMBED_STD). Each finished stage is cached in the work
@@ -119,6 +120,11 @@ def stages(model: Path, work: Path, which: list[str]) -> dict[str, list]:
         "analyze": ["analyze", "--model", model, "--out", work / "analyze"],
         "convert": ["convert", "--model", model, "--method", "lfuc", "--target-active-ratio", 0.8, "--out", converted],
         "heal": ["heal", "--model", converted, "--out", healed, "--calib-tokens", 1024, "--steps", 5],
+        # one optimizer step of 2 × 256 tokens: the model, gradients and Adam state are what cost memory
+        "train": ["train", "--model", converted, "--tokens", 512, "--seq-len", 256, "--micro-batch", 1,
+                  "--global-batch", 2, "--save-every", 10**9, "--out", work / "trained"],
+        "train fp32": ["train", "--model", converted, "--weights-dtype", "fp32", "--tokens", 512, "--seq-len", 256,
+                       "--micro-batch", 1, "--global-batch", 2, "--save-every", 10**9, "--out", work / "trained-fp32"],
         "eval": ["eval", "--model", healed, "--tasks", "arc_easy", "--limit", 5, "--ppl-tokens", 1024,
                  "--out", work / "eval.json"],
     }
@@ -156,7 +162,7 @@ def dir_gb(path: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=",".join(SHAPES), help=", ".join(SHAPES))
-    ap.add_argument("--stages", default="", help="analyze, convert, heal, eval, export, generate, or one export "
+    ap.add_argument("--stages", default="", help="analyze, convert, heal, train, eval, export, generate, or one export "
                     "('export gguf q4_0'); default all")
     ap.add_argument("--rerun", action="store_true", help="run the chosen stages again even if recorded")
     ap.add_argument("--work", type=Path, default=Path("runs/bench_scale"))

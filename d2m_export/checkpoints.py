@@ -67,7 +67,7 @@ def load_latest(out: Path, model, optimizer, scheduler, meta: dict) -> int:
 
 def check_meta(latest: Path, saved: dict, meta: dict) -> None:
     """Refuse to resume a checkpoint made from another model or run setup."""
-    for key in ("base_fingerprint", "seq_len", "global_batch", "corpora", "data", "seed", "train_only"):
+    for key in ("base_fingerprint", "seq_len", "global_batch", "corpora", "data", "seed", "train_only", "weights_dtype"):
         if saved.get(key) != meta.get(key):
             what = "a different model" if key == "base_fingerprint" else f"a different {key} ({saved.get(key)!r})"
             raise UserError(f"--resume: {latest} was trained from {what}; resume with the same settings "

@@ -451,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=NON_NEGATIVE_FLOAT, default=1.0)
     p.add_argument("--dtype", default="auto", help="fp32 | bf16 (autocast; with --fsdp, bf16 weights and compute) | "
                    "auto (default): bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--weights-dtype", default="auto", help="fp32 | bf16 (bf16 weights and compute, fp32 Adam "
+                   "moments, stochastically rounded updates: 12 bytes per trained parameter instead of 16) | auto "
+                   "(default): bf16 for a bf16 checkpoint, else fp32")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (default): CUDA when present, each "
                    "process on its LOCAL_RANK's GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (first steps are slower)")

@@ -3,7 +3,8 @@
 causal-LM loss (or a mix with forward KL to a teacher, whose top-k log-probabilities can be
 computed once and read from disk: `teacher_cache`) + Switch load-balancing loss + optional
 router z-loss; AdamW, warm-up then cosine; gradient accumulation and clipping; bf16 autocast
-or fp32. Under `torchrun`/`accelerate launch` each rank takes its share of the micro-batches of
+or fp32. A bf16 checkpoint trains in bf16 (weights and compute; fp32 Adam moments and stochastic
+rounding: `bf16_adamw`) unless `--weights-dtype fp32`; a teacher is held as stored and computes in fp32. Under `torchrun`/`accelerate launch` each rank takes its share of the micro-batches of
 every global batch (DDP), so the loss curve does not depend on the number of processes.
 """
 from __future__ import annotations
@@ -23,10 +24,12 @@ import torch.nn.functional as F
 from d2m_export import checkpoints
 from d2m_export.data import DEFAULT_TRAIN_CORPORA, batch_indices, pack
 from d2m_export.errors import UserError
-from d2m_export.models import load_model, model_label, read_record, resolve_model
+from d2m_export.memory import check_memory, logits_bytes, weight_bytes
+from d2m_export.models import load_fp32_compute, load_model, model_label, read_record, resolve_model, stored_dtype
 from d2m_export.outputs import MARKER, GENERATOR, check_output_dir
 from d2m_export.shards import ShardChunks, stream_batch_indices
 from d2m_export.train import device as devices, fsdp
+from d2m_export.train.bf16_adamw import BF16AdamW
 from d2m_export.train.teacher_cache import TeacherTopK, default_root, full_kl, topk_kl
 
 
@@ -46,6 +49,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     dtype: str = "auto"              # fp32 | bf16 (autocast; under FSDP, bf16 weights) | auto: bf16 on CUDA
+    weights_dtype: str = "auto"      # fp32 | bf16 (fp32 Adam moments, stochastic rounding) | auto: as stored
     device: str = "auto"             # cpu | cuda | auto: CUDA when present
     compile: bool = False            # torch.compile the model
     peak_tflops: float | None = None  # for MFU (default: data sheet on CUDA, a matmul probe on the CPU)
@@ -63,6 +67,45 @@ class TrainConfig:
     fsdp: bool = False               # shard weights, gradients and Adam state over the processes (FSDP2)
     activation_checkpointing: bool = False   # recompute each layer's activations in the backward pass
     progress: bool = True
+
+
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def resolve_weights_dtype(cfg: TrainConfig) -> str:
+    """fp32 or bf16: `auto` keeps a bf16 checkpoint in bf16 (an fp16 or fp32 one trains in fp32)."""
+    if cfg.weights_dtype not in ("auto", "fp32", "bf16"):
+        raise UserError(f"--weights-dtype must be auto, fp32 or bf16, not {cfg.weights_dtype!r}")
+    weights = cfg.weights_dtype
+    if weights == "auto":
+        weights = "bf16" if stored_dtype(resolve_model(cfg.model)) == "bfloat16" and not cfg.fsdp else "fp32"
+    if weights == "bf16" and cfg.fsdp:
+        raise UserError("--fsdp keeps fp32 weights and has its own bf16 policy: use --dtype bf16 with "
+                        "--weights-dtype fp32")
+    if weights == "bf16" and cfg.dtype == "fp32":
+        raise UserError("--weights-dtype bf16 computes in bf16: drop --dtype fp32, or train fp32 weights "
+                        "with --weights-dtype fp32")
+    return weights
+
+
+def check_train_memory(cfg: TrainConfig) -> None:
+    """Refuse before loading when the student (weights, gradients, two fp32 Adam moments), the teacher
+    as stored and a micro-batch's logits exceed the memory available (layer activations not counted).
+    Single-process runs only: ranks on one machine share its memory, and FSDP shards the state."""
+    if cfg.fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    model_dir = resolve_model(cfg.model)
+    weights = weight_bytes(model_dir, TORCH_DTYPES[cfg.weights_dtype])
+    need = 2 * weights + 2 * weight_bytes(model_dir, "float32")
+    how = f"{cfg.weights_dtype} weights and gradients, fp32 Adam moments"
+    if cfg.distill_from:
+        teacher_dir = resolve_model(cfg.distill_from)
+        need += weight_bytes(teacher_dir, stored_dtype(teacher_dir))
+        how += ", the teacher as stored"
+    # the student's logits, their gradient and log-softmax, and the teacher's
+    need += 4 * logits_bytes(model_dir, cfg.micro_batch, cfg.seq_len, "float32")
+    check_memory(model_dir, "train", need, how + f" and {cfg.micro_batch} × {cfg.seq_len}-token logits; "
+                 "layer activations not counted")
 
 
 class Routers:
@@ -136,8 +179,9 @@ def _dist(fsdp: bool = False, device: str = "cpu"):
 def train(cfg: TrainConfig) -> dict:
     if cfg.fsdp:
         fsdp.check_launcher()
-    device, dtype = devices.resolve(cfg.device, cfg.dtype)
-    cfg = replace(cfg, device=device, dtype=dtype)
+    weights_dtype = resolve_weights_dtype(cfg)
+    device, dtype = devices.resolve(cfg.device, "bf16" if weights_dtype == "bf16" else cfg.dtype)
+    cfg = replace(cfg, device=device, dtype=dtype, weights_dtype=weights_dtype)
     world, rank = _dist(cfg.fsdp, device)
     started = time.time()
     out = Path(cfg.out)
@@ -154,8 +198,9 @@ def train(cfg: TrainConfig) -> dict:
         from transformers import AutoTokenizer
 
         ShardChunks(Path(cfg.data), cfg.seq_len, AutoTokenizer.from_pretrained(resolve_model(cfg.model)))
+    check_train_memory(cfg)
     torch.manual_seed(cfg.seed)
-    model, tokenizer, model_dir = load_model(cfg.model, dtype="float32")
+    model, tokenizer, model_dir = load_model(cfg.model, dtype=TORCH_DTYPES[cfg.weights_dtype])
     model.to(device)
     read_record(model_dir)            # a damaged d2m_plan.json is refused now, not after training
     max_len = getattr(model.config, "max_position_embeddings", None)
@@ -168,7 +213,7 @@ def train(cfg: TrainConfig) -> dict:
                         f"not {cfg.teacher_topk}")
     teacher = teacher_dir = None
     if cfg.distill_from:
-        teacher, _, teacher_dir = load_model(cfg.distill_from, dtype="float32")
+        teacher, _, teacher_dir = load_fp32_compute(cfg.distill_from)    # the same logits as in fp32
         teacher.to(device)
         if teacher.config.vocab_size != model.config.vocab_size:
             raise UserError(f"--distill-from: teacher vocabulary {teacher.config.vocab_size} differs from "
@@ -194,7 +239,8 @@ def train(cfg: TrainConfig) -> dict:
     meta = {"base_model": model_label(cfg.model), "base_fingerprint": fingerprint(model_dir),
             "seq_len": cfg.seq_len, "global_batch": cfg.global_batch, "seed": cfg.seed,
             **({"data": chunks.digest()[:16]} if cfg.data else {"corpora": cfg.corpora}),
-            "train_only": cfg.train_only}
+            "train_only": cfg.train_only,
+            **({"weights_dtype": "bf16"} if cfg.weights_dtype == "bf16" else {})}   # older fp32 runs resume
     if rank == 0 and not cfg.resume:
         out.mkdir(parents=True, exist_ok=True)
         (out / MARKER).write_text(f"{GENERATOR} train (running)\n")
@@ -213,7 +259,10 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.fsdp:
         fsdp.shard(model, cfg.dtype, device)
         params = select_trainable(model, cfg.train_only)     # the sharded parameters now
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    if cfg.weights_dtype == "bf16":
+        optimizer = BF16AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay, seed=cfg.seed)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg, steps))
     start = 0
     if cfg.resume:
