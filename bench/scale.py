@@ -136,7 +136,8 @@ def stages(model: Path, work: Path, which: list[str]) -> dict[str, list]:
                         "--max-new-tokens", 8]
     if not which:
         return plan
-    return {k: v for w in which for k, v in plan.items() if k == w or k.split()[0] == w}   # in the order asked
+    # a stage by its name, or every stage of a kind ("export", "export gguf") where no stage has that name
+    return {k: v for w in which for k, v in plan.items() if k == w or (w not in plan and k.startswith(w + " "))}
 
 
 def run_stage(cmd: list) -> dict:

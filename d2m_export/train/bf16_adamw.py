@@ -13,6 +13,8 @@ import math
 
 import torch
 
+CHUNK = 1 << 22     # elements updated at a time
+
 
 def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """fp32 → bf16, rounding away from zero with probability equal to the distance to the lower
@@ -48,18 +50,20 @@ class BF16AdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                 state["step"] += 1
                 t = int(state["step"])
-                grad = p.grad.float()
-                state["exp_avg"].lerp_(grad, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
-                updated = p.float().mul_(1 - lr * wd).addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
-                if p.dtype == torch.bfloat16:
-                    key = (t, p.device)
-                    if key not in generators:
-                        generators[key] = torch.Generator(device=p.device).manual_seed(self.seed * 1_000_003 + t)
-                    p.copy_(stochastic_round_bf16(updated, generators[key]))
-                else:
-                    p.copy_(updated)
+                key = (t, p.device)
+                if key not in generators:
+                    generators[key] = torch.Generator(device=p.device).manual_seed(self.seed * 1_000_003 + t)
+                # in slices: the fp32 temporaries of a whole 128k-word embedding would be several GB
+                flat = [x.view(-1) for x in (p.data, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+                for start in range(0, p.numel(), CHUNK):
+                    param, grad, exp_avg, exp_avg_sq = (x[start:start + CHUNK] for x in flat)
+                    grad = grad.float()
+                    exp_avg.lerp_(grad, 1 - beta1)
+                    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+                    updated = param.float().mul_(1 - lr * wd).addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** t))
+                    param.copy_(stochastic_round_bf16(updated, generators[key]) if p.dtype == torch.bfloat16
+                                else updated)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
