@@ -306,6 +306,8 @@ class GGUFExporter(Exporter):
             raise UserError(f"the gguf target exports {', '.join(ARCHS)} models, not {model_type!r}")
         if model_type == "qwen2" and read_config(model_dir).get("use_sliding_window"):
             raise UserError("Qwen2 models with use_sliding_window are not supported by the gguf target yet")
+        from d2m_export.lazy_weights import Float32Shapes
+
         state, cfg = load_state(model_dir)
         arch = ARCHS[model_type]
         filename = f"model-{quant}.gguf"
@@ -314,8 +316,8 @@ class GGUFExporter(Exporter):
         add_metadata(writer, cfg, arch, "f32" if quant in K_QUANTS else quant, Path(model_dir).name)
         pre = add_vocab(writer, model_dir, cfg.vocab_size)
         # Streamed: a first pass learns every tensor's name and shape (the header comes first in the
-        # file), a second makes, quantizes and writes them one at a time.
-        shapes = [(name, data.shape) for name, data in all_tensors(state, cfg, arch)]
+        # file) without making the large ones, a second makes, quantizes and writes them one at a time.
+        shapes = [(name, data.shape) for name, data in all_tensors(Float32Shapes(state), cfg, arch)]
         head = head_tensor([n for n, _ in shapes])
         types: dict[str, int] = {}
         deviations, qtypes = [], []

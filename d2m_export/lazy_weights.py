@@ -76,6 +76,23 @@ class Float32Arrays(_ByName):
         return w + self.offset if self.offset and name.endswith("norm.weight") else w
 
 
+class Float32Shapes(_ByName):
+    """`Float32Arrays`' names and shapes for a writer's header pass, without making their values: a large
+    tensor reads as a zero-stride view of one fp32 zero (reshapes and transposes stay views), a small one
+    as itself, since conversion code may look at small tensors' values (a gate, a scale)."""
+
+    def __init__(self, arrays: Float32Arrays, large: int = 1 << 20):
+        self._names, self._arrays, self._large = arrays._names, arrays, large
+
+    def __getitem__(self, name: str):
+        import numpy as np
+
+        shape = tuple(self._names[name].shape)
+        if self._names[name].numel() > self._large:
+            return np.broadcast_to(np.float32(0), shape)
+        return self._arrays[name]
+
+
 class LazyState:
     """The converted model's weights, as groups of names and the function that makes them. `dtype` is
     what they will be written in: a group may make its tensors in it directly (fp32 arithmetic, then

@@ -175,3 +175,17 @@ def test_gguf_quantizes_a_block_of_rows_at_a_time_with_the_same_bytes():
         whole, rows = gguf.quants.quantize(x, qtype), quantize_in_rows(x, qtype, chunk_bytes=4096)
         assert whole.shape == rows.shape and whole.dtype == rows.dtype
         assert np.array_equal(whole.view(np.uint8), rows.view(np.uint8))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_header_pass_makes_no_large_tensor(arch):
+    from converters.gguf import all_tensors
+    from d2m_export.lazy_weights import Float32Arrays, Float32Shapes
+
+    model = tiny_dense(arch)
+    state = Float32Arrays(model)
+    made = list(all_tensors(state, model.config, arch))
+    shapes = list(all_tensors(Float32Shapes(state, large=1000), model.config, arch))
+    assert [(n, a.shape) for n, a in made] == [(n, a.shape) for n, a in shapes]
+    large = [a for _, a in shapes if a.size > 1000]
+    assert large and all(a.strides == (0,) * a.ndim for a in large)     # views of one zero, not arrays
