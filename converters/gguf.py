@@ -159,11 +159,11 @@ def layer_tensors(state: dict, cfg, arch: str):
             yield tname(T.FFN_UP_SHEXP, i), np.zeros((1, h), np.float32)
             yield tname(T.FFN_DOWN_SHEXP, i), np.zeros((h, 1), np.float32)
         if p + "mlp.experts.gate_up_proj" in state:
-            gate_up, down = state[p + "mlp.experts.gate_up_proj"], state[p + "mlp.experts.down_proj"]
-            n_ff = gate_up.shape[1] // 2                          # [E, 2I, H]: gate rows, then up rows
-            yield tname(T.FFN_GATE_EXP, i), np.ascontiguousarray(gate_up[:, :n_ff])
-            yield tname(T.FFN_UP_EXP, i), np.ascontiguousarray(gate_up[:, n_ff:])
-            yield tname(T.FFN_DOWN_EXP, i), down                  # [E, H, I]
+            gate_up = p + "mlp.experts.gate_up_proj"
+            n_ff = state.shape(gate_up)[1] // 2                   # [E, 2I, H]: gate rows, then up rows
+            yield tname(T.FFN_GATE_EXP, i), state.part(gate_up, (slice(None), slice(None, n_ff)))
+            yield tname(T.FFN_UP_EXP, i), state.part(gate_up, (slice(None), slice(n_ff, None)))
+            yield tname(T.FFN_DOWN_EXP, i), state[p + "mlp.experts.down_proj"]   # [E, H, I]
 
 
 def _shared_gate_scale(state: dict, prefix: str) -> float:

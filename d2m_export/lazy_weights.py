@@ -75,8 +75,15 @@ class Float32Arrays(_ByName):
         w = self._names[name].detach().float().numpy()
         return w + self.offset if self.offset and name.endswith("norm.weight") else w
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._names[name].shape)
 
-class Float32Shapes(_ByName):
+    def part(self, name: str, index):
+        """`self[name][index]`, converting only that part to fp32 (a fused expert tensor's gate half)."""
+        return self._names[name].detach()[index].float().numpy()
+
+
+class Float32Shapes(Float32Arrays):
     """`Float32Arrays`' names and shapes for a writer's header pass, without making their values: a large
     tensor reads as a zero-stride view of one fp32 zero (reshapes and transposes stay views), a small one
     as itself, since conversion code may look at small tensors' values (a gate, a scale)."""
@@ -87,10 +94,14 @@ class Float32Shapes(_ByName):
     def __getitem__(self, name: str):
         import numpy as np
 
-        shape = tuple(self._names[name].shape)
         if self._names[name].numel() > self._large:
-            return np.broadcast_to(np.float32(0), shape)
+            return np.broadcast_to(np.float32(0), self.shape(name))
         return self._arrays[name]
+
+    def part(self, name: str, index):
+        import numpy as np
+
+        return np.broadcast_to(np.float32(0), tuple(self._names[name][index].shape))
 
 
 class LazyState:
