@@ -272,6 +272,9 @@ def load_model(spec: str | Path | None, dtype: str = "auto"):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:  # safetensors, tokenizers and transformers raise unrelated types
         raise UserError(f"cannot load the model in {model_dir}: {_first_line(e)}") from None
+    from d2m_export.lazy_weights import page_out_checkpoint
+
+    page_out_checkpoint(model_dir)
     model.eval()
     if compute_device() != "cpu":
         model.to(compute_device())

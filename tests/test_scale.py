@@ -3,6 +3,7 @@ a stated tolerance of fp32, and a clear refusal when a model will not fit."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -189,3 +190,28 @@ def test_gguf_header_pass_makes_no_large_tensor(arch):
     assert [(n, a.shape) for n, a in made] == [(n, a.shape) for n, a in shapes]
     large = [a for _, a in shapes if a.size > 1000]
     assert large and all(a.strides == (0,) * a.ndim for a in large)     # views of one zero, not arrays
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT is Linux's")
+def test_loading_leaves_no_checkpoint_pages_counted_against_memory(tmp_path, tokenizer_dir):
+    from d2m_export.models import load_model
+
+    moe = get_method("lfuc").build(tiny_dense("qwen2"), Plan("lfuc", 6, [Block(1, [2, 3])], Options(router_init="zero", top_k=1)))
+    model_dir = save_with_tokenizer(moe, tmp_path / "moe", tokenizer_dir)   # experts stacked at load: copies
+    files = {str(f.resolve()) for f in model_dir.glob("*.safetensors")}
+
+    def resident_kb() -> int:
+        total, current = 0, None
+        for line in open("/proc/self/smaps"):
+            fields = line.split()
+            if "-" in fields[0] and len(fields[0]) > 8 and ":" not in fields[0]:   # a mapping's header
+                current = fields[5] if len(fields) > 5 else None
+            elif fields[0] == "Rss:" and current in files:
+                total += int(fields[1])
+        return total
+
+    model, _, _ = load_model(model_dir)
+    assert resident_kb() == 0                    # the pages read while loading are handed back
+    with torch.no_grad():
+        model(input_ids=IDS)                     # tensors backed by the file read back in as used
+    assert resident_kb() > 0
