@@ -4,8 +4,9 @@ causal-LM loss (or a mix with forward KL to a teacher, whose top-k log-probabili
 computed once and read from disk: `teacher_cache`) + Switch load-balancing loss + optional
 router z-loss; AdamW, warm-up then cosine; gradient accumulation and clipping; bf16 autocast
 or fp32. A bf16 checkpoint trains in bf16 (weights and compute; fp32 Adam moments and stochastic
-rounding: `bf16_adamw`) unless `--weights-dtype fp32`; a teacher is held as stored and computes in fp32. Under `torchrun`/`accelerate launch` each rank takes its share of the micro-batches of
-every global batch (DDP), so the loss curve does not depend on the number of processes.
+rounding: `bf16_adamw`) unless `--weights-dtype fp32`; a teacher is held as stored and computes in
+fp32. Under `torchrun`/`accelerate launch` each rank takes its share of the micro-batches of every
+global batch (DDP), so the loss curve does not depend on the number of processes.
 """
 from __future__ import annotations
 
