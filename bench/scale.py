@@ -4,10 +4,11 @@ fall inside the larger vocabularies).
 
 Stages, each its own process so that its peak RSS is its own (os.wait4): analyze, convert lfuc@0.8,
 heal (a short one), train (one optimizer step; bf16 weights as stored, and fp32 weights), eval (a small
---limit), generate, and each export at its default quant and its smallest. A stage that fails is recorded with its last error line; the table says which. Random weights
-say nothing about quality: only memory and time are measured (the embedding is scaled so that greedy
-decoding has clear winners, which lossy exports' parity checks need; see EMBED_STD). Each finished stage is cached in the work
-folder, so a rerun resumes. Writes bench/results/scale.md (and .json).
+--limit), generate, and each export at its default quant and its smallest. A stage that fails is
+recorded with its last error line; the table says which. Random weights say nothing about quality:
+only memory and time are measured (the embedding is scaled so that greedy decoding has clear
+winners, which lossy exports' parity checks need; see EMBED_STD). Each finished stage is cached in
+the work folder, so a rerun resumes. Writes bench/results/scale.md (and .json).
 Rerun:  python bench/scale.py [--shapes llama-3.2-1b,qwen2.5-3b] [--stages ...]
 """
 from __future__ import annotations
