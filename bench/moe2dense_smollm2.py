@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 from safetensors import safe_open
@@ -105,10 +106,13 @@ def main() -> None:
 
     def distilled(name: str, model: Path, teacher: Path) -> Path:
         out = work / f"{name}-distilled"
-        if not done(out, "config.json"):
+        if not done(out, "config.json"):     # a run cut short resumes from its last checkpoint, if it made one
+            resume = any((out / "checkpoints").glob("step-*"))
+            if out.exists() and not resume:
+                shutil.rmtree(out)
             sh([*CLI, "train", "--model", model, "--distill-from", teacher, "--tokens", budget(name),
                 "--seq-len", 256, "--micro-batch", 4, "--global-batch", 8, "--lr", "1e-4",
-                "--save-every", 10**9, "--out", out])
+                "--save-every", 4, "--keep-last", 1, "--out", out, *(["--resume"] if resume else [])])
         return out
 
     dense_weights = weight_summary(resolve_model(DENSE))

@@ -12,8 +12,10 @@ Programs use `llama::update_cache` / `llama::custom_sdpa`, which a runtime regis
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import resource
 import subprocess
 import sys
@@ -124,8 +126,7 @@ class ExecuTorchExporter(Exporter):
             metadata["get_eos_ids"] = eos
         t0 = time.time()
         with torch.no_grad():
-            program, facts = build_program(Path(model_dir), max_seq_len, quant, moe_lowering, metadata)
-        (Path(out_tmp) / PROGRAM).write_bytes(program)
+            facts = build_program(Path(model_dir), Path(out_tmp) / PROGRAM, max_seq_len, quant, moe_lowering, metadata)
         self._facts = {**facts, "export_s": round(time.time() - t0, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
                        "metadata": metadata, "max_seq_len": max_seq_len, "moe_lowering": moe_lowering}
         return [PROGRAM]
@@ -138,8 +139,9 @@ class ExecuTorchExporter(Exporter):
                 "custom_ops": ["llama::update_cache", "llama::custom_sdpa"], **facts}
 
 
-def build_program(model_dir: Path, max_seq_len: int, quant: str, moe_lowering: str, metadata: dict) -> tuple[bytes, dict]:
-    """The .pte bytes for `model_dir`, and facts about how it was built."""
+def build_program(model_dir: Path, path: Path, max_seq_len: int, quant: str, moe_lowering: str,
+                  metadata: dict) -> dict:
+    """Write the .pte for `model_dir` to `path`; return facts about how it was built."""
     import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -151,36 +153,40 @@ def build_program(model_dir: Path, max_seq_len: int, quant: str, moe_lowering: s
     from d2m_export.lazy_weights import release_memory
     from d2m_export.models import load_model
 
-    model, _, _ = load_model(model_dir)      # as stored: the Decoder upcasts it a layer at a time
-    t0 = time.time()
-    decoder = Decoder(model, max_seq_len, lowering=moe_lowering, quant=quant).eval()
-    moe = [layer.mlp for layer in decoder.layers if layer.is_moe]
-    moe_facts = None if not moe else {
-        "layers": [i for i, layer in enumerate(decoder.layers) if layer.is_moe],
-        "num_experts": moe[0].num_experts, "top_k": moe[0].top_k,
-        "distinct_experts_per_layer": [len(set(m.expert_of)) for m in moe], "lowering": moe_lowering,
-        "decode_leaves_expected": sum(m.top_k * m.num_experts for m in moe)}
-    quant_kept = decoder.quant_skipped + (["routers", "shared_expert_gate"] if moe else [])
-    del model, moe
-    t1 = time.time()
-    example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long))
-    dynamic = ({1: Dim("seq_len", min=1, max=max_seq_len)}, None)
-    program = export(decoder, example, dynamic_shapes=dynamic, strict=False)
-    del decoder                 # the exported program holds the weights now
-    t2 = time.time()
-    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
-                                       compile_config=EdgeCompileConfig(_check_ir_validity=False),
-                                       constant_methods=metadata)
-    del program                 # lowered: the delegates hold their own (packed) copies of the weights
-    release_memory()
-    t3 = time.time()
-    et = edge.to_executorch(ExecutorchBackendConfig(
-        extract_delegate_segments=True,
-        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
-        sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
-    structure = branch_structure(edge.exported_program().graph_module)
-    del edge
-    data = et.buffer
+    # the experts are lowered first (in the Decoder), then the rest
+    with lowering_without_copies(path.parent / ".constants"):
+        model, _, _ = load_model(model_dir)      # as stored: the Decoder upcasts it a layer at a time
+        t0 = time.time()
+        decoder = Decoder(model, max_seq_len, lowering=moe_lowering, quant=quant).eval()
+        moe = [layer.mlp for layer in decoder.layers if layer.is_moe]
+        moe_facts = None if not moe else {
+            "layers": [i for i, layer in enumerate(decoder.layers) if layer.is_moe],
+            "num_experts": moe[0].num_experts, "top_k": moe[0].top_k,
+            "distinct_experts_per_layer": [len(set(m.expert_of)) for m in moe], "lowering": moe_lowering,
+            "decode_leaves_expected": sum(m.top_k * m.num_experts for m in moe)}
+        quant_kept = decoder.quant_skipped + (["routers", "shared_expert_gate"] if moe else [])
+        del model, moe
+        t1 = time.time()
+        example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long))
+        dynamic = ({1: Dim("seq_len", min=1, max=max_seq_len)}, None)
+        program = export(decoder, example, dynamic_shapes=dynamic, strict=False)
+        del decoder                 # the exported program holds the weights now
+        t2 = time.time()
+        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
+                                           compile_config=EdgeCompileConfig(_check_ir_validity=False),
+                                           constant_methods=metadata)
+        del program                 # lowered: the delegates hold the weights now (in files)
+        release_memory()
+        t3 = time.time()
+        et = edge.to_executorch(ExecutorchBackendConfig(
+            extract_delegate_segments=True,
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass()))
+        structure = branch_structure(edge.exported_program().graph_module)
+        del edge
+        with open(path, "wb") as f:
+            et.write_to_file(f)     # piece by piece: `et.buffer` would join the whole program in memory
+        del et
     if moe_facts:
         # sparse: every decode-tree leaf is a branch that runs exactly one expert delegate
         leaves = moe_facts.pop("decode_leaves_expected")
@@ -192,7 +198,60 @@ def build_program(model_dir: Path, max_seq_len: int, quant: str, moe_lowering: s
                    "to_edge_and_lower": round(t3 - t2, 1), "to_executorch": round(time.time() - t3, 1)},
         "quant_kept_fp32": quant_kept, "moe": moe_facts,
     }
-    return data, facts
+    return facts
+
+
+@contextlib.contextmanager
+def lowering_without_copies(directory: Path, min_bytes: int = 1 << 16):
+    """Lower with one copy of the weights in memory, where ExecuTorch's lowering would hold three.
+
+    - Before preprocessing, ExecuTorch deep-copies every partition's program, weights included, and
+      keeps all the copies until every partition is done. The copy here shares the weight tensors
+      (XNNPACK's preprocess reads them and never writes them).
+    - XNNPACK then copies every weight into a bytes object in a NamedDataStore, held until the
+      program is written. Here each constant of `min_bytes` or more goes to a file under
+      `directory` as it is made, as a `FileBackedData` (what ExecuTorch's CUDA backend uses), which
+      the serializer streams into the .pte. The files are deleted after.
+    """
+    import copy
+    import hashlib
+    import shutil
+    import tempfile
+
+    import torch
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+    from executorch.exir._serialize._cord import FileBackedData
+    from executorch.exir._serialize._named_data_store import NamedDataStore
+
+    from d2m_export.lazy_weights import release_memory
+
+    add, own_copy = NamedDataStore.add_named_data, XnnpackBackend.__dict__.get("copy_exported_program_for_preprocess")
+
+    def add_on_disk(self, key, data, alignment=1, external_tag=None, tensor_layout=None):
+        if isinstance(data, (bytes, bytearray)) and len(data) >= min_bytes:
+            fd, name = tempfile.mkstemp(dir=directory, suffix=".bin")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            data = FileBackedData(name, cleanup=True, sha256=hashlib.sha256(data).digest())
+        return add(self, key, data, alignment, external_tag, tensor_layout)
+
+    def copy_sharing_weights(cls, edge_program, compile_specs):
+        tensors = [*edge_program.state_dict.values(), *edge_program.constants.values()]
+        return copy.deepcopy(edge_program, {id(t): t for t in tensors if isinstance(t, torch.Tensor)})
+
+    directory.mkdir(parents=True, exist_ok=True)
+    NamedDataStore.add_named_data = add_on_disk
+    XnnpackBackend.copy_exported_program_for_preprocess = classmethod(copy_sharing_weights)
+    try:
+        yield
+    finally:
+        NamedDataStore.add_named_data = add
+        if own_copy is None:
+            del XnnpackBackend.copy_exported_program_for_preprocess      # BackendDetails' again
+        else:
+            XnnpackBackend.copy_exported_program_for_preprocess = own_copy
+        release_memory()            # the last FileBackedData references, whose finalizers delete the files
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def branch_structure(gm) -> dict:

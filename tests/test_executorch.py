@@ -147,3 +147,40 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, tokenizer_dir, capsys):
     cfg["model_type"] = "mixtral"
     (model_dir / "config.json").write_text(json.dumps(cfg))
     assert main(base) == 2 and not out.exists()
+
+
+def test_lowering_keeps_one_copy_of_the_weights_and_writes_the_same_program(tmp_path):
+    """Inside `lowering_without_copies` the copy made for XNNPACK's preprocess shares the weights,
+    constants go to files as they are made, and the program written is byte for byte the one
+    ExecuTorch makes without it; afterwards ExecuTorch is as it was and the files are gone."""
+    import io
+
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir._serialize._named_data_store import NamedDataStore
+
+    from converters.executorch import lowering_without_copies
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256)).eval()
+    example = (torch.randn(1, 256),)
+
+    def lowered():
+        program = torch.export.export(model, example)
+        return program, to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+
+    expected = lowered()[1].buffer
+    add = NamedDataStore.add_named_data
+    spill = tmp_path / "constants"
+    with lowering_without_copies(spill):
+        program, et = lowered()
+        copied = XnnpackBackend.copy_exported_program_for_preprocess(program, [])
+        assert copied is not program and copied.graph_module is not program.graph_module
+        assert all(copied.state_dict[k].data_ptr() == v.data_ptr() for k, v in program.state_dict.items())
+        assert len(list(spill.glob("*.bin"))) == 2      # the two weight matrices (512 KiB); the biases stay in memory
+        written = io.BytesIO()
+        et.write_to_file(written)
+    assert written.getvalue() == expected
+    assert not spill.exists()
+    assert NamedDataStore.add_named_data is add and "copy_exported_program_for_preprocess" not in XnnpackBackend.__dict__
