@@ -56,7 +56,7 @@ class Exporter:
     # Bytes per parameter of the artifact at each quant, and of what the toolchain holds at its peak
     # beyond the model itself, per parameter in fp32 (the measured floors in bench/results/scale.md).
     artifact_bytes_per_param: dict[str, float] = {}
-    toolchain_fp32_copies: float = 0.0
+    toolchain_fp32_copies: float | dict[str, float] = 0.0      # or one figure per quant
 
     def memory_need(self, model_dir: Path, quant: str) -> tuple[int, str]:
         """The estimated peak of an export and its parity check, from the config: the model held in its
@@ -68,11 +68,13 @@ class Exporter:
         stored = weight_bytes(model_dir, stored_dtype(model_dir))
         fp32 = weight_bytes(model_dir, "float32")
         artifact = int(fp32 / 4 * self.artifact_bytes_per_param.get(quant, 4.0))
-        need = max(int(1.3 * stored), int(1.2 * artifact)) + int(self.toolchain_fp32_copies * fp32)
+        copies = self.toolchain_fp32_copies
+        copies = copies.get(quant, max(copies.values())) if isinstance(copies, dict) else copies
+        need = max(int(1.3 * stored), int(1.2 * artifact)) + int(copies * fp32)
         how = (f"the larger of the model as stored, {stored / 2**30:.1f} GiB, and the {quant} artifact in its "
                f"runtime, {artifact / 2**30:.1f} GiB")
-        if self.toolchain_fp32_copies:
-            how += f", and {self.toolchain_fp32_copies:g} fp32 copies the {self.name} toolchain makes"
+        if copies:
+            how += f", and {copies:g} fp32 copies the {self.name} toolchain makes"
         return need, how
 
     def export(self, model_dir: Path, quant: str, out_tmp: Path) -> list[str]:

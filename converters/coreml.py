@@ -322,7 +322,7 @@ def convert(traced, lowered):
     q = ct.RangeDim(1, n, default=1, symbol="query_length")
     end = ct.RangeDim(1, n, default=1, symbol="end")
     cache = tuple(lowered.key_cache.shape)
-    with quiet_progress(), warnings.catch_warnings():
+    with quiet_progress(), warnings.catch_warnings(), lean_fp16_overflow_check():
         warnings.simplefilter("ignore")
         return ct.convert(
             traced,
@@ -332,6 +332,42 @@ def convert(traced, lowered):
             states=[ct.StateType(wrapped_type=ct.TensorType(shape=cache, dtype=np.float16), name=s) for s in STATES],
             minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT16,
             convert_to="mlprogram", skip_model_load=True)
+
+
+def finite_abs_max(value, chunk: int = 1 << 22) -> float:
+    """max |x| over the elements with |x| < 1e38 (0 if none), a chunk at a time."""
+    flat = np.asarray(value).reshape(-1)
+    peak = 0.0
+    for i in range(0, flat.size, chunk):
+        a = np.abs(flat[i:i + chunk])
+        a = a[a < 1e38]
+        if a.size:
+            peak = max(peak, float(a.max()))
+    return peak
+
+
+@contextlib.contextmanager
+def lean_fp16_overflow_check():
+    """coremltools' fp16 pass asks, for every fp32 constant, whether a finite value exceeds fp16's
+    range, by building |x| and the int64 indices of every element below 1e38: about six times the
+    constant's own size at once (7 GB for a 152k-vocabulary embedding at 2048 wide). The same
+    question, asked a chunk at a time."""
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    def fp16_overflow(op) -> bool:
+        for inputs in op.inputs.values():
+            for var in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
+                if (var.op is not None and var.op.op_type == "const" and var.is_tensor_or_scalar_of(dtype="fp32")
+                        and finite_abs_max(var.op.val.val) > 65504):
+                    return True
+        return False
+
+    original = FP16ComputePrecision.__dict__["fp16_overflow"]
+    FP16ComputePrecision.fp16_overflow = staticmethod(fp16_overflow)
+    try:
+        yield
+    finally:
+        FP16ComputePrecision.fp16_overflow = original
 
 
 def block_size(shape: tuple[int, ...], quant: str) -> tuple[tuple[int, ...], str | None]:

@@ -15,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from converters.base import Exporter, register_target
@@ -77,10 +79,10 @@ class ExecuTorchExporter(Exporter):
     # lossy: the greedy floor is the guard; the logit bound only catches blow-ups (LF-UC SmolLM2 q8_0
     # in llama.cpp already reaches 4.8)
     artifact_bytes_per_param = {"fp32": 4.0, "8da8w": 1.1, "8da4w": 0.6}
-    # torch.export + to_edge + XNNPACK packing and the runtime's own packing at parity, beyond the model:
-    # 0.67 fp32 copies at 8da4w on a 3.09B model (16.0 GB peak), 0.98 on a 1.24B one (8.3 GB):
-    # bench/results/scale.md
-    toolchain_fp32_copies = 1.0
+    # Beyond the model and the artifact in its runtime: the build holds the program's weights in fp32 once
+    # (in a process of its own); the runtime holds XNNPACK's packed weights beside the mapped program
+    # (1.57x the program at fp32 on a 1.24B model). Measured in bench/results/scale.md.
+    toolchain_fp32_copies = {"fp32": 0.4, "8da8w": 0.7, "8da4w": 0.7}
     tolerances = {"fp32": (1e-2, 1.0), "8da8w": (10.0, 0.75), "8da4w": (40.0, 0.4)}
 
     def check_options(self, config: dict, options: dict) -> dict:
@@ -109,7 +111,7 @@ class ExecuTorchExporter(Exporter):
 
     def export(self, model_dir: Path, quant: str, out_tmp: Path, max_seq_len: int | None = None,
                moe_lowering: str | None = None) -> list[str]:
-        import torch
+        from concurrent.futures.process import BrokenProcessPool
 
         config = read_config(Path(model_dir))
         self.check_options(config, {"max_seq_len": max_seq_len, "moe_lowering": moe_lowering})
@@ -125,9 +127,15 @@ class ExecuTorchExporter(Exporter):
         if eos:
             metadata["get_eos_ids"] = eos
         t0 = time.time()
-        with torch.no_grad():
-            facts = build_program(Path(model_dir), Path(out_tmp) / PROGRAM, max_seq_len, quant, moe_lowering, metadata)
-        self._facts = {**facts, "export_s": round(time.time() - t0, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+        # In a process of its own: what the toolchain leaves behind (it keeps more than the program it
+        # returns) goes back to the system before the parity check loads the reference and the runtime.
+        try:
+            with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                facts = pool.submit(build_program_no_grad, Path(model_dir), Path(out_tmp) / PROGRAM, max_seq_len,
+                                    quant, moe_lowering, metadata).result()
+        except BrokenProcessPool:
+            raise RuntimeError("the process building the ExecuTorch program died (killed for memory?)") from None
+        self._facts = {**facts, "export_s": round(time.time() - t0, 1),
                        "metadata": metadata, "max_seq_len": max_seq_len, "moe_lowering": moe_lowering}
         return [PROGRAM]
 
@@ -137,6 +145,15 @@ class ExecuTorchExporter(Exporter):
                 "forward": {"inputs": ["tokens int64 [1, T], 1 <= T <= max_seq_len", "input_pos int64 [1]"],
                             "output": "logits float32 [1, vocab] (last position)"},
                 "custom_ops": ["llama::update_cache", "llama::custom_sdpa"], **facts}
+
+
+def build_program_no_grad(*args) -> dict:
+    """`build_program` without autograd, and the peak RSS of the process that ran it."""
+    import torch
+
+    with torch.no_grad():
+        facts = build_program(*args)
+    return {**facts, "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def build_program(model_dir: Path, path: Path, max_seq_len: int, quant: str, moe_lowering: str,

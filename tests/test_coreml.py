@@ -95,6 +95,28 @@ def test_traced_lowered_module_reproduces_transformers_greedy_fp32(variant):
     assert np.abs(runner._run(PROMPT[4:]) - logits[0]).max() < 1e-4
 
 
+def test_lean_fp16_overflow_check_answers_as_coremltools_does():
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    from converters.coreml import finite_abs_max, lean_fp16_overflow_check
+
+    def theirs(value):          # coremltools' own expression
+        a = np.abs(np.expand_dims(value, 0))
+        return float(np.max(a[np.where(a < 1e38)], initial=0.0))
+
+    rng = np.random.default_rng(0)
+    cases = [rng.standard_normal((300, 70)).astype(np.float32) * scale for scale in (1.0, 1e4, 1e5)]
+    cases[0][3, 5], cases[1][7, 7] = -np.inf, np.nan      # the attention mask's -inf is not an overflow
+    cases += [np.float32(65504.0), np.float32(-65505.0), np.array([np.inf, 3e38, -2.0], np.float32),
+              np.zeros((0, 4), np.float32), np.full(10, np.nan, np.float32)]
+    for value in cases:
+        assert finite_abs_max(value, chunk=1000) == theirs(value)
+    original = FP16ComputePrecision.__dict__["fp16_overflow"]
+    with lean_fp16_overflow_check():
+        assert FP16ComputePrecision.__dict__["fp16_overflow"] is not original
+    assert FP16ComputePrecision.__dict__["fp16_overflow"] is original
+
+
 def test_rms_norm_survives_fp16_massive_activations():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
