@@ -110,9 +110,11 @@ class CoreMLExporter(Exporter):
     # Lossy: the greedy floor is the guard, the logit bound only catches blow-ups (SmolLM2 int4:
     # 38/64 tokens, max error 25.5; llama.cpp q4_0 on the same weights: 44/64, 19.7).
     artifact_bytes_per_param = {"fp16": 2.0, "int8": 1.0, "int4": 0.5}
-    # torch.jit trace + MIL program + serialisation, beyond the model: 2.5 fp32 copies at fp16 and at int4
-    # on a 1.24B model (15.45 GB peak for both): bench/results/scale.md
-    toolchain_fp32_copies = 2.6
+    # Beyond the model: the MIL program's fp16 copy of the weights (coremltools builds the program from
+    # the fp32 module, whose weights it shares, then casts) and what the passes and serialisation
+    # hold on the way: 21.52 GB at fp16 on a 3.09B model. int8/int4 compress that program with the
+    # module still held: the 3B int4 export was killed at 23.04 GB. bench/results/scale.md
+    toolchain_fp32_copies = {"fp16": 1.2, "int8": 1.4, "int4": 1.4}
     tolerances = {"fp16": (1.0, 0.9), "int8": (10.0, 0.75), "int4": (40.0, 0.5)}
 
     def __init__(self):
