@@ -18,10 +18,12 @@ Rerun:  python bench/moe2dense_smollm2.py
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from safetensors import safe_open
 
@@ -82,6 +84,8 @@ def main() -> None:
     ap.add_argument("--lfuc-cpt-tokens", type=int, default=40_960, help="CPT (distillation from SmolLM2) of LF-UC @0.8")
     ap.add_argument("--limit", type=int, default=100, help="documents per task")
     ap.add_argument("--work", type=Path, default=Path("runs/bench_moe2dense"))
+    ap.add_argument("--keep-weights", action="store_true", help="keep each option's dense model and its "
+                    "distilled copy once evaluated (by default they go, ~2 GB a model; the evaluations stay)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "moe2dense_smollm2.md")
     args = ap.parse_args()
     work = args.work
@@ -98,10 +102,10 @@ def main() -> None:
     seed_caches(results["moes"], work)
     budget = lambda name: args.upcycled_distill_tokens if name.startswith("upcycled") else args.distill_tokens  # noqa: E731
 
-    def evaluated(name: str, model: Path | str) -> dict:
+    def evaluated(name: str, weights: Callable[[], Path]) -> dict:
         path = work / f"eval-{name}.json"
         if not path.exists():
-            evaluate(str(model), path, tasks=TASKS, limit=args.limit)
+            evaluate(str(weights()), path, tasks=TASKS, limit=args.limit)
         return json.loads(path.read_text())
 
     def distilled(name: str, model: Path, teacher: Path) -> Path:
@@ -119,7 +123,7 @@ def main() -> None:
     for moe_name in split(args.moes):
         moe = make_moe(moe_name, args, work)
         teacher = {"weights": weight_summary(moe)}
-        teacher["before"] = evaluated(f"{moe_name}-{teacher['weights']['digest']}", moe)
+        teacher["before"] = evaluated(f"{moe_name}-{teacher['weights']['digest']}", lambda: moe)
         teacher["ppl"] = teacher["before"]["perplexity"]["value"]
         rows: dict = {"MoE (teacher)": teacher}
         calibrated = Calibrated(moe)
@@ -130,7 +134,7 @@ def main() -> None:
                 "K": k, "k": groups, "score": score, "grouping": grouping, "scaling": scaling,
                 "weights": {**w, "digest": digest}, "ppl": ppl}
             save(results, moe_name, rows, args)
-        models: dict[str, Path] = {}
+        models: dict[str, Callable[[], Path]] = {}    # digest -> the weights, saved when first needed
         chosen = [r for r in rows.values() if "K" in r]
         if args.full == "best":
             best: dict = {}
@@ -139,7 +143,8 @@ def main() -> None:
                     best[(r["K"], r["k"])] = r
             chosen = list(best.values())
         for r in chosen:
-            models[r["weights"]["digest"]] = calibrated.saved(r, work / f"{moe_name}-{r['weights']['digest']}")
+            models[r["weights"]["digest"]] = functools.partial(
+                calibrated.saved, r, work / f"{moe_name}-{r['weights']['digest']}")
         for size in sorted({r["weights"]["nonzero"] for r in rows.values() if "K" in r}):
             # The baseline: dense SmolLM2 with whole layers dropped down to the same non-zero size.
             target = size / dense_weights["nonzero"]
@@ -150,22 +155,25 @@ def main() -> None:
                 if not done(out, "d2m_plan.json"):
                     sh([*CLI, "convert", "--method", "prune", "--target-active-ratio", f"{target:.3f}", "--out", out])
             w = weight_summary(out)
-            models[w["digest"]] = Path(out)
+            models[w["digest"]] = functools.partial(Path, out)
             rows[name] = {"baseline": True, "weights": w}
-        calibrated.release()
         for phase in [p for p in phases if p != "ppl"]:       # tasks, then distil and evaluate again
-            for digest, model in models.items():
+            for digest, weights in models.items():
+                name = f"{moe_name}-{digest}"
                 if phase == "before":
-                    result = evaluated(f"{moe_name}-{digest}", model)
-                elif (work / f"eval-{moe_name}-{digest}-distilled.json").exists():
-                    result = evaluated(f"{moe_name}-{digest}-distilled", None)
+                    result = evaluated(name, weights)
                 else:
-                    result = evaluated(f"{moe_name}-{digest}-distilled", distilled(f"{moe_name}-{digest}", model, moe))
+                    result = evaluated(f"{name}-distilled", lambda: distilled(name, weights(), moe))
                 for r in rows.values():
                     if r["weights"]["digest"] == digest:
                         r[phase] = result
                         r.setdefault("ppl", result["perplexity"]["value"] if phase == "before" else None)
                 save(results, moe_name, rows, args)
+                if not args.keep_weights:     # the evaluations hold what the table needs; a model is remade in seconds
+                    shutil.rmtree(work / name, ignore_errors=True)
+                    if phase == "after":
+                        shutil.rmtree(work / f"{name}-distilled", ignore_errors=True)
+        calibrated.release()
         save(results, moe_name, rows, args)
     print(args.out.read_text())
 
