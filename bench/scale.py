@@ -3,7 +3,8 @@ Llama-3.2-1B and Qwen2.5-3B (bf16 safetensors, configs written here; SmolLM2's t
 fall inside the larger vocabularies).
 
 Stages, each its own process so that its peak RSS is its own (os.wait4): analyze, convert lfuc@0.8,
-heal (a short one), train (one optimizer step; bf16 weights as stored, and fp32 weights), eval (a small
+heal (a short one), train (one optimizer step; bf16 weights as stored, fp32 weights, and the MoE layers
+alone), eval (a small
 --limit), generate, and each export at its default quant and its smallest. A stage that fails is
 recorded with its last error line; the table says which. Random weights say nothing about quality:
 only memory and time are measured (the embedding is scaled so that greedy decoding has clear
@@ -125,6 +126,10 @@ def stages(model: Path, work: Path, which: list[str]) -> dict[str, list]:
                   "--global-batch", 2, "--save-every", 10**9, "--out", work / "trained"],
         "train fp32": ["train", "--model", converted, "--weights-dtype", "fp32", "--tokens", 512, "--seq-len", 256,
                        "--micro-batch", 1, "--global-batch", 2, "--save-every", 10**9, "--out", work / "trained-fp32"],
+        # the same step training the MoE layers alone (experts, shared experts, routers): Adam's state
+        # for ~27% of the weights, which is what makes the 3B shape fit
+        "train moe": ["train", "--model", converted, "--train-only", "moe", "--tokens", 512, "--seq-len", 256,
+                      "--micro-batch", 1, "--global-batch", 2, "--save-every", 10**9, "--out", work / "trained-moe"],
         "eval": ["eval", "--model", healed, "--tasks", "arc_easy", "--limit", 5, "--ppl-tokens", 1024,
                  "--out", work / "eval.json"],
     }
@@ -138,6 +143,9 @@ def stages(model: Path, work: Path, which: list[str]) -> dict[str, list]:
         return plan
     # a stage by its name, or every stage of a kind ("export", "export gguf") where no stage has that name
     return {k: v for w in which for k, v in plan.items() if k == w or (w not in plan and k.startswith(w + " "))}
+
+
+NEEDED_LATER = {"lfuc", "healed", "gguf-q4_0"}     # read by the stages after them
 
 
 def run_stage(cmd: list) -> dict:
@@ -167,6 +175,8 @@ def main() -> None:
                     "('export gguf q4_0'); default all")
     ap.add_argument("--rerun", action="store_true", help="run the chosen stages again even if recorded")
     ap.add_argument("--work", type=Path, default=Path("runs/bench_scale"))
+    ap.add_argument("--keep-outputs", action="store_true",
+                    help="keep every stage's output (by default only those a later stage reads stay)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.md")
     args = ap.parse_args()
     which = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -189,6 +199,8 @@ def main() -> None:
             result = run_stage(cmd)
             if out_path is not None and out_path.exists() and result["rc"] == 0:
                 result["output_gb"] = dir_gb(out_path)
+                if out_path.name not in NEEDED_LATER and not args.keep_outputs:   # up to 12 GB each at 3B
+                    shutil.rmtree(out_path) if out_path.is_dir() else out_path.unlink()
             row["stages"][name] = {**result, "command": "d2m-export " + " ".join(str(c) for c in cmd)}
             save(shape, row, args.out)
     print(args.out.read_text())

@@ -135,32 +135,48 @@ class CoreMLExporter(Exporter):
         return {"max_seq_len": int(n)}
 
     def export(self, model_dir: Path, quant: str, out_tmp: Path, max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> list[str]:
-        from converters.coreml_module import LoweredDecoder
+        import gc
+
         from converters.coreml_program import expected_structure, read_and_check
-        from d2m_export.models import load_model
 
         import_coremltools()
         wall = {}
         t = time.time()
-        model, tokenizer, _ = load_model(model_dir, dtype="float32")
-        lowered = LoweredDecoder(model, max_seq_len).eval()
+        model, tokenizer, lowered = load_lowered(model_dir, max_seq_len)
+        keys = lowered.compressible()
         wall["load"] = time.time() - t
         t = time.time()
         traced = trace(lowered)
+        graph = graph_digest(traced)
         wall["trace"] = time.time() - t
         t = time.time()
         mlmodel = convert(traced, lowered)
         wall["convert"] = time.time() - t
         fallbacks: list = []
         if quant != "fp16":
+            # Compression reads the program back from its weight files, so neither the fp32 module nor
+            # the program in memory is needed meanwhile: both go (with them held, the 3B int4 export was
+            # killed at 23 GB), and the module comes back for the parity check.
+            del model, lowered, traced
+            gc.collect()
             t = time.time()
-            mlmodel, fallbacks = compress(mlmodel, quant, lowered.compressible())
+            mlmodel, fallbacks = compress(mlmodel, quant, keys, release=True)
             wall["compress"] = time.time() - t
         t = time.time()
         package = Path(out_tmp) / PACKAGE
         mlmodel.save(str(package))
+        del mlmodel
         wall["save"] = time.time() - t
-        expected = expected_structure(model.config, max_seq_len, quant, lowered.compressible())
+        if quant != "fp16":
+            gc.collect()
+            t = time.time()
+            model, tokenizer, lowered = load_lowered(model_dir, max_seq_len)
+            traced = trace(lowered)
+            if graph_digest(traced) != graph:
+                raise ParityError("coreml: tracing the module again for the parity check gave another graph "
+                                  "than the one converted")
+            wall["reload for parity"] = time.time() - t
+        expected = expected_structure(model.config, max_seq_len, quant, keys)
         report, problems = read_and_check(package, expected)
         if problems:
             raise ParityError("the saved Core ML program is incomplete: " + "; ".join(problems))
@@ -300,6 +316,24 @@ class CoreMLExporter(Exporter):
         }
 
 
+def load_lowered(model_dir: Path, max_seq_len: int):
+    from converters.coreml_module import LoweredDecoder
+    from d2m_export.models import load_model
+
+    model, tokenizer, _ = load_model(model_dir, dtype="float32")
+    return model, tokenizer, LoweredDecoder(model, max_seq_len).eval()
+
+
+def graph_digest(traced) -> str:
+    """The traced graph's identity: its ops, shapes and order, not its weights (TorchScript numbers
+    the class names of every module it compiles, `___torch_mangle_<n>`; those are left out)."""
+    import hashlib
+    import re
+
+    text = re.sub(r"___torch_mangle_\d+\.", "", str(traced.inlined_graph))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def trace(lowered):
     """TorchScript of the lowered module, traced at a prefill of 3 tokens after 2 (sizes stay symbolic)."""
     import torch
@@ -385,8 +419,12 @@ def block_size(shape: tuple[int, ...], quant: str) -> tuple[tuple[int, ...], str
     return rows + (0,), f"row of {shape[-1]} has no block size of 8-32: one scale per row"
 
 
-def compress(mlmodel, quant: str, keys: list[str]):
-    """int8 / int4 linear (symmetric) quantization of the named weight matrices, experts included."""
+def compress(mlmodel, quant: str, keys: list[str], release: bool = False):
+    """int8 / int4 linear (symmetric) quantization of the named weight matrices, experts included.
+    `release`: drop `mlmodel`'s program from memory first (coremltools reads it back from its weight
+    files to compress it, so it would be held twice); `mlmodel` cannot be used after."""
+    import gc
+
     import coremltools.optimize as cto
 
     from converters.coreml_program import weight_key
@@ -401,6 +439,9 @@ def compress(mlmodel, quant: str, keys: list[str]):
             configs[op.name] = cto.coreml.OpLinearQuantizerConfig(
                 mode="linear_symmetric", dtype=quant, granularity="per_block", block_size=list(block),
                 weight_threshold=1)
+    if release:
+        mlmodel._mil_program = None
+        gc.collect()
     with quiet_progress(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         compressed = cto.coreml.linear_quantize_weights(

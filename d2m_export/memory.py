@@ -51,15 +51,15 @@ def weight_bytes(model_dir: Path, dtype: str) -> int:
     return params * (4 if dtype == "float32" else 2)
 
 
-def check_memory(model_dir: Path, stage: str, need: int, how: str = "") -> None:
+def check_memory(model_dir: Path, stage: str, need: int, how: str = "", other_ways: str = "") -> None:
     """Refuse `stage` when its estimated peak `need` (bytes, weights and activations) plus the runtime
-    exceeds what is available."""
+    exceeds what is available. `other_ways`: what else would make it fit, said after the usual remedies."""
     need += RUNTIME_BYTES
     have = available_bytes()
     if need > have:
         raise UserError(f"{stage} of {model_dir} needs about {need / GB:.1f} GiB of memory ({how or 'estimated from its config'}) "
-                        f"and {have / GB:.1f} GiB is available; free memory, use a machine with more, or set "
-                        f"${LIMIT_ENV} if the estimate is wrong for you")
+                        f"and {have / GB:.1f} GiB is available; free memory, use a machine with more"
+                        f"{', ' + other_ways if other_ways else ''}, or set ${LIMIT_ENV} if the estimate is wrong for you")
 
 
 def check_model_stage(model_dir: Path, stage: str, dtype: str, extra: int = 0, how: str = "") -> None:

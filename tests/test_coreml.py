@@ -25,7 +25,7 @@ from d2m_export.plan import Block, Options, Plan
 
 ct = pytest.importorskip("coremltools")
 
-from converters.coreml import PACKAGE, compress, convert, free_greedy, trace  # noqa: E402
+from converters.coreml import PACKAGE, compress, convert, free_greedy, graph_digest, trace  # noqa: E402
 from converters.coreml_module import LoweredDecoder, StableRMSNorm, TorchRunner  # noqa: E402
 from converters.coreml_program import expected_structure, read_and_check, read_program, stored_weights  # noqa: E402
 from converters.parity import reference_greedy, runtime_forced  # noqa: E402
@@ -226,6 +226,21 @@ def test_int8_int4_compress_every_weight_matrix_experts_included(lfuc_dir, lfuc_
         for key in keys:
             w = originals[key]
             assert np.abs(stored[key].astype(np.float32) - w).max() <= tol * np.abs(w).max(), key
+
+
+def test_int4_export_reloads_the_module_it_freed_and_checks_it_traces_the_same_graph(lfuc_dir, tmp_path):
+    # the module goes while the program is compressed (memory) and comes back for parity: the
+    # graph traced again must be the one converted, and parity runs on it as for fp16
+    out = tmp_path / "int4"
+    assert main(["--target", "coreml", "--model", str(lfuc_dir), "--quant", "int4", "--max-seq-len", str(SEQ),
+                 "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parity"]["greedy_match"] == manifest["parity"]["greedy_total"] >= 64
+    assert "reload for parity" in manifest["verification"]["export_wall_s"]
+    assert manifest["coreml"]["compression"]["ops"]["constexpr_blockwise_shift_scale"] > 0
+    a, b = lfuc(top_k=1), lfuc(top_k=2)
+    la, lb = LoweredDecoder(a, SEQ).eval(), LoweredDecoder(b, SEQ).eval()
+    assert graph_digest(trace(la)) == graph_digest(trace(la)) != graph_digest(trace(lb))
 
 
 # --- command line -----------------------------------------------------------------------------

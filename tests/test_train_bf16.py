@@ -173,3 +173,23 @@ def test_bad_input(capsys, monkeypatch, bf16_moe_dir, corpus, tmp_path, problem)
     assert {"unknown-dtype": "--weights-dtype", "bf16-fp32-compute": "--dtype fp32",
             "memory": "needs about"}[problem] in err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_memory_check_counts_the_state_of_the_trained_weights_only(capsys, monkeypatch, bf16_moe_dir, corpus,
+                                                                        tmp_path):
+    # Adam's moments and the gradients are kept for what is trained: --train-only moe needs less, and
+    # a run refused for training everything says so
+    from d2m_export.memory import RUNTIME_BYTES
+    from d2m_export.train import TrainConfig, train_memory_need, trainable_count
+
+    assert 0 < trainable_count(bf16_moe_dir, "router") < trainable_count(bf16_moe_dir, "moe") \
+        < trainable_count(bf16_moe_dir, "all")
+    cfg = TrainConfig(model=str(bf16_moe_dir), out="", weights_dtype="bf16", seq_len=32, micro_batch=2)
+    everything, moe = (train_memory_need(cfg, which)[0] + RUNTIME_BYTES for which in ("all", "moe"))
+    monkeypatch.setenv("D2M_MEMORY_LIMIT_GB", f"{(everything + moe) / 2 / 2**30:.6f}")
+    argv = ["train", "--model", bf16_moe_dir, "--corpus", corpus, "--tokens", 2 * 4 * 32, *BASE]
+    assert main(list(map(str, [*argv, "--out", tmp_path / "all"]))) == 2
+    err = capsys.readouterr().err
+    assert "needs about" in err and "--train-only moe: about" in err
+    assert not (tmp_path / "all").exists()
+    assert main(list(map(str, [*argv, "--train-only", "moe", "--out", tmp_path / "moe"]))) == 0

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from d2m_export import checkpoints
 from d2m_export.data import DEFAULT_TRAIN_CORPORA, batch_indices, pack
 from d2m_export.errors import UserError
-from d2m_export.memory import check_memory, logits_bytes, weight_bytes
+from d2m_export.memory import RUNTIME_BYTES, check_memory, logits_bytes, weight_bytes
 from d2m_export.models import load_fp32_compute, load_model, model_label, read_record, resolve_model, stored_dtype
 from d2m_export.outputs import MARKER, GENERATOR, check_output_dir
 from d2m_export.shards import ShardChunks, stream_batch_indices
@@ -89,25 +89,39 @@ def resolve_weights_dtype(cfg: TrainConfig) -> str:
     return weights
 
 
-def check_train_memory(cfg: TrainConfig) -> None:
-    """Refuse before loading when the student (weights, gradients, two fp32 Adam moments), the teacher
-    as stored and a micro-batch's logits exceed the memory available.
-    Single-process runs only: ranks on one machine share its memory, and FSDP shards the state."""
-    if cfg.fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return
+def train_memory_need(cfg: TrainConfig, train_only: str | None = None) -> tuple[int, str]:
+    """The estimated peak of a single-process run (bytes) and what it counts: the student's weights;
+    gradients and two fp32 Adam moments for the weights it trains (`train_only`, by default the
+    run's); the teacher as stored; a micro-batch's logits."""
+    train_only = train_only or cfg.train_only
     model_dir = resolve_model(cfg.model)
-    weights = weight_bytes(model_dir, TORCH_DTYPES[cfg.weights_dtype])
+    dtype = TORCH_DTYPES[cfg.weights_dtype]
+    per_param = 2 if dtype == "bfloat16" else 4
     # × 1.1: what the allocator keeps of the forward and backward passes, beyond the optimizer's state
     # (bench/results/scale.md: 18.2 GB measured at the Llama-3.2-1B shape, bf16, 1 × 256 tokens)
-    need = int(1.1 * (2 * weights + 2 * weight_bytes(model_dir, "float32")))
-    how = f"{cfg.weights_dtype} weights and gradients, fp32 Adam moments"
+    need = int(1.1 * (weight_bytes(model_dir, dtype) + trainable_count(model_dir, train_only) * (per_param + 8)))
+    how = f"{cfg.weights_dtype} weights; gradients and fp32 Adam moments of the weights trained ({train_only})"
     if cfg.distill_from:
         teacher_dir = resolve_model(cfg.distill_from)
         need += weight_bytes(teacher_dir, stored_dtype(teacher_dir))
         how += ", the teacher as stored"
     # the student's logits, their gradient and log-softmax, and the teacher's
     need += 4 * logits_bytes(model_dir, cfg.micro_batch, cfg.seq_len, "float32")
-    check_memory(model_dir, "train", need, how + f" and {cfg.micro_batch} × {cfg.seq_len}-token logits")
+    return need, how + f" and {cfg.micro_batch} × {cfg.seq_len}-token logits"
+
+
+def check_train_memory(cfg: TrainConfig) -> None:
+    """Refuse before loading when `train_memory_need` exceeds the memory available, saying what
+    training the MoE layers alone would need. Single-process runs only: ranks on one machine share
+    its memory, and FSDP shards the state."""
+    if cfg.fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    need, how = train_memory_need(cfg)
+    other_ways = ""
+    if cfg.train_only == "all" and trainable_count(resolve_model(cfg.model), "moe"):
+        other_ways = (f"train the MoE layers alone (--train-only moe: about "
+                      f"{(train_memory_need(cfg, 'moe')[0] + RUNTIME_BYTES) / 2**30:.1f} GiB)")
+    check_memory(resolve_model(cfg.model), "train", need, how, other_ways)
 
 
 class Routers:
@@ -150,12 +164,28 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def select_trainable(model, train_only: str) -> list[torch.nn.Parameter]:
-    if train_only not in ("all", "moe", "router"):
+TRAINED = {"all": lambda n: True,
+           "moe": lambda n: ".mlp.gate." in n or ".mlp.experts." in n or ".mlp.shared_expert" in n,
+           "router": lambda n: ".mlp.gate." in n}
+
+
+def trainable_count(model_dir: Path, train_only: str) -> int:
+    """The parameters `--train-only` trains, counted on the model built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    from d2m_export.models import load_config
+
+    if train_only not in TRAINED:
         raise UserError(f"--train-only must be all, moe or router, not {train_only!r}")
-    keep = {"all": lambda n: True,
-            "moe": lambda n: ".mlp.gate." in n or ".mlp.experts." in n or ".mlp.shared_expert" in n,
-            "router": lambda n: ".mlp.gate." in n}[train_only]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_config(model_dir))
+    return sum(p.numel() for name, p in model.named_parameters() if TRAINED[train_only](name))
+
+
+def select_trainable(model, train_only: str) -> list[torch.nn.Parameter]:
+    if train_only not in TRAINED:
+        raise UserError(f"--train-only must be all, moe or router, not {train_only!r}")
+    keep = TRAINED[train_only]
     params = []
     for name, p in model.named_parameters():
         p.requires_grad_(keep(name))
