@@ -158,8 +158,7 @@ class CoreMLExporter(Exporter):
             # Compression reads the program back from its weight files, so neither the fp32 module nor
             # the program in memory is needed meanwhile: both go (with them held, the 3B int4 export was
             # killed at 23 GB), and the module comes back for the parity check.
-            del model, lowered, traced
-            gc.collect()
+            del model, lowered, traced       # collected by compress(release=True)
             t = time.time()
             mlmodel, fallbacks = compress(mlmodel, quant, keys, release=True)
             wall["compress"] = time.time() - t

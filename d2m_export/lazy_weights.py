@@ -203,11 +203,11 @@ class _Shards:
 def _checkpoint_names(config) -> Callable[[dict], dict]:
     """Tensors by state-dict name -> as `save_pretrained` stores them: transformers reverts its load-time
     conversions on save (Qwen2-MoE's stacked experts become one tensor per expert), so we do too."""
-    from transformers import AutoModelForCausalLM
     from transformers.core_model_loading import revert_weight_conversion
 
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(config)
+    from d2m_export.models import meta_model
+
+    meta = meta_model(config)
     return lambda group: revert_weight_conversion(meta, group)
 
 

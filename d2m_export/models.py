@@ -62,6 +62,15 @@ def read_record(model_dir: Path) -> dict | None:
     return record
 
 
+def meta_model(config):
+    """The model `config` describes, built on the meta device: names and shapes, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def load_config(model_dir: Path):
     """transformers' config object for `model_dir`; a config that transformers rejects, or whose numbers
     cannot describe a model, is a UserError like any unloadable model."""

@@ -77,13 +77,13 @@ def _counts_from_modules(cfg) -> ParamCounts:
 def _meta_counts(config_json: str) -> ParamCounts:
     import json
 
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from d2m_export.models import meta_model
 
     fields = json.loads(config_json)
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(config)
     total = sum(p.numel() for p in model.parameters())
     active = total
     if not config.tie_word_embeddings:

@@ -10,6 +10,7 @@ global batch (DDP), so the loss curve does not depend on the number of processes
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -170,16 +171,14 @@ TRAINED = {"all": lambda n: True,
            "router": lambda n: ".mlp.gate." in n}
 
 
+@functools.lru_cache(maxsize=8)      # the memory check asks for the same counts more than once
 def trainable_count(model_dir: Path, train_only: str) -> int:
     """The parameters `--train-only` trains, counted on the model built on the meta device."""
-    from transformers import AutoModelForCausalLM
-
-    from d2m_export.models import load_config
+    from d2m_export.models import load_config, meta_model
 
     if train_only not in TRAINED:
         raise UserError(f"--train-only must be all, moe or router, not {train_only!r}")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(load_config(model_dir))
+    model = meta_model(load_config(model_dir))
     return sum(p.numel() for name, p in model.named_parameters() if TRAINED[train_only](name))
 
 
