@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sidebyside import (ROOT, bench_export, convert, done, export, make_venv, median, parity_cells, ratio,  # noqa: E402
+from sidebyside import (ROOT, bench_export, convert, done, export, make_venv, median, parity_cells, publish, ratio,  # noqa: E402
                         ratio_lines, rounds, run_in_venv, sh)  # noqa: E402
 
 from d2m_export.models import DEFAULT_MODEL, read_config, resolve_model  # noqa: E402
-from d2m_export.outputs import write_json  # noqa: E402
 from d2m_export.params import param_counts  # noqa: E402
 from d2m_export.roofline import predicted_speedup  # noqa: E402
 
@@ -146,10 +145,7 @@ def main() -> None:
               "plan": manifests["lfuc fp32"]["plan"], "variants": out_variants, "speedups": speedups,
               "optimum_executorch_loads_our_bundles": optimum_loads,
               "executorch_llm_runner_on_our_bundles": llm_runner, "wall_s": round(time.time() - t_start, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out.with_suffix(".json"), result)
-    args.out.write_text(render(result))
-    print(args.out.read_text())
+    publish(args.out, result, render)
 
 
 def render(r: dict) -> str:

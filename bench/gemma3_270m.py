@@ -19,9 +19,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from sidebyside import CLI, bench_export, done, rounds, sh
+from sidebyside import CLI, bench_export, done, publish, rounds, sh
 from d2m_export.models import read_config
-from d2m_export.outputs import write_json
 from d2m_export.params import param_counts
 from d2m_export.roofline import decode_cost
 
@@ -123,9 +122,7 @@ def main() -> None:
               "lfuc_refused": lfuc_refused, "accuracy": accuracy, "published": PUBLISHED, "exports": exports,
               "export_refused": refused, "speed": speed, "roofline_speedup": roofline,
               "threads": args.threads, "rounds": args.rounds, "wall_s": round(time.time() - t0, 1)}
-    write_json(args.out.with_suffix(".json"), result)
-    args.out.write_text(render(result))
-    print(args.out.read_text())
+    publish(args.out, result, render)
 
 
 def render(r: dict) -> str:

@@ -23,10 +23,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sidebyside import ROOT, bench_export, done, export, median, ratio, rounds, sh  # noqa: E402
+from sidebyside import ROOT, bench_export, done, export, median, publish, ratio, rounds, sh  # noqa: E402
 
 from d2m_export.models import DEFAULT_MODEL, resolve_model  # noqa: E402
-from d2m_export.outputs import write_json  # noqa: E402
 
 GENAI = "onnxruntime-genai"
 
@@ -134,9 +133,7 @@ def main() -> None:
               "new_tokens": args.new_tokens, "rounds": args.rounds, "interleaved_rounds": args.interleaved_rounds,
               "table": table, "ratios": ratios, "interleaved": burst, "rows": rows,
               "wall_s": round(time.time() - t_start, 1)}
-    write_json(args.results.with_suffix(".json"), result)
-    args.results.with_suffix(".md").write_text(render(result))
-    print(render(result))
+    publish(args.results, result, render)
 
 
 def render(r: dict) -> str:

@@ -28,12 +28,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sidebyside import (ROOT, bench_export, convert, done, export, median, parity_cells, ratio,  # noqa: E402
+from sidebyside import (ROOT, bench_export, convert, done, export, median, parity_cells, publish, ratio,  # noqa: E402
                         ratio_lines, rounds, sh)  # noqa: E402
 
 from converters.gguf import K_QUANTS, llama_quantize  # noqa: E402
 from d2m_export.models import DEFAULT_MODEL, read_config, resolve_model  # noqa: E402
-from d2m_export.outputs import write_json  # noqa: E402
 from d2m_export.params import param_counts  # noqa: E402
 from d2m_export.roofline import BYTES_PER_WEIGHT, decode_cost  # noqa: E402
 
@@ -176,10 +175,7 @@ def main() -> None:
               "active_params": {"dense": param_counts(dense_cfg).active, "lfuc": param_counts(lfuc_cfg).active},
               "plan": manifests["lfuc f32"]["plan"], "variants": variants_out, "speedups": speedups,
               "logits_vs_llama_cpp_converter": logit_match, "wall_s": round(time.time() - t_start, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out.with_suffix(".json"), result)
-    args.out.write_text(render(result))
-    print(args.out.read_text())
+    publish(args.out, result, render)
 
 
 def render(r: dict) -> str:

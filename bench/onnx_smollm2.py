@@ -29,11 +29,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sidebyside import (ROOT, bench_export, convert, done, export, make_venv, median, parity_cells, ratio,  # noqa: E402
+from sidebyside import (ROOT, bench_export, convert, done, export, make_venv, median, parity_cells, publish, ratio,  # noqa: E402
                         ratio_lines, rounds, run_in_venv, sh)  # noqa: E402
 
 from d2m_export.models import DEFAULT_MODEL, read_config, resolve_model  # noqa: E402
-from d2m_export.outputs import write_json  # noqa: E402
 from d2m_export.params import param_counts  # noqa: E402
 from d2m_export.roofline import predicted_speedup  # noqa: E402
 
@@ -173,10 +172,7 @@ def main() -> None:
               "active_params": {"dense": param_counts(dense_cfg).active, "lfuc": param_counts(lfuc_cfg).active},
               "plan": manifests["lfuc fp32"]["plan"], "variants": variants, "speedups": speedups,
               "optimum_loads_our_exports": optimum_loads, "wall_s": round(time.time() - t_start, 1)}
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out_md.with_suffix(".json"), result)
-    out_md.write_text(render(result))
-    print(out_md.read_text())
+    publish(out_md, result, render)
 
 
 def render(r: dict) -> str:

@@ -21,10 +21,9 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sidebyside import CLI, ROOT, bench_export, convert, export, median, rounds, sh  # noqa: E402
+from sidebyside import CLI, ROOT, bench_export, convert, export, median, publish, rounds, sh  # noqa: E402
 
 from d2m_export.models import DEFAULT_MODEL  # noqa: E402
-from d2m_export.outputs import write_json  # noqa: E402
 from d2m_export.probe import predicted_decode_ms  # noqa: E402
 
 RUNTIMES = {"onnx fp32": ("onnx", "fp32"), "gguf f32": ("gguf", "f32"), "gguf q8_0": ("gguf", "q8_0"),
@@ -90,10 +89,7 @@ def main() -> None:
                "ratio": args.ratio, "new_tokens": args.new_tokens, "contexts": CONTEXTS, "rounds": args.rounds,
                "cases": results, "max_abs_error": max(abs(r["error"]) for r in results.values()),
                "wall_s": round(time.time() - t_start, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out.with_suffix(".json"), summary)
-    args.out.write_text(render(summary))
-    print(args.out.read_text())
+    publish(args.out, summary, render)
 
 
 def render(s: dict) -> str:

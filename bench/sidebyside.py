@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from d2m_export.outputs import write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "d2m_export.cli"]
 
@@ -100,3 +102,12 @@ def parity_cells(manifest: dict | None) -> str:
         return " | "
     p = manifest["parity"]
     return f"{p['greedy_match']}/{p['greedy_total']} | {p['max_abs_logit_err']:.3g}"
+
+
+def publish(out_md: Path, result: dict, render: Callable[[dict], str]) -> None:
+    """Write a benchmark's result as JSON beside its markdown table (same stem, .json), and print the table."""
+    out_md = Path(out_md) if Path(out_md).suffix else Path(out_md).with_suffix(".md")
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out_md.with_suffix(".json"), result)
+    out_md.write_text(render(result))
+    print(out_md.read_text())
