@@ -1,4 +1,4 @@
-"""Shared by the export benchmarks: run the CLI, reuse finished steps, time variants side by side.
+"""Shared by the export benchmarks: run the CLI, reuse finished steps, time variants side by side, publish the tables.
 
 Each round benchmarks every variant once, in turn, each in its own process (so peak RSS is its
 own); a ratio is taken within a round and the median over rounds reported — on a shared, noisy
