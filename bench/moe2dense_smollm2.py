@@ -14,6 +14,13 @@ baselines also get the zero-shot tasks, then a short distillation and both evalu
 Every step is a CLI call or a cached JSON, so a rerun resumes where it stopped, and the table is
 rewritten after each step with what is done. Writes bench/results/moe2dense_smollm2.md (and .json).
 Rerun:  python bench/moe2dense_smollm2.py
+Two processes side by side (the same options in each; the second starts from a copy of the table),
+then the whole table from both:
+        cp bench/results/moe2dense_smollm2.json runs/shard1.json
+        OMP_NUM_THREADS=1 python bench/moe2dense_smollm2.py --full all --shard 0/2 &
+        OMP_NUM_THREADS=1 python bench/moe2dense_smollm2.py --full all --shard 1/2 --out runs/shard1.md
+        python bench/moe2dense_smollm2.py --full all --from-cache
+A MoE rebuilt on another CPU differs in float rounding; see `carry_over` for what is kept.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ from d2m_export.pipeline import evaluate
 
 TASKS = ["arc_easy", "hellaswag", "piqa"]
 DENSE = "smollm2-135m"
+RESULTS = Path(__file__).parent / "results" / "moe2dense_smollm2.md"
 
 
 def weight_summary(model_dir: Path) -> dict:
@@ -86,8 +94,21 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/bench_moe2dense"))
     ap.add_argument("--keep-weights", action="store_true", help="keep each option's dense model and its "
                     "distilled copy once evaluated (by default they go, ~2 GB a model; the evaluations stay)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "moe2dense_smollm2.md")
+    ap.add_argument("--shard", default="0/1", help="I/N: distil and evaluate only every N-th model, from the "
+                    "I-th (0-based), to run N processes side by side (OMP_NUM_THREADS=1 each); all but one with "
+                    "its own --out, then --from-cache writes the whole table")
+    ap.add_argument("--from-cache", action="store_true", help="rewrite --out from its rows and the evaluations "
+                    "cached in --work, loading no model (merges --shard runs)")
+    ap.add_argument("--carry-tolerance", type=float, default=1e-3, help="a MoE rebuilt on another CPU differs "
+                    "from the table's in float rounding; an option whose perplexity matches the table's to within "
+                    "this relative tolerance keeps the table's evaluations (marked †)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    try:
+        shard, shards = (int(x) for x in args.shard.split("/"))
+        assert 0 <= shard < shards
+    except (ValueError, AssertionError):
+        ap.error(f"--shard: expected I/N with 0 <= I < N, got {args.shard!r}")
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
@@ -95,11 +116,19 @@ def main() -> None:
     grid = list(options(kept, split(args.scores), split(args.groupings), split(args.scalings)))
     phases = split(args.phases)
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "moes": {}}
-    if args.out.with_suffix(".json").is_file():       # rows of MoEs not rerun now stay in the table
-        earlier = json.loads(args.out.with_suffix(".json").read_text()).get("moes", {})
+    # Rows of MoEs not rerun now stay in the table; a new --out (a shard's) starts from the committed one's.
+    earlier_json = next((p for p in (args.out.with_suffix(".json"), RESULTS.with_suffix(".json")) if p.is_file()), None)
+    if earlier_json:
+        earlier = json.loads(earlier_json.read_text()).get("moes", {})
         results["moes"] = {m: rows for m, rows in earlier.items()
                            if all("digest" in r["weights"] for r in rows.values())}
     seed_caches(results["moes"], work)
+    if args.from_cache:
+        for moe_name, rows in results["moes"].items():
+            fill_from_caches(moe_name, rows, work)
+            save(results, moe_name, rows, args)
+        print(args.out.read_text())
+        return
     budget = lambda name: args.upcycled_distill_tokens if name.startswith("upcycled") else args.distill_tokens  # noqa: E731
 
     def evaluated(name: str, weights: Callable[[], Path]) -> dict:
@@ -125,6 +154,7 @@ def main() -> None:
         teacher = {"weights": weight_summary(moe)}
         teacher["before"] = evaluated(f"{moe_name}-{teacher['weights']['digest']}", lambda: moe)
         teacher["ppl"] = teacher["before"]["perplexity"]["value"]
+        earlier_rows = results["moes"].get(moe_name, {})
         rows: dict = {"MoE (teacher)": teacher}
         calibrated = Calibrated(moe)
         for option in grid:                       # every option's perplexity, in memory (nothing saved)
@@ -157,8 +187,9 @@ def main() -> None:
             w = weight_summary(out)
             models[w["digest"]] = functools.partial(Path, out)
             rows[name] = {"baseline": True, "weights": w}
+        carry_over(earlier_rows, rows, moe_name, work, args.carry_tolerance)
         for phase in [p for p in phases if p != "ppl"]:       # tasks, then distil and evaluate again
-            for digest, weights in models.items():
+            for digest, weights in list(models.items())[shard::shards]:
                 name = f"{moe_name}-{digest}"
                 if phase == "before":
                     result = evaluated(name, weights)
@@ -167,6 +198,8 @@ def main() -> None:
                 for r in rows.values():
                     if r["weights"]["digest"] == digest:
                         r[phase] = result
+                        if phase == "after" or "K" in r:     # what depends on the MoE: which build it was
+                            r.setdefault("measured_on", {}).setdefault(phase, teacher["weights"]["digest"])
                         r.setdefault("ppl", result["perplexity"]["value"] if phase == "before" else None)
                 save(results, moe_name, rows, args)
                 if not args.keep_weights:     # the evaluations hold what the table needs; a model is remade in seconds
@@ -191,6 +224,48 @@ def seed_caches(moes: dict, work: Path) -> None:
             for file, value in caches.items():
                 if value is not None and not (work / file).exists():
                     write_json(work / file, value)
+
+
+def fill_from_caches(moe_name: str, rows: dict, work: Path) -> None:
+    """Each row's evaluations before and after distillation, from the work folder's caches."""
+    build = rows["MoE (teacher)"]["weights"]["digest"]
+    for r in rows.values():
+        digest = r["weights"]["digest"]
+        for phase, file in (("before", f"eval-{moe_name}-{digest}.json"),
+                            ("after", f"eval-{moe_name}-{digest}-distilled.json")):
+            if (work / file).is_file() and r is not rows["MoE (teacher)"]:
+                r[phase] = json.loads((work / file).read_text())
+                if phase == "after" or "K" in r:
+                    r.setdefault("measured_on", {}).setdefault(phase, build)
+
+
+def carry_over(earlier: dict, rows: dict, moe_name: str, work: Path, tolerance: float) -> None:
+    """Keep the table's evaluations for this build of the MoE. Built on another CPU, the MoE differs in
+    float rounding: every option made from it gets another digest, and an option whose expert choice
+    rests on a near-tie may pick other experts. Where an option's perplexity matches the table's to
+    within `tolerance` (relative), its evaluations are taken over (cached under the new digest) and
+    `measured_on` names the build each was measured on; the others are evaluated again."""
+    old_teacher, teacher = earlier.get("MoE (teacher)"), rows["MoE (teacher)"]
+    if old_teacher is None:
+        return
+    old_build, build = old_teacher["weights"]["digest"], teacher["weights"]["digest"]
+    teacher["earlier_builds"] = dict(old_teacher.get("earlier_builds", {}))
+    if old_build != build:
+        teacher["earlier_builds"][old_build] = old_teacher["ppl"]
+    for label, r in rows.items():
+        old = earlier.get(label)
+        if old is None or r is teacher:
+            continue
+        same = old["weights"]["digest"] == r["weights"]["digest"]
+        if not same and ("K" not in r or abs(r["ppl"] - old["ppl"]) > tolerance * old["ppl"]):
+            continue
+        digest = r["weights"]["digest"]
+        for phase, file in (("before", f"eval-{moe_name}-{digest}.json"),
+                            ("after", f"eval-{moe_name}-{digest}-distilled.json")):
+            if phase in old and (phase == "after" or "K" in r):
+                r.setdefault("measured_on", {})[phase] = old.get("measured_on", {}).get(phase, old_build)
+                if not (work / file).exists():
+                    write_json(work / file, old[phase])
 
 
 class Calibrated:
@@ -297,6 +372,8 @@ def render(results: dict, args) -> str:
         lines += [f"## {moe_name} (distillation: {tokens} tokens)", "", "| " + " | ".join(head) + " |",
                   "|" + "---|" * len(head)]
         first: dict[str, str] = {}
+        build = rows["MoE (teacher)"]["weights"]["digest"]
+        marked = 0
         for name, r in rows.items():
             w = r["weights"]
             label = f"K={r['K']} k={r['k']} {r['score']} {r['grouping']} {r['scaling']}" if "K" in r else name
@@ -304,12 +381,22 @@ def render(results: dict, args) -> str:
             option = [str(r["K"]), str(r["k"]), r["score"], r["grouping"], r["scaling"]] if "K" in r \
                 else [name, "", "", "", ""]
             ppl = r.get("ppl")
+            before, after = _tasks(r.get("before")), r.get("after")
+            elsewhere = {p for p, b in r.get("measured_on", {}).items() if b != build}
+            before[-1] += " †" if "before" in elsewhere else ""
             cells = [*option, f"{w['nonzero'] / 1e6:.1f}M", "" if same == label else same,
-                     f"{ppl:.2f}" if ppl is not None else "…", *_tasks(r.get("before"))]
-            after = r.get("after")
+                     f"{ppl:.2f}" if ppl is not None else "…", *before]
             cells += ["–"] * (len(TASKS) + 2) if name == "MoE (teacher)" else \
-                [f"{after['perplexity']['value']:.2f}" if after else "…", *_tasks(after)]
+                [(f"{after['perplexity']['value']:.2f}" if after else "…") + (" †" if "after" in elsewhere else ""),
+                 *_tasks(after)]
+            marked += bool(elsewhere)
             lines.append("| " + " | ".join(cells) + " |")
+        earlier = rows["MoE (teacher)"].get("earlier_builds", {})
+        if marked and earlier:
+            lines += ["", f"†: measured on an earlier build of this MoE ({', '.join(f'weights {d}, ppl {p:.3f}' for d, p in earlier.items())}), "
+                      f"not this one (weights {build}, ppl {rows['MoE (teacher)']['ppl']:.3f}): the same recipe on another CPU, "
+                      "whose float rounding differs. The evaluation is kept where the option's perplexity on the two builds "
+                      f"agrees to within {args.carry_tolerance:.1%}; the other options were evaluated again. {marked} rows carry a †."]
         lines.append("")
     return "\n".join(lines)
 
