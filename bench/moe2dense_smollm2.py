@@ -157,10 +157,21 @@ def main() -> None:
         earlier_rows = results["moes"].get(moe_name, {})
         rows: dict = {"MoE (teacher)": teacher}
         calibrated = Calibrated(moe)
+        # Which weights each option gives, for this build of the MoE: a rerun skips remaking all of them.
+        made_path = work / f"options-{moe_name}-{teacher['weights']['digest']}.json"
+        made = json.loads(made_path.read_text()) if made_path.is_file() else {}
         for option in grid:                       # every option's perplexity, in memory (nothing saved)
             k, groups, score, grouping, scaling = option
-            digest, w, ppl = calibrated.perplexity(option, str(work / f"ppl-{moe_name}-{{}}.json"))
-            rows[f"K={k} k={groups} {score} {grouping} {scaling}"] = {
+            label = f"K={k} k={groups} {score} {grouping} {scaling}"
+            ppl_path = work / f"ppl-{moe_name}-{made.get(label, {}).get('digest')}.json"
+            if label in made and ppl_path.is_file():
+                w, ppl = dict(made[label]), json.loads(ppl_path.read_text())["value"]
+                digest = w.pop("digest")
+            else:
+                digest, w, ppl = calibrated.perplexity(option, str(work / f"ppl-{moe_name}-{{}}.json"))
+                made[label] = {**w, "digest": digest}
+                write_json(made_path, made)
+            rows[label] = {
                 "K": k, "k": groups, "score": score, "grouping": grouping, "scaling": scaling,
                 "weights": {**w, "digest": digest}, "ppl": ppl}
             save(results, moe_name, rows, args)
@@ -235,6 +246,8 @@ def fill_from_caches(moe_name: str, rows: dict, work: Path) -> None:
                             ("after", f"eval-{moe_name}-{digest}-distilled.json")):
             if (work / file).is_file() and r is not rows["MoE (teacher)"]:
                 r[phase] = json.loads((work / file).read_text())
+                if phase == "before" and r.get("ppl") is None:
+                    r["ppl"] = r["before"]["perplexity"]["value"]
                 if phase == "after" or "K" in r:
                     r.setdefault("measured_on", {}).setdefault(phase, build)
 
@@ -263,6 +276,7 @@ def carry_over(earlier: dict, rows: dict, moe_name: str, work: Path, tolerance: 
         for phase, file in (("before", f"eval-{moe_name}-{digest}.json"),
                             ("after", f"eval-{moe_name}-{digest}-distilled.json")):
             if phase in old and (phase == "after" or "K" in r):
+                r[phase] = old[phase]
                 r.setdefault("measured_on", {})[phase] = old.get("measured_on", {}).get(phase, old_build)
                 if not (work / file).exists():
                     write_json(work / file, old[phase])
@@ -273,18 +287,24 @@ class Calibrated:
     routing statistics (`convert --method moe2dense` would calibrate every time)."""
 
     def __init__(self, moe: Path):
+        self.moe = moe
+
+    @functools.cached_property
+    def calibration(self):
+        """(model, tokenizer, routing statistics), made when an option's weights are first needed."""
         from d2m_export import moe2dense
         from d2m_export.calibration import calibration_ids
         from d2m_export.models import load_model
 
-        self.model, self.tokenizer, _ = load_model(str(moe))
-        self.stats = moe2dense.routing_stats(self.model, calibration_ids(self.tokenizer, 2048))
+        model, tokenizer, _ = load_model(str(self.moe))
+        return model, tokenizer, moe2dense.routing_stats(model, calibration_ids(tokenizer, 2048))
 
     def dense(self, option):
         from d2m_export import moe2dense
 
+        model, _, stats = self.calibration
         k, groups, score, grouping, scaling = option
-        dense, _ = moe2dense.convert(self.model, self.stats, k, groups, score,
+        dense, _ = moe2dense.convert(model, stats, k, groups, score,
                                      "score" if grouping == "-" else grouping, scaling)
         digest = hashlib.sha256()
         for name, p in sorted(dense.named_parameters()):
@@ -300,7 +320,7 @@ class Calibrated:
         dense, digest, weights = self.dense(option)
         path = Path(cache.format(digest))
         if not path.is_file():
-            write_json(path, perplexity(dense, self.tokenizer, tokens=10240, batch_size=8, progress=False))
+            write_json(path, perplexity(dense, self.calibration[1], tokens=10240, batch_size=8, progress=False))
         return digest, weights, json.loads(path.read_text())["value"]
 
     def saved(self, row: dict, out: Path) -> Path:
@@ -311,11 +331,11 @@ class Calibrated:
             assert digest == row["weights"]["digest"]
             with atomic_dir(out) as tmp:
                 dense.save_pretrained(tmp)
-                self.tokenizer.save_pretrained(tmp)
+                self.calibration[1].save_pretrained(tmp)
         return out
 
     def release(self):
-        self.model = self.stats = None
+        self.__dict__.pop("calibration", None)
 
 
 def make_moe(name: str, args, work: Path) -> Path:
@@ -382,7 +402,7 @@ def render(results: dict, args) -> str:
                 else [name, "", "", "", ""]
             ppl = r.get("ppl")
             before, after = _tasks(r.get("before")), r.get("after")
-            elsewhere = {p for p, b in r.get("measured_on", {}).items() if b != build}
+            elsewhere = {p for p, b in r.get("measured_on", {}).items() if b != build and p in r}
             before[-1] += " †" if "before" in elsewhere else ""
             cells = [*option, f"{w['nonzero'] / 1e6:.1f}M", "" if same == label else same,
                      f"{ppl:.2f}" if ppl is not None else "…", *before]
