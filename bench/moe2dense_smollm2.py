@@ -225,7 +225,7 @@ def main() -> None:
 def seed_caches(moes: dict, work: Path) -> None:
     """Write the committed table's results into the work folder's caches, keyed by weight digest, so
     that a fresh checkout reruns only what the table lacks. A model rebuilt with other weights (its
-    digest differs) finds no cache and is evaluated again."""
+    digest differs) finds no cache here; `carry_over` decides what it keeps."""
     for moe_name, rows in moes.items():
         for name, r in rows.items():
             digest = r["weights"]["digest"]
@@ -413,10 +413,11 @@ def render(results: dict, args) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         earlier = rows["MoE (teacher)"].get("earlier_builds", {})
         if marked and earlier:
-            lines += ["", f"†: measured on an earlier build of this MoE ({', '.join(f'weights {d}, ppl {p:.3f}' for d, p in earlier.items())}), "
-                      f"not this one (weights {build}, ppl {rows['MoE (teacher)']['ppl']:.3f}): the same recipe on another CPU, "
-                      "whose float rounding differs. The evaluation is kept where the option's perplexity on the two builds "
-                      f"agrees to within {args.carry_tolerance:.1%}; the other options were evaluated again. {marked} rows carry a †."]
+            builds = ", ".join(f"weights {d}, ppl {p:.3f}" for d, p in earlier.items())
+            lines += ["", f"†: measured on an earlier build of this MoE ({builds}), not this one (weights {build}, "
+                      f"ppl {rows['MoE (teacher)']['ppl']:.3f}): the same recipe on another CPU, whose float rounding "
+                      "differs. An evaluation is kept where the option's perplexity on the two builds agrees to within "
+                      f"{args.carry_tolerance:.1%}; the other options were evaluated again. {marked} rows carry a †."]
         lines.append("")
     return "\n".join(lines)
 
