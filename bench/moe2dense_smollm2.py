@@ -119,9 +119,10 @@ def main() -> None:
     # Rows of MoEs not rerun now stay in the table; a new --out (a shard's) starts from the committed one's.
     earlier_json = next((p for p in (args.out.with_suffix(".json"), RESULTS.with_suffix(".json")) if p.is_file()), None)
     if earlier_json:
-        earlier = json.loads(earlier_json.read_text()).get("moes", {})
-        results["moes"] = {m: rows for m, rows in earlier.items()
+        earlier = json.loads(earlier_json.read_text())
+        results["moes"] = {m: rows for m, rows in earlier.get("moes", {}).items()
                            if all("digest" in r["weights"] for r in rows.values())}
+        results["builds"] = known_builds({**earlier, "moes": results["moes"]})
     seed_caches(results["moes"], work)
     if args.from_cache:
         for moe_name, rows in results["moes"].items():
@@ -157,23 +158,16 @@ def main() -> None:
         earlier_rows = results["moes"].get(moe_name, {})
         rows: dict = {"MoE (teacher)": teacher}
         calibrated = Calibrated(moe)
-        # Which weights each option gives, for this build of the MoE: a rerun skips remaking all of them.
-        made_path = work / f"options-{moe_name}-{teacher['weights']['digest']}.json"
-        made = json.loads(made_path.read_text()) if made_path.is_file() else {}
+        made = results.setdefault("builds", {}).setdefault(moe_name, {}).setdefault(teacher["weights"]["digest"], {})
         for option in grid:                       # every option's perplexity, in memory (nothing saved)
             k, groups, score, grouping, scaling = option
             label = f"K={k} k={groups} {score} {grouping} {scaling}"
-            ppl_path = work / f"ppl-{moe_name}-{made.get(label, {}).get('digest')}.json"
-            if label in made and ppl_path.is_file():
-                w, ppl = dict(made[label]), json.loads(ppl_path.read_text())["value"]
-                digest = w.pop("digest")
-            else:
+            if label not in made:
                 digest, w, ppl = calibrated.perplexity(option, str(work / f"ppl-{moe_name}-{{}}.json"))
-                made[label] = {**w, "digest": digest}
-                write_json(made_path, made)
-            rows[label] = {
-                "K": k, "k": groups, "score": score, "grouping": grouping, "scaling": scaling,
-                "weights": {**w, "digest": digest}, "ppl": ppl}
+                made[label] = {**w, "digest": digest, "ppl": ppl}
+            w = dict(made[label])
+            rows[label] = {"K": k, "k": groups, "score": score, "grouping": grouping, "scaling": scaling,
+                           "ppl": w.pop("ppl"), "weights": w}
             save(results, moe_name, rows, args)
         models: dict[str, Callable[[], Path]] = {}    # digest -> the weights, saved when first needed
         chosen = [r for r in rows.values() if "K" in r]
@@ -235,6 +229,17 @@ def seed_caches(moes: dict, work: Path) -> None:
             for file, value in caches.items():
                 if value is not None and not (work / file).exists():
                     write_json(work / file, value)
+
+
+def known_builds(table: dict) -> dict:
+    """Every build of each MoE seen so far (its weight digest), with each option's weights and
+    perplexity on it: a rerun on a build seen before (on the same kind of CPU) remakes no option."""
+    builds = table.get("builds", {})
+    for moe_name, rows in table["moes"].items():
+        if "MoE (teacher)" in rows:
+            builds.setdefault(moe_name, {}).setdefault(rows["MoE (teacher)"]["weights"]["digest"], {
+                label: {**r["weights"], "ppl": r["ppl"]} for label, r in rows.items() if "K" in r})
+    return builds
 
 
 def fill_from_caches(moe_name: str, rows: dict, work: Path) -> None:
