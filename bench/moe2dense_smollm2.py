@@ -205,7 +205,7 @@ def main() -> None:
                 for r in rows.values():
                     if r["weights"]["digest"] == digest:
                         r[phase] = result
-                        if phase == "after" or "K" in r:     # what depends on the MoE: which build it was
+                        if depends_on_moe(r, phase):
                             r.setdefault("measured_on", {}).setdefault(phase, teacher["weights"]["digest"])
                         r.setdefault("ppl", result["perplexity"]["value"] if phase == "before" else None)
                 save(results, moe_name, rows, args)
@@ -244,18 +244,27 @@ def known_builds(table: dict) -> dict:
     return builds
 
 
+def eval_files(moe_name: str, digest: str) -> tuple:
+    """(phase, cache file) of a model's evaluations before and after distillation."""
+    return (("before", f"eval-{moe_name}-{digest}.json"), ("after", f"eval-{moe_name}-{digest}-distilled.json"))
+
+
+def depends_on_moe(row: dict, phase: str) -> bool:
+    """Whether this evaluation depends on the MoE's build: a distillation from it, or an option made from it."""
+    return phase == "after" or "K" in row
+
+
 def fill_from_caches(moe_name: str, rows: dict, work: Path) -> None:
     """Each row's evaluations before and after distillation, from the work folder's caches."""
     build = rows["MoE (teacher)"]["weights"]["digest"]
     for r in rows.values():
         digest = r["weights"]["digest"]
-        for phase, file in (("before", f"eval-{moe_name}-{digest}.json"),
-                            ("after", f"eval-{moe_name}-{digest}-distilled.json")):
+        for phase, file in eval_files(moe_name, digest):
             if (work / file).is_file() and r is not rows["MoE (teacher)"]:
                 r[phase] = json.loads((work / file).read_text())
                 if phase == "before" and r.get("ppl") is None:
                     r["ppl"] = r["before"]["perplexity"]["value"]
-                if phase == "after" or "K" in r:
+                if depends_on_moe(r, phase):
                     r.setdefault("measured_on", {}).setdefault(phase, build)
 
 
@@ -280,9 +289,8 @@ def carry_over(earlier: dict, rows: dict, moe_name: str, work: Path, tolerance: 
         if not same and ("K" not in r or abs(r["ppl"] - old["ppl"]) > tolerance * old["ppl"]):
             continue
         digest = r["weights"]["digest"]
-        for phase, file in (("before", f"eval-{moe_name}-{digest}.json"),
-                            ("after", f"eval-{moe_name}-{digest}-distilled.json")):
-            if phase in old and (phase == "after" or "K" in r):
+        for phase, file in eval_files(moe_name, digest):
+            if phase in old and depends_on_moe(r, phase):
                 r[phase] = old[phase]
                 r.setdefault("measured_on", {})[phase] = old.get("measured_on", {}).get(phase, old_build)
                 if not (work / file).exists():
