@@ -27,6 +27,7 @@ from pathlib import Path
 from converters.base import Exporter, register_target
 from d2m_export.errors import UserError
 from d2m_export.models import read_config
+from d2m_export.outputs import die_with_parent
 
 log = logging.getLogger(__name__)
 PROGRAM = "model.pte"
@@ -130,7 +131,8 @@ class ExecuTorchExporter(Exporter):
         # In a process of its own: what the toolchain leaves behind (it keeps more than the program it
         # returns) goes back to the system before the parity check loads the reference and the runtime.
         try:
-            with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
                 facts = pool.submit(build_program_no_grad, Path(model_dir), Path(out_tmp) / PROGRAM, max_seq_len,
                                     quant, moe_lowering, metadata).result()
         except BrokenProcessPool:

@@ -111,6 +111,31 @@ def atomic_dir(out: Path):
         raise
 
 
+def die_with_parent(parent: int) -> None:
+    """Initializer of a worker process that writes into a temporary of ours: it dies with `parent`, the
+    run that owns the temporary. Otherwise a SIGKILLed run leaves its worker writing on, and the next
+    run's clean-up of that temporary races the orphan's files."""
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
+    else:
+        import threading
+        import time
+
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(0.1)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:            # the parent died before the line above took effect
+        os._exit(1)
+
+
 def check_output_file(path: Path) -> None:
     """A JSON output may replace only a JSON file that d2m-export wrote."""
     path = Path(path)

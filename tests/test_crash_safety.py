@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import save_with_tokenizer, tiny_dense
@@ -47,6 +48,13 @@ STAGES = {
 COMPLETE = {"convert": "d2m_plan.json", "heal": "d2m_plan.json"}         # exports: manifest.json
 
 
+WORKER = {"executorch"}                                  # builds its program in a process of its own
+
+
+def workers(pid: int) -> list:
+    return [c for c in psutil.Process(pid).children() if "spawn_main" in " ".join(c.cmdline())]
+
+
 def ours(out: Path, foreign: Path) -> list[Path]:
     return [p for p in out.parent.glob(f".{out.name}.tmp-*") if p != foreign]
 
@@ -63,11 +71,16 @@ def test_sigkill_leaves_nothing_complete_and_the_next_run_cleans_up(models, tmp_
 
     proc = subprocess.Popen(cli(*argv), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
-    while not ours(out, foreign):                          # the run is writing its temporary output: kill it there
+    # kill the run while it writes its temporary output (and, where a worker process builds it, while
+    # that worker runs: an orphaned worker would go on writing into the temporary the next run removes)
+    while not ours(out, foreign) or (stage in WORKER and not workers(proc.pid)):
         assert proc.poll() is None and time.time() < deadline, f"{stage} ended before it could be killed"
         time.sleep(0.01)
+    children = psutil.Process(proc.pid).children(recursive=True)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"the killed {stage} left {[p.cmdline() for p in alive]} running"
     assert not out.exists(), f"a killed {stage} left {sorted(p.name for p in out.iterdir())} at --out"
     assert ours(out, foreign), "the killed run's temporary directory should still be there, for the next run to clean"
 
