@@ -226,8 +226,7 @@ def seed_caches(moes: dict, work: Path) -> None:
         for name, r in rows.items():
             digest = r["weights"]["digest"]
             caches = {f"ppl-{moe_name}-{digest}.json": {"value": r["ppl"]} if "K" in r and "ppl" in r else None,
-                      f"eval-{moe_name}-{digest}.json": r.get("before"),
-                      f"eval-{moe_name}-{digest}-distilled.json": r.get("after")}
+                      **{file: r.get(phase) for phase, file in eval_files(moe_name, digest)}}
             for file, value in caches.items():
                 if value is not None and not (work / file).exists():
                     write_json(work / file, value)
