@@ -54,7 +54,7 @@ class OnnxExporter(Exporter):
             raise UserError(f"the onnx target exports {', '.join(FAMILIES)} models, not {model_type!r}")
         if head_bits is not None and quant not in ("int8", "int4"):
             raise UserError(f"--head-bits applies to --quant int8 and int4, not {quant}")
-        from converters.onnx_graph import ExternalData
+        from converters.onnx_ops import ExternalData
 
         out_tmp = Path(out_tmp)
         data = ExternalData(out_tmp / DATA_FILE)
@@ -72,7 +72,7 @@ class OnnxExporter(Exporter):
         if n is not None and n < MIN_MAX_SEQ_LEN:
             raise UserError(f"--max-seq-len must be at least {MIN_MAX_SEQ_LEN} (the parity check decodes ~60 "
                             f"positions), not {n}")
-        from converters.onnx_graph import LOWERINGS
+        from converters.onnx_moe import LOWERINGS
         if options.get("head_bits") not in (None, 4, 8):
             raise UserError(f"--head-bits must be 4 or 8, not {options['head_bits']}")
         lowering = options.get("moe_lowering")
@@ -126,7 +126,8 @@ def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe
 
     from d2m_export.lazy_weights import Float32Arrays
     from d2m_export.models import load_model
-    from converters.onnx_graph import Graph, Linears, build_graph, rotary_tables_by_type, spec_of
+    from converters.onnx_graph import build_graph, rotary_tables_by_type, spec_of
+    from converters.onnx_ops import Graph, Linears
     from converters.onnx_quant import quantized_linears
 
     model, _, _ = load_model(model_dir)       # any load failure is a one-line UserError

@@ -10,12 +10,15 @@ BNSH layout), and every operator has an ONNX Runtime CPU kernel:
   Then `attention_mask` is as long as the valid sequence (past + new), not as the buffer;
 - an MoE layer is one `com.microsoft.MoE` (fp32) or `QMoE` node (`moe_lowering="sparse"`, the
   default): the kernel takes the raw router logits, does softmax -> top-k -> renormalise, and runs
-  only the selected experts. `moe_lowering="gather"` routes in plain ONNX instead: ArgMax (top-1,
+  only the selected experts. `moe_lowering="switch"` puts each distinct expert in an `If` whose branch
+  owns that expert's weights (so ONNX Runtime prepacks them, as it does a dense MLP's): a decode step
+  runs its chosen experts' MatMuls on all threads and skips the rest; a branch weights every row of a
+  prompt by its routing weight, so prompts are exact too. `moe_lowering="gather"` routes in plain ONNX instead: ArgMax (top-1,
   renormalised) or Softmax -> TopK, then per expert NonZero + GatherND of the rows that chose it,
   that expert's own MatMuls, ScatterND back — no contrib op, every MatMul on all threads, but a
   dozen nodes per expert on every step; on SmolLM2 LF-UC@0.8 it decodes 7-13% slower than the
   kernel (`bench/results/moe_lowering_onnx_*.md`).
-  Neither has a shared expert, so Qwen2-MoE's shared expert is an ordinary MLP beside it, gated
+  None of them has a shared expert, so Qwen2-MoE's shared expert is an ordinary MLP beside it, gated
   by sigmoid(shared_expert_gate(x)) — folded into its down-projection when that gate is zero;
 - RMSNorm and the residual adds are `SkipSimplifiedLayerNormalization`.
 
@@ -36,85 +39,24 @@ are zero, and the softmax scale stays 1/sqrt(real head size). The result is exac
 every token and weighted by a mask that is zero outside the top-k (two MatMuls over all experts'
 stacked weights). Same outputs, all expert weights read per token; kept for comparison.
 
-Weights enter through `Linears`, which decides how each projection is stored (fp32 MatMul, or a
-quantized MatMulNBits / QMoE, see `converters.onnx_quant`).
+Weights enter through `Linears` (`converters.onnx_ops`), which decides how each projection is stored (fp32
+MatMul, or a quantized MatMulNBits / QMoE, see `converters.onnx_quant`); the MoE lowerings are in
+`converters.onnx_moe`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from converters.zero_neurons import live_neurons
+from converters.onnx_moe import moe_block
+from converters.onnx_ops import MS, Graph, Linears
 from d2m_export.errors import UserError
 
 OPSET = 23
-MS = "com.microsoft"
 GQA_HEAD_MULTIPLE = 16
-
-
-class ExternalData:
-    """The weights file beside the graph, written as initializers are made: a large initializer is on
-    disk (ONNX external data, page-aligned like onnx's own converter aligns it) before the next is made,
-    so building the graph never holds the model's weights in memory."""
-    THRESHOLD = 1024            # bytes: smaller initializers stay inside the graph, as onnx.save_model keeps them
-    ALIGN, ALIGN_ABOVE = 4096, 1 << 20
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.file = open(self.path, "wb")
-
-    def tensor(self, array: np.ndarray, name: str) -> TensorProto:
-        proto = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
-        offset = self.file.tell()
-        if array.nbytes > self.ALIGN_ABOVE and offset % self.ALIGN:
-            self.file.write(b"\0" * (self.ALIGN - offset % self.ALIGN))
-            offset = self.file.tell()
-        self.file.write(array.tobytes())
-        proto.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(array.nbytes))):
-            entry = proto.external_data.add()
-            entry.key, entry.value = key, value
-        return proto
-
-    def close(self) -> None:
-        self.file.close()
-
-
-@dataclass
-class Graph:
-    """Nodes and initializers, with unique names; large initializers go straight to `data` when given."""
-    nodes: list = field(default_factory=list)
-    initializers: list = field(default_factory=list)
-    names: set = field(default_factory=set)
-    data: ExternalData | None = None
-
-    def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.names:
-            name, i = f"{base}_{i}", i + 1
-        self.names.add(name)
-        return name
-
-    def const(self, name: str, array: np.ndarray) -> str:
-        name = self.fresh(name)
-        array = np.ascontiguousarray(array)
-        if self.data is not None and array.nbytes >= ExternalData.THRESHOLD:
-            self.initializers.append(self.data.tensor(array, name))
-        else:
-            self.initializers.append(numpy_helper.from_array(array, name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "",
-           **attrs) -> str | list[str]:
-        """Add one node; return its output name (or names, when `outputs` > 1 or a list)."""
-        node_name = self.fresh(name)
-        outs = outputs if isinstance(outputs, list) else [f"{node_name}/out{i}" for i in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=node_name, domain=domain or None, **attrs))
-        return outs[0] if len(outs) == 1 else outs
 
 
 @dataclass(frozen=True)
@@ -221,78 +163,6 @@ def pad_heads_rows(w: np.ndarray, n_heads: int, spec: Spec) -> np.ndarray:
 def pad_heads_cols(w: np.ndarray, n_heads: int, spec: Spec) -> np.ndarray:
     return pad_heads_rows(w.T, n_heads, spec).T
 
-
-def interleave_gate_up(gate_up: np.ndarray) -> np.ndarray:
-    """[E, 2I, H] as [gate; up] -> rows interleaved g0, u0, g1, u1, ... (the kernel's swiglu_fusion=1)."""
-    e, two_i, h = gate_up.shape
-    i = two_i // 2
-    return np.stack([gate_up[:, :i], gate_up[:, i:]], axis=2).reshape(e, two_i, h)
-
-
-class Linears:
-    """fp32 storage of projections: y = x @ W.T (+ b). Quantized variants override `matmul` and `moe`."""
-    quant = "fp32"
-
-    def __init__(self, g: Graph):
-        self.g = g
-
-    def matmul(self, x: str, weight: np.ndarray, name: str, output: str | None = None) -> str:
-        """x [..., in] times weight [out, in] transposed."""
-        return self.g.op("MatMul", [x, self.g.const(f"{name}.weight_t", weight.T.astype(np.float32))], name,
-                         outputs=[output] if output else 1)
-
-    def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None, name: str) -> str:
-        y = self.matmul(x, weight, name)
-        if bias is not None:
-            y = self.g.op("Add", [y, self.g.const(f"{name}.bias", bias.astype(np.float32))], f"{name}.add_bias")
-        return y
-
-    def swiglu(self, x: str, gate_w: np.ndarray, up_w: np.ndarray, down_w: np.ndarray, name: str,
-               down_scale: float = 1.0, activation: str = "silu") -> str:
-        """down(act(gate(x)) * up(x)), without the neurons whose weights are all zero; act is silu
-        (SwiGLU) or tanh-approximated GELU (GeGLU)."""
-        g = self.g
-        live = live_neurons(gate_w, up_w, down_w)
-        gate_w, up_w, down_w = gate_w[live], up_w[live], down_w[:, live]
-        gu = self.matmul(x, np.concatenate([gate_w, up_w]), f"{name}.gate_up")
-        gate, up = g.op("Split", [gu], f"{name}.split", outputs=2, axis=-1, num_outputs=2)
-        if activation == "gelu_tanh":
-            gated = g.op("Gelu", [gate], f"{name}.gelu", approximate="tanh")
-        else:
-            gated = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{name}.sigmoid")], f"{name}.silu")
-        act = g.op("Mul", [gated, up], f"{name}.act")
-        return self.matmul(act, down_w * down_scale, f"{name}.down")
-
-    def moe(self, x: str, router_logits: str, fc1: np.ndarray, fc2: np.ndarray, k: int, normalize: bool,
-            name: str) -> str:
-        """Routed experts in one kernel node: fc1 [E, 2I, H] (gate/up interleaved), fc2 [E, H, I]."""
-        g = self.g
-        return g.op("MoE", [x, router_logits, g.const(f"{name}.fc1", fc1.astype(np.float32)), "",
-                            g.const(f"{name}.fc2", fc2.astype(np.float32))], name, domain=MS,
-                    **moe_attrs(k, normalize))
-
-    def embedding_and_head(self, embed: np.ndarray, lm_head: np.ndarray | None, input_ids: str):
-        """The token embedding of `input_ids` and a function x -> logits. A tied head (`lm_head` None) is
-        stored once, as [H, V] for the MatMul; the embedding gathers its columns."""
-        g = self.g
-        if lm_head is not None:
-            hidden = g.op("Gather", [g.const("embed_tokens.weight", embed.astype(np.float32)), input_ids], "embed", axis=0)
-            return hidden, lambda x: self.matmul(x, lm_head, "lm_head", output="logits")
-        head = g.const("lm_head.weight_t", embed.T.astype(np.float32))
-        hidden = g.op("Transpose", [g.op("Gather", [head, input_ids], "embed.gather", axis=1)], "embed.transpose",
-                      perm=[1, 2, 0])
-        return hidden, lambda x: g.op("MatMul", [x, head], "lm_head", outputs=["logits"])
-
-    def describe(self) -> dict:
-        return {"weights": "fp32"}
-
-
-def moe_attrs(k: int, normalize: bool) -> dict:
-    return dict(k=int(k), activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
-                normalize_routing_weights=int(normalize))
-
-
-LOWERINGS = ("sparse", "gather", "dense")
 
 
 def build_graph(spec: Spec, sd: dict[str, np.ndarray], rotary: dict, lin: Linears,
@@ -407,107 +277,3 @@ def head_norm(g: Graph, spec: Spec, x: str, gamma: np.ndarray, n_heads: int, nam
     normed = g.op("RMSNormalization", [heads, g.const(f"{name}.weight", gamma)], name, axis=-1,
                   epsilon=spec.eps * ratio)
     return g.op("Reshape", [normed, g.const(f"{name}.flat_shape", np.array([0, 0, -1], np.int64))], f"{name}.flat")
-
-
-def moe_block(g: Graph, lin: Linears, spec: Spec, sd: dict, m: str, x: str, name: str, mlp,
-              lowering: str = "sparse") -> str:
-    """Qwen2-MoE sparse block: routed experts as `lowering` says, plus the (gated) shared expert beside them."""
-    router_w = sd[m + "gate.weight"]                      # [E, H]
-    num_experts = router_w.shape[0]
-    logits = g.op("MatMul", [x, g.const(f"{name}.router.weight_t", router_w.T.astype(np.float32))], f"{name}.router")
-    logits_2d = g.op("Reshape", [logits, g.const(f"{name}.router_shape", np.array([-1, num_experts], np.int64))],
-                     f"{name}.router_2d")
-    if lowering == "gather":
-        routed = gathered_experts(g, lin, x, logits_2d, sd[m + "experts.gate_up_proj"], sd[m + "experts.down_proj"],
-                                  spec.moe_top_k, spec.norm_topk_prob, f"{name}.experts")
-    elif lowering == "dense":
-        routed = dense_mask_experts(g, x, logits_2d, sd[m + "experts.gate_up_proj"], sd[m + "experts.down_proj"],
-                                    spec.moe_top_k, spec.norm_topk_prob, f"{name}.experts")
-    else:
-        routed = lin.moe(x, logits_2d, interleave_gate_up(sd[m + "experts.gate_up_proj"]),
-                         sd[m + "experts.down_proj"], spec.moe_top_k, spec.norm_topk_prob, f"{name}.experts")
-    shared_width = sd.get(m + "shared_expert.gate_proj.weight", np.zeros((0, 1))).shape[0]
-    if shared_width == 0:
-        return routed
-    gate_w = sd[m + "shared_expert_gate.weight"]          # [1, H]
-    if not gate_w.any():                                  # sigmoid(0) = 0.5, folded into the down-projection
-        shared = mlp(x, m + "shared_expert.", f"{name}.shared", down_scale=0.5)
-    else:
-        shared = g.op("Mul", [mlp(x, m + "shared_expert.", f"{name}.shared"),
-                              g.op("Sigmoid", [g.op("MatMul", [x, g.const(f"{name}.shared_gate.weight_t",
-                                                                         gate_w.T.astype(np.float32))],
-                                                    f"{name}.shared_gate")], f"{name}.shared_gate_sigmoid")],
-                      f"{name}.shared_gated")
-    return g.op("Add", [routed, shared], f"{name}.sum")
-
-
-def gathered_experts(g: Graph, lin: Linears, x: str, logits_2d: str, gate_up: np.ndarray, down: np.ndarray,
-                     k: int, normalize: bool, name: str) -> str:
-    """Each expert on the rows of the tokens that chose it. gate_up [E, 2I, H] (gate rows then up rows),
-    down [E, H, I]. Top-1 renormalised (LF-UC's routed host) needs no weights at all: ArgMax picks the
-    expert and its weight is 1; otherwise softmax -> top-k (-> renormalise) gives each row its weight."""
-    e, two_i, h = gate_up.shape
-    i = two_i // 2
-    x2d = g.op("Reshape", [x, g.const(f"{name}.x_shape", np.array([-1, h], np.int64))], f"{name}.x_2d")
-    out = g.op("Mul", [x2d, g.const(f"{name}.zero", np.array(0, np.float32))], f"{name}.zeros")
-    unweighted = k == 1 and normalize
-    if unweighted:
-        choice = g.op("ArgMax", [logits_2d], f"{name}.argmax", axis=1, keepdims=0)              # [T]
-    else:
-        probs = g.op("Softmax", [logits_2d], f"{name}.softmax", axis=-1)
-        top, idx = g.op("TopK", [probs, g.const(f"{name}.k", np.array([k], np.int64))], f"{name}.topk", outputs=2,
-                        axis=-1)
-        if normalize:
-            top = g.op("Div", [top, g.op("ReduceSum", [top, g.const(f"{name}.axes", np.array([-1], np.int64))],
-                                         f"{name}.topk_sum", keepdims=1)], f"{name}.topk_norm")
-    for j in range(e):
-        expert = g.const(f"{name}.{j}.id", np.array(j, np.int64))
-        if unweighted:
-            chosen = g.op("Equal", [choice, expert], f"{name}.{j}.chosen")
-        else:                                     # this expert's routing weight per token, 0 where not chosen
-            weight = g.op("ReduceSum", [g.op("Where", [g.op("Equal", [idx, expert], f"{name}.{j}.hit"), top,
-                                                       g.const(f"{name}.{j}.none", np.array(0, np.float32))],
-                                             f"{name}.{j}.hit_weight"),
-                                        g.const(f"{name}.{j}.axis", np.array([1], np.int64))],
-                          f"{name}.{j}.weight", keepdims=0)                                   # [T]
-            chosen = g.op("Greater", [weight, g.const(f"{name}.{j}.zero", np.array(0, np.float32))], f"{name}.{j}.chosen")
-        rows = g.op("Transpose", [g.op("NonZero", [chosen], f"{name}.{j}.nonzero")], f"{name}.{j}.rows", perm=[1, 0])
-        y = lin.swiglu(g.op("GatherND", [x2d, rows], f"{name}.{j}.x"), gate_up[j, :i], gate_up[j, i:], down[j],
-                       f"{name}.{j}")
-        if not unweighted:
-            y = g.op("Mul", [y, g.op("Unsqueeze", [g.op("GatherND", [weight, rows], f"{name}.{j}.row_weight"),
-                                                   g.const(f"{name}.{j}.axis_1", np.array([1], np.int64))],
-                                     f"{name}.{j}.row_weight_2d")], f"{name}.{j}.weighted")
-        # with top-1 each token's row is written once; with top-k it collects k experts' contributions
-        out = g.op("ScatterND", [out, rows, y], f"{name}.{j}.scatter", **({"reduction": "add"} if k > 1 else {}))
-    return g.op("Reshape", [out, g.op("Shape", [x], f"{name}.x_shape_of")], f"{name}.out")
-
-
-def dense_mask_experts(g: Graph, x: str, logits_2d: str, gate_up: np.ndarray, down: np.ndarray, k: int,
-                       normalize: bool, name: str) -> str:
-    """Every expert on every token, weighted by softmax -> top-k (-> renormalise) scattered into a zero
-    mask. gate_up [E, 2I, H] (gate rows then up rows), down [E, H, I]."""
-    e, two_i, h = gate_up.shape
-    i = two_i // 2
-    probs = g.op("Softmax", [logits_2d], f"{name}.softmax", axis=-1)
-    top, idx = g.op("TopK", [probs, g.const(f"{name}.k", np.array([k], np.int64))], f"{name}.topk", outputs=2, axis=-1)
-    if normalize:
-        top = g.op("Div", [top, g.op("ReduceSum", [top, g.const(f"{name}.axes", np.array([-1], np.int64))],
-                                     f"{name}.topk_sum", keepdims=1)], f"{name}.topk_norm")
-    weights = g.op("ScatterElements", [g.op("Mul", [probs, g.const(f"{name}.zero", np.array(0, np.float32))],
-                                            f"{name}.zeros"), idx, top], f"{name}.mask", axis=1)        # [T, E]
-    x2d = g.op("Reshape", [x, g.const(f"{name}.x_shape", np.array([-1, h], np.int64))], f"{name}.x_2d")
-    gu = g.op("MatMul", [x2d, g.const(f"{name}.gate_up_t", gate_up.reshape(e * two_i, h).T.astype(np.float32))],
-              f"{name}.gate_up")
-    gu = g.op("Reshape", [gu, g.const(f"{name}.gu_shape", np.array([-1, e, 2, i], np.int64))], f"{name}.gu_4d")
-    gate, up = g.op("Split", [gu], f"{name}.split", outputs=2, axis=2, num_outputs=2)
-    act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{name}.sigmoid")], f"{name}.silu"), up],
-               f"{name}.act")                                                                # [T, E, 1, I]
-    act = g.op("Mul", [g.op("Reshape", [act, g.const(f"{name}.act_shape", np.array([-1, e, i], np.int64))],
-                            f"{name}.act_3d"),
-                       g.op("Unsqueeze", [weights, g.const(f"{name}.axis2", np.array([2], np.int64))],
-                            f"{name}.mask_3d")], f"{name}.weighted")
-    act = g.op("Reshape", [act, g.const(f"{name}.flat_shape", np.array([-1, e * i], np.int64))], f"{name}.act_2d")
-    out = g.op("MatMul", [act, g.const(f"{name}.down_t", down.transpose(0, 2, 1).reshape(e * i, h).astype(np.float32))],
-               f"{name}.down")
-    return g.op("Reshape", [out, g.op("Shape", [x], f"{name}.x_shape_of")], f"{name}.out")

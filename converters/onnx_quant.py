@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from converters.onnx_graph import MS, Graph, Linears, moe_attrs
+from converters.onnx_ops import MS, Graph, Linears, moe_attrs
 
 BITS = {"int8": 8, "int4": 4}
 BLOCK = 32

@@ -25,6 +25,7 @@ ort = pytest.importorskip("onnxruntime")
 BLOCKS = [Block(1, [2, 3]), Block(4, [5])]      # 6 layers -> 3: dense, MoE, MoE
 MOE_VARIANTS = ["lfuc-shared-k1", "lfuc-shared-k2", "lfuc-routed-k1", "lfuc-routed-k2", "lfuc-gated-k2"]
 VARIANTS = ["llama", "qwen2", "llama-hd16", *MOE_VARIANTS]
+QWEN3_MOE_VARIANTS = ["lfuc-routed-k1-qwen3", "lfuc-shared-k2-qwen3"]     # Qwen3 bases: q/k norms
 PROMPT = [504, 3459, 8089, 12480, 690, 260, 23790, 2767, 30]
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,10 +49,10 @@ def build(variant: str):
         return sensitive(tiny_dense("llama", num_attention_heads=2, num_key_value_heads=1))
     if variant in ("llama", "qwen2"):
         return sensitive(tiny_dense(variant))
-    _, mode, k = variant.split("-")
+    _, mode, k, *family = variant.split("-")
     top_k = int(k[1])
     host_mode = "routed" if mode == "routed" else "shared"
-    base = "qwen2" if mode == "gated" else "llama"
+    base = family[0] if family else "qwen2" if mode == "gated" else "llama"
     plan = Plan("lfuc", 6, BLOCKS, Options(host_mode=host_mode, top_k=top_k, num_experts=3 if host_mode == "shared" else 4,
                                            router_init="zero"))
     moe = get_method("lfuc").build(sensitive(tiny_dense(base)), plan)
@@ -70,7 +71,7 @@ def build(variant: str):
 def models(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("onnx-models")
     dirs = {}
-    for variant in VARIANTS:
+    for variant in VARIANTS + QWEN3_MOE_VARIANTS:
         dirs[variant] = save_with_tokenizer(build(variant), root / variant, tokenizer_dir)
     return dirs
 
@@ -216,6 +217,79 @@ def test_default_lowering_has_one_moe_node_per_moe_layer_and_matches(capsys, mod
         assert shapes[node.input[2]] == [e, 2 * i, h] and shapes[node.input[4]] == [e, h, i]
 
 
+def branch_weights(graph) -> tuple[dict, list]:
+    """Per `If` node of the switch lowering, the expert nodes of its taken branch and the names of the
+    initializers that branch owns; and the expert products anywhere else (routing aside)."""
+    branches = {}
+    elsewhere = [n for n in graph.node if ".experts." in n.name and n.op_type in ("MatMul", "MatMulNBits", "MoE", "QMoE")
+                 and not n.name.endswith(".distinct_weights")]
+    for node in graph.node:
+        if node.op_type == "If":
+            run = next(a.g for a in node.attribute if a.name == "then_branch")
+            branches[node.name] = ([n for n in run.node if ".experts." in n.name], {t.name for t in run.initializer})
+    return branches, elsewhere
+
+
+@pytest.mark.parametrize("variant,quant", [(v, "fp32") for v in MOE_VARIANTS + QWEN3_MOE_VARIANTS]
+                         + [("lfuc-routed-k1", "int4"), ("lfuc-shared-k2-qwen3", "int4"), ("lfuc-routed-k2", "int8"),
+                            ("lfuc-routed-k1", "fp16")])
+def test_switch_lowering_keeps_each_experts_weights_in_its_own_branch_and_matches(capsys, models, tmp_path, variant,
+                                                                                  quant):
+    """Prompt and one-token steps, in onnxruntime and onnxruntime-genai: each distinct expert is one `If` whose
+    branch owns its weights (so ONNX Runtime prepacks them); no expert weight lives outside its branch."""
+    from converters.onnx import OnnxExporter
+
+    code, _, err = run(capsys, "--target", "onnx", "--model", models[variant], "--moe-lowering", "switch",
+                       "--quant", quant, "--threads", 2, "--out", tmp_path / "e")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert manifest["onnx"]["moe_lowering"] == "switch" and manifest["onnx"]["moe_nodes"] == 0
+    parity, (_, floor) = manifest["parity"], OnnxExporter.tolerances[quant]
+    genai = parity["other_runtimes"]["onnxruntime-genai"]
+    for checked in (parity, genai):
+        assert checked["greedy_match"] >= (1.0 if quant == "fp32" else floor) * parity["greedy_total"]
+        if quant == "fp32":
+            assert checked["max_abs_logit_err"] < 1e-4
+    model = hf_model(models[variant])
+    cfg = model.config
+    graph = graph_of(tmp_path / "e")
+    branches, elsewhere = branch_weights(graph)
+    assert not elsewhere, [n.name for n in elsewhere]
+    distinct = sum(len({(e.gate_up_proj[j].detach().numpy().tobytes(), e.down_proj[j].detach().numpy().tobytes())
+                        for j in range(cfg.num_experts)})
+                   for e in (model.model.layers[i].mlp.experts for i in moe_layers(model)))
+    assert len(branches) == distinct                 # replicated experts share one branch
+    matmul = "MatMul" if quant in ("fp32", "fp16") else "MatMulNBits"
+    for nodes, owned in branches.values():
+        products = [n for n in nodes if n.op_type == matmul]
+        assert len(products) == 2                    # gate/up and down, each reading a weight the branch owns
+        for n in products:
+            weight = n.input[1]
+            if quant == "fp16":                      # a Cast of the branch's own fp16 initializer
+                weight = next(c.input[0] for c in nodes if c.output[0] == weight and c.op_type == "Cast")
+            assert weight in owned, n.name
+    main = {t.name for t in graph.initializer}
+    assert not [t for t in main if ".experts." in t and ("weight" in t or "scales" in t)]
+
+
+def test_switch_lowering_stores_a_replicated_expert_once(capsys, tmp_path, tokenizer_dir):
+    """LF-UC replicates a short block's MLPs up to N experts: the copies share one branch, their weights add."""
+    plan = Plan("lfuc", 6, [Block(1, [2, 3])], Options(host_mode="routed", top_k=2, num_experts=5, router_init="zero"))
+    moe = get_method("lfuc").build(sensitive(tiny_dense("llama")), plan)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        gate = moe.model.layers[1].mlp.gate.weight
+        gate.copy_(torch.randn(gate.shape, generator=g))
+    model_dir = save_with_tokenizer(moe, tmp_path / "m", tokenizer_dir)
+    code, _, err = run(capsys, "--target", "onnx", "--model", model_dir, "--moe-lowering", "switch", "--threads", 2,
+                       "--out", tmp_path / "e")
+    assert code == 0, err
+    parity = json.loads((tmp_path / "e" / "manifest.json").read_text())["parity"]
+    assert parity["greedy_match"] == parity["greedy_total"]
+    branches, _ = branch_weights(graph_of(tmp_path / "e"))
+    assert len(branches) == 3                       # 5 expert slots, 3 distinct MLPs
+
+
 @pytest.mark.parametrize("variant", ["lfuc-shared-k2", "lfuc-routed-k1"])
 def test_dense_mask_lowering_computes_every_expert_and_matches(capsys, models, tmp_path, variant):
     """The comparison lowering (optimum's way): no MoE node, all experts' weights in two MatMuls, same tokens."""
@@ -263,16 +337,26 @@ def test_graph_works_the_optimum_way_with_growing_past(capsys, models, tmp_path)
 
 
 @pytest.mark.parametrize("breakage", ["gate_up_not_interleaved", "routing_not_renormalised",
-                                      "gather_not_renormalised", "gather_experts_swapped"])
+                                      "gather_not_renormalised", "gather_experts_swapped",
+                                      "switch_not_renormalised", "switch_experts_swapped"])
 def test_a_wrong_moe_export_fails_parity_and_leaves_nothing(capsys, models, tmp_path, monkeypatch, breakage):
-    import converters.onnx_graph as graph
+    import converters.onnx_moe as graph
+    import converters.onnx_ops as ops
 
     lowering, variant = "sparse", "lfuc-shared-k2"
     if breakage == "gate_up_not_interleaved":
         monkeypatch.setattr(graph, "interleave_gate_up", lambda w: w)
     elif breakage == "routing_not_renormalised":
-        original = graph.moe_attrs
-        monkeypatch.setattr(graph, "moe_attrs", lambda k, normalize: original(k, False))
+        original = ops.moe_attrs
+        monkeypatch.setattr(ops, "moe_attrs", lambda k, normalize: original(k, False))
+    elif breakage.startswith("switch"):
+        lowering, original = "switch", graph.switched_experts
+        if breakage == "switch_not_renormalised":
+            monkeypatch.setattr(graph, "switched_experts", lambda *a: original(*a[:-2], False, a[-1]))
+        else:       # top-1 routed host: expert j's rows run through expert j+1's weights
+            variant = "lfuc-routed-k1"
+            monkeypatch.setattr(graph, "switched_experts", lambda g, lin, x, logits, gu, down, *a: original(
+                g, lin, x, logits, np.roll(gu, 1, axis=0), np.roll(down, 1, axis=0), *a))
     else:
         lowering, original = "gather", graph.gathered_experts
         if breakage == "gather_not_renormalised":
