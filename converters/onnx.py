@@ -1,10 +1,10 @@
-"""ONNX Runtime: one decoder graph for prefill and decode, MoE layers sparse in `com.microsoft.MoE`.
+"""ONNX Runtime: one decoder graph for prefill and decode; only the selected experts of an MoE layer run.
 
 The graph is built directly from the weights (`converters.onnx_graph`): a decoder of this kind is
 about ten node types, and building it by hand keeps every operator one that ONNX Runtime's CPU
-provider runs natively: GroupQueryAttention (in-place KV cache), MoE/QMoE (only the selected
-experts run; `--moe-lowering gather` routes in plain ONNX instead), SkipSimplifiedLayerNormalization,
-MatMul or MatMulNBits.
+provider runs natively: GroupQueryAttention (in-place KV cache), MoE layers as one `If` per expert
+(`switch`, the fp32/fp16 default) or one MoE/QMoE node (`sparse`, the int8/int4 default; `--moe-lowering`
+picks; `gather` routes in plain ONNX), SkipSimplifiedLayerNormalization, MatMul or MatMulNBits.
 
 Files: `model.onnx` (the graph), `model.onnx.data` (its weights, as ONNX external data, so the
 2 GB protobuf limit never applies; a tied embedding / LM head is stored once) and
@@ -26,6 +26,11 @@ GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 MAX_POSITIONS = 32768      # rotary table rows (and so the longest sequence) at most
 MIN_MAX_SEQ_LEN = 64       # the parity check decodes ~60 positions
+# MoE lowering by precision, as measured on SmolLM2 LF-UC@0.8 (bench/results/moe_lowering_onnx_*.md): the fp32
+# MoE kernel runs one token's expert on one thread with unpacked weights, so fp32/fp16 route with `switch` (each
+# expert's prepacked MatMuls in its own If branch); block-wise QMoE prepacks and threads a single expert, as fast
+# as a dense MLP of MatMulNBits, so int8/int4 keep the one kernel node
+DEFAULT_LOWERING = {"fp32": "switch", "fp16": "switch", "int8": "sparse", "int4": "sparse"}
 # MoE model type -> the dense family with the same attention, named in the export's config.json
 FAMILIES = ("llama", "qwen2", "qwen3", "gemma3_text", "qwen2_moe", "qwen3_moe", "mixtral")
 OPTIMUM_ATTENTION_FAMILY = {"qwen2_moe": "qwen2", "qwen3_moe": "qwen3", "mixtral": "mistral"}
@@ -59,7 +64,8 @@ class OnnxExporter(Exporter):
         out_tmp = Path(out_tmp)
         data = ExternalData(out_tmp / DATA_FILE)
         try:
-            proto = build_model(model_dir, quant, max_seq_len, moe_lowering or "sparse", head_bits, data)
+            proto = build_model(model_dir, quant, max_seq_len, moe_lowering or DEFAULT_LOWERING[quant], head_bits,
+                                data)
         finally:
             data.close()
         onnx.save_model(proto, out_tmp / GRAPH_FILE)        # its weights are in DATA_FILE already
@@ -115,10 +121,10 @@ class OnnxExporter(Exporter):
                 "weights": meta.get("weights")}
 
 
-def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe_lowering: str = "sparse",
+def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe_lowering: str = "switch",
                 head_bits: int | None = None, data=None):
     """The ONNX ModelProto for a Hugging Face folder, at `quant`; positions up to `max_seq_len` (default:
-    the model's context, at most MAX_POSITIONS); MoE layers `sparse` (one MoE/QMoE node), `gather` (routed
+    the model's context, at most MAX_POSITIONS); MoE layers `switch` (an If per expert), `sparse` (one MoE/QMoE node), `gather` (routed
     in-graph, per-expert MatMuls) or `dense` (every expert, masked). Large weights go to `data` (an
     `ExternalData` file) as they are made, when given. The model is held in its stored dtype and each
     weight converted to fp32 only when the graph takes it."""

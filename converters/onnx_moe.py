@@ -23,12 +23,13 @@ def moe_block(g: Graph, lin: Linears, spec: Spec, sd: dict, m: str, x: str, name
     router_w = sd[m + "gate.weight"]                      # [E, H]
     num_experts = router_w.shape[0]
     logits = g.op("MatMul", [x, g.const(f"{name}.router.weight_t", router_w.T.astype(np.float32))], f"{name}.router")
+    if lowering == "switch":            # routes [batch, seq, E] logits as they are: fewer nodes per decode step
+        routed = switched_experts(g, lin, x, logits, sd[m + "experts.gate_up_proj"], sd[m + "experts.down_proj"],
+                                  spec.moe_top_k, spec.norm_topk_prob, f"{name}.experts")
+        return with_shared_expert(g, sd, m, x, name, mlp, routed)
     logits_2d = g.op("Reshape", [logits, g.const(f"{name}.router_shape", np.array([-1, num_experts], np.int64))],
                      f"{name}.router_2d")
-    if lowering == "switch":
-        routed = switched_experts(g, lin, x, logits_2d, sd[m + "experts.gate_up_proj"], sd[m + "experts.down_proj"],
-                                  spec.moe_top_k, spec.norm_topk_prob, f"{name}.experts")
-    elif lowering == "gather":
+    if lowering == "gather":
         routed = gathered_experts(g, lin, x, logits_2d, sd[m + "experts.gate_up_proj"], sd[m + "experts.down_proj"],
                                   spec.moe_top_k, spec.norm_topk_prob, f"{name}.experts")
     elif lowering == "dense":
@@ -37,6 +38,11 @@ def moe_block(g: Graph, lin: Linears, spec: Spec, sd: dict, m: str, x: str, name
     else:
         routed = lin.moe(x, logits_2d, interleave_gate_up(sd[m + "experts.gate_up_proj"]),
                          sd[m + "experts.down_proj"], spec.moe_top_k, spec.norm_topk_prob, f"{name}.experts")
+    return with_shared_expert(g, sd, m, x, name, mlp, routed)
+
+
+def with_shared_expert(g: Graph, sd: dict, m: str, x: str, name: str, mlp, routed: str) -> str:
+    """The routed experts' output plus the block's (gated) shared expert, where it has one."""
     shared_width = sd.get(m + "shared_expert.gate_proj.weight", np.zeros((0, 1))).shape[0]
     if shared_width == 0:
         return routed
@@ -118,16 +124,16 @@ def dense_mask_experts(g: Graph, x: str, logits_2d: str, gate_up: np.ndarray, do
     return g.op("Reshape", [out, g.op("Shape", [x], f"{name}.x_shape_of")], f"{name}.out")
 
 
-def routing_weights(g: Graph, logits_2d: str, k: int, normalize: bool, name: str) -> str:
-    """[T, E]: each token's routing weight per expert, zero outside its top-k: softmax -> top-k
+def routing_weights(g: Graph, logits: str, k: int, normalize: bool, name: str) -> str:
+    """[..., E]: each token's routing weight per expert, zero outside its top-k: softmax -> top-k
     (-> renormalise) scattered into zeros."""
-    probs = g.op("Softmax", [logits_2d], f"{name}.softmax", axis=-1)
+    probs = g.op("Softmax", [logits], f"{name}.softmax", axis=-1)
     top, idx = g.op("TopK", [probs, g.const(f"{name}.k", np.array([k], np.int64))], f"{name}.topk", outputs=2, axis=-1)
     if normalize:
         top = g.op("Div", [top, g.op("ReduceSum", [top, g.const(f"{name}.axes", np.array([-1], np.int64))],
                                      f"{name}.topk_sum", keepdims=1)], f"{name}.topk_norm")
     return g.op("ScatterElements", [g.op("Mul", [probs, g.const(f"{name}.zero", np.array(0, np.float32))],
-                                         f"{name}.zeros"), idx, top], f"{name}.mask", axis=1)
+                                         f"{name}.zeros"), idx, top], f"{name}.mask", axis=-1)
 
 
 def distinct_experts(gate_up: np.ndarray, down: np.ndarray) -> list[list[int]]:
@@ -140,49 +146,49 @@ def distinct_experts(gate_up: np.ndarray, down: np.ndarray) -> list[list[int]]:
     return list(groups.values())
 
 
-def switched_experts(g: Graph, lin: Linears, x: str, logits_2d: str, gate_up: np.ndarray, down: np.ndarray,
+def switched_experts(g: Graph, lin: Linears, x: str, logits: str, gate_up: np.ndarray, down: np.ndarray,
                      k: int, normalize: bool, name: str) -> str:
     """Each distinct expert in an `If` whose branch holds that expert's weights as its own initializers, so
     ONNX Runtime prepacks them (it prepacks only a graph's own initializers and its parent's) and a branch
     runs only when some token of the step chose its expert: a one-token decode step reads the weights of
     its top-k experts and no others, through the same MatMul / MatMulNBits kernels as a dense MLP. A branch
     runs its expert on every row of the step and weights each row by its routing weight (zero for the
-    rows that chose other experts), so a prompt is exact too. gate_up [E, 2I, H], down [E, H, I]."""
-    e, two_i, h = gate_up.shape
+    rows that chose other experts), so a prompt is exact too. x [B, S, H], logits [B, S, E],
+    gate_up [E, 2I, H], down [E, H, I]. Per step: 6 nodes + one `If` per distinct expert."""
+    e, two_i, _ = gate_up.shape
     i = two_i // 2
     groups = distinct_experts(gate_up, down)
-    x2d = g.op("Reshape", [x, g.const(f"{name}.x_shape", np.array([-1, h], np.int64))], f"{name}.x_2d")
     if k == 1 and normalize:            # top-1 renormalised: weight 1 on the argmax, no softmax needed
-        weights = g.op("OneHot", [g.op("ArgMax", [logits_2d], f"{name}.argmax", axis=1, keepdims=0),
+        weights = g.op("OneHot", [g.op("ArgMax", [logits], f"{name}.argmax", axis=-1, keepdims=0),
                                   g.const(f"{name}.depth", np.array(e, np.int64)),
                                   g.const(f"{name}.off_on", np.array([0, 1], np.float32))], f"{name}.onehot", axis=-1)
     else:
-        weights = routing_weights(g, logits_2d, k, normalize, name)
+        weights = routing_weights(g, logits, k, normalize, name)
     if len(groups) < e:                 # copies of one expert: their weights add up
         assign = np.zeros((e, len(groups)), np.float32)
         for d, members in enumerate(groups):
             assign[members, d] = 1
         weights = g.op("MatMul", [weights, g.const(f"{name}.copies", assign)], f"{name}.distinct_weights")
-    chosen = g.op("Greater", [g.op("ReduceMax", [weights, g.const(f"{name}.rows", np.array([0], np.int64))],
+    chosen = g.op("Greater", [g.op("ReduceMax", [weights, g.const(f"{name}.rows", np.array([0, 1], np.int64))],
                                    f"{name}.max_weight", keepdims=0),
                               g.const(f"{name}.none", np.array(0, np.float32))], f"{name}.chosen")       # [D]
+    conds = g.op("Split", [chosen], f"{name}.conds", outputs=len(groups), axis=0, num_outputs=len(groups)) \
+        if len(groups) > 1 else [chosen]
     terms = []
-    for d, members in enumerate(groups):
+    for d, (members, cond) in enumerate(zip(groups, conds)):
         j = members[0]
         branch = Graph(names=g.names, data=g.data)
         sub = copy.copy(lin)
         sub.g = branch
-        y = sub.swiglu(x2d, gate_up[j, :i], gate_up[j, i:], down[j], f"{name}.{d}")
+        y = sub.swiglu(x, gate_up[j, :i], gate_up[j, i:], down[j], f"{name}.{d}")
         row_weight = branch.op("Gather", [weights, g.const(f"{name}.{d}.id", np.array([d], np.int64))],
-                               f"{name}.{d}.weight", axis=1)                                         # [T, 1]
+                               f"{name}.{d}.weight", axis=-1)                                        # [B, S, 1]
         y = branch.op("Mul", [y, row_weight], f"{name}.{d}.weighted")
         zero = g.fresh(f"{name}.{d}.skipped")
         skip = helper.make_graph([helper.make_node("Constant", [], [zero], name=zero,
-                                                   value=numpy_helper.from_array(np.zeros((1, 1), np.float32)))],
+                                                   value=numpy_helper.from_array(np.zeros((1, 1, 1), np.float32)))],
                                  f"{name}.{d}.else", [], [helper.make_tensor_value_info(zero, TensorProto.FLOAT, None)])
         run = helper.make_graph(branch.nodes, f"{name}.{d}.then", [],
                                 [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)], branch.initializers)
-        cond = g.op("Gather", [chosen, g.const(f"{name}.{d}.index", np.array(d, np.int64))], f"{name}.{d}.chosen", axis=0)
         terms.append(g.op("If", [cond], f"{name}.{d}.if", then_branch=run, else_branch=skip))
-    out = g.op("Sum", terms, f"{name}.sum") if len(terms) > 1 else terms[0]
-    return g.op("Reshape", [out, g.op("Shape", [x], f"{name}.x_shape_of")], f"{name}.out")
+    return g.op("Sum", terms, f"{name}.sum") if len(terms) > 1 else terms[0]

@@ -191,9 +191,10 @@ def test_gather_lowering_routes_in_plain_onnx_with_each_experts_own_matmuls(caps
 
 @pytest.mark.parametrize("variant", ["lfuc-shared-k2", "lfuc-routed-k1", "lfuc-gated-k2"])
 @pytest.mark.parametrize("quant", ["fp32", "int4"])
-def test_default_lowering_has_one_moe_node_per_moe_layer_and_matches(capsys, models, tmp_path, variant, quant):
-    code, _, err = run(capsys, "--target", "onnx", "--model", models[variant], "--quant", quant, "--threads", 2,
-                       "--out", tmp_path / "e")
+def test_sparse_lowering_has_one_moe_node_per_moe_layer_and_matches(capsys, models, tmp_path, variant, quant):
+    lowering = ["--moe-lowering", "sparse"] if quant == "fp32" else []      # int4's default
+    code, _, err = run(capsys, "--target", "onnx", "--model", models[variant], "--quant", quant, *lowering,
+                       "--threads", 2, "--out", tmp_path / "e")
     assert code == 0, err
     manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
     assert manifest["onnx"]["moe_lowering"] == "sparse"
@@ -585,7 +586,7 @@ def test_optimum_runs_our_moe_export_with_our_greedy_tokens(capsys, tmp_path, to
     model_dir = save_with_tokenizer(moe, tmp_path / "lfuc", tokenizer_dir)
     out = tmp_path / "onnx"
     manifest = export(capsys, model_dir, out)
-    assert manifest["onnx"]["moe_nodes"] == 2 and manifest["onnx"]["kv_heads"] == 1
+    assert manifest["onnx"]["moe_lowering"] == "switch" and manifest["onnx"]["kv_heads"] == 1     # fp32's default
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "qwen2" and config["d2m_model_type"] == "qwen2_moe"
     res = subprocess.run([str(OPTIMUM_PYTHON), "-c", OPTIMUM_GENERATE, str(out), json.dumps(PROMPT), "24"],
