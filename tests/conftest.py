@@ -37,10 +37,11 @@ def tiny_dense(arch: str = "llama", seed: int = 0, **overrides):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def free_module_disk(request, tmp_path_factory, tokenizer_dir):
+def free_module_disk(request, tmp_path_factory, tokenizer_dir, converted):
     """Remove what a test module wrote under pytest's temporary folder once the module is done, unless one
     of its tests failed: the suite exports many models, and keeping all of them can fill a CI disk.
-    (tmp_path_retention_policy = "failed" does the same for each passing test's own tmp_path.)"""
+    (tmp_path_retention_policy = "failed" does the same for each passing test's own tmp_path.) The session's
+    folders (`tokenizer_dir`, `converted`) are made before it looks, and so kept."""
     import shutil
 
     base = tmp_path_factory.getbasetemp()
@@ -169,3 +170,61 @@ from hypothesis import settings as _hypothesis_settings  # noqa: E402
 _hypothesis_settings.register_profile("ci", max_examples=100, derandomize=True, print_blob=True)
 _hypothesis_settings.register_profile("long", max_examples=1000, print_blob=True)
 _hypothesis_settings.load_profile("ci")
+
+
+# What `convert` writes, made by running it (issue 36): its default options on tiny dense models, then each
+# method and option that gives another layout. The dense MLPs are wide beside the 49k-token LM head so that
+# the default active ratio (0.8) is reachable; a shared host or top-2 keeps more weights active, and its best on
+# six tiny layers is 0.854. {layout: (source: a dense architecture or another layout, convert's flags)}
+CONVERT_DENSE = dict(intermediate_size=2048)
+CONVERTED_LAYOUTS = {
+    "lfuc": ("llama", []),           # the defaults: routed host, top-1 (Qwen2-MoE, a width-0 shared expert)
+    "lfuc-qwen2": ("qwen2", []),
+    "lfuc-qwen3": ("qwen3", []),     # Qwen3-MoE (no shared expert)
+    "lfuc-bf16": ("llama-bf16", []),  # a bf16 source, as SmolLM2 is: bf16 out
+    "lfuc-shared": ("llama", ["--host-mode", "shared", "--target-active-ratio", "0.9"]),
+    "lfuc-top2": ("llama", ["--top-k", "2", "--target-active-ratio", "0.9"]),
+    "prune": ("llama", ["--method", "prune"]),
+    "upcycle": ("llama", ["--method", "upcycle"]),
+    "moe2dense": ("lfuc", ["--method", "moe2dense", "--experts-kept", "1"]),
+}
+# convert heals by default; its default budget takes minutes on these models, this one seconds
+CONVERT_HEAL_BUDGET = ["--heal-tokens", "512", "--heal-steps", "2"]
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory, tokenizer_dir):
+    """converted(layout) -> the folder `convert` wrote for CONVERTED_LAYOUTS[layout], made on first use."""
+    from d2m_export.cli import main
+
+    root = tmp_path_factory.mktemp("converted")
+    made = {}
+
+    def make(layout: str):
+        if layout in made:
+            return made[layout]
+        if layout not in CONVERTED_LAYOUTS:      # a dense source: llama, qwen2, qwen3, llama-bf16
+            arch, _, dtype = layout.partition("-")
+            model = tiny_dense(arch, **CONVERT_DENSE)
+            made[layout] = save_with_tokenizer(model.to(torch.bfloat16) if dtype else model, root / layout,
+                                               tokenizer_dir)
+            return made[layout]
+        source, flags = CONVERTED_LAYOUTS[layout]
+        budget = [] if "moe2dense" in flags else CONVERT_HEAL_BUDGET
+        code = main(["convert", "--model", str(make(source)), *flags, *budget, "--out", str(root / layout)])
+        assert code == 0, f"convert {layout} failed"
+        made[layout] = root / layout
+        return made[layout]
+
+    return make
+
+
+def same_weights_layout(trained, source) -> None:
+    """`trained` stores the tensors `source` stores, with the same shapes and dtypes (zero-element ones too)."""
+    from safetensors import safe_open
+
+    def layout(folder):
+        with safe_open(folder / "model.safetensors", framework="pt") as f:
+            return {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+
+    assert layout(trained) == layout(source)

@@ -1,6 +1,9 @@
 """train --fsdp (FSDP2 over gloo processes on the CPU): the loss curve of one process, sharded
 checkpoints that survive SIGKILL and resume on another number of processes, bf16 mixed
-precision, activation checkpointing, and refusals."""
+precision, activation checkpointing, and refusals. The loss curve and the crash are checked on a
+tiny dense Llama and on what `convert` writes by default (LF-UC, routed host: a Qwen2-MoE whose
+shared experts have no elements, which FSDP2 cannot shard); so are an upcycled model and bf16
+compute on the default one."""
 from __future__ import annotations
 
 import json
@@ -11,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import cli_argv, kill_at_checkpoint, save_with_tokenizer, tiny_dense, train_log
+from conftest import cli_argv, kill_at_checkpoint, same_weights_layout, save_with_tokenizer, tiny_dense, train_log
 from d2m_export.cli import main
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -52,19 +55,48 @@ def losses(out):
 
 
 @pytest.fixture(scope="module")
-def reference(setup, tmp_path_factory):
-    """One ordinary process, 6 steps: the curve every FSDP run must reproduce."""
-    out = tmp_path_factory.mktemp("ref") / "ref"
-    run(single(args(setup, 6, "--out", out)))
-    return losses(out)
+def references(tmp_path_factory):
+    """references(setup, steps, *flags): one ordinary process's curve, which FSDP runs must reproduce."""
+    curves = {}
+
+    def of(setup, steps: int = 6, *flags):
+        if (setup, steps, flags) not in curves:
+            out = tmp_path_factory.mktemp("ref") / "ref"
+            run(single(args(setup, steps, *flags, "--out", out)))
+            curves[setup, steps, flags] = losses(out)
+        return curves[setup, steps, flags]
+
+    return of
 
 
-def test_two_fsdp_processes_match_one(setup, reference, tmp_path):
+@pytest.fixture(scope="module")
+def reference(setup, references):
+    """One ordinary process, 6 steps, on the dense model."""
+    return references(setup)
+
+
+MODELS = ["dense", "lfuc"]      # the tiny dense Llama; `convert`'s default output
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def model(request, setup, converted, references):
+    """(name, setup, 6-step reference curve) of each of MODELS."""
+    chosen = setup if request.param == "dense" else (converted(request.param), setup[1])
+    return request.param, chosen, references(chosen)
+
+
+def port(base: int, name: str) -> int:
+    return base + 20 * MODELS.index(name)
+
+
+def test_two_fsdp_processes_match_one(model, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    run(launched(args(setup, 6, "--fsdp", "--out", tmp_path / "two"), 2, 29541))
+    name, setup, reference = model
+    run(launched(args(setup, 6, "--fsdp", "--out", tmp_path / "two"), 2, port(29541, name)))
     assert losses(tmp_path / "two") == pytest.approx(reference, rel=1e-5)
     AutoModelForCausalLM.from_pretrained(tmp_path / "two")       # the gathered model saves whole
+    same_weights_layout(tmp_path / "two", setup[0])
 
 
 def test_accelerate_launch_matches_one_process(setup, reference, tmp_path):
@@ -75,19 +107,41 @@ def test_accelerate_launch_matches_one_process(setup, reference, tmp_path):
     assert losses(tmp_path / "acc") == pytest.approx(reference, rel=1e-5)
 
 
-def test_sigkill_then_resume_on_two_and_on_one_process(setup, reference, tmp_path):
+def test_sigkill_then_resume_on_two_and_on_one_process(model, tmp_path):
+    name, setup, reference = model
     out = tmp_path / "killed"
-    kill_at_checkpoint(launched(args(setup, 6, "--fsdp", "--save-every", 2, "--out", out), 2, 29542), out, 4, ENV)
+    kill_at_checkpoint(launched(args(setup, 6, "--fsdp", "--save-every", 2, "--out", out), 2, port(29542, name)),
+                       out, 4, ENV)
     assert not (out / "config.json").exists()
     saved = json.loads((out / "checkpoints" / "step-000004" / "trainer.json").read_text())
     assert saved["world_size"] == 2
     shutil.copytree(out, tmp_path / "killed-1")
-    run(launched(args(setup, 6, "--fsdp", "--save-every", 2, "--out", out, "--resume"), 2, 29543))
-    run(launched(args(setup, 6, "--fsdp", "--save-every", 2, "--out", tmp_path / "killed-1", "--resume"), 1, 29544))
+    run(launched(args(setup, 6, "--fsdp", "--save-every", 2, "--out", out, "--resume"), 2, port(29543, name)))
+    run(launched(args(setup, 6, "--fsdp", "--save-every", 2, "--out", tmp_path / "killed-1", "--resume"), 1,
+                 port(29544, name)))
     for resumed in (out, tmp_path / "killed-1"):
         curve = losses(resumed)
         assert curve[-1] == pytest.approx(reference[-1], rel=1e-5), resumed
         assert (resumed / "config.json").is_file()
+        same_weights_layout(resumed, setup[0])
+
+
+OTHER_RUNS = [                               # (layout, flags, rel. tolerance to one fp32 process)
+    ("upcycle", [], 1e-5),                  # every layer MoE, each with an empty shared expert
+    ("lfuc", ["--dtype", "bf16", "--train-only", "moe"], 2e-2),   # empty shared experts computed in bf16
+]
+
+
+@pytest.mark.parametrize("layout, flags, rel", OTHER_RUNS)
+def test_more_layouts_and_flags_match_one_process(setup, converted, references, tmp_path, layout, flags, rel):
+    chosen = (converted(layout), setup[1])
+    reference = references(chosen, 3, *[f for f in flags if f not in ("--dtype", "bf16")])
+    run(launched(args(chosen, 3, "--fsdp", *flags, "--out", tmp_path / "two"), 2,
+                 29581 + OTHER_RUNS.index((layout, flags, rel))))
+    assert losses(tmp_path / "two") == pytest.approx(reference, rel=rel)
+    if "bf16" in flags:
+        assert losses(tmp_path / "two") != reference
+    same_weights_layout(tmp_path / "two", chosen[0])
 
 
 def test_bf16_mixed_precision_and_activation_checkpointing(setup, reference, tmp_path):

@@ -1,4 +1,5 @@
-"""CPT on tiny models: losses, distributed equivalence, crash + resume, outputs, bad input."""
+"""CPT on tiny models: losses, distributed equivalence, crash + resume, outputs, bad input; training and
+resuming every layout `convert` writes (the `converted` fixture)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import cli_argv, kill_at_checkpoint, tiny_dense, train_log
+from conftest import CONVERTED_LAYOUTS, cli_argv, kill_at_checkpoint, same_weights_layout, tiny_dense, train_log
 from d2m_export.cli import main
 from d2m_export.methods import get_method
 from d2m_export.plan import Block, Options, Plan
@@ -126,8 +127,9 @@ def test_teacher_topk_is_computed_once_then_read_from_disk(tiny_moe_dir, corpus,
     assert third["chunks_computed"] > 0 and third["cache"] != first["cache"]
 
 
-def test_two_processes_match_one(tiny_moe_dir, corpus, tmp_path):
-    args = ["train", "--model", tiny_moe_dir, "--corpus", corpus, "--tokens", 4 * 4 * 32, *BASE]
+def test_two_processes_match_one(converted, corpus, tmp_path):
+    """DDP on `convert`'s default output (routed host: zero-element shared experts)."""
+    args = ["train", "--model", converted("lfuc"), "--corpus", corpus, "--tokens", 4 * 4 * 32, *BASE]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run(cli(*args, "--out", tmp_path / "one"), env=env, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-2000:]
@@ -155,6 +157,21 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_moe_dir, corpus, tmp_pat
     assert [r["step"] for r in b] == list(range(1, 11))
     assert b[-1]["loss"] == pytest.approx(a[-1]["loss"], rel=1e-6, abs=1e-7)
     assert len(list((out / "checkpoints").glob("step-*"))) <= 2
+
+
+@pytest.mark.parametrize("layout", list(CONVERTED_LAYOUTS))
+def test_every_converted_layout_trains_and_resumes(converted, corpus, tmp_path, layout):
+    from transformers import AutoModelForCausalLM
+
+    model = converted(layout)
+    args = ["train", "--model", model, "--corpus", corpus, "--tokens", 4 * 4 * 32, *BASE, "--save-every", 2]
+    assert main([*map(str, args), "--out", str(tmp_path / "whole")]) == 0
+    resumed = tmp_path / "resumed"        # from the step-2 checkpoint of the run above
+    shutil.copytree(tmp_path / "whole" / "checkpoints", resumed / "checkpoints")
+    assert main([*map(str, args), "--out", str(resumed), "--resume"]) == 0
+    assert [r["loss"] for r in log_of(resumed)] == [r["loss"] for r in log_of(tmp_path / "whole")][2:]
+    same_weights_layout(resumed, model)       # zero-element shared experts and bf16 kept as `convert` wrote them
+    AutoModelForCausalLM.from_pretrained(resumed)
 
 
 def _err(capsys, argv):

@@ -182,13 +182,14 @@ def trainable_count(model_dir: Path, train_only: str) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if TRAINED[train_only](name))
 
 
-def select_trainable(model, train_only: str) -> list[torch.nn.Parameter]:
+def select_trainable(model, train_only: str, frozen: set = frozenset()) -> list[torch.nn.Parameter]:
+    """The parameters `train_only` names, less `frozen`; only they require gradients."""
     if train_only not in TRAINED:
         raise UserError(f"--train-only must be all, moe or router, not {train_only!r}")
     keep = TRAINED[train_only]
     params = []
     for name, p in model.named_parameters():
-        p.requires_grad_(keep(name))
+        p.requires_grad_(keep(name) and p not in frozen)
         if p.requires_grad:
             params.append(p)
     if not params:
@@ -290,7 +291,9 @@ def train(cfg: TrainConfig) -> dict:
     model.train()
     if cfg.fsdp:
         fsdp.shard(model, cfg.dtype, device)
-        params = select_trainable(model, cfg.train_only)     # the sharded parameters now
+        # the sharded parameters now, less the unsharded empty ones (the optimizer and the gradient
+        # norm take DTensors only)
+        params = select_trainable(model, cfg.train_only, frozen=fsdp.empty_params(model))
     if cfg.weights_dtype == "bf16":
         optimizer = BF16AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay, seed=cfg.seed)
     else:

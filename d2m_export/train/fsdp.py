@@ -5,6 +5,13 @@ a rank holds 1/N of the weights, gradients and Adam state, and gathers one layer
 With `--dtype bf16` parameters are gathered and computed in bf16 and gradients reduced in fp32
 (`MixedPrecisionPolicy`); the sharded master weights and optimizer state stay fp32.
 
+Zero-element parameters (the width-0 shared expert of a Qwen2-MoE that LF-UC's routed host and
+upcycling write) are left out of sharding and training: FSDP2's reduce-scatter refuses empty
+gradients, and there is nothing in them to shard or train. They stay whole on every rank, so the
+gathered model and its checkpoints keep them, and `AutoModelForCausalLM` loads what is saved.
+(Without --fsdp they stay in the optimizer, as before: an empty gradient costs nothing there, and
+the optimizer state of checkpoints written earlier lists them.)
+
 Checkpoints are torch.distributed.checkpoint (DCP) directories: every rank writes its shards, and
 loading reshards them to whatever number of processes resumes (2 → 1 is tested).
 """
@@ -32,17 +39,26 @@ def check_launcher() -> None:
                         f"({', '.join(missing)} not set)")
 
 
+def empty_params(model) -> set[torch.nn.Parameter]:
+    return {p for p in model.parameters() if p.numel() == 0}
+
+
 def shard(model, dtype: str, device: str = "cpu"):
-    """Shard `model` in place over every process (a 1-D mesh of `device`'s type); returns it."""
+    """Shard `model` in place over every process (a 1-D mesh of `device`'s type); returns it.
+    Zero-element parameters are not sharded (`empty_params`); under bf16 they take the compute dtype,
+    since the inputs of their modules arrive in bf16 and a matmul refuses mixed dtypes, even empty."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bf16" \
         else MixedPrecisionPolicy()
+    empty = empty_params(model)
+    for p in empty:
+        p.data = p.data.to(device, torch.bfloat16 if dtype == "bf16" else p.dtype)
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, ignored_params=empty)
+    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=empty)
     return model
 
 
