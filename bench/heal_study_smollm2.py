@@ -82,8 +82,7 @@ def make_model(args, cell) -> float | None:
                    args.work / cell["name"] / "log.txt")
     cmd = [*CLI, "convert", "--model", DENSE, *METHODS[cell["method"]], "--target-active-ratio", cell["ratio"],
            "--plan-search", cell["plan_search"], "--out", out]
-    if cell["heal"] == "local":
-        cmd += ["--heal", "--heal-steps", args.heal_steps]
+    cmd += ["--heal", "--heal-steps", args.heal_steps] if cell["heal"] == "local" else ["--no-heal"]
     return run(cmd, args.work / cell["name"] / "log.txt")
 
 

@@ -119,7 +119,8 @@ def stages(model: Path, work: Path, which: list[str]) -> dict[str, list]:
     converted, healed = work / "lfuc", work / "healed"
     plan = {
         "analyze": ["analyze", "--model", model, "--out", work / "analyze"],
-        "convert": ["convert", "--model", model, "--method", "lfuc", "--target-active-ratio", 0.8, "--out", converted],
+        "convert": ["convert", "--model", model, "--method", "lfuc", "--target-active-ratio", 0.8, "--no-heal",
+                    "--out", converted],
         "heal": ["heal", "--model", converted, "--out", healed, "--calib-tokens", 1024, "--steps", 5],
         # one optimizer step of 2 × 256 tokens: the model, gradients and Adam state are what cost memory
         "train": ["train", "--model", converted, "--tokens", 512, "--seq-len", 256, "--micro-batch", 1,

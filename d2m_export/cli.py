@@ -38,12 +38,13 @@ def cmd_analyze(args) -> int:
 def cmd_convert(args) -> int:
     from d2m_export.pipeline import convert, moe_to_dense
 
+    heal = _heal_config(args)
     if args.method == "moe2dense":
         if args.experts_kept is None:
             raise UserError("--method moe2dense needs --experts-kept K")
         record = moe_to_dense(args.model, Path(args.out), args.experts_kept, args.groups, args.score,
                               calib_tokens=args.calib_tokens, grouping=args.grouping, scaling=args.scaling,
-                              dtype=args.dtype)
+                              dtype=args.dtype, not_healed="--no-heal" if args.no_heal else None)
         p = record["params"]
         print(f"moe2dense: wrote {record['architecture']} to {args.out} in {record['wall_s']} s; "
               f"{p['active'] / 1e6:.1f}M params (MoE: {p['moe_active'] / 1e6:.1f}M active, "
@@ -51,22 +52,16 @@ def cmd_convert(args) -> int:
         if p["zero_padding"]:
             print(f"  {p['zero_padding'] / 1e6:.1f}M of them are zeros: layers that were dense are padded to the "
                   "merged width (one MLP width per Llama/Qwen2 config); runtimes still store and read them")
+        print_heal_status(record["heal"])
         return 0
 
-    heal = None
-    if args.heal:
-        from d2m_export.heal import HealConfig
-        heal = HealConfig(**{k: v for k, v in (("calib_tokens", args.heal_tokens), ("steps", args.heal_steps))
-                             if v is not None})
-    elif args.heal_tokens is not None or args.heal_steps is not None:
-        raise UserError("--heal-tokens and --heal-steps go with --heal")
     record = convert(args.model, Path(args.out), method_name=args.method, plan_file=args.plan,
                      target_ratio=args.target_active_ratio, threshold=args.threshold, options=_options(args),
                      analysis=args.analysis, calib_tokens=args.calib_tokens, max_block=args.max_block,
                      min_mlp_cos=args.min_mlp_cos, latency_budget_ms=args.latency_budget_ms, device=args.device,
                      precision=args.precision, context=args.context, runtime=args.runtime,
                      plan_search=args.plan_search, search_tokens=args.search_tokens, heal=heal,
-                     dtype=args.dtype)
+                     dtype=args.dtype, not_healed="--no-heal")
     p = record["params"]
     blocks = ", ".join(f"{b['host']}←{b['donors']}" for b in record["plan"]["blocks"]) or "none"
     print(f"{record['method']}: wrote {record['architecture']} to {args.out} in {record['wall_s']} s")
@@ -82,9 +77,39 @@ def cmd_convert(args) -> int:
         ps = record["plan_search"]
         print(f"  plan search by loss: calibration KL {ps['kl']:.4f} nats/token on {ps['tokens']} tokens "
               f"({ps['wall_s']} s)")
+    print_heal_status(record["heal"])
     if "healing" in record:
         print_healing(record["healing"])
     return 0
+
+
+def _heal_config(args):
+    """`convert` heals by default; `--no-heal` skips it. Returns the HealConfig, or None when skipped."""
+    budget_flags = [f for f, v in (("--heal-tokens", args.heal_tokens), ("--heal-steps", args.heal_steps))
+                    if v is not None]
+    if args.no_heal:
+        if budget_flags:
+            raise UserError(f"--no-heal skips healing; drop {' and '.join(budget_flags)} (the healing budget) "
+                            "or --no-heal")
+        return None
+    if args.method == "moe2dense":
+        if args.heal or budget_flags:
+            from d2m_export.pipeline import MOE2DENSE_NOT_HEALED
+            raise UserError(f"{'--heal' if args.heal else budget_flags[0]}: {MOE2DENSE_NOT_HEALED}")
+        return None
+    from d2m_export.heal import HealConfig
+    return HealConfig(**{k: v for k, v in (("calib_tokens", args.heal_tokens), ("steps", args.heal_steps))
+                         if v is not None})
+
+
+def print_heal_status(status: dict) -> None:
+    """One line from d2m_plan.json's `heal`: healed or not, and with what budget or why not."""
+    if status["healed"]:
+        b = status["budget"]
+        print(f"  healed (convert heals by default; --no-heal skips it): budget {b['calib_tokens']} calibration "
+              f"tokens, {b['steps']} distillation steps per block")
+    else:
+        print(f"  not healed: {status['reason']}")
 
 
 def print_healing(healing: dict) -> None:
@@ -207,7 +232,8 @@ def cmd_profile(args) -> int:
 def cmd_report(args) -> int:
     from d2m_export.report import write
 
-    report = write([Path(d) for d in args.run_dirs], Path(args.out), args.devices)
+    contexts = None if args.context is None else [c for group in args.context for c in group]
+    report = write([Path(d) for d in args.run_dirs], Path(args.out), args.devices, contexts=contexts)
     print(f"wrote {args.out}/report.html, report.md, report.json and pareto.png ({len(report['runs'])} variants)")
     for k, names in report["pareto"].items():
         print(f"  frontier {k}: {', '.join(names)}")
@@ -270,21 +296,31 @@ def cmd_bench(args) -> int:
         raise UserError(f"--out {args.out} is inside the export {args.dir}; write the results beside it")
     check_output_file(Path(args.out))
     result = bench(Path(args.dir), prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                   threads=args.threads, repeats=args.repeats, runtime=args.runtime)
+                   threads=args.threads, repeats=args.repeats, runtime=args.runtime, context=args.context)
     write_json(Path(args.out), result)
-    print(f"{result['runtime']} {result['quant']}, {result['threads']} threads: prefill "
+    print(f"{result['runtime']} {result['quant']}, {result['threads']} threads, context {result['context']}: "
+          f"prefill "
           f"{result['prefill_tokens_per_s']:.1f} tok/s, decode {result['decode_tokens_per_s']:.1f} tok/s "
           f"(p50 {result['decode_ms_per_token_p50']:.2f} ms), peak RSS {result['peak_rss_mb']:.0f} MB")
     return 0
 
 
 def cmd_generate(args) -> int:
+    import time
+
     from runtimes.base import load_runner, load_tokenizer
+    from runtimes.bench import check_context, n_ctx_for, prompt_ids
 
     tokenizer = load_tokenizer(Path(args.dir))
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         raise UserError("--prompt is empty after tokenization")
+    context = len(ids) if args.context is None else args.context
+    if context < len(ids):
+        raise UserError(f"--context {context} is shorter than the prompt ({len(ids)} tokens)")
+    limit = check_context(Path(args.dir), context, args.max_new_tokens)
+    # the bench's filler text ahead of the prompt, so that decoding starts with `context` tokens cached
+    filler = prompt_ids(Path(args.dir), context - len(ids)) if context > len(ids) else []
     from runtimes.base import STOP_TOKENS
     stop = [i for i in (tokenizer.token_to_id(t) for t in STOP_TOKENS) if i is not None]
     out: list[int] = []
@@ -298,11 +334,27 @@ def cmd_generate(args) -> int:
             print(text[len(shown):], end="", flush=True)
             shown = text
 
+    decode_s: list[float] = []
     with load_runner(Path(args.dir), threads=args.threads, runtime=args.runtime,
-                     n_ctx=len(ids) + args.max_new_tokens + 8) as runner:
+                     n_ctx=n_ctx_for(context, args.max_new_tokens, limit)) as runner:
+        decode = runner.decode
+
+        def timed_decode(token: int):        # the runner's own step, timed apart from printing
+            t0 = time.perf_counter()
+            logits = decode(token)
+            decode_s.append(time.perf_counter() - t0)
+            return logits
+
+        runner.decode = timed_decode
         print(args.prompt, end="", flush=True)      # once the runner loaded: an error is then the only output
-        runner.generate(ids, args.max_new_tokens, stop_ids=stop, on_token=show)
+        runner.generate(filler + ids, args.max_new_tokens, stop_ids=stop, on_token=show)
     print()
+    if decode_s:    # on stderr: stdout is the text alone
+        import statistics
+        ms = statistics.median(decode_s) * 1e3
+        print(f"decode {1000 / ms:.1f} tok/s ({ms:.2f} ms/token, median of {len(decode_s)} steps) at a context of "
+              f"{context} tokens" + (f" ({len(filler)} of them filler text before the prompt)" if filler else ""),
+              file=sys.stderr)
     return 0
 
 
@@ -328,12 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--threads", dest="export_threads", type=POSITIVE, default=None,
                         help="runtime threads for the parity check")
     export.add_argument("--max-seq-len", dest="export_max_seq_len", type=POSITIVE, default=None,
-                        help="onnx, coreml, executorch: KV cache length (onnx: rotary table), the longest sequence the export runs (default: min(context, 2048))")
+                        help="onnx, coreml, executorch: KV cache length (onnx: rotary table), the longest sequence the export runs "
+                             "(default: the model's context, at most 4160 for coreml and executorch, whose static KV "
+                             "cache is allocated whole; at most 32768 for onnx)")
     export.add_argument("--moe-lowering", dest="export_moe_lowering", default=None,
                         help="how MoE layers are lowered. executorch: cond (default; decode runs only the selected "
                              "experts) | dense (every expert, masked; for comparison). onnx: sparse (default; one "
-                             "com.microsoft.MoE/QMoE node) | gather (routed in plain ONNX, each expert's own MatMuls "
-                             "on the rows that chose it; no contrib op, slower) | dense (every expert, masked; fp32 only)")
+                             "com.microsoft.MoE/QMoE node) | switch (one If per expert holding its own weights; a "
+                             "decode step runs only its chosen experts' prepacked MatMuls) | gather (routed in plain "
+                             "ONNX, each expert's own MatMuls on the rows that chose it; no contrib op, slower) | "
+                             "dense (every expert, masked; fp32 only)")
     export.add_argument("--head-bits", dest="export_head_bits", type=POSITIVE, default=None,
                         help="onnx int4/int8: bits of the LM head and (tied) embedding; default: the --quant's own, "
                              "as ONNX Runtime GenAI's builder; --head-bits 8 with int4 keeps the head at int8, as "
@@ -346,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("convert", help="convert a dense model: lfuc (default), prune or upcycle")
+    p = sub.add_parser("convert", help="convert a dense model: lfuc (default), prune or upcycle; healed unless --no-heal")
     _add_model(p)
     p.add_argument("--method", default="lfuc", help="lfuc | prune | upcycle | moe2dense")
     how = p.add_mutually_exclusive_group()
@@ -366,10 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "time by the calibration KL to the dense model; with --threshold, δ is that KL)")
     p.add_argument("--search-tokens", type=CALIB_TOKENS, default=1024, help="with --plan-search loss: calibration tokens "
                    "(default 1024)")
-    p.add_argument("--heal", action="store_true", help="heal the converted model locally before writing it "
-                   "(the `heal` stage: closed-form fit, then block-wise distillation)")
-    p.add_argument("--heal-tokens", type=HEAL_TOKENS, default=None, help="with --heal: calibration tokens (default 8192)")
-    p.add_argument("--heal-steps", type=NON_NEGATIVE, default=None, help="with --heal: distillation steps per block "
+    healing = p.add_mutually_exclusive_group()
+    healing.add_argument("--heal", action="store_true", help="heal the converted model locally before writing it "
+                         "(the default; the `heal` stage: closed-form fit, then block-wise distillation)")
+    healing.add_argument("--no-heal", action="store_true", help="write the conversion unhealed (faster; "
+                         "`d2m-export heal` can heal it later)")
+    p.add_argument("--heal-tokens", type=HEAL_TOKENS, default=None, help="healing's calibration tokens (default 8192)")
+    p.add_argument("--heal-steps", type=NON_NEGATIVE, default=None, help="healing's distillation steps per block "
                    "(default 150; 0: closed form only)")
     p.add_argument("--analysis", type=Path, help="reuse a similarity.json from `analyze` instead of recalibrating")
     p.add_argument("--calib-tokens", type=CALIB_TOKENS, default=2048)
@@ -494,6 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="latency vs accuracy over sweep run directories (PNG, MD, JSON, HTML)")
     p.add_argument("run_dirs", nargs="+", help="run directories written by `sweep`")
     p.add_argument("--devices", nargs="+", default=None, help="device profiles to project onto (default: all)")
+    p.add_argument("--context", type=context_list, nargs="+", default=None, metavar="N",
+                   help="decode contexts (tokens already in the KV cache) to draw fronts at, space or comma "
+                        "separated: the roofline projected at each, measured where a bench ran at it (default: "
+                        "64 2048, those within the models' positions)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_report)
 
@@ -521,7 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("bench", help="speed of an export in its runtime (prefill, decode, peak RSS) as JSON")
     p.add_argument("dir", help="an export directory (from --target)")
-    p.add_argument("--prompt-tokens", type=POSITIVE, default=64)
+    p.add_argument("--context", type=POSITIVE, default=None, metavar="N",
+                   help="tokens in the KV cache when the timed decode starts: an N-token prompt, then decode "
+                        "(default 64; N plus --new-tokens must fit the export's positions)")
+    p.add_argument("--prompt-tokens", type=POSITIVE, default=None, help="the same as --context (its older name)")
     p.add_argument("--new-tokens", type=POSITIVE, default=64)
     p.add_argument("--threads", type=POSITIVE, default=2)
     p.add_argument("--repeats", type=POSITIVE, default=3, help="timed runs after one warm-up; medians are reported")
@@ -533,10 +599,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="an export directory (from --target)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=POSITIVE, default=64)
+    p.add_argument("--context", type=POSITIVE, default=None, metavar="N",
+                   help="decode with N tokens in the KV cache: the prompt preceded by filler text up to N tokens "
+                        "(default: the prompt alone); the speed line on stderr names it")
     p.add_argument("--threads", type=POSITIVE, default=None)
     p.add_argument("--runtime", default=None, help=RUNTIME_HELP)
     p.set_defaults(func=cmd_generate)
     return parser
+
+
+def context_list(text: str) -> list[int]:
+    """`--context 64,2048` (one argument of several, like `--context 64 2048`): positive token counts."""
+    return [POSITIVE(t) for t in text.split(",") if t.strip()] or [POSITIVE(text)]
 
 
 def task_list(values: list[str]) -> list[str]:

@@ -20,6 +20,16 @@ from d2m_export.plan import Options, Plan, read_plan_file
 DEFAULT_RATIO = 0.8
 OUTPUT_DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}   # convert --dtype
 DTYPE_NAMES = {v: k for k, v in OUTPUT_DTYPES.items() if v}
+MOE2DENSE_NOT_HEALED = ("--method moe2dense has nothing to heal: healing fits the layers a dense → MoE conversion "
+                        "(lfuc, prune, upcycle) fused to the dense layers they replace, and moe2dense fuses no "
+                        "dense layers")
+
+
+def heal_status(heal, not_healed: str | None) -> dict:
+    """d2m_plan.json's `heal`: whether convert healed the model, with what budget, or why not."""
+    if heal is None:
+        return {"healed": False, "reason": not_healed or "not asked (convert(heal=None))"}
+    return {"healed": True, "stage": "convert", "budget": {"calib_tokens": heal.calib_tokens, "steps": heal.steps}}
 
 
 def analyze(model_spec, out: Path, calib_tokens: int = 2048, progress: bool = True) -> dict:
@@ -59,7 +69,10 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
             analysis: Path | None = None, calib_tokens: int = 2048, max_block: int = 4,
             min_mlp_cos: float = -1.0, progress: bool = True, latency_budget_ms: float | None = None,
             device: str | None = None, precision: str = "fp16", context: int = 512, runtime: str | None = None,
-            plan_search: str = "metric", search_tokens: int = 1024, heal=None, dtype: str = "auto") -> dict:
+            plan_search: str = "metric", search_tokens: int = 1024, heal=None, dtype: str = "auto",
+            not_healed: str | None = None) -> dict:
+    """`heal`: a HealConfig to heal the conversion before it is written (the command line's default), or
+    None; `not_healed` then says why, in d2m_plan.json's `heal`."""
     from d2m_export.methods import get_method
     from d2m_export.planner import active_ratio, plan_by_latency, plan_by_ratio, plan_by_threshold
 
@@ -96,7 +109,8 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
     model_dir = resolve_model(model_spec)
     out_dtype = stored_dtype(model_dir) if dtype == "auto" else OUTPUT_DTYPES[dtype]
     compute = "float32" if out_dtype == "float32" else compute_dtype(model_dir)
-    _check_convert_memory(model_dir, compute, calib_tokens, in_memory=heal is not None or plan_search == "loss")
+    _check_convert_memory(model_dir, compute, calib_tokens, in_memory=heal is not None or plan_search == "loss",
+                          healing=heal is not None)
     model, tokenizer, _ = load_model(model_spec, dtype=compute)
     dense_config = model.config
     num_layers = dense_config.num_hidden_layers
@@ -165,6 +179,7 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
     }
     if search is not None:
         record["plan_search"] = search
+    record["heal"] = heal_status(heal, not_healed)
     if healing is not None:
         record["healing"] = healing
     if latency_ms is not None:
@@ -184,7 +199,8 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
     return record
 
 
-def _check_convert_memory(model_dir, compute: str, calib_tokens: int, in_memory: bool, stage: str = "convert") -> None:
+def _check_convert_memory(model_dir, compute: str, calib_tokens: int, in_memory: bool, stage: str = "convert",
+                          healing: bool = False) -> None:
     """The dense model in `compute` dtype and its calibration activations; healing and the loss search
     also hold the converted model, in fp32."""
     cfg = read_config(model_dir)
@@ -193,10 +209,13 @@ def _check_convert_memory(model_dir, compute: str, calib_tokens: int, in_memory:
     acts = (cfg["num_hidden_layers"] * calib_tokens + (cfg["num_hidden_layers"] + 1) * 1024) * cfg["hidden_size"] \
         * (4 if compute == "float32" else 2)
     how = f"the model in {compute} and {calib_tokens} calibration tokens"
+    other_ways = ""
     if in_memory:
         weights += weight_bytes(model_dir, "float32")
-        how += ", and the converted model in memory for --heal/--plan-search loss"
-    check_memory(model_dir, stage, weights + acts, how)
+        how += ", and the converted model in memory for healing/--plan-search loss"
+        if healing:
+            other_ways = "convert with --no-heal and heal after (`d2m-export heal`: one model at a time)"
+    check_memory(model_dir, stage, weights + acts, how, other_ways)
 
 
 def _loss_plan(method, model, tokenizer, options, target_ratio, threshold, latency_budget_ms, latency_ms,
@@ -280,7 +299,7 @@ def evaluate(model_spec, out: Path | None, tasks: list[str], limit: int | None, 
 
 def moe_to_dense(model_spec, out: Path, experts_kept: int, groups: int | None = None, score: str = "acp",
                  calib_tokens: int = 2048, progress: bool = True, grouping: str = "score",
-                 scaling: str = "score", dtype: str = "auto") -> dict:
+                 scaling: str = "score", dtype: str = "auto", not_healed: str | None = None) -> dict:
     from d2m_export import moe2dense
     from d2m_export.calibration import calibration_ids
 
@@ -304,7 +323,8 @@ def moe_to_dense(model_spec, out: Path, experts_kept: int, groups: int | None = 
               "layers": {str(k): v for k, v in layers.items()},
               "params": {"moe_active": moe.active, "moe_total": moe.total, "active": new.active, "total": new.total,
                          "zero_padding": 3 * dense.config.hidden_size * sum(v.get("zero_padding", 0) for v in layers.values())},
-              "architecture": type(dense).__name__, "dtype": DTYPE_NAMES[out_dtype]}
+              "architecture": type(dense).__name__, "dtype": DTYPE_NAMES[out_dtype],
+              "heal": heal_status(None, not_healed or MOE2DENSE_NOT_HEALED)}
     with atomic_dir(out) as tmp:
         dense.to(getattr(torch, out_dtype)).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

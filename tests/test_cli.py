@@ -41,6 +41,9 @@ def test_convert_by_ratio_writes_loadable_checkpoint(capsys, tiny_model_dir, tmp
     assert plan["method"] == method and plan["base_model"] == str(tiny_model_dir)
     if method != "upcycle":
         assert plan["params"]["active_ratio"] <= 0.995 and plan["plan"]["blocks"]
+    # healed by default, every method, with the default budget, and said so
+    assert plan["heal"] == {"healed": True, "stage": "convert", "budget": {"calib_tokens": 8192, "steps": 150}}
+    assert plan["healing"]["blocks"] and "healed (convert heals by default" in stdout
     AutoModelForCausalLM.from_pretrained(out)
 
 
@@ -49,11 +52,61 @@ def test_convert_with_plan_file_and_calibrated_router(capsys, tiny_model_dir, tm
     plan.write_text("blocks:\n  - {host: 1, donors: [2, 3]}\n")
     out = tmp_path / "fused"
     code, _, err = run(capsys, "convert", "--model", tiny_model_dir, "--plan", plan, "--router-init", "calibrated",
-                       "--calib-tokens", 256, "--out", out)
+                       "--calib-tokens", 256, "--no-heal", "--out", out)
     assert code == 0, err
     record = json.loads((out / "d2m_plan.json").read_text())
     assert record["plan"]["blocks"] == [{"host": 1, "donors": [2, 3]}]
     assert record["plan"]["options"]["router_init"] == "calibrated"
+
+
+def test_convert_heals_by_default_and_no_heal_skips_it(capsys, tmp_path, tokenizer_dir):
+    """The default and --heal heal alike (here on a small budget, given without --heal); --no-heal writes
+    the conversion as it is. d2m_plan.json's `heal` and the output say which."""
+    import torch
+    from safetensors.torch import load_file
+
+    from conftest import save_with_tokenizer, tiny_dense
+
+    dense = save_with_tokenizer(tiny_dense("llama"), tmp_path / "dense", tokenizer_dir)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("blocks:\n  - {host: 1, donors: [2, 3]}\n")
+    budget = ["--heal-tokens", 1024, "--heal-steps", 2]
+    runs = {"default": budget, "heal": ["--heal", *budget], "no-heal": ["--no-heal"]}
+    stdout, record, weights = {}, {}, {}
+    for name, flags in runs.items():
+        code, stdout[name], err = run(capsys, "convert", "--model", dense, "--plan", plan, "--calib-tokens", 256,
+                                      *flags, "--out", tmp_path / name)
+        assert code == 0, err
+        record[name] = json.loads((tmp_path / name / "d2m_plan.json").read_text())
+        weights[name] = load_file(tmp_path / name / "model.safetensors")
+    for name in ("default", "heal"):
+        assert record[name]["heal"] == {"healed": True, "stage": "convert",
+                                        "budget": {"calib_tokens": 1024, "steps": 2}}
+        assert record[name]["healing"]["calibration_tokens"] == 1024
+        assert "healed (convert heals by default; --no-heal skips it): budget 1024 calibration tokens, " \
+               "2 distillation steps per block" in stdout[name]
+    assert record["no-heal"]["heal"] == {"healed": False, "reason": "--no-heal"}
+    assert "healing" not in record["no-heal"] and "  not healed: --no-heal" in stdout["no-heal"]
+    assert "healed (" not in stdout["no-heal"]
+    for key in ("base_model", "method", "plan", "params", "architecture", "dtype", "scores", "wall_s"):
+        assert key in record["no-heal"] and key in record["default"]
+    # --heal is the default spelt out; healing moves the fused layer's FFN and nothing else
+    assert all(torch.equal(weights["heal"][k], weights["default"][k]) for k in weights["default"])
+    moved = sorted(k for k in weights["default"] if not torch.equal(weights["default"][k], weights["no-heal"][k]))
+    assert moved and all(k.startswith("model.layers.1.mlp.") for k in moved), moved
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--no-heal", "--heal-tokens", 1024], ["--no-heal", "--heal-tokens"]),
+    (["--no-heal", "--heal-steps", 3], ["--no-heal", "--heal-steps"]),
+    (["--heal", "--no-heal"], ["--no-heal", "--heal"]),
+])
+def test_no_heal_with_a_heal_budget_is_a_usage_error(capsys, tmp_path, flags, needles):
+    """Refused before anything is loaded (the model named here does not exist): one line, nothing written."""
+    code, out, err = run(capsys, "convert", "--model", tmp_path / "no-model", *flags, "--out", tmp_path / "o")
+    assert_user_error(code, err, *needles)
+    assert len(err.strip().splitlines()) == 1 and out == ""
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_model_dir(capsys, tmp_path):
@@ -146,7 +199,7 @@ def test_rerun_replaces_our_own_output(capsys, tiny_model_dir, tmp_path):
     out = tmp_path / "fused"
     for _ in range(2):
         code, _, err = run(capsys, "convert", "--model", tiny_model_dir, "--target-active-ratio", 0.995,
-                           "--calib-tokens", 256, "--out", out)
+                           "--calib-tokens", 256, "--no-heal", "--out", out)
         assert code == 0, err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fused")]
 
@@ -170,7 +223,7 @@ def test_convert_by_latency_budget_meets_it_with_least_fusion(capsys, tiny_model
     out = tmp_path / "fused"
     code, stdout, err = run(capsys, "convert", "--model", tiny_model_dir, "--latency-budget-ms", budget,
                             "--device", "raspberry-pi-5", "--precision", "q8_0", "--context", 256,
-                            "--calib-tokens", 256, "--out", out)
+                            "--calib-tokens", 256, "--no-heal", "--out", out)
     assert code == 0, err
     record = json.loads((out / "d2m_plan.json").read_text())
     lat = record["latency"]
@@ -183,7 +236,7 @@ def test_convert_by_latency_budget_meets_it_with_least_fusion(capsys, tiny_model
     if len(blocks) > 1:
         code, _, err = run(capsys, "convert", "--model", tiny_model_dir, "--latency-budget-ms", lat["predicted_ms"] * 1.2,
                            "--device", "raspberry-pi-5", "--precision", "q8_0", "--context", 256,
-                           "--calib-tokens", 256, "--out", tmp_path / "looser")
+                           "--calib-tokens", 256, "--no-heal", "--out", tmp_path / "looser")
         assert code == 0, err
         assert len(json.loads((tmp_path / "looser" / "d2m_plan.json").read_text())["plan"]["blocks"]) <= len(blocks)
 

@@ -30,7 +30,7 @@ def models(tmp_path_factory, tokenizer_dir):
     dense = save_with_tokenizer(tiny_dense("llama"), root / "dense", tokenizer_dir)
     (root / "plan.yaml").write_text(PLAN)
     fused = root / "lfuc"
-    res = subprocess.run(cli("convert", "--model", dense, "--plan", root / "plan.yaml", "--out", fused),
+    res = subprocess.run(cli("convert", "--model", dense, "--plan", root / "plan.yaml", "--no-heal", "--out", fused),
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     return {"dense": dense, "lfuc": fused, "plan": root / "plan.yaml"}

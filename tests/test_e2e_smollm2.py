@@ -29,7 +29,8 @@ def test_lfuc_at_0_8_converts_loads_and_evaluates(analysis, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lfuc"
-    assert main(["convert", "--target-active-ratio", "0.8", "--analysis", str(analysis), "--out", str(out)]) == 0
+    assert main(["convert", "--target-active-ratio", "0.8", "--analysis", str(analysis), "--no-heal",
+                 "--out", str(out)]) == 0
     record = json.loads((out / "d2m_plan.json").read_text())
     assert 0.75 <= record["params"]["active_ratio"] <= 0.8
     model = AutoModelForCausalLM.from_pretrained(out)

@@ -1,4 +1,5 @@
-"""Local healing (`heal`, `convert --heal`) and loss-aware planning (`convert --plan-search loss`).
+"""Local healing (`heal`, and `convert`, which heals by default) and loss-aware planning
+(`convert --plan-search loss`).
 
 Tiny random models under the SmolLM2 tokenizer, calibration text from the training corpus:
 - the fit itself: the dense block targets are what the dense layers produce; the closed form
@@ -270,7 +271,7 @@ def test_heal_cli_with_an_empty_plan_is_the_identity(capsys, tmp_path, tokenizer
     dense = save_with_tokenizer(tiny_dense("llama"), tmp_path / "dense", tokenizer_dir)
     plan = tmp_path / "empty.yaml"
     plan.write_text("blocks: []\n")
-    code, _, err = run_cli(capsys, "convert", "--model", dense, "--plan", plan, "--out", tmp_path / "a")
+    code, _, err = run_cli(capsys, "convert", "--model", dense, "--plan", plan, "--no-heal", "--out", tmp_path / "a")
     assert code == 0, err
     code, _, err = run_cli(capsys, "heal", "--model", tmp_path / "a", "--out", tmp_path / "b",
                            "--calib-tokens", 512, "--steps", 5)
@@ -286,8 +287,8 @@ def test_heal_cli_with_an_empty_plan_is_the_identity(capsys, tmp_path, tokenizer
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory, tokenizer_dir):
-    """dense (tiny Llama); a: its LF-UC conversion by PLAN_YAML (default options); b: a healed (1024 tokens,
-    5 steps); a-shared, b-shared: the same with --host-mode shared."""
+    """dense (tiny Llama); a: its LF-UC conversion by PLAN_YAML (default options but --no-heal); b: a healed
+    by the heal stage (1024 tokens, 5 steps); a-shared, b-shared: the same with --host-mode shared."""
     root = tmp_path_factory.mktemp("heal")
     d = {"root": root, "dense": save_with_tokenizer(tiny_dense("llama"), root / "dense", tokenizer_dir),
          "plan": root / "plan.yaml"}
@@ -295,7 +296,7 @@ def dirs(tmp_path_factory, tokenizer_dir):
     for suffix, extra in (("", []), ("-shared", ["--host-mode", "shared"])):
         a, b = d["a" + suffix], d["b" + suffix] = root / ("a" + suffix), root / ("b" + suffix)
         assert main(["convert", "--model", str(d["dense"]), "--plan", str(d["plan"]), "--calib-tokens", "256",
-                     *extra, "--out", str(a)]) == 0
+                     "--no-heal", *extra, "--out", str(a)]) == 0
         assert main(["heal", "--model", str(a), "--out", str(b), "--calib-tokens", "1024", "--steps", "5"]) == 0
     return d
 
@@ -311,6 +312,8 @@ def test_healed_model_loads_with_plain_transformers_and_records_healing(dirs, to
 
     rec, original = read_record(b), read_record(a)
     assert rec["plan"] == original["plan"] and rec["method"] == "lfuc" and rec["generator"] == "d2m-export"
+    assert original["heal"] == {"healed": False, "reason": "--no-heal"}
+    assert rec["heal"] == {"healed": True, "stage": "heal", "budget": {"calib_tokens": 1024, "steps": 5}}
     h = rec["healing"]
     assert h["calibration_tokens"] == 1024 and h["held_out_tokens"] == WINDOW and h["steps"] == 5
     assert h["calibration_corpora"] == ["calibration"] and h["healed_from"] == str(a)
@@ -386,15 +389,18 @@ def test_healed_model_converts_to_coreml(dirs, tmp_path):
     assert p["greedy_match"] == p["greedy_total"] >= 64 and p["free_running_greedy_identical"]
 
 
-def test_convert_with_heal_in_one_go(capsys, dirs, tmp_path):
+@pytest.mark.parametrize("heal_flag", [[], ["--heal"]])
+def test_convert_with_heal_in_one_go(capsys, dirs, tmp_path, heal_flag):
+    """convert heals by default; --heal, still accepted, says the same."""
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "c"
     code, stdout, err = run_cli(capsys, "convert", "--model", dirs["dense"], "--plan", dirs["plan"],
-                                "--calib-tokens", 256, "--heal", "--heal-steps", 3, "--heal-tokens", 1024,
+                                "--calib-tokens", 256, *heal_flag, "--heal-steps", 3, "--heal-tokens", 1024,
                                 "--out", out)
     assert code == 0, err
     assert "healed on 1024 calibration tokens" in stdout
+    assert read_record(out)["heal"] == {"healed": True, "stage": "convert", "budget": {"calib_tokens": 1024, "steps": 3}}
     h = read_record(out)["healing"]
     assert h["calibration_tokens"] == 1024 and h["steps"] == 3
     [block] = h["blocks"]
@@ -413,7 +419,7 @@ def test_prune_heals(capsys, dirs, tmp_path):
 
     a, b = tmp_path / "pruned", tmp_path / "healed"
     code, _, err = run_cli(capsys, "convert", "--model", dirs["dense"], "--method", "prune", "--plan", dirs["plan"],
-                           "--out", a)
+                           "--no-heal", "--out", a)
     assert code == 0, err
     code, stdout, err = run_cli(capsys, "heal", "--model", a, "--out", b, "--calib-tokens", 1024, "--steps", 5)
     assert code == 0, err
@@ -431,7 +437,7 @@ def test_upcycle_heal_spreads_routers_and_keeps_the_output(capsys, dirs, tmp_pat
     from transformers import AutoModelForCausalLM
 
     a, b = tmp_path / "upcycled", tmp_path / "healed"
-    code, _, err = run_cli(capsys, "convert", "--model", dirs["dense"], "--method", "upcycle", "--out", a)
+    code, _, err = run_cli(capsys, "convert", "--model", dirs["dense"], "--method", "upcycle", "--no-heal", "--out", a)
     assert code == 0, err
     code, _, err = run_cli(capsys, "heal", "--model", a, "--out", b, "--calib-tokens", 1024, "--steps", 5)
     assert code == 0, err
@@ -445,6 +451,25 @@ def test_upcycle_heal_spreads_routers_and_keeps_the_output(capsys, dirs, tmp_pat
         assert torch.count_nonzero(before.model.layers[i].mlp.gate.weight) == 0
         assert torch.count_nonzero(after.model.layers[i].mlp.gate.weight) > 0
     assert any(sum(load > 0 for load in x["router_load"]) > 1 for x in blocks)   # tokens are spread
+
+
+def test_moe2dense_is_not_healed_and_says_why(capsys, dirs, tmp_path):
+    """convert heals every method it can; moe2dense fuses no dense layers, so it is written unhealed, with
+    the reason in its output and record, and asking for healing is refused."""
+    from d2m_export.pipeline import MOE2DENSE_NOT_HEALED
+
+    out = tmp_path / "back"
+    code, stdout, err = run_cli(capsys, "convert", "--method", "moe2dense", "--model", dirs["a"], "--experts-kept", 1,
+                                "--calib-tokens", 256, "--out", out)
+    assert code == 0, err
+    rec = read_record(out)
+    assert rec["heal"] == {"healed": False, "reason": MOE2DENSE_NOT_HEALED} and "healing" not in rec
+    assert f"  not healed: {MOE2DENSE_NOT_HEALED}" in stdout
+    for flags in (["--heal"], ["--heal-steps", 2]):
+        code, _, err = run_cli(capsys, "convert", "--method", "moe2dense", "--model", dirs["a"], "--experts-kept", 1,
+                               *flags, "--out", tmp_path / "o")
+        assert_user_error(code, err, flags[0], "nothing to heal")
+        assert_nothing_written(tmp_path / "o")
 
 
 # --- bad input: exit 2, one line, nothing written -------------------------------------------------
@@ -529,7 +554,8 @@ def test_heal_refuses_to_overwrite_its_input(capsys, dirs):
     (["--target-active-ratio", 1.5], "--target-active-ratio"),
     (["--heal", "--heal-steps", -1], "-steps"),
     (["--heal", "--heal-tokens", 0], "tokens"),
-    (["--heal-steps", 10], "--heal"),
+    (["--no-heal", "--heal-steps", 10], "--no-heal"),
+    (["--no-heal", "--heal-tokens", 1024], "--no-heal"),
 ])
 def test_convert_bad_input(capsys, dirs, tmp_path, extra, needle):
     extra = [str(dirs[x[1:]]) if str(x).startswith("@") else x for x in extra]
@@ -568,7 +594,8 @@ def test_add_donor_respects_a_max_block_of_one(capsys, dirs, tmp_path):
     two layers is too long too."""
     out = tmp_path / "o"
     code, _, err = run_cli(capsys, "convert", "--model", dirs["dense"], "--method", "prune", "--plan-search", "loss",
-                           "--max-block", 1, "--target-active-ratio", 0.999, "--search-tokens", 256, "--out", out)
+                           "--max-block", 1, "--target-active-ratio", 0.999, "--search-tokens", 256, "--no-heal",
+                           "--out", out)
     if code == 0:
         blocks = read_record(out)["plan"]["blocks"]
         assert all(1 + len(b["donors"]) <= 1 for b in blocks), f"--max-block 1 gave blocks {blocks}"
@@ -639,7 +666,8 @@ def test_convert_with_plan_search_loss(capsys, tmp_path, tokenizer_dir, method, 
     dense = save_with_tokenizer(tiny_dense("llama", initializer_range=0.1), tmp_path / "dense", tokenizer_dir)
     out = tmp_path / method
     code, stdout, err = run_cli(capsys, "convert", "--model", dense, "--method", method, "--plan-search", "loss",
-                                "--target-active-ratio", 0.99, "--search-tokens", 256, *extra, "--out", out)
+                                "--target-active-ratio", 0.99, "--search-tokens", 256, "--no-heal", *extra,
+                                "--out", out)
     assert code == 0, err
     assert "plan search by loss" in stdout
     rec = read_record(out)

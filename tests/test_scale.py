@@ -44,7 +44,7 @@ def test_written_checkpoint_equals_the_in_memory_conversion(tmp_path, tokenizer_
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     monkeypatch.setattr(lazy_weights, "SHARD_BYTES", 2 << 20)      # several shards even for a tiny model
     code, _, err = run_cli(capsys, "convert", "--model", src, "--method", method, "--plan", tmp_path / "plan.json",
-                           "--out", tmp_path / "out")
+                           "--no-heal", "--out", tmp_path / "out")
     assert code == 0, err
     built = get_method(method).build(dense, Plan.from_dict(plan, method=method, num_layers=6))
     built.save_pretrained(tmp_path / "saved")
@@ -70,7 +70,7 @@ def test_bf16_in_bf16_out_keeps_the_fusion_identity(tmp_path, tokenizer_dir, cap
     src = save_with_tokenizer(dense, tmp_path / "dense", tokenizer_dir)
     experts = 2 if host_mode == "shared" else 3
     code, _, err = run_cli(capsys, "convert", "--model", src, "--plan", write_plan(tmp_path / "plan.json", host_mode, experts),
-                           "--out", tmp_path / "out")
+                           "--no-heal", "--out", tmp_path / "out")
     assert code == 0, err
     assert all(t.dtype == torch.bfloat16 for t in stored(tmp_path / "out").values())
     assert json.loads((tmp_path / "out" / "d2m_plan.json").read_text())["dtype"] == "bf16"

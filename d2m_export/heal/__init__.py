@@ -1,4 +1,5 @@
-"""Local healing: the stage between convert and train (checkpoint → healed checkpoint).
+"""Local healing: the stage between convert and train (checkpoint → healed checkpoint); `convert`
+runs it by default before writing (`--no-heal` skips it).
 
 Each fused layer is fitted to what the original dense layers produced at its block's end, on
 calibration text (training corpora only): a closed-form fit of output scales and router, then a
@@ -223,6 +224,7 @@ def heal(model_spec, out: Path, cfg: HealConfig, dense_spec: str | None = None, 
     model, tokenizer, _ = load_model(model_dir)
     healing = heal_with(model, targets, record["method"], cfg, progress)
     record["healing"] = {**healing, "healed_from": model_label(model_spec), "dense": str(dense_spec)}
+    record["heal"] = {"healed": True, "stage": "heal", "budget": {"calib_tokens": cfg.calib_tokens, "steps": cfg.steps}}
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
