@@ -1,7 +1,8 @@
 """Roofline model of batch-1 decode and prefill, from a model's exact active bytes.
 
-Per decode token: bytes = weights actually read (at their precision) + the KV cache read at the
-current context (layers without attention have none); flops = 2 per weight read + attention.
+Per decode token at context c (tokens already in the KV cache): bytes = weights actually read (at their
+precision) + the KV cache read, c positions per attention layer (a sliding-window layer reads at most its
+window); flops = 2 per weight read + attention over the same positions.
 Time = max(bytes / bandwidth, flops / compute), divided by a runtime's measured efficiency (the
 KV-cache reads optionally by a second one, measured at a long context).
 """
@@ -46,18 +47,34 @@ def _attention_layers(cfg) -> int:
 
 def kv_bytes_per_token(cfg, kv_bytes: float = 4.0) -> float:
     """KV cache bytes one token position occupies, over every layer with attention."""
+    return _kv_bytes_per_layer_position(cfg, kv_bytes) * _attention_layers(cfg)
+
+
+def _kv_bytes_per_layer_position(cfg, kv_bytes: float) -> float:
     heads = _get(cfg, "num_attention_heads")
     kv = _get(cfg, "num_key_value_heads") or heads
     hd = _get(cfg, "head_dim") or _get(cfg, "hidden_size") // heads
-    return 2 * kv * hd * kv_bytes * _attention_layers(cfg)
+    return 2 * kv * hd * kv_bytes
+
+
+def kv_positions_read(cfg, context: int) -> int:
+    """Cached positions one decode step attends to at `context`, summed over the attention layers: all
+    of them, or at most the window in sliding-window layers (Gemma 3's local layers)."""
+    if context < 1:
+        raise ValueError(f"context must be at least 1, not {context}")
+    window = _get(cfg, "sliding_window")
+    sliding = sum(t == "sliding_attention" for t in _get(cfg, "layer_types") or []) if window else 0
+    return (sliding * min(context, window) if sliding else 0) + (_attention_layers(cfg) - sliding) * context
 
 
 def decode_cost(cfg, precision: str = "fp32", context: int = 512, kv_bytes: float = 4.0) -> StepCost:
+    """Bytes and flops of one decode step with `context` tokens already cached."""
     active = param_counts(cfg).active
     heads = _get(cfg, "num_attention_heads")
     hd = _get(cfg, "head_dim") or _get(cfg, "hidden_size") // heads
-    attn_flops = 4 * heads * hd * context * _attention_layers(cfg)       # q·K and p·V
-    kv = kv_bytes_per_token(cfg, kv_bytes) * context
+    positions = kv_positions_read(cfg, context)
+    attn_flops = 4 * heads * hd * positions       # q·K and p·V
+    kv = _kv_bytes_per_layer_position(cfg, kv_bytes) * positions
     return StepCost(bytes=active * BYTES_PER_WEIGHT[precision] + kv, flops=2 * active + attn_flops, kv_bytes=kv)
 
 

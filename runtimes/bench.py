@@ -4,6 +4,10 @@ The prompt is real text (the exported tokenizer on a fixed paragraph, repeated t
 routing in MoE layers sees the token mix it would see in use. Decode is timed per step; each
 figure is the median over `repeats` runs after one warm-up run. Peak RSS is the process's
 high-water mark (it includes the Python interpreter and the mapped model pages touched).
+
+The context of a measurement is the number of tokens already in the KV cache when the timed decode
+steps start: a prompt of that length, then decode. `prompt_tokens` is its older name (kept in the
+results beside `context`).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from converters.base import path_bytes
 from d2m_export.errors import UserError
 from runtimes.base import load_runner, load_tokenizer, read_manifest
 
+DEFAULT_CONTEXT = 64       # tokens in the KV cache when the timed decode starts, unless asked otherwise
 TEXT = ("It is a truth universally acknowledged that a small model, well arranged, can answer quickly on a "
         "modest device. The weights are read once for every token, so the fewer bytes each step touches, "
         "the sooner the next word appears. ")
@@ -28,17 +33,59 @@ def prompt_ids(export_dir: Path, n: int) -> list[int]:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory. On Linux from /proc (VmHWM): getrusage's ru_maxrss survives
+    exec, so a process started by a large parent would report the parent's peak as its own."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024 / (1024 if sys.platform == "darwin" else 1)   # macOS reports bytes
 
 
-def bench(export_dir: Path, prompt_tokens: int = 64, new_tokens: int = 64, threads: int = 2,
-          repeats: int = 3, runtime: str | None = None) -> dict:
-    if prompt_tokens < 1 or new_tokens < 1 or repeats < 1:
-        raise UserError("--prompt-tokens, --new-tokens and repeats must be at least 1")
+def resolve_context(context: int | None, prompt_tokens: int | None) -> int:
+    """The decode context from `--context` and its older name `--prompt-tokens` (the same quantity)."""
+    if context is not None and prompt_tokens is not None and context != prompt_tokens:
+        raise UserError(f"--context {context} and --prompt-tokens {prompt_tokens} disagree; they name the same "
+                        "number (tokens in the KV cache when decoding starts): give one")
+    value = next((v for v in (context, prompt_tokens) if v is not None), DEFAULT_CONTEXT)
+    if value < 1:
+        raise UserError(f"--context must be at least 1, not {value}")
+    return value
+
+
+def export_positions(export_dir: Path) -> int | None:
+    """The longest sequence an export runs (its manifest's `context_length`: KV cache or position table)."""
+    limit = read_manifest(export_dir).get("context_length")
+    return int(limit) if limit else None
+
+
+def check_context(export_dir: Path, context: int, new_tokens: int) -> int | None:
+    """Refuses, before any model is loaded, a context the export has no positions for; returns the limit."""
+    limit = export_positions(export_dir)
+    if limit is not None and context + new_tokens > limit:
+        raise UserError(f"--context {context} plus {new_tokens} decoded tokens is beyond the {limit} positions of "
+                        f"{export_dir} (its manifest's context_length)")
+    return limit
+
+
+def n_ctx_for(context: int, new_tokens: int, limit: int | None) -> int:
+    """The runner's sequence length: the context, the new tokens and a little room, within the export's limit."""
+    return min(context + new_tokens + 8, limit) if limit else context + new_tokens + 8
+
+
+def bench(export_dir: Path, prompt_tokens: int | None = None, new_tokens: int = 64, threads: int = 2,
+          repeats: int = 3, runtime: str | None = None, context: int | None = None) -> dict:
+    """Prefill of a `context`-token prompt, then `new_tokens` greedy decode steps, timed."""
+    context = resolve_context(context, prompt_tokens)
+    if new_tokens < 1 or repeats < 1:
+        raise UserError("--new-tokens and repeats must be at least 1")
     export_dir = Path(export_dir)
-    ids = prompt_ids(export_dir, prompt_tokens)
-    with load_runner(export_dir, threads=threads, runtime=runtime, n_ctx=prompt_tokens + new_tokens + 8) as runner:
+    limit = check_context(export_dir, context, new_tokens)
+    ids = prompt_ids(export_dir, context)
+    with load_runner(export_dir, threads=threads, runtime=runtime,
+                     n_ctx=n_ctx_for(context, new_tokens, limit)) as runner:
         prefill_s, decode_s, step_ms = [], [], []
         for run in range(repeats + 1):            # run 0 warms caches and page-ins up
             t0 = time.perf_counter()
@@ -57,9 +104,9 @@ def bench(export_dir: Path, prompt_tokens: int = 64, new_tokens: int = 64, threa
         manifest, settings, name = runner.manifest, runner.settings, runner.runtime
     return {
         "target": manifest["target"], "runtime": name, "quant": manifest.get("quant"), "threads": threads,
-        "model": manifest.get("model"), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+        "model": manifest.get("model"), "context": context, "prompt_tokens": context, "new_tokens": new_tokens,
         "repeats": repeats,
-        "prefill_tokens_per_s": round(prompt_tokens / statistics.median(prefill_s), 2),
+        "prefill_tokens_per_s": round(context / statistics.median(prefill_s), 2),
         "decode_tokens_per_s": round(new_tokens / statistics.median(decode_s), 2),
         "decode_ms_per_token_p50": round(statistics.median(step_ms), 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -79,18 +126,26 @@ def _burst(runner, prompt: list[int], tokens: int) -> float:
 
 
 def interleaved(exports: dict[str, Path | tuple[Path, str]], rounds: int = 20, tokens: int = 16,
-                prompt_tokens: int = 64, threads: int = 2) -> dict:
+                prompt_tokens: int | None = None, threads: int = 2, context: int | None = None) -> dict:
     """Decode speed of several exports, for small differences on a noisy machine: all loaded in this
     process, each round decodes a short burst with every export in turn (the order reversed every other
-    round). Per export the median ms/token over rounds and its spread; per pair the median of the
-    per-round ratios and their spread. An export given as (directory, runtime) runs in that runtime."""
+    round) after a fresh prefill of `context` tokens. Per export the median ms/token over rounds and its
+    spread; per pair the median of the per-round ratios and their spread. An export given as
+    (directory, runtime) runs in that runtime."""
+    context = resolve_context(context, prompt_tokens)
     if rounds < 3:
         raise UserError(f"interleaved rounds must be at least 3, not {rounds}")
+    if tokens < 1:
+        raise UserError(f"interleaved bursts need at least 1 token, not {tokens}")
     names = list(exports)
     exports = {n: (e, None) if isinstance(e, (str, Path)) else e for n, e in exports.items()}
-    runners = [load_runner(exports[n][0], threads=threads, runtime=exports[n][1]) for n in names]
+    limits = {n: check_context(Path(exports[n][0]), context, tokens) for n in names}
+    runners = []
     try:
-        prompt = prompt_ids(exports[names[0]][0], prompt_tokens)
+        for n in names:
+            runners.append(load_runner(exports[n][0], threads=threads, runtime=exports[n][1],
+                                       n_ctx=n_ctx_for(context, tokens, limits[n])))
+        prompt = prompt_ids(exports[names[0]][0], context)
         for r in runners:                                   # warm-up
             _burst(r, prompt, tokens)
         times: dict[str, list[float]] = {n: [] for n in names}
@@ -105,7 +160,8 @@ def interleaved(exports: dict[str, Path | tuple[Path, str]], rounds: int = 20, t
         per_round = [y / x for x, y in zip(times[a], times[b])]     # speed of a over b
         return {"median": round(statistics.median(per_round), 3),
                 "spread": [round(min(per_round), 3), round(max(per_round), 3)]}
-    return {"threads": threads, "rounds": rounds, "tokens_per_burst": tokens, "prompt_tokens": prompt_tokens,
+    return {"threads": threads, "rounds": rounds, "tokens_per_burst": tokens, "context": context,
+            "prompt_tokens": context,
             "variants": {n: {"target": read_manifest(exports[n][0])["target"], "runtime": exports[n][1] or
                              read_manifest(exports[n][0])["target"], "quant": read_manifest(exports[n][0]).get("quant"),
                              "decode_ms_per_token": round(statistics.median(times[n]), 3),

@@ -21,9 +21,11 @@ def test_pareto_front():
     assert pareto(pts) == ["a", "b", "d"]
 
 
-def make_runs(tmp_path, base="smollm2-135m", names=VARIANTS):
+def make_runs(tmp_path, base="smollm2-135m", names=VARIANTS, positions=256, at_2048=None):
+    """Run directories; `at_2048`: {name: ms} of a second bench, at context 2048 (the first one is from
+    before bench results named their context: a 64-token prompt)."""
     runs = []
-    cfg = tiny_dense("llama").config
+    cfg = tiny_dense("llama", max_position_embeddings=positions).config
     for name, ratio, acc, ms in names:
         run = tmp_path / name
         (run / "model").mkdir(parents=True)
@@ -35,6 +37,10 @@ def make_runs(tmp_path, base="smollm2-135m", names=VARIANTS):
             "tasks": {"arc_easy": {"acc": acc, "acc_norm": acc, "n": 10}}, "params": {"active": int(1e6 * ratio)}}))
         (run / "bench-onnx-fp32.json").write_text(json.dumps({"target": "onnx", "quant": "fp32",
                                                               "decode_tokens_per_s": 1000 / ms}))
+        if at_2048 and name in at_2048:
+            (run / "bench-onnx-fp32-2048.json").write_text(json.dumps({
+                "target": "onnx", "quant": "fp32", "context": 2048, "prompt_tokens": 2048,
+                "decode_tokens_per_s": 1000 / at_2048[name]}))
         runs.append(run)
     return runs
 
@@ -44,10 +50,43 @@ def test_report_outputs(tmp_path):
     out = tmp_path / "report"
     assert main(["report", *map(str, runs), "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["pareto"]["measured onnx fp32"] == ["dense", "lfuc-0.8", "lfuc-0.7"]
+    assert report["contexts"] == [64]          # 2048, the other default, is beyond these models' 256 positions
+    assert report["pareto"]["measured onnx fp32 @ 64"] == ["dense", "lfuc-0.8", "lfuc-0.7"]
     assert len(report["runs"]) == 4 and set(report["devices"]) >= {"raspberry-pi-5", "iphone-15-pro"}
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert "| lfuc-0.8 |" in (out / "report.md").read_text()
+
+
+def test_fronts_at_64_and_2048(tmp_path, capsys):
+    # at 2048 the pruned model is measured faster than LF-UC at 0.8: it joins that front
+    runs = make_runs(tmp_path, positions=4096, at_2048={"dense": 30.0, "lfuc-0.8": 26.0, "prune-0.8": 24.0})
+    out = tmp_path / "report"
+    assert main(["report", *map(str, runs), "--devices", "raspberry-pi-5", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["contexts"] == [64, 2048] and report["projection"]["contexts"] == [64, 2048]
+    assert report["runtimes"] == ["onnx fp32 @ 64", "onnx fp32 @ 2048"]
+    assert report["pareto"]["measured onnx fp32 @ 64"] == ["dense", "lfuc-0.8", "lfuc-0.7"]
+    assert report["pareto"]["measured onnx fp32 @ 2048"] == ["dense", "lfuc-0.8", "prune-0.8"]
+    assert {"projected raspberry-pi-5 @ 64", "projected raspberry-pi-5 @ 2048"} <= report["pareto"].keys()
+    for r in report["runs"]:      # the KV cache read at 2048 costs time in the projection
+        assert r["projected_ms"]["raspberry-pi-5 @ 2048"] > r["projected_ms"]["raspberry-pi-5 @ 64"]
+    assert {r["name"]: "onnx fp32 @ 2048" in r["measured"] for r in report["runs"]}["lfuc-0.7"] is False
+    md = (out / "report.md").read_text()
+    assert "context 64)" in md and "context 2048)" in md and "onnx fp32 @ 2048 ms/tok" in md
+    assert 'id="projection-2048"' in (out / "report.html").read_text()
+    # only the context asked for
+    assert main(["report", *map(str, runs), "--devices", "raspberry-pi-5", "--context", "2048", "--out",
+                 str(tmp_path / "r2")]) == 0
+    assert json.loads((tmp_path / "r2" / "report.json").read_text())["runtimes"] == ["onnx fp32 @ 2048"]
+
+
+@pytest.mark.parametrize("context, needle", [("4097", "beyond the 4096 positions"), ("0", "at least 1")])
+def test_a_context_the_models_cannot_hold_is_refused(tmp_path, capsys, context, needle):
+    runs = make_runs(tmp_path, positions=4096)
+    code = main(["report", *map(str, runs), "--context", "64", context, "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("d2m-export: error:") and needle in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_sweep_directory_stands_for_its_runs(tmp_path, capsys):
