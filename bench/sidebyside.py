@@ -28,9 +28,9 @@ def done(path: Path, marker: str) -> bool:
     return (Path(path) / marker).is_file()
 
 
-def convert(method: str, ratio: float, out: Path) -> Path:
+def convert(method: str, ratio: float, out: Path, *extra) -> Path:
     if not done(out, "d2m_plan.json"):
-        sh([*CLI, "convert", "--method", method, "--target-active-ratio", ratio, "--out", out])
+        sh([*CLI, "convert", "--method", method, "--target-active-ratio", ratio, "--out", out, *extra])
     return out
 
 

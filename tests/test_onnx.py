@@ -350,21 +350,15 @@ def test_a_wrong_moe_export_fails_parity_and_leaves_nothing(capsys, models, tmp_
     elif breakage == "routing_not_renormalised":
         original = ops.moe_attrs
         monkeypatch.setattr(ops, "moe_attrs", lambda k, normalize: original(k, False))
-    elif breakage.startswith("switch"):
-        lowering, original = "switch", graph.switched_experts
-        if breakage == "switch_not_renormalised":
-            monkeypatch.setattr(graph, "switched_experts", lambda *a: original(*a[:-2], False, a[-1]))
+    else:                       # the in-graph lowerings: switch or gather
+        lowering = breakage.split("_")[0]
+        function = {"switch": "switched_experts", "gather": "gathered_experts"}[lowering]
+        original = getattr(graph, function)
+        if breakage.endswith("not_renormalised"):
+            monkeypatch.setattr(graph, function, lambda *a: original(*a[:-2], False, a[-1]))
         else:       # top-1 routed host: expert j's rows run through expert j+1's weights
             variant = "lfuc-routed-k1"
-            monkeypatch.setattr(graph, "switched_experts", lambda g, lin, x, logits, gu, down, *a: original(
-                g, lin, x, logits, np.roll(gu, 1, axis=0), np.roll(down, 1, axis=0), *a))
-    else:
-        lowering, original = "gather", graph.gathered_experts
-        if breakage == "gather_not_renormalised":
-            monkeypatch.setattr(graph, "gathered_experts", lambda *a: original(*a[:-2], False, a[-1]))
-        else:       # top-1 routed host: expert j's rows run through expert j+1's weights
-            variant = "lfuc-routed-k1"
-            monkeypatch.setattr(graph, "gathered_experts", lambda g, lin, x, logits, gu, down, *a: original(
+            monkeypatch.setattr(graph, function, lambda g, lin, x, logits, gu, down, *a: original(
                 g, lin, x, logits, np.roll(gu, 1, axis=0), np.roll(down, 1, axis=0), *a))
     code, _, err = run(capsys, "--target", "onnx", "--model", models[variant], "--moe-lowering", lowering,
                        "--out", tmp_path / "o")
