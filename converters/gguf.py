@@ -1,4 +1,5 @@
-"""GGUF for stock llama.cpp: dense Llama/Qwen2/Qwen3 as llama.cpp's own converter writes them, LF-UC MoE as `step35`.
+"""GGUF for stock llama.cpp: dense Llama/Qwen2/Qwen3 as llama.cpp's own converter writes them, LF-UC MoE as
+`hy_v3` (from Qwen3) or `step35` (from Llama/Qwen2).
 
 Dense models use the `llama` architecture (Llama; q/k rows re-ordered from rotate-half to
 llama.cpp's adjacent-pair RoPE layout), `qwen2` or `qwen3` (NEOX RoPE: weights as they are; Qwen3's
@@ -18,11 +19,20 @@ RoPE is NEOX. Its pitfalls, each handled below:
 5. a MoE layer without shared-expert tensors would add silu(x) (llama.cpp's FFN with no
    weights is the activation alone), so the routed-host variant and Qwen3-MoE (which has no
    shared expert) get a zero shared expert of width 1;
-6. `output.weight` is required (no fallback to the token embedding): tied models store a copy;
+6. `output.weight` is required (step35.cpp loads it with no TENSOR_NOT_REQUIRED and no fallback to the
+   token embedding): tied models store a copy, which is why Qwen3-MoE goes to `hy_v3` (below);
 7. q/k/v biases (LF-UC of a Qwen2 model) are optional step35 tensors, added by llama.cpp's shared
    q/k/v projection (`build_qkv`) in the llama.cpp that llama-cpp-python 0.3.36 bundles. A build
    whose step35 graph projects without them would run such a file with the biases left out:
    the manifest names the llama.cpp it was checked with (`gguf.checked_with`).
+
+Qwen3-MoE uses `hy_v3` instead: the same per-layer choice (a layer with `ffn_gate_inp` is MoE, else its
+dense `ffn_*` runs), the same always-on ungated shared expert (so 4. and 5. apply), and NEOX RoPE, but
+`output.weight` is optional (a tied model stores its embedding once, as the dense export does) and its
+KV cache is the ordinary one (no SWA flag, full RoPE dimension). Its q/k norms are required, which is
+why it takes only Qwen3: no llama.cpp architecture that falls back to the token embedding mixes dense
+and MoE layers without them (gemma4 normalises V, jamba and nemotron-h have no RoPE), so LF-UC of a tied
+Llama or Qwen2 model still stores its embedding twice.
 
 Dense Gemma 3 uses llama.cpp's `gemma3`, which fixes three things that transformers configures:
 every 6th layer is global and the others slide (refused when a model's `layer_types` differ, as
@@ -54,7 +64,8 @@ FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTL
 K_QUANTS = {"q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M, "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M,
             "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K}
 ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",  # HF model_type -> GGUF
-         "qwen2_moe": "step35", "qwen3_moe": "step35"}
+         "qwen2_moe": "step35", "qwen3_moe": "hy_v3"}
+MIXED_MOE = ("step35", "hy_v3")   # architectures whose layers are each dense or MoE
 GEMMA3_PATTERN = 6        # llama.cpp's gemma3: layer i is global when i % 6 == 5, else sliding
 GEMMA3_LOCAL_THETA = 10000.0
 SWA_WINDOW = 1 << 20      # "sliding" window of the one SWA-flagged step35 layer: wider than any context
@@ -181,7 +192,7 @@ def all_tensors(state: dict, cfg, arch: str):
         w = state.get(hf + ".weight")
         if kind == T.OUTPUT and cfg.tie_word_embeddings:
             if arch != "step35":
-                continue                                          # llama/qwen2 fall back to token_embd
+                continue                                          # the others fall back to token_embd
             w = state["model.embed_tokens.weight"]                # step35 requires output.weight
         if w is not None:
             yield tname(kind), w
@@ -223,7 +234,7 @@ def rope_theta(cfg) -> float:
 def check_rope(cfg, arch: str) -> dict:
     params = check_gemma3(cfg) if arch == "gemma3" else dict(getattr(cfg, "rope_parameters", None) or {})
     kind = params.get("rope_type", "default")
-    if kind == "default" or (kind == "linear" and arch != "step35"):
+    if kind == "default" or (kind == "linear" and arch not in MIXED_MOE):
         return params
     raise UserError(f"RoPE type {kind!r} is not supported by the gguf target for {cfg.model_type} yet")
 
@@ -248,15 +259,18 @@ def add_metadata(w: gguf.GGUFWriter, cfg, arch: str, quant: str, name: str) -> N
     if arch == "llama":
         w.add_vocab_size(cfg.vocab_size)
         w.add_rope_dimension_count(head_dim)
-    if arch == "step35" or getattr(cfg, "head_dim", None) is not None:
+    if arch in MIXED_MOE or getattr(cfg, "head_dim", None) is not None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
+    if arch == "hy_v3":
+        w.add_rope_dimension_count(head_dim)
     if arch == "step35":
         w.add_rope_dimension_count(2 * head_dim)                  # halved by llama.cpp for full attention
         w.add_rope_dimension_count_swa(head_dim)
         w.add_rope_freq_base_swa(rope_theta(cfg))
         w.add_sliding_window(max(SWA_WINDOW, cfg.max_position_embeddings))
         w.add_sliding_window_pattern([i == cfg.num_hidden_layers - 1 for i in range(cfg.num_hidden_layers)])
+    if arch in MIXED_MOE:
         w.add_expert_count(cfg.num_experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
@@ -275,7 +289,7 @@ def head_tensor(names: list[str]) -> str:
 
 @register_target("gguf")
 class GGUFExporter(Exporter):
-    description = "llama.cpp (GGUF): llama/qwen2/qwen3 for dense models, step35 for LF-UC mixtures"
+    description = "llama.cpp (GGUF): llama/qwen2/qwen3 for dense models, hy_v3 or step35 for LF-UC mixtures"
     quants = ("f32", "f16", "q8_0", "q4_0", *K_QUANTS)
     default_quant = "f32"
     # Lossy floors from SmolLM2-135M: q8_0 60/64 greedy tokens, max |logit error| 1.6 (LF-UC, routed host,
@@ -295,10 +309,10 @@ class GGUFExporter(Exporter):
         self._written: dict[str, dict] = {}      # artifact path -> facts about it, for `details`
 
     def tolerance(self, quant, config):
-        max_err, min_frac = self.tolerances[quant]
+        tol = self.tolerances[quant]
         if quant == "f32" and "gelu" in str(getattr(config, "hidden_activation", None) or config.hidden_act):
-            max_err = max(max_err, self.GELU_F32_MAX_ERR)
-        return max_err, min_frac
+            tol = tol._replace(max_abs_logit_err=max(tol.max_abs_logit_err, self.GELU_F32_MAX_ERR))
+        return tol
 
     def export(self, model_dir: Path, quant: str, out_tmp: Path) -> list[str]:
         model_type = read_config(model_dir).get("model_type")

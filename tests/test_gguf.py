@@ -25,6 +25,11 @@ VARIANTS = ["llama", "qwen2", "qwen3", "lfuc-shared-k1", "lfuc-shared-k2", "lfuc
 DENSE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
+def gguf_arch(variant: str) -> str:
+    """Dense models keep their family; LF-UC of Qwen3 is hy_v3, of Llama/Qwen2 step35 (see converters/gguf.py)."""
+    return DENSE.get(variant) or ("hy_v3" if variant.endswith("qwen3") else "step35")
+
+
 def build(variant: str):
     if variant in DENSE:
         return tiny_dense(variant)
@@ -83,8 +88,10 @@ def test_f32_matches_transformers_greedy(capsys, models, tmp_path, variant):
     reader = gguf.GGUFReader(out / manifest["files"][0])
     arch = reader.fields["general.architecture"].contents()
     names = {t.name for t in reader.tensors}
-    assert arch == DENSE.get(variant, "step35")
-    if arch == "step35":    # layer 0 dense, layers 1-2 MoE (router + experts + a shared expert)
+    assert arch == gguf_arch(variant)
+    # tied: stored once, except by step35, which has no fallback from the LM head to the token embedding
+    assert ("output.weight" in names) == (arch == "step35") == manifest["gguf"]["output_copies_embedding"]
+    if arch in ("step35", "hy_v3"):    # layer 0 dense, layers 1-2 MoE (router + experts + a shared expert)
         assert "blk.0.ffn_gate.weight" in names and "blk.0.ffn_gate_inp.weight" not in names
         assert {"blk.1.ffn_gate_inp.weight", "blk.1.ffn_gate_exps.weight", "blk.1.ffn_down_shexp.weight"} <= names
         # Qwen3-MoE has no shared expert: its shared host is folded into the experts (48 + 48 wide)
@@ -125,6 +132,21 @@ def test_q4_0_keeps_the_head_at_q8_0(capsys, models, tmp_path):
     reader = gguf.GGUFReader(tmp_path / "q4" / manifest["files"][0])
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["token_embd.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q4_0"   # tied: the head
+
+
+@pytest.mark.parametrize("quant", ["f16", "q4_0"])
+def test_lfuc_of_a_tied_qwen3_is_no_larger_than_dense(models, tmp_path, quant):
+    """hy_v3 stores the tied embedding once, as the dense export does, so LF-UC, which drops attention
+    layers, writes the smaller file (step35's second copy of the 49152-row embedding would make it the
+    larger). Structural: the files only, their parity is checked above."""
+    from converters.gguf import GGUFExporter
+
+    sizes = {}
+    for variant in ("qwen3", "lfuc-routed-k1-qwen3"):
+        (tmp_path / variant).mkdir()
+        files = GGUFExporter().export(models[variant], quant, tmp_path / variant)
+        sizes[variant] = (tmp_path / variant / files[0]).stat().st_size
+    assert sizes["lfuc-routed-k1-qwen3"] <= sizes["qwen3"], sizes
 
 
 def test_tokenizer_metadata_matches_llama_cpp_converter(capsys, models, tmp_path):
