@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from converters.base import Exporter, exact, lossy, register_target
+from converters.base import Exporter, register_target
 from d2m_export.errors import UserError
 from d2m_export.models import read_config
 from d2m_export.outputs import die_with_parent
@@ -32,7 +32,7 @@ from d2m_export.outputs import die_with_parent
 log = logging.getLogger(__name__)
 PROGRAM = "model.pte"
 ARCHS = ("llama", "qwen2", "qwen3", "gemma3_text", "qwen2_moe", "qwen3_moe")
-DEFAULT_MAX_SEQ_LEN = 4096 + 64   # a 4096-token context and 64 decoded tokens (at most the model's)
+DEFAULT_MAX_SEQ_LEN = 2048
 MIN_MAX_SEQ_LEN = 64            # the parity check decodes ~60 positions
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")     # inv_freq does not depend on the sequence length
 
@@ -84,7 +84,7 @@ class ExecuTorchExporter(Exporter):
     # (in a process of its own); the runtime holds XNNPACK's packed weights beside the mapped program
     # (1.57x the program at fp32 on a 1.24B model). Measured in bench/results/scale.md.
     toolchain_fp32_copies = {"fp32": 0.4, "8da8w": 0.7, "8da4w": 0.7}
-    tolerances = {"fp32": exact(1e-2), "8da8w": lossy(0.85, 0.1), "8da4w": lossy(0.35, 1.4)}
+    tolerances = {"fp32": (1e-2, 1.0), "8da8w": (10.0, 0.75), "8da4w": (40.0, 0.4)}
 
     def check_options(self, config: dict, options: dict) -> dict:
         """Refuse what this target cannot export, and bad options, before anything is written."""

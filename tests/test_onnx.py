@@ -245,11 +245,10 @@ def test_switch_lowering_keeps_each_experts_weights_in_its_own_branch_and_matche
     assert code == 0, err
     manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
     assert manifest["onnx"]["moe_lowering"] == "switch" and manifest["onnx"]["moe_nodes"] == 0
-    parity, tol = manifest["parity"], OnnxExporter.tolerances[quant]
+    parity, (_, floor) = manifest["parity"], OnnxExporter.tolerances[quant]
     genai = parity["other_runtimes"]["onnxruntime-genai"]
     for checked in (parity, genai):
-        assert checked["greedy_match"] == parity["greedy_total"] if quant == "fp32" else (
-            checked["text"]["top1_agreement"] >= tol.min_top1_agreement and checked["text"]["mean_kl"] <= tol.max_mean_kl)
+        assert checked["greedy_match"] >= (1.0 if quant == "fp32" else floor) * parity["greedy_total"]
         if quant == "fp32":
             assert checked["max_abs_logit_err"] < 1e-4
     model = hf_model(models[variant])
@@ -526,8 +525,8 @@ def test_quantized_gather_lowering_quantizes_every_expert_and_passes_its_floor(c
     assert code == 0, err
     manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
     parity = manifest["parity"]
-    tol = OnnxExporter.tolerances[quant]
-    assert parity["text"]["top1_agreement"] >= tol.min_top1_agreement and parity["text"]["mean_kl"] <= tol.max_mean_kl
+    _, floor = OnnxExporter.tolerances[quant]
+    assert parity["greedy_match"] >= floor * parity["greedy_total"]
     model = hf_model(models["lfuc-routed-k1"])
     experts = len(moe_layers(model)) * model.config.num_experts
     nbits = [n.name for n in graph_of(tmp_path / "q").node if n.op_type == "MatMulNBits"]
