@@ -41,7 +41,7 @@ from d2m_export.errors import ParityError, UserError
 
 log = logging.getLogger(__name__)
 PACKAGE = "model.mlpackage"
-DEFAULT_MAX_SEQ_LEN = 2048
+DEFAULT_MAX_SEQ_LEN = 4096 + 64   # a 4096-token context and 64 decoded tokens (at most the model's)
 MIN_MAX_SEQ_LEN = 64          # the parity check's prompts plus its greedy tokens fit
 BLOCK = 32                    # int4: one scale per 32 inputs of a row
 FP32_TOLERANCE = (1e-2, 1.0)  # the fp32 lowered module must reproduce every greedy token

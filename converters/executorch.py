@@ -32,7 +32,7 @@ from d2m_export.outputs import die_with_parent
 log = logging.getLogger(__name__)
 PROGRAM = "model.pte"
 ARCHS = ("llama", "qwen2", "qwen3", "gemma3_text", "qwen2_moe", "qwen3_moe")
-DEFAULT_MAX_SEQ_LEN = 2048
+DEFAULT_MAX_SEQ_LEN = 4096 + 64   # a 4096-token context and 64 decoded tokens (at most the model's)
 MIN_MAX_SEQ_LEN = 64            # the parity check decodes ~60 positions
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")     # inv_freq does not depend on the sequence length
 
