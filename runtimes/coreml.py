@@ -37,7 +37,7 @@ class CoreMLRunner(Runner):
     def load(self, export_dir: Path) -> "CoreMLRunner":
         if sys.platform != "darwin":
             raise UserError(f"Core ML prediction needs macOS (this is {sys.platform}): copy {export_dir} to a Mac, or "
-                            "load its .mlpackage in an iOS/macOS app (README: iOS / macOS (Core ML)); the export "
+                            "load its .mlpackage in an iOS/macOS app (docs/runtimes/coreml.md: In an app); the export "
                             "was verified at conversion time (manifest.json: verification)")
         try:
             import coremltools as ct
