@@ -14,6 +14,7 @@ import pkgutil
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from d2m_export.errors import UserError
 from d2m_export.lazy_weights import release_memory
@@ -36,17 +37,41 @@ def register_target(name: str):
     return wrap
 
 
+class Tolerance(NamedTuple):
+    """What a parity check (converters.parity) allows. Lossless quants (`exact`): every greedy token of the
+    prompts matches and every logit, on the prompts and the fixed text, is within `max_abs_logit_err`.
+    Lossy quants (`lossy`): on the fixed text, the top-1 agreement where the reference is decisive and the
+    mean KL(reference || export), in nats, are the gate; the greedy match and the logit error are reported
+    only (a flipped MoE routing decision moves one position's logits far, and near-ties flip, without the
+    export being wrong)."""
+    max_abs_logit_err: float | None = None
+    min_greedy_fraction: float | None = None
+    min_decisive_top1_agreement: float | None = None
+    max_mean_kl: float | None = None
+
+    def as_dict(self) -> dict:
+        return self._asdict()
+
+
+def exact(max_abs_logit_err: float) -> Tolerance:
+    return Tolerance(max_abs_logit_err=max_abs_logit_err, min_greedy_fraction=1.0)
+
+
+def lossy(min_decisive_top1_agreement: float, max_mean_kl: float) -> Tolerance:
+    return Tolerance(min_decisive_top1_agreement=min_decisive_top1_agreement, max_mean_kl=max_mean_kl)
+
+
 class Exporter:
     name: str
     description: str = ""
     quants: tuple[str, ...] = ()
     default_quant: str = ""
-    # quant -> (largest allowed max |logit error|, smallest fraction of greedy tokens that must match).
-    # Lossless quants must match every greedy token; lossy ones get a floor that a broken export misses.
-    tolerances: dict[str, tuple[float, float]] = {}
+    # quant -> what the parity check (converters.parity) allows: `exact(...)` for lossless quants,
+    # `lossy(...)` with floors measured on SmolLM2 dense and LF-UC exports for the others.
+    tolerances: dict[str, "Tolerance"] = {}
 
-    def tolerance(self, quant: str, config) -> tuple[float, float]:
-        """(max |logit error|, min greedy-token fraction) the parity check allows for `config`'s model."""
+    def tolerance(self, quant: str, config) -> "Tolerance":
+        """What the parity check allows for `config`'s model at `quant`."""
         return self.tolerances[quant]
     # extra export options this target takes (e.g. "max_seq_len"); `export` passes them as keywords
     options: tuple[str, ...] = ()

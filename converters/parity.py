@@ -1,10 +1,21 @@
 """The parity check every export passes before it is renamed into place.
 
-Reference: the transformers model (fp32) decoding each prompt greedily. The export runs in its
-real runtime under teacher forcing: it is fed the reference's own tokens, so each step's logits
-compare like for like and one divergence does not cascade. `greedy_match` counts the steps at
-which the runtime's argmax equals the reference's greedy token; when every step matches, the
-runtime's own greedy decoding reproduces the reference's tokens exactly.
+Reference: the transformers model, computing in fp32. Two measurements, both in the export's real
+runtime and both teacher-forced (the runtime is fed the reference's tokens, so every step compares
+like for like and one divergence does not cascade):
+
+- the prompts: each prompt's greedy continuation by the reference; `greedy_match` counts the steps at
+  which the runtime's argmax equals the reference's token. Lossless exports must match every token
+  (then the runtime's own greedy decoding reproduces the reference exactly), within a logit error
+  near float rounding.
+- a fixed text (`FIXED_TEXT`, a few hundred tokens of ordinary prose and code): at each position the
+  top-1 agreement with the reference and KL(reference || export) of the next-token distributions, as
+  llama.cpp's `perplexity --kl-divergence` reports them ("same top p", mean KLD, PPL(Q)/PPL(base)).
+  These gate lossy exports: the mean KL, and the top-1 agreement at the positions where the reference
+  is decisive (`DECISIVE_MARGIN`). A greedy continuation of a weak model is repetitive text whose top two
+  logits are often nearly tied, so its agreement measures the model's fragility as much as the
+  export; natural text and the KL do not depend on where the ties fall, and a broken export (an expert
+  lost, scales wrong) moves them far beyond what quantization does.
 """
 from __future__ import annotations
 
@@ -18,6 +29,38 @@ PROMPTS = (
     "The quick brown fox jumps over the lazy dog. Once upon a time, in a small village by the sea,",
     "Question: Why do leaves change colour in the autumn?\nAnswer:",
 )
+
+# Austen's opening (public domain), then plain exposition, instructions and code: 329 tokens for SmolLM2.
+FIXED_TEXT = '''It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in \
+want of a wife. However little known the feelings or views of such a man may be on his first entering a \
+neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered the \
+rightful property of some one or other of their daughters.
+
+"My dear Mr. Bennet," said his lady to him one day, "have you heard that Netherfield Park is let at last?"
+
+Mr. Bennet replied that he had not.
+
+Water covers about seventy per cent of the surface of the Earth, yet only a small part of it is fresh. Most fresh \
+water is frozen in ice caps and glaciers, and much of the rest lies underground; rivers and lakes hold less than one \
+per cent of it. When the sun warms the oceans, water evaporates, rises as vapour, cools and condenses into clouds, \
+and falls again as rain or snow.
+
+To bake a simple loaf of bread, mix 500 grams of flour with a teaspoon of salt and 7 grams of dried yeast. Add about \
+300 millilitres of warm water and knead the dough for ten minutes, until it is smooth and elastic. Leave it to rise \
+in a warm place for an hour, shape it, let it rise again, and bake it at 220 degrees for thirty minutes.
+
+def mean(values):
+    """The arithmetic mean of a non-empty list of numbers."""
+    return sum(values) / len(values)
+'''
+TEXT_WINDOW = 512      # tokens per window at most (the whole text in one window when the export's context allows)
+TEXT_PREFILL = 16      # each window starts with a prefill of this many tokens; the rest are decoded one by one
+# A position is decisive when the reference's top token leads the runner-up by this many nats (is at least e times
+# as likely). Top-1 agreement is gated there only, and only with enough such positions: elsewhere the reference
+# itself is torn between tokens, and which one a sound export picks is a coin toss (a tiny random model has
+# almost no decisive position; SmolLM2 has about 100 of the text's 313).
+DECISIVE_MARGIN = 1.0
+MIN_DECISIVE = 20
 
 
 def reference_greedy(model, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], np.ndarray]:
@@ -50,14 +93,110 @@ def runtime_forced(runner, prompt_ids: list[int], tokens: list[int]) -> np.ndarr
     return np.stack(rows)
 
 
-def _forced_in(runner_cls, export_dir: Path, threads: int, n_ctx: int, encoded, references) -> tuple[list, dict]:
-    """Each prompt's teacher-forced logits in one runtime, and the settings it ran with."""
+# --- the fixed text ---------------------------------------------------------------------------------
+
+def text_windows(ids: list[int], context: int) -> list[list[int]]:
+    """`ids` cut into windows of near-equal length that each fit `context` (and TEXT_WINDOW) tokens."""
+    size = max(TEXT_PREFILL + 1, min(TEXT_WINDOW, int(context)))
+    count = -(-len(ids) // size)
+    bounds = np.linspace(0, len(ids), count + 1).round().astype(int)
+    return [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def reference_text_logits(model, window: list[int]) -> np.ndarray:
+    """The reference's logits predicting window[TEXT_PREFILL:], in one forward pass ([positions, vocab])."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([window[:-1]])).logits[0].float()
+    return logits[TEXT_PREFILL - 1:].numpy().copy()
+
+
+def runtime_text_rows(runner, window: list[int]):
+    """The runtime's logits at the same positions: one prefill, then one decode step per token."""
+    yield runner.prefill(window[:TEXT_PREFILL])
+    for token in window[TEXT_PREFILL:-1]:
+        yield runner.decode(token)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+class TextScore:
+    """Per-position agreement, KL(reference || export) and the two negative log-likelihoods, accumulated."""
+
+    def __init__(self):
+        self.top1, self.kl, self.nll_ref, self.nll_got, self.err, self.margin = [], [], [], [], [], []
+
+    def add(self, ref: np.ndarray, got: np.ndarray, target: int) -> None:
+        got = np.asarray(got, np.float32)
+        self.err.append(float(np.abs(got - ref).max()))
+        lp_ref, lp_got = _log_softmax(ref), _log_softmax(got)
+        self.top1.append(int(ref.argmax()) == int(got.argmax()))
+        runner_up, top = np.partition(ref, -2)[-2:]
+        self.margin.append(float(top - runner_up))
+        self.kl.append(float((np.exp(lp_ref) * (lp_ref - lp_got)).sum()))
+        self.nll_ref.append(-float(lp_ref[target]))
+        self.nll_got.append(-float(lp_got[target]))
+
+    def result(self) -> dict:
+        kl = np.array(self.kl)
+        decisive = np.array(self.top1)[np.array(self.margin) >= DECISIVE_MARGIN]
+        return {"positions": len(self.kl), "top1_agreement": round(float(np.mean(self.top1)), 4),
+                "mean_kl": float(kl.mean()), "p99_kl": float(np.quantile(kl, 0.99)), "max_kl": float(kl.max()),
+                "ppl_reference": float(np.exp(np.mean(self.nll_ref))),
+                "ppl_export": float(np.exp(np.mean(self.nll_got))),
+                "ppl_ratio": float(np.exp(np.mean(self.nll_got) - np.mean(self.nll_ref))),
+                "decisive_positions": len(decisive),
+                "decisive_top1_agreement": round(float(decisive.mean()), 4) if len(decisive) else None,
+                "max_abs_logit_err": float(np.max(self.err))}           # NaN stays NaN: it fails every gate
+
+
+def reference_text(model, tokenizer, context: int) -> list[tuple[list[int], np.ndarray]]:
+    """The fixed text's windows for an export of `context` positions, each with the reference's logits."""
+    windows = text_windows(tokenizer(FIXED_TEXT)["input_ids"], context)
+    return [(w, reference_text_logits(model, w)) for w in windows]
+
+
+def score_text(runner, references: list[tuple[list[int], np.ndarray]]) -> dict:
+    """The fixed text scored in `runner` against the reference (`reference_text`)."""
+    score = TextScore()
+    for window, ref in references:
+        for row, got, target in zip(ref, runtime_text_rows(runner, window), window[TEXT_PREFILL:]):
+            score.add(row, got, target)
+    return {**score.result(), "windows": [len(w) for w, _ in references], "prefill_tokens": TEXT_PREFILL}
+
+
+def text_gate_failure(text: dict, tol) -> str | None:
+    """Why the fixed text's figures fail `tol` (a converters.base.Tolerance), or None when they pass."""
+    problems = []
+    if tol.max_abs_logit_err is not None and not text["max_abs_logit_err"] <= tol.max_abs_logit_err:  # NaN too
+        problems.append(f"max |logit error| {text['max_abs_logit_err']:.3g} (allowed {tol.max_abs_logit_err:g})")
+    floor, agreement = tol.min_decisive_top1_agreement, text["decisive_top1_agreement"]
+    if floor is not None and text["decisive_positions"] >= MIN_DECISIVE and not agreement >= floor:
+        problems.append(f"top-1 agreement {agreement:.3f} where the reference is decisive ({text['decisive_positions']} "
+                        f"positions; need {floor:g})")
+    if tol.max_mean_kl is not None and not text["mean_kl"] <= tol.max_mean_kl:
+        problems.append(f"mean KL {text['mean_kl']:.3g} nats (allowed {tol.max_mean_kl:g})")
+    if not problems:
+        return None
+    return f"on the fixed text ({text['positions']} positions): " + ", ".join(problems)
+
+
+# --- the check --------------------------------------------------------------------------------------
+
+def _scores_in(runner_cls, export_dir: Path, threads: int, n_ctx: int, encoded, references, text_refs) -> tuple:
+    """Each prompt's teacher-forced logits, the fixed text's score, and the settings of one runtime."""
     from runtimes.base import read_manifest
 
     runner = runner_cls(threads=threads, kv_type="f32", n_ctx=n_ctx)
     runner.manifest = read_manifest(export_dir)
     with runner.load(export_dir):
-        return [runtime_forced(runner, ids, ref[0]) for ids, ref in zip(encoded, references)], runner.settings
+        logits = [runtime_forced(runner, ids, ref[0]) for ids, ref in zip(encoded, references)]
+        return logits, score_text(runner, text_refs), runner.settings
 
 
 def _compare(prompts, encoded, references, logits) -> tuple[list[dict], float, int, int]:
@@ -76,33 +215,40 @@ def check_parity(exporter, model_dir: Path, export_dir: Path, quant: str, thread
     runtimes that run this target's files, e.g. onnxruntime-genai): every one must pass."""
     from d2m_export.lazy_weights import release_memory
     from d2m_export.models import load_fp32_compute
-    from runtimes.base import runner_class
+    from runtimes.base import read_manifest, runner_class
 
     model, tokenizer, _ = load_fp32_compute(model_dir)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     n_ctx = max(len(ids) for ids in encoded) + new_tokens + 8
+    context = int(read_manifest(export_dir).get("context_length") or n_ctx)
     references = [reference_greedy(model, ids, new_tokens) for ids in encoded]
-    max_err, min_frac = exporter.tolerance(quant, model.config)
+    text_refs = reference_text(model, tokenizer, context)
+    n_ctx = max(n_ctx, max(len(w) for w, _ in text_refs))
+    tol = exporter.tolerance(quant, model.config)
     del model
     release_memory()          # the reference, before the runtime maps the export
     result = None
     for runtime in (None, *runtimes):
         # one thread by default: exact either way, and immune to oversubscribed cores, where waiting
         # threads can slow a tiny model's step a hundredfold
-        logits, settings = _forced_in(runner_class(exporter.name, runtime), export_dir, threads or 1, n_ctx,
-                                      encoded, references)
+        logits, text, settings = _scores_in(runner_class(exporter.name, runtime), export_dir, threads or 1, n_ctx,
+                                            encoded, references, text_refs)
         per_prompt, err, match, total = _compare(prompts, encoded, references, logits)
         name = runtime or exporter.name
-        if not (err <= max_err and match >= min_frac * total):   # also catches NaN
-            raise ParityError(f"{exporter.name} {quant} in {name}: {match}/{total} greedy tokens match the transformers "
-                              f"reference (need {int(np.ceil(min_frac * total))}), max |logit error| {err:.3g} "
-                              f"(allowed {max_err:g})")
+        greedy = f"{match}/{total} greedy tokens match the transformers reference"
+        if tol.min_greedy_fraction is not None and not (err <= tol.max_abs_logit_err
+                                                         and match >= tol.min_greedy_fraction * total):  # NaN too
+            raise ParityError(f"{exporter.name} {quant} in {name}: {greedy} (need "
+                              f"{int(np.ceil(tol.min_greedy_fraction * total))}), max |logit error| {err:.3g} "
+                              f"(allowed {tol.max_abs_logit_err:g})")
+        if (why := text_gate_failure(text, tol)) is not None:
+            raise ParityError(f"{exporter.name} {quant} in {name}: {why}; {greedy}")
         if result is None:
             result = {"max_abs_logit_err": err, "greedy_match": match, "greedy_total": total,
                       "reference": "transformers fp32, greedy", "runtime_settings": settings,
-                      "tolerance": {"max_abs_logit_err": max_err, "min_greedy_fraction": min_frac},
-                      "prompts": per_prompt}
+                      "tolerance": tol.as_dict(), "text": text, "prompts": per_prompt}
         else:
             result.setdefault("other_runtimes", {})[name] = {
-                "max_abs_logit_err": err, "greedy_match": match, "greedy_total": total, "runtime_settings": settings}
+                "max_abs_logit_err": err, "greedy_match": match, "greedy_total": total, "text": text,
+                "runtime_settings": settings}
     return result

@@ -277,6 +277,10 @@ def cmd_export(args) -> int:
           f"to {args.export_out}")
     print(f"  parity vs transformers: greedy {p['greedy_match']}/{p['greedy_total']} tokens, "
           f"max |logit error| {p['max_abs_logit_err']:.3g}")
+    if text := p.get("text"):
+        print(f"  fixed text ({text['positions']} positions): top-1 agreement {text['top1_agreement']:.3f} "
+              f"({text['decisive_top1_agreement']} where the reference is decisive), mean KL {text['mean_kl']:.3g} "
+              f"nats, perplexity x{text['ppl_ratio']:.3f}")
     return 0
 
 

@@ -33,7 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def sensitive(model, seed: int = 0):
     """Re-draw a tiny model's weights at unit scale (matrices ~ N(0, 1/fan_in), embedding ~ N(0, 1)) so that
     every layer, and so every MoE detail, moves the logits; at the default init (std 0.02) the residual
-    stream is nearly the embedding alone and an export error can hide below any tolerance."""
+    stream is nearly the embedding alone and an export error can hide below any tolerance. The final norm is
+    scaled down so that the next-token distributions are about as peaked as a trained model's: at unit scale the
+    logits span tens of nats, and an int4 export's sound rounding noise moves them further than the lossy parity
+    gates (set on SmolLM2) allow."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -41,6 +44,7 @@ def sensitive(model, seed: int = 0):
                 p.copy_(torch.randn(p.shape, generator=g))
             elif p.ndim >= 2:
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+        model.model.norm.weight.mul_(0.3)
     return model
 
 
@@ -239,16 +243,18 @@ def test_switch_lowering_keeps_each_experts_weights_in_its_own_branch_and_matche
     """Prompt and one-token steps, in onnxruntime and onnxruntime-genai: each distinct expert is one `If` whose
     branch owns its weights (so ONNX Runtime prepacks them); no expert weight lives outside its branch."""
     from converters.onnx import OnnxExporter
+    from converters.parity import text_gate_failure
 
     code, _, err = run(capsys, "--target", "onnx", "--model", models[variant], "--moe-lowering", "switch",
                        "--quant", quant, "--threads", 2, "--out", tmp_path / "e")
     assert code == 0, err
     manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
     assert manifest["onnx"]["moe_lowering"] == "switch" and manifest["onnx"]["moe_nodes"] == 0
-    parity, (_, floor) = manifest["parity"], OnnxExporter.tolerances[quant]
+    parity, tol = manifest["parity"], OnnxExporter.tolerances[quant]
     genai = parity["other_runtimes"]["onnxruntime-genai"]
     for checked in (parity, genai):
-        assert checked["greedy_match"] >= (1.0 if quant == "fp32" else floor) * parity["greedy_total"]
+        assert checked["greedy_match"] == parity["greedy_total"] if quant == "fp32" else (
+            text_gate_failure(checked["text"], tol) is None)
         if quant == "fp32":
             assert checked["max_abs_logit_err"] < 1e-4
     model = hf_model(models[variant])
@@ -519,14 +525,15 @@ def test_interleaved_rounds_time_every_export_in_turn(capsys, models, tmp_path):
 def test_quantized_gather_lowering_quantizes_every_expert_and_passes_its_floor(capsys, models, tmp_path, quant):
     """MatMulNBits per expert; a decode step leaves most experts with zero rows, which the kernels must take."""
     from converters.onnx import OnnxExporter
+    from converters.parity import text_gate_failure
 
     code, _, err = run(capsys, "--target", "onnx", "--model", models["lfuc-routed-k1"], "--moe-lowering", "gather",
                        "--quant", quant, "--threads", 2, "--out", tmp_path / "q")
     assert code == 0, err
     manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
     parity = manifest["parity"]
-    _, floor = OnnxExporter.tolerances[quant]
-    assert parity["greedy_match"] >= floor * parity["greedy_total"]
+    tol = OnnxExporter.tolerances[quant]
+    assert text_gate_failure(parity["text"], tol) is None
     model = hf_model(models["lfuc-routed-k1"])
     experts = len(moe_layers(model)) * model.config.num_experts
     nbits = [n.name for n in graph_of(tmp_path / "q").node if n.op_type == "MatMulNBits"]
