@@ -145,8 +145,7 @@ def get_target(name: str | None) -> Exporter:
         if (why := _import(f"converters.{name}")) is not None:
             raise UserError(f"--target {name} cannot be loaded ({why}); install its extra: pip install 'd2m-export[{name}]'")
     if name not in TARGETS:
-        import converters
-        for info in pkgutil.iter_modules(converters.__path__):    # list every target that registers itself
+        for info in pkgutil.iter_modules([str(Path(__file__).parent)]):   # every target that registers itself
             if info.name not in ("base", "parity") and not info.name.startswith("_"):
                 _import(f"converters.{info.name}")
         raise UserError(f"unknown --target {name!r}; choose one of {', '.join(sorted(TARGETS))}")

@@ -45,43 +45,15 @@ MatMul, or a quantized MatMulNBits / QMoE, see `converters.onnx_quant`); the MoE
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from converters.onnx_moe import moe_block
-from converters.onnx_ops import MS, Graph, Linears
+from converters.onnx_ops import MS, Graph, Linears, Spec
 from d2m_export.errors import UserError
 
 OPSET = 23
-GQA_HEAD_MULTIPLE = 16
-
-
-@dataclass(frozen=True)
-class Spec:
-    """What the graph needs to know about the model, read off its config."""
-    num_layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    eps: float
-    max_positions: int
-    moe_top_k: int
-    norm_topk_prob: bool
-    activation: str = "silu"            # "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
-    embed_scale: float = 1.0            # Gemma: √hidden
-    query_scale: float | None = None    # softmax scale; None: 1/√head_dim
-    sandwich_norms: bool = False        # Gemma: norms on the attention and MLP outputs too
-    sliding_window: int | None = None
-    layer_types: tuple[str, ...] = ()   # per layer, "sliding_attention" or "full_attention"; () all full
-
-    @property
-    def head_dim_padded(self) -> int:
-        return -(-self.head_dim // GQA_HEAD_MULTIPLE) * GQA_HEAD_MULTIPLE
 
 
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}    # transformers' name -> ours

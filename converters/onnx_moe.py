@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from typing import TYPE_CHECKING
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from converters.onnx_ops import Graph, Linears, interleave_gate_up
-
-if TYPE_CHECKING:
-    from converters.onnx_graph import Spec
+from converters.onnx_ops import Graph, Linears, Spec, interleave_gate_up
 
 LOWERINGS = ("sparse", "switch", "gather", "dense")
 

@@ -12,6 +12,32 @@ from onnx import TensorProto, helper, numpy_helper
 from converters.zero_neurons import live_neurons
 
 MS = "com.microsoft"
+GQA_HEAD_MULTIPLE = 16
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the graph needs to know about the model, read off its config (`onnx_graph.spec_of`)."""
+    num_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    max_positions: int
+    moe_top_k: int
+    norm_topk_prob: bool
+    activation: str = "silu"            # "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    embed_scale: float = 1.0            # Gemma: √hidden
+    query_scale: float | None = None    # softmax scale; None: 1/√head_dim
+    sandwich_norms: bool = False        # Gemma: norms on the attention and MLP outputs too
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()   # per layer, "sliding_attention" or "full_attention"; () all full
+
+    @property
+    def head_dim_padded(self) -> int:
+        return -(-self.head_dim // GQA_HEAD_MULTIPLE) * GQA_HEAD_MULTIPLE
 
 
 class ExternalData:

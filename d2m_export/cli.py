@@ -1,4 +1,5 @@
-"""`d2m-export`: the command line. Each subcommand is a thin shell over `pipeline`."""
+"""`d2m-export`: the command line. Each stage's subcommand is a thin shell over `d2m_export.api`
+(the Python API), which runs the pipeline; the others call their module directly."""
 from __future__ import annotations
 
 import argparse
@@ -8,25 +9,17 @@ import sys
 import warnings
 from pathlib import Path
 
-from d2m_export import __version__
+from d2m_export._version import __version__
+from d2m_export.api import DEFAULT_TASKS
 from d2m_export.cli_args import (CALIB_TOKENS, FINITE, FRACTION, HEAL_TOKENS, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE,
                                  POSITIVE_FLOAT, PPL_TOKENS, RATIO, OneLineParser, float_in)
 from d2m_export.errors import ParityError, UserError
 
-DEFAULT_TASKS = ["arc_easy", "hellaswag", "piqa"]
-
-
-def _options(args):
-    from d2m_export.plan import Options
-
-    return Options(host_mode=args.host_mode, top_k=args.top_k, num_experts=args.num_experts,
-                   router_init=args.router_init, alpha=args.alpha, beta=args.beta)
-
 
 def cmd_analyze(args) -> int:
-    from d2m_export.pipeline import analyze
+    from d2m_export.api import analyze
 
-    result = analyze(args.model, Path(args.out), calib_tokens=args.calib_tokens)
+    result = analyze(args.model, Path(args.out), calib_tokens=args.calib_tokens).similarity
     best = sorted((b for b in result["blocks"] if b["length"] > 1), key=lambda b: b["angular_distance"])[:5]
     print(f"wrote {args.out}/similarity.json and similarity.png ({result['calibration_tokens']} calibration tokens)")
     for b in best:
@@ -36,15 +29,20 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from d2m_export.pipeline import convert, moe_to_dense
+    from d2m_export.api import convert
 
-    heal = _heal_config(args)
+    record = convert(args.model, Path(args.out), method=args.method, plan=args.plan,
+                     target_active_ratio=args.target_active_ratio, threshold=args.threshold,
+                     latency_budget_ms=args.latency_budget_ms, device=args.device, precision=args.precision,
+                     context=args.context, runtime=args.runtime, plan_search=args.plan_search,
+                     search_tokens=args.search_tokens, analysis=args.analysis, calib_tokens=args.calib_tokens,
+                     max_block=args.max_block, min_mlp_cos=args.min_mlp_cos, host_mode=args.host_mode,
+                     top_k=args.top_k, num_experts=args.num_experts, router_init=args.router_init,
+                     alpha=args.alpha, beta=args.beta, heal=False if args.no_heal else True if args.heal else None,
+                     heal_tokens=args.heal_tokens, heal_steps=args.heal_steps, experts_kept=args.experts_kept,
+                     groups=args.groups, score=args.score, grouping=args.grouping, scaling=args.scaling,
+                     dtype=args.dtype).plan
     if args.method == "moe2dense":
-        if args.experts_kept is None:
-            raise UserError("--method moe2dense needs --experts-kept K")
-        record = moe_to_dense(args.model, Path(args.out), args.experts_kept, args.groups, args.score,
-                              calib_tokens=args.calib_tokens, grouping=args.grouping, scaling=args.scaling,
-                              dtype=args.dtype, not_healed="--no-heal" if args.no_heal else None)
         p = record["params"]
         print(f"moe2dense: wrote {record['architecture']} to {args.out} in {record['wall_s']} s; "
               f"{p['active'] / 1e6:.1f}M params (MoE: {p['moe_active'] / 1e6:.1f}M active, "
@@ -55,13 +53,6 @@ def cmd_convert(args) -> int:
         print_heal_status(record["heal"])
         return 0
 
-    record = convert(args.model, Path(args.out), method_name=args.method, plan_file=args.plan,
-                     target_ratio=args.target_active_ratio, threshold=args.threshold, options=_options(args),
-                     analysis=args.analysis, calib_tokens=args.calib_tokens, max_block=args.max_block,
-                     min_mlp_cos=args.min_mlp_cos, latency_budget_ms=args.latency_budget_ms, device=args.device,
-                     precision=args.precision, context=args.context, runtime=args.runtime,
-                     plan_search=args.plan_search, search_tokens=args.search_tokens, heal=heal,
-                     dtype=args.dtype, not_healed="--no-heal")
     p = record["params"]
     blocks = ", ".join(f"{b['host']}←{b['donors']}" for b in record["plan"]["blocks"]) or "none"
     print(f"{record['method']}: wrote {record['architecture']} to {args.out} in {record['wall_s']} s")
@@ -81,25 +72,6 @@ def cmd_convert(args) -> int:
     if "healing" in record:
         print_healing(record["healing"])
     return 0
-
-
-def _heal_config(args):
-    """`convert` heals by default; `--no-heal` skips it. Returns the HealConfig, or None when skipped."""
-    budget_flags = [f for f, v in (("--heal-tokens", args.heal_tokens), ("--heal-steps", args.heal_steps))
-                    if v is not None]
-    if args.no_heal:
-        if budget_flags:
-            raise UserError(f"--no-heal skips healing; drop {' and '.join(budget_flags)} (the healing budget) "
-                            "or --no-heal")
-        return None
-    if args.method == "moe2dense":
-        if args.heal or budget_flags:
-            from d2m_export.pipeline import MOE2DENSE_NOT_HEALED
-            raise UserError(f"{'--heal' if args.heal else budget_flags[0]}: {MOE2DENSE_NOT_HEALED}")
-        return None
-    from d2m_export.heal import HealConfig
-    return HealConfig(**{k: v for k, v in (("calib_tokens", args.heal_tokens), ("steps", args.heal_steps))
-                         if v is not None})
 
 
 def print_heal_status(status: dict) -> None:
@@ -125,21 +97,20 @@ def print_healing(healing: dict) -> None:
 
 
 def cmd_heal(args) -> int:
-    from d2m_export.heal import HealConfig, heal
+    from d2m_export.api import heal
 
-    cfg = HealConfig(calib_tokens=args.calib_tokens, steps=args.steps, lr=args.lr, attention=args.attention,
-                     corpora=args.calib_corpus or ["calibration"])
-    record = heal(args.model, Path(args.out), cfg, dense_spec=args.dense)
+    record = heal(args.model, Path(args.out), calib_tokens=args.calib_tokens, steps=args.steps, lr=args.lr,
+                  attention=args.attention, corpora=args.calib_corpus, dense=args.dense).plan
     print(f"{record['method']}: wrote the healed model to {args.out}")
     print_healing(record["healing"])
     return 0
 
 
 def cmd_eval(args) -> int:
-    from d2m_export.pipeline import evaluate
+    from d2m_export.api import evaluate
 
     result = evaluate(args.model, Path(args.out) if args.out else None, tasks=args.tasks, limit=args.limit,
-                      ppl_tokens=args.ppl_tokens, batch_size=args.batch_size)
+                      ppl_tokens=args.ppl_tokens, batch_size=args.batch_size).result
     ppl = result["perplexity"]
     print(f"{result['model']}: perplexity {ppl['value']:.2f} ({ppl['corpus']}, {ppl['tokens']} tokens)")
     for name, r in result["tasks"].items():
@@ -171,15 +142,13 @@ def cmd_tokenize(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from d2m_export.train import TrainConfig, train
+    from d2m_export.api import train
+    from d2m_export.train import TrainConfig
 
     fields = {k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)}
-    if fields.get("corpora") and fields.get("data"):
-        raise UserError("give either --corpus (text, tokenized now) or --data (token shards), not both")
-    if not fields.get("corpora"):
-        fields.pop("corpora", None)
-    result = train(TrainConfig(**fields))
+    checkpoint = train(fields.pop("model"), fields.pop("out"), **fields)
     if int(os.environ.get("RANK", "0")) == 0:     # one line from a torchrun/accelerate job
+        result = checkpoint.plan["training"]
         print(f"trained {result['steps']} steps, {result['tokens']} tokens; model, train_log.jsonl, loss.png "
               f"in {args.out}")
     return 0
@@ -264,14 +233,13 @@ def cmd_demo(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from converters.base import export
+    from d2m_export.api import export
 
     if not args.export_out:
         raise UserError("--target needs --out DIR")
-    manifest = export(args.export_target, args.export_model, args.export_quant, Path(args.export_out),
-                      threads=args.export_threads, options={"max_seq_len": args.export_max_seq_len,
-                                                            "moe_lowering": args.export_moe_lowering,
-                                                            "head_bits": args.export_head_bits})
+    manifest = export(args.export_model, Path(args.export_out), args.export_target, args.export_quant,
+                      threads=args.export_threads, max_seq_len=args.export_max_seq_len,
+                      moe_lowering=args.export_moe_lowering, head_bits=args.export_head_bits).manifest
     p, sizes = manifest["parity"], manifest["sizes_mb"]
     print(f"{manifest['target']} {manifest['quant']}: wrote {', '.join(f'{f} ({mb:.1f} MB)' for f, mb in sizes.items())} "
           f"to {args.export_out}")
@@ -293,15 +261,10 @@ def cmd_executorch_job(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from d2m_export.outputs import check_output_file, write_json
-    from runtimes.bench import bench
+    from d2m_export.api import bench
 
-    if Path(args.dir).resolve() in Path(args.out).resolve().parents:
-        raise UserError(f"--out {args.out} is inside the export {args.dir}; write the results beside it")
-    check_output_file(Path(args.out))
-    result = bench(Path(args.dir), prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                   threads=args.threads, repeats=args.repeats, runtime=args.runtime, context=args.context)
-    write_json(Path(args.out), result)
+    result = bench(args.dir, args.out, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                   threads=args.threads, repeats=args.repeats, runtime=args.runtime, context=args.context).result
     print(f"{result['runtime']} {result['quant']}, {result['threads']} threads, context {result['context']}: "
           f"prefill "
           f"{result['prefill_tokens_per_s']:.1f} tok/s, decode {result['decode_tokens_per_s']:.1f} tok/s "

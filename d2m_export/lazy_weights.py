@@ -211,32 +211,6 @@ def _checkpoint_names(config) -> Callable[[dict], dict]:
     return lambda group: revert_weight_conversion(meta, group)
 
 
-MADV_PAGEOUT = 21      # Linux 5.4+: reclaim these pages now; clean file pages just leave, nothing is lost
-
-
-def page_out_checkpoint(model_dir: Path) -> None:
-    """Hand back the resident pages of this process's mappings of `model_dir`'s safetensors files.
-    transformers maps the checkpoint, and the pages it read while loading stay counted in RSS, even
-    for tensors it copied (per-expert weights stacked into one tensor at load: at the Qwen2.5-3B shape,
-    3 GB counted twice). Tensors still backed by the file are read back in as they are used. Linux
-    only; elsewhere, and on older kernels, nothing happens."""
-    import ctypes
-
-    files = {str(f.resolve()) for f in Path(model_dir).glob("*.safetensors")}   # a hub cache links to blobs
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        with open("/proc/self/maps") as maps:
-            lines = maps.readlines()
-    except (OSError, AttributeError):
-        return
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5].strip() in files:
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            libc.madvise(start, end - start, MADV_PAGEOUT)
-
-
 def release_memory() -> None:
     """Hand freed heap back to the system (glibc keeps it otherwise, and peak RSS is what we promise)."""
     import ctypes

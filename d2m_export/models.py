@@ -281,13 +281,37 @@ def load_model(spec: str | Path | None, dtype: str = "auto"):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:  # safetensors, tokenizers and transformers raise unrelated types
         raise UserError(f"cannot load the model in {model_dir}: {_first_line(e)}") from None
-    from d2m_export.lazy_weights import page_out_checkpoint
-
     page_out_checkpoint(model_dir)
     model.eval()
     if compute_device() != "cpu":
         model.to(compute_device())
     return model, tokenizer, model_dir
+
+
+MADV_PAGEOUT = 21      # Linux 5.4+: reclaim these pages now; clean file pages just leave, nothing is lost
+
+
+def page_out_checkpoint(model_dir: Path) -> None:
+    """Hand back the resident pages of this process's mappings of `model_dir`'s safetensors files.
+    transformers maps the checkpoint, and the pages it read while loading stay counted in RSS, even
+    for tensors it copied (per-expert weights stacked into one tensor at load: at the Qwen2.5-3B shape,
+    3 GB counted twice). Tensors still backed by the file are read back in as they are used. Linux
+    only; elsewhere, and on older kernels, nothing happens."""
+    import ctypes
+
+    files = {str(f.resolve()) for f in Path(model_dir).glob("*.safetensors")}   # a hub cache links to blobs
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        with open("/proc/self/maps") as maps:
+            lines = maps.readlines()
+    except (OSError, AttributeError):
+        return
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].strip() in files:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            libc.madvise(start, end - start, MADV_PAGEOUT)
 
 
 def load_fp32_compute(spec: str | Path | None):

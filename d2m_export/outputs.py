@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from d2m_export import __version__
+from d2m_export._version import __version__
 from d2m_export.errors import UserError
 
 MARKER = ".d2m-export"

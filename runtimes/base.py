@@ -83,8 +83,7 @@ def runtimes_for(target: str) -> list[str]:
 
 
 def _discover() -> None:
-    import runtimes
-    for info in pkgutil.iter_modules(runtimes.__path__):
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):     # this package's modules
         if info.name not in ("base", "bench"):
             try:
                 importlib.import_module(f"runtimes.{info.name}")
