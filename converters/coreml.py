@@ -125,8 +125,10 @@ class CoreMLExporter(Exporter):
 
     def check_options(self, config: dict, options: dict) -> dict:
         from converters.coreml_module import check_supported
+        from d2m_export.architectures import check_table_rope
 
         check_supported(config)
+        check_table_rope(config, "coreml")            # RoPE tables come from transformers' rotary module
         context = config.get("max_position_embeddings")
         n = options.get("max_seq_len")
         if n is None:

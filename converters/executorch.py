@@ -34,7 +34,6 @@ PROGRAM = "model.pte"
 ARCHS = ("llama", "qwen2", "qwen3", "gemma3_text", "qwen2_moe", "qwen3_moe")
 DEFAULT_MAX_SEQ_LEN = 4096 + 64   # a 4096-token context and 64 decoded tokens (at most the model's)
 MIN_MAX_SEQ_LEN = 64            # the parity check decodes ~60 positions
-STATIC_ROPE = ("default", "linear", "llama3", "yarn")     # inv_freq does not depend on the sequence length
 
 
 def _require_executorch():
@@ -90,6 +89,7 @@ class ExecuTorchExporter(Exporter):
     def check_options(self, config: dict, options: dict) -> dict:
         """Refuse what this target cannot export, and bad options, before anything is written."""
         from converters.executorch_model import LOWERINGS
+        from d2m_export.architectures import check_table_rope
 
         max_seq_len, moe_lowering = options.get("max_seq_len"), options.get("moe_lowering")
 
@@ -99,9 +99,7 @@ class ExecuTorchExporter(Exporter):
             raise UserError(f"the executorch target exports {', '.join(ARCHS)} models, not {model_type!r}")
         if config.get("use_sliding_window"):
             raise UserError("sliding-window attention is not supported by the executorch target")
-        rope = (config.get("rope_parameters") or config.get("rope_scaling") or {}).get("rope_type", "default")
-        if rope not in STATIC_ROPE:
-            raise UserError(f"RoPE type {rope!r} is not supported by the executorch target ({', '.join(STATIC_ROPE)})")
+        check_table_rope(config, "executorch")        # RoPE tables come from transformers' rotary module
         context = int(config.get("max_position_embeddings") or DEFAULT_MAX_SEQ_LEN)
         if max_seq_len is not None:
             if not MIN_MAX_SEQ_LEN <= max_seq_len <= context:

@@ -34,6 +34,17 @@ why it takes only Qwen3: no llama.cpp architecture that falls back to the token 
 and MoE layers without them (gemma4 normalises V, jamba and nemotron-h have no RoPE), so LF-UC of a tied
 Llama or Qwen2 model still stores its embedding twice.
 
+RoPE: default and linear as metadata (linear not for the mixed architectures). Llama 3's `llama3` RoPE
+rescales each frequency on its own; llama.cpp takes that, as its own converter writes it, as a
+`rope_freqs.weight` tensor of per-dimension divisors (θ_i / f_i), which `llama` and `step35` read. Here the
+divisors are transformers' default inverse frequencies over the ones its own llama3 init computes for the
+config, so llama.cpp's frequencies are transformers'. step35 gives its SWA-flagged layer no divisors (1.
+above), so with llama3 RoPE no real layer is flagged: an identity layer is appended instead and flagged
+SWA — one head, norms zero (q = k = v = 0, and the FFN input is 0, whose activation with no FFN weights
+is silu(0) = 0), attention output zero — which adds exactly 0 to the residual stream (4·head_dim·hidden
+weights: 2 MB at f32 for Llama 3.2 1B, 0.04% of the file).
+`qwen2`, `qwen3`, `hy_v3` and `gemma3` read no divisors: llama3 RoPE is refused there.
+
 Dense Gemma 3 uses llama.cpp's `gemma3`, which fixes three things that transformers configures:
 every 6th layer is global and the others slide (refused when a model's `layer_types` differ, as
 after pruning), the local RoPE base is 10000 (refused otherwise), and the softmax scale is
@@ -69,6 +80,10 @@ MIXED_MOE = ("step35", "hy_v3")   # architectures whose layers are each dense or
 GEMMA3_PATTERN = 6        # llama.cpp's gemma3: layer i is global when i % 6 == 5, else sliding
 GEMMA3_LOCAL_THETA = 10000.0
 SWA_WINDOW = 1 << 20      # "sliding" window of the one SWA-flagged step35 layer: wider than any context
+# RoPE types llama.cpp takes as per-dimension frequency divisors (`rope_freqs.weight`), and the architectures
+# here whose llama.cpp graph applies them to every layer that needs them
+FREQ_FACTOR_ROPE = ("llama3",)
+FREQ_FACTOR_ARCHS = ("llama", "step35")
 
 # HF name inside a layer -> GGUF tensor (one table owns the mapping)
 LAYER_TENSORS = {
@@ -196,7 +211,28 @@ def all_tensors(state: dict, cfg, arch: str):
             w = state["model.embed_tokens.weight"]                # step35 requires output.weight
         if w is not None:
             yield tname(kind), w
+    factors = rope_freq_factors(cfg)
+    if factors is not None:
+        yield tname(T.ROPE_FREQS), factors
     yield from layer_tensors(state, cfg, arch)
+    if identity_swa_layer(cfg, arch):
+        yield from identity_layer_tensors(cfg, cfg.num_hidden_layers)
+
+
+def identity_swa_layer(cfg, arch: str) -> bool:
+    """Whether a step35 file gets an appended identity layer as its SWA-flagged layer (see the docstring):
+    when RoPE needs per-dimension divisors, which step35 does not apply to SWA layers."""
+    return arch == "step35" and rope_freq_factors(cfg) is not None
+
+
+def identity_layer_tensors(cfg, i: int):
+    """Layer `i`, adding exactly 0: one head, zero norms and attention output, no FFN weights."""
+    h = cfg.hidden_size
+    head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    zeros = {T.ATTN_NORM: (h,), T.ATTN_Q: (head_dim, h), T.ATTN_K: (head_dim, h), T.ATTN_V: (head_dim, h),
+             T.ATTN_OUT: (h, head_dim), T.FFN_NORM: (h,)}
+    for kind, shape in zeros.items():
+        yield tname(kind, i), np.zeros(shape, np.float32)
 
 
 def gemma3_query_fold(cfg) -> float:
@@ -231,12 +267,61 @@ def rope_theta(cfg) -> float:
     return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
 
 
+def rope_supported(kind: str, arch: str) -> bool:
+    return (kind == "default" or (kind == "linear" and arch not in MIXED_MOE)
+            or (kind in FREQ_FACTOR_ROPE and arch in FREQ_FACTOR_ARCHS))
+
+
+def check_rope_config(config: dict) -> None:
+    """Refuse, from config.json alone and before any work, RoPE that stock llama.cpp cannot run exactly
+    for the architecture this model goes to: one line naming the target and the RoPE type."""
+    from d2m_export.architectures import rope_types
+
+    arch = ARCHS.get(config.get("model_type"))
+    if arch is None:
+        return
+    for kind in rope_types(config):
+        if not rope_supported(kind, arch):
+            why = (f"llama.cpp's {arch} reads no per-dimension RoPE frequencies (rope_freqs)"
+                   if kind in FREQ_FACTOR_ROPE else f"no stock llama.cpp {arch} equivalent is written yet")
+            raise UserError(f"RoPE type {kind!r} is not supported by the gguf target for {config['model_type']} "
+                            f"models: {why}")
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise UserError(f"partial rotary RoPE (partial_rotary_factor {partial}) is not supported by the gguf "
+                        "target yet")
+
+
 def check_rope(cfg, arch: str) -> dict:
     params = check_gemma3(cfg) if arch == "gemma3" else dict(getattr(cfg, "rope_parameters", None) or {})
     kind = params.get("rope_type", "default")
-    if kind == "default" or (kind == "linear" and arch not in MIXED_MOE):
+    if rope_supported(kind, arch):
         return params
-    raise UserError(f"RoPE type {kind!r} is not supported by the gguf target for {cfg.model_type} yet")
+    raise UserError(f"RoPE type {kind!r} is not supported by the gguf target for {cfg.model_type} models")
+
+
+def rope_freq_factors(cfg) -> np.ndarray | None:
+    """llama.cpp's per-dimension frequency divisors (`rope_freqs.weight`, [head_dim / 2]) for RoPE types that
+    rescale each frequency on its own (llama3), else None: transformers' default inverse frequencies over
+    the ones transformers' own init for this RoPE type computes, so llama.cpp's θ_i / f_i is transformers'
+    frequency (a frequency kept is divided by exactly 1, a scaled one by exactly `factor`)."""
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(cfg, "rope_parameters", None) or {}
+    kind = params.get("rope_type", "default")
+    if kind not in FREQ_FACTOR_ROPE:
+        return None
+    inv_freq, attention = ROPE_INIT_FUNCTIONS[kind](cfg)
+    if float(attention) != 1.0:
+        raise UserError(f"RoPE type {kind!r} with an attention factor {attention} is not supported by the gguf target")
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    base = float(params["rope_theta"])
+    default = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if inv_freq.shape != default.shape:
+        raise UserError(f"RoPE type {kind!r} over part of the head is not supported by the gguf target yet")
+    return (default / inv_freq.float()).numpy().astype(np.float32)
 
 
 def add_metadata(w: gguf.GGUFWriter, cfg, arch: str, quant: str, name: str) -> None:
@@ -245,10 +330,15 @@ def add_metadata(w: gguf.GGUFWriter, cfg, arch: str, quant: str, name: str) -> N
     w.add_name(name)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
+    n, identity = cfg.num_hidden_layers, identity_swa_layer(cfg, arch)
+    w.add_block_count(n + identity)
     w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
+    if identity:      # the appended identity layer has one head (and one KV head)
+        w.add_head_count([cfg.num_attention_heads] * n + [1])
+        w.add_head_count_kv([cfg.num_key_value_heads] * n + [1])
+    else:
+        w.add_head_count(cfg.num_attention_heads)
+        w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_rope_freq_base(float(rope["rope_theta"]) if arch == "gemma3" else rope_theta(cfg))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     if arch == "gemma3":
@@ -269,7 +359,7 @@ def add_metadata(w: gguf.GGUFWriter, cfg, arch: str, quant: str, name: str) -> N
         w.add_rope_dimension_count_swa(head_dim)
         w.add_rope_freq_base_swa(rope_theta(cfg))
         w.add_sliding_window(max(SWA_WINDOW, cfg.max_position_embeddings))
-        w.add_sliding_window_pattern([i == cfg.num_hidden_layers - 1 for i in range(cfg.num_hidden_layers)])
+        w.add_sliding_window_pattern([i == n + identity - 1 for i in range(n + identity)])
     if arch in MIXED_MOE:
         w.add_expert_count(cfg.num_experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
@@ -280,6 +370,17 @@ def add_metadata(w: gguf.GGUFWriter, cfg, arch: str, quant: str, name: str) -> N
         w.add_expert_weights_scale(1.0)
     w.add_file_type(FILE_TYPES[quant])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def rope_details(cfg, arch: str) -> dict:
+    """The manifest's account of how the file holds the model's RoPE."""
+    params = check_gemma3(cfg) if arch == "gemma3" else dict(getattr(cfg, "rope_parameters", None) or {})
+    out = {"type": params.get("rope_type", "default")}
+    if rope_freq_factors(cfg) is not None:
+        out["frequency_divisors"] = tname(T.ROPE_FREQS)
+    if identity_swa_layer(cfg, arch):
+        out["identity_swa_layer"] = cfg.num_hidden_layers      # appended, flagged SWA, adds exactly 0
+    return out
 
 
 def head_tensor(names: list[str]) -> str:
@@ -307,6 +408,10 @@ class GGUFExporter(Exporter):
 
     def __init__(self):
         self._written: dict[str, dict] = {}      # artifact path -> facts about it, for `details`
+
+    def check_options(self, config: dict, options: dict) -> dict:
+        check_rope_config(config)
+        return options
 
     def tolerance(self, quant, config):
         tol = self.tolerances[quant]
@@ -357,6 +462,7 @@ class GGUFExporter(Exporter):
             "architecture": arch, "tokenizer_pre": pre, "tensor_types": types, "quant_fallbacks": deviations,
             # step35 has no fallback from the LM head to the token embedding: tied models store it twice
             "output_copies_embedding": arch == "step35" and bool(cfg.tie_word_embeddings),
+            "rope": rope_details(cfg, arch),
             "checked_with": checked_with()}
         return [filename]
 

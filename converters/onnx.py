@@ -75,6 +75,9 @@ class OnnxExporter(Exporter):
         return [GRAPH_FILE, DATA_FILE, genai]
 
     def check_options(self, config: dict, options: dict) -> dict:
+        from d2m_export.architectures import check_table_rope
+
+        check_table_rope(config, "onnx")      # the graph's cos/sin tables come from transformers' rotary module
         n = options.get("max_seq_len")
         if n is not None and n < MIN_MAX_SEQ_LEN:
             raise UserError(f"--max-seq-len must be at least {MIN_MAX_SEQ_LEN} (the parity check decodes ~60 "

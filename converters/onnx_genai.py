@@ -8,7 +8,9 @@ GroupQueryAttention. GroupQueryAttention writes new keys in place, so the past a
 can share one buffer (`past_present_share_buffer`), as in the builder's CPU models. What is left is
 the configuration: the graph's own cache shapes (head size padded to GroupQueryAttention's
 multiple, KV heads, one cache per *kept* layer: an LF-UC model has fewer layers than its source),
-the token ids, and greedy search by default. The tokenizer files are copied beside it by the
+the token ids, and greedy search by default. RoPE is in the graph (GroupQueryAttention's cos/sin tables, from
+transformers' own rotary module): ONNX Runtime GenAI recomputes nothing from the config, so llama3 and
+the other table RoPE types run as exported. The tokenizer files are copied beside it by the
 export, as ONNX Runtime GenAI reads them from the same folder.
 """
 from __future__ import annotations

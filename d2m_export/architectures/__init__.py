@@ -118,6 +118,34 @@ def rope_keys(config) -> list[str | None]:
     return [t if t in rope else None for t in layer_types(config)]
 
 
+# RoPE types whose cos/sin at a position do not depend on the sequence length: a table computed once by
+# transformers' own rotary module (the onnx, executorch and coreml targets) reproduces them exactly.
+# `dynamic` (NTK) and `longrope` pick their frequencies from the current length.
+TABLE_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+def rope_types(config) -> list[str]:
+    """The RoPE types a config names (a config object or its config.json dict), one per layer type where
+    RoPE is given per type (Gemma 3): from `rope_parameters`, or the older `rope_scaling` (`rope_type` or
+    `type`), "default" where none is named."""
+    def get(key):
+        return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+    params = get("rope_parameters") or get("rope_scaling") or {}
+    groups = [v for v in params.values() if isinstance(v, dict)] or [params]
+    return sorted({g.get("rope_type") or g.get("type") or "default" for g in groups})
+
+
+def check_table_rope(config, target: str) -> None:
+    """Refuse, in one line naming the target and the RoPE type, RoPE that a precomputed table cannot hold."""
+    from d2m_export.errors import UserError
+
+    for kind in rope_types(config):
+        if kind not in TABLE_ROPE:
+            raise UserError(f"RoPE type {kind!r} is not supported by the {target} target: its frequencies depend on "
+                            f"the sequence length (supported: {', '.join(TABLE_ROPE)})")
+
+
 def norms_as_scales(config, state: dict) -> dict:
     """`state` with every RMSNorm weight as the scale it applies: Gemma stores w and scales by (1 + w)."""
     offset = ARCHITECTURES[config.model_type].norm_offset if config.model_type in ARCHITECTURES else 0.0
