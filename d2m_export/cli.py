@@ -285,7 +285,7 @@ def cmd_generate(args) -> int:
     context = len(ids) if args.context is None else args.context
     if context < len(ids):
         raise UserError(f"--context {context} is shorter than the prompt ({len(ids)} tokens)")
-    limit = check_context(Path(args.dir), context, args.max_new_tokens)
+    limit = check_context(Path(args.dir), context, args.max_new_tokens, args.runtime)
     # the bench's filler text ahead of the prompt, so that decoding starts with `context` tokens cached
     filler = prompt_ids(Path(args.dir), context - len(ids)) if context > len(ids) else []
     from runtimes.base import STOP_TOKENS

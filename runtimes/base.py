@@ -108,6 +108,10 @@ class Runner:
         self.settings: dict = {}          # what the runtime was actually set to (for reports)
 
     # --- what each runtime implements -------------------------------------------------
+    @classmethod
+    def check_host(cls, export_dir: Path) -> None:
+        """Refuses, before anything else is checked or loaded, a machine this runtime cannot run on."""
+
     def load(self, export_dir: Path) -> "Runner":
         raise NotImplementedError
 

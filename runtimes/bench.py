@@ -19,7 +19,7 @@ from pathlib import Path
 
 from converters.base import path_bytes
 from d2m_export.errors import UserError
-from runtimes.base import load_runner, load_tokenizer, read_manifest
+from runtimes.base import load_runner, load_tokenizer, read_manifest, runner_class
 
 DEFAULT_CONTEXT = 64       # tokens in the KV cache when the timed decode starts, unless asked otherwise
 TEXT = ("It is a truth universally acknowledged that a small model, well arranged, can answer quickly on a "
@@ -61,8 +61,10 @@ def export_positions(export_dir: Path) -> int | None:
     return int(limit) if limit else None
 
 
-def check_context(export_dir: Path, context: int, new_tokens: int) -> int | None:
-    """Refuses, before any model is loaded, a context the export has no positions for; returns the limit."""
+def check_context(export_dir: Path, context: int, new_tokens: int, runtime: str | None = None) -> int | None:
+    """Refuses, before any model is loaded, a context the export has no positions for (or a runtime this machine
+    cannot run: that first, as no context would help); returns the limit."""
+    runner_class(read_manifest(export_dir)["target"], runtime).check_host(export_dir)
     limit = export_positions(export_dir)
     if limit is not None and context + new_tokens > limit:
         raise UserError(f"--context {context} plus {new_tokens} decoded tokens is beyond the {limit} positions of "
@@ -82,7 +84,7 @@ def bench(export_dir: Path, prompt_tokens: int | None = None, new_tokens: int = 
     if new_tokens < 1 or repeats < 1:
         raise UserError("--new-tokens and repeats must be at least 1")
     export_dir = Path(export_dir)
-    limit = check_context(export_dir, context, new_tokens)
+    limit = check_context(export_dir, context, new_tokens, runtime)
     ids = prompt_ids(export_dir, context)
     with load_runner(export_dir, threads=threads, runtime=runtime,
                      n_ctx=n_ctx_for(context, new_tokens, limit)) as runner:
@@ -139,7 +141,7 @@ def interleaved(exports: dict[str, Path | tuple[Path, str]], rounds: int = 20, t
         raise UserError(f"interleaved bursts need at least 1 token, not {tokens}")
     names = list(exports)
     exports = {n: (e, None) if isinstance(e, (str, Path)) else e for n, e in exports.items()}
-    limits = {n: check_context(Path(exports[n][0]), context, tokens) for n in names}
+    limits = {n: check_context(Path(exports[n][0]), context, tokens, exports[n][1]) for n in names}
     runners = []
     try:
         for n in names:

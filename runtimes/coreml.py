@@ -34,11 +34,15 @@ class CoreMLRunner(Runner):
     """Options: `compute_units` ("all" | "cpu" | "cpu_gpu" | "cpu_ne"; default "all"),
     `prefill_chunk` (tokens per prefill call; default 32), `n_ctx` (must fit the export's max_seq_len)."""
 
-    def load(self, export_dir: Path) -> "CoreMLRunner":
+    @classmethod
+    def check_host(cls, export_dir: Path) -> None:
         if sys.platform != "darwin":
             raise UserError(f"Core ML prediction needs macOS (this is {sys.platform}): copy {export_dir} to a Mac, or "
                             "load its .mlpackage in an iOS/macOS app (docs/runtimes/coreml.md: In an app); the export "
                             "was verified at conversion time (manifest.json: verification)")
+
+    def load(self, export_dir: Path) -> "CoreMLRunner":
+        self.check_host(export_dir)
         try:
             import coremltools as ct
         except ImportError:
