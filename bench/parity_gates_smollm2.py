@@ -72,6 +72,9 @@ def render(result: dict) -> str:
         lines.append(f"| {r['target']} | {r['quant']} | {r['model']} | {r['variant']} | {r['top1_agreement']:.3f} | "
                      f"{decisive} | {r['mean_kl']:.4f} | {r['p99_kl']:.3f} | {r['ppl_ratio']:.3f} | {greedy} | "
                      f"{f'{gate[0]:g}, {gate[1]:g}' if gate and not r['variant'] else ''} |")
+    if result.get("missing"):
+        lines += ["", "Not measured yet (the run was stopped; `python bench/parity_gates_smollm2.py` resumes it): "
+                  + ", ".join(result["missing"]) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -79,6 +82,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "parity_gates")
     ap.add_argument("--one", nargs=5, metavar=("TARGET", "MODEL", "QUANT", "OUT", "VARIANT"))
+    ap.add_argument("--publish-done", action="store_true",
+                    help="publish the rows measured so far (the table says which are missing); measure nothing")
     args = ap.parse_args()
     if args.one:
         target, model, quant, out, variant = args.one
@@ -96,9 +101,10 @@ def main() -> None:
     jobs = [(t, q, name, "") for t, quants in LOSSY.items() for q in quants for name in models]
     jobs += [("onnx", "int4", name, variant) for name in models if name != "dense"
              for variant in ("head-bits 8", "one expert zeroed")]
+    missing = [f"{t} {q} {n} {v}".strip() for t, q, n, v in jobs if f"{t} {q} {n} {v}" not in done]
     for target, quant, name, variant in jobs:
         key = f"{target} {quant} {name} {variant}"
-        if key not in done:
+        if key not in done and not args.publish_done:
             run = subprocess.run([sys.executable, __file__, "--one", target, models[name], quant,
                                   str(work / "export"), variant or "-"], capture_output=True, text=True, cwd=ROOT)
             if run.returncode:
@@ -107,6 +113,7 @@ def main() -> None:
                          **json.loads(run.stdout.strip().splitlines()[-1])}
             cache.write_text(json.dumps(done, indent=1))
             print(key, done[key], flush=True)
+            missing.remove(key.strip())
     from d2m_export.models import load_fp32_compute
     import converters.parity as parity
 
@@ -122,7 +129,7 @@ def main() -> None:
     gates = {f"{t} {q}": (get_target(t).tolerances[q].min_decisive_top1_agreement, get_target(t).tolerances[q].max_mean_kl)
              for t, quants in LOSSY.items() for q in quants}
     publish(ROOT / "bench" / "results" / "parity_gates_smollm2.md",
-            {"rows": list(done.values()), "gates": gates, "ppl_reference": ppl}, render)
+            {"rows": list(done.values()), "gates": gates, "ppl_reference": ppl, "missing": missing}, render)
 
 
 if __name__ == "__main__":
