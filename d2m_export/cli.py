@@ -121,10 +121,10 @@ def cmd_eval(args) -> int:
 def cmd_tokenize(args) -> int:
     from transformers import AutoTokenizer
 
-    from d2m_export.data import iter_source
-    from d2m_export.models import model_label, resolve_model
+    from d2m_export.sources.data import iter_source
+    from d2m_export.sources.models import model_label, resolve_model
     from d2m_export.outputs import check_output_dir
-    from d2m_export.shards import write_shards
+    from d2m_export.sources.shards import write_shards
 
     out = Path(args.out)
     check_output_dir(out)
@@ -157,7 +157,7 @@ def cmd_train(args) -> int:
 def cmd_profile(args) -> int:
     import yaml
 
-    from d2m_export.probe import host_profile
+    from d2m_export.devices.probe import host_profile
 
     out = Path(args.out)
     if out.is_dir():
@@ -166,7 +166,7 @@ def cmd_profile(args) -> int:
         raise UserError(f"--out {out} exists and is not a measured profile; pick another path")
     profile = host_profile(args.threads)
     if args.calibrate:
-        from d2m_export.probe import runtime_efficiency
+        from d2m_export.devices.probe import runtime_efficiency
         from runtimes.base import read_manifest
 
         long_prompt = args.long_prompt_tokens

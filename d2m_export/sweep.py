@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from d2m_export.errors import UserError
-from d2m_export.models import model_label, resolve_model
+from d2m_export.sources.models import model_label, resolve_model
 
 
 def variants(methods: list[str], ratios: list[float], cpt_tokens: int | None) -> list[dict]:

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("d2m_export", "converters", "runtimes")
 # d2m_export modules that may import converters/runtimes, inside functions only (see the docstring)
-ENTRY_POINTS = {"d2m_export.cli", "d2m_export.api", "d2m_export.sweep", "d2m_export.probe"}
+ENTRY_POINTS = {"d2m_export.cli", "d2m_export.api", "d2m_export.sweep", "d2m_export.devices.probe"}
 
 
 def project_modules() -> dict[str, Path]:

@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from d2m_export import checkpoints
-from d2m_export.data import DEFAULT_TRAIN_CORPORA, batch_indices, pack
+from d2m_export.sources.data import DEFAULT_TRAIN_CORPORA, batch_indices, pack
 from d2m_export.errors import UserError
-from d2m_export.memory import RUNTIME_BYTES, check_memory, logits_bytes, weight_bytes
-from d2m_export.models import load_fp32_compute, load_model, model_label, read_record, resolve_model, stored_dtype
+from d2m_export.sources.memory import RUNTIME_BYTES, check_memory, logits_bytes, weight_bytes
+from d2m_export.sources.models import load_fp32_compute, load_model, model_label, read_record, resolve_model, stored_dtype
 from d2m_export.outputs import MARKER, GENERATOR, check_output_dir
-from d2m_export.shards import ShardChunks, stream_batch_indices
+from d2m_export.sources.shards import ShardChunks, stream_batch_indices
 from d2m_export.train import device as devices, fsdp
 from d2m_export.train.bf16_adamw import BF16AdamW
 from d2m_export.train.teacher_cache import TeacherTopK, default_root, full_kl, topk_kl
@@ -174,7 +174,7 @@ TRAINED = {"all": lambda n: True,
 @functools.lru_cache(maxsize=8)      # the memory check asks for the same counts more than once
 def trainable_count(model_dir: Path, train_only: str) -> int:
     """The parameters `--train-only` trains, counted on the model built on the meta device."""
-    from d2m_export.models import load_config, meta_model
+    from d2m_export.sources.models import load_config, meta_model
 
     if train_only not in TRAINED:
         raise UserError(f"--train-only must be all, moe or router, not {train_only!r}")
