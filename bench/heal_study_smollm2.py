@@ -196,7 +196,7 @@ def measure_latency(args) -> None:
 # --- report --------------------------------------------------------------------------------------
 
 def write_report(args) -> None:
-    from d2m_export import report
+    from d2m_export.evaluation import report
 
     runs = sorted(p for p in args.results.iterdir() if (p / "variant.json").is_file() and (p / "eval.json").is_file())
     for run_dir in runs:         # the measured latency of each cell's structure

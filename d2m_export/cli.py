@@ -199,7 +199,7 @@ def cmd_profile(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from d2m_export.report import write
+    from d2m_export.evaluation.report import write
 
     contexts = None if args.context is None else [c for group in args.context for c in group]
     report = write([Path(d) for d in args.run_dirs], Path(args.out), args.devices, contexts=contexts)

@@ -29,7 +29,7 @@ def run_sweep(model: str | None, out: Path, ratios: list[float], methods: list[s
               cpt_tokens: int | None = None, tasks: list[str] | None = None, limit: int | None = 100,
               threads: int = 2, profiles: list[str] | None = None) -> dict:
     from converters.base import export, get_target
-    from d2m_export import report
+    from d2m_export.evaluation import report
     from d2m_export.methods import get_method
     from d2m_export.pipeline import analyze, convert, evaluate
     from d2m_export.outputs import write_json

@@ -102,11 +102,11 @@ def test_bf16_calibration_agrees_with_fp32():
     """The stated tolerance for calibrating a bf16 model in bf16: on SmolLM2, every block's angular
     distance within 0.01 and MLP-input cosine within 0.01 of the fp32 calibration, and the same plan.
     Scoring batch by batch (streams dropped) gives the scores of keeping every stream."""
-    from d2m_export.analysis import block_table, score_blocks
-    from d2m_export.calibration import calibration_ids, collect
+    from d2m_export.plan.analysis import block_table, score_blocks
+    from d2m_export.plan.calibration import calibration_ids, collect
     from d2m_export.methods import get_method
     from d2m_export.sources.models import load_model
-    from d2m_export.planner import plan_by_ratio
+    from d2m_export.plan.planner import plan_by_ratio
 
     model, tokenizer, _ = load_model(None)
     ids = calibration_ids(tokenizer, 1024)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from d2m_export import checkpoints
+from d2m_export.train import checkpoints
 from d2m_export.sources.data import DEFAULT_TRAIN_CORPORA, batch_indices, pack
 from d2m_export.errors import UserError
 from d2m_export.sources.memory import RUNTIME_BYTES, check_memory, logits_bytes, weight_bytes
