@@ -51,7 +51,7 @@ test: assets chromium optimum-env
 	$(PY) -m pytest -q -x --timeout=1800 --durations=30 --hypothesis-show-statistics   # slowest tests; property tests: examples run, per test
 
 # The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or any warning fails.
-# The CLI reference in it is generated from d2m_export/cli.py's parser (docs/hooks.py).
+# The CLI reference in it is generated from d2m_export/cli/parser.py's parser (docs/hooks.py).
 docs: env
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
