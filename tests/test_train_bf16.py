@@ -180,7 +180,7 @@ def test_the_memory_check_counts_the_state_of_the_trained_weights_only(capsys, m
     # Adam's moments and the gradients are kept for what is trained: --train-only moe needs less, and
     # a run refused for training everything says so
     from d2m_export.sources.memory import RUNTIME_BYTES
-    from d2m_export.train import TrainConfig, train_memory_need, trainable_count
+    from d2m_export.train.config import TrainConfig, train_memory_need, trainable_count
 
     assert 0 < trainable_count(bf16_moe_dir, "router") < trainable_count(bf16_moe_dir, "moe") \
         < trainable_count(bf16_moe_dir, "all")
