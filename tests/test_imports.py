@@ -60,7 +60,8 @@ def typing_only_lines(path: Path) -> set[int]:
     lines = set()
     for node in ast.parse(path.read_text(), filename=str(path)).body:
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            lines |= {n.lineno for stmt in node.body for n in ast.walk(stmt) if isinstance(n, (ast.Import, ast.ImportFrom))}
+            lines |= {n.lineno for stmt in node.body for n in ast.walk(stmt)
+                      if isinstance(n, (ast.Import, ast.ImportFrom))}
     return lines
 
 
@@ -224,7 +225,8 @@ def test_exporters_and_runners_use_public_names_only():
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "d2m_export":
                 if within(node.module, ["d2m_export.cli"]):
                     found.append(f"{m}: imports the CLI ({node.module}), line {node.lineno}")
-                found += [f"{m}: {node.module}.{a.name}, line {node.lineno}" for a in node.names if a.name.startswith("_")]
+                found += [f"{m}: {node.module}.{a.name}, line {node.lineno}"
+                          for a in node.names if a.name.startswith("_")]
             elif isinstance(node, ast.Import):
                 found += [f"{m}: {a.name}, line {node.lineno}" for a in node.names
                           if a.name.startswith("d2m_export") and (within(a.name, ["d2m_export.cli"])

@@ -32,7 +32,8 @@ from d2m_export.sources.shards import ShardChunks, stream_batch_indices
 from d2m_export.train import checkpoints
 from d2m_export.train import device as devices, fsdp
 from d2m_export.train.bf16_adamw import BF16AdamW
-from d2m_export.train.config import TORCH_DTYPES, TrainConfig, check_train_memory, resolve_weights_dtype, select_trainable
+from d2m_export.train.config import (TORCH_DTYPES, TrainConfig, check_train_memory, resolve_weights_dtype,
+                                     select_trainable)
 from d2m_export.train.log import TrainLog, finish
 from d2m_export.train.teacher_cache import TeacherTopK, default_root, full_kl, topk_kl
 
