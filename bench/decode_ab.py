@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from d2m_export.cli_args import POSITIVE, OneLineParser  # noqa: E402
+from d2m_export.cli.args import POSITIVE, OneLineParser  # noqa: E402
 from d2m_export.errors import UserError  # noqa: E402
 from runtimes.bench import interleaved  # noqa: E402
 

@@ -4,7 +4,7 @@ One cell per (runtime, precision, context): the four models' exports are loaded 
 16-token bursts in turn after a fresh prefill of `context` tokens, `--rounds` rounds, order reversed every
 other round (`runtimes.bench.interleaved`); the figures are medians over rounds and the ratios medians of
 per-round ratios. Beside them: the roofline ratio LF-UC ÷ dense (weights read at the export's precision +
-KV cache read at that context, `d2m_export.roofline.decode_cost`), each export's files in MB, and the peak
+KV cache read at that context, `d2m_export.devices.roofline.decode_cost`), each export's files in MB, and the peak
 RSS of decoding it alone at that context (`d2m-export bench`, its own process).
 
 Every finished cell is kept under `--work` (`cells/*.json`), so a rerun resumes where the last one stopped;
@@ -35,7 +35,7 @@ MAX_SEQ_LEN = 4096 + 64
 
 
 def models(work: Path, ratio: float, heal: bool) -> dict[str, Path]:
-    from d2m_export.models import DEFAULT_MODEL, resolve_model
+    from d2m_export.sources.models import DEFAULT_MODEL, resolve_model
 
     extra = () if heal else ("--no-heal",)
     return {"dense": resolve_model(DEFAULT_MODEL),
@@ -61,8 +61,8 @@ def files_mb(path: Path) -> float:
 
 
 def roofline_bytes(model_dir: Path, precision: str, context: int, kv_bytes: float) -> float:
-    from d2m_export.models import read_config
-    from d2m_export.roofline import decode_cost
+    from d2m_export.sources.models import read_config
+    from d2m_export.devices.roofline import decode_cost
 
     return decode_cost(read_config(Path(model_dir)), precision, context, kv_bytes).bytes
 

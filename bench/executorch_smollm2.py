@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sidebyside import (ROOT, bench_export, convert, done, export, make_venv, median, parity_cells, publish, ratio,  # noqa: E402
                         ratio_lines, rounds, run_in_venv, sh)  # noqa: E402
 
-from d2m_export.models import DEFAULT_MODEL, read_config, resolve_model  # noqa: E402
-from d2m_export.params import param_counts  # noqa: E402
-from d2m_export.roofline import predicted_speedup  # noqa: E402
+from d2m_export.sources.models import DEFAULT_MODEL, read_config, resolve_model  # noqa: E402
+from d2m_export.sources.params import param_counts  # noqa: E402
+from d2m_export.devices.roofline import predicted_speedup  # noqa: E402
 
 OPTIMUM_PINS = ["optimum-executorch==1.1.0"]
 

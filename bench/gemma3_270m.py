@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from sidebyside import CLI, bench_export, done, publish, rounds, sh
-from d2m_export.models import read_config
-from d2m_export.params import param_counts
-from d2m_export.roofline import decode_cost
+from d2m_export.sources.models import read_config
+from d2m_export.sources.params import param_counts
+from d2m_export.devices.roofline import decode_cost
 
 MODEL = "gemma3-270m"
 TASKS = ["piqa", "arc_easy", "boolq"]      # the tasks Google reports zero-shot for the pretrained 270M
@@ -108,7 +108,7 @@ def main() -> None:
                 "decode_tokens_per_s": {k: statistics.median(r[k]["decode_tokens_per_s"] for r in rows) for k in pair},
                 "pruned/dense": round(statistics.median(r[pair[1]]["decode_tokens_per_s"] / r[pair[0]]["decode_tokens_per_s"]
                                                         for r in rows), 3)}
-    from d2m_export.models import resolve_model
+    from d2m_export.sources.models import resolve_model
 
     dense_cfg, pruned_cfg = read_config(resolve_model(MODEL)), read_config(pruned)
     context = args.prompt_tokens + args.new_tokens // 2

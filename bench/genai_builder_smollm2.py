@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sidebyside import ROOT, bench_export, done, export, median, publish, ratio, rounds, sh  # noqa: E402
 
-from d2m_export.models import DEFAULT_MODEL, resolve_model  # noqa: E402
+from d2m_export.sources.models import DEFAULT_MODEL, resolve_model  # noqa: E402
 
 GENAI = "onnxruntime-genai"
 
@@ -54,7 +54,7 @@ def agreement(model_dir: Path, folders: dict[str, Path], new_tokens: int = 32) -
     import numpy as np
 
     from converters.parity import PROMPTS, reference_greedy, runtime_forced
-    from d2m_export.models import load_model
+    from d2m_export.sources.models import load_model
     from runtimes.base import load_runner
 
     model, tokenizer, _ = load_model(model_dir)

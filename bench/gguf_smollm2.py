@@ -32,9 +32,9 @@ from sidebyside import (ROOT, bench_export, convert, done, export, median, parit
                         ratio_lines, rounds, sh)  # noqa: E402
 
 from converters.gguf import K_QUANTS, llama_quantize  # noqa: E402
-from d2m_export.models import DEFAULT_MODEL, read_config, resolve_model  # noqa: E402
-from d2m_export.params import param_counts  # noqa: E402
-from d2m_export.roofline import BYTES_PER_WEIGHT, decode_cost  # noqa: E402
+from d2m_export.sources.models import DEFAULT_MODEL, read_config, resolve_model  # noqa: E402
+from d2m_export.sources.params import param_counts  # noqa: E402
+from d2m_export.devices.roofline import BYTES_PER_WEIGHT, decode_cost  # noqa: E402
 
 QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
 REFERENCE_QUANTS = ("f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")

@@ -196,7 +196,7 @@ def measure_latency(args) -> None:
 # --- report --------------------------------------------------------------------------------------
 
 def write_report(args) -> None:
-    from d2m_export import report
+    from d2m_export.evaluation import report
 
     runs = sorted(p for p in args.results.iterdir() if (p / "variant.json").is_file() and (p / "eval.json").is_file())
     for run_dir in runs:         # the measured latency of each cell's structure
@@ -206,7 +206,7 @@ def write_report(args) -> None:
             shutil.copy(f, run_dir / f"bench-{f.stem[len(key) + 1:]}.json")
         if v["method"] == "dense" and not (run_dir / "model" / "config.json").is_file():
             (run_dir / "model").mkdir(exist_ok=True)
-            from d2m_export.models import resolve_model
+            from d2m_export.sources.models import resolve_model
             shutil.copy(resolve_model(DENSE) / "config.json", run_dir / "model" / "config.json")
     table = study_table(args, runs)
     (args.results / "study.md").write_text(table)

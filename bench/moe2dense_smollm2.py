@@ -37,7 +37,7 @@ from typing import Callable
 from safetensors import safe_open
 
 from sidebyside import CLI, done, sh
-from d2m_export.models import resolve_model
+from d2m_export.sources.models import resolve_model
 from d2m_export.outputs import write_json
 from d2m_export.pipeline import evaluate
 
@@ -306,15 +306,15 @@ class Calibrated:
     @functools.cached_property
     def calibration(self):
         """(model, tokenizer, routing statistics), made when an option's weights are first needed."""
-        from d2m_export import moe2dense
-        from d2m_export.calibration import calibration_ids
-        from d2m_export.models import load_model
+        from d2m_export.methods import moe2dense
+        from d2m_export.plan.calibration import calibration_ids
+        from d2m_export.sources.models import load_model
 
         model, tokenizer, _ = load_model(str(self.moe))
         return model, tokenizer, moe2dense.routing_stats(model, calibration_ids(tokenizer, 2048))
 
     def dense(self, option):
-        from d2m_export import moe2dense
+        from d2m_export.methods import moe2dense
 
         model, _, stats = self.calibration
         k, groups, score, grouping, scaling = option

@@ -90,7 +90,7 @@ def main() -> None:
         print(json.dumps(measure(target, model, quant, Path(out), variant)))
         return
     from converters.base import get_target
-    from d2m_export.models import DEFAULT_MODEL, resolve_model
+    from d2m_export.sources.models import DEFAULT_MODEL, resolve_model
 
     work = args.work
     models = {"dense": str(resolve_model(DEFAULT_MODEL)),
@@ -114,7 +114,7 @@ def main() -> None:
             cache.write_text(json.dumps(done, indent=1))
             print(key, done[key], flush=True)
             missing.remove(key.strip())
-    from d2m_export.models import load_fp32_compute
+    from d2m_export.sources.models import load_fp32_compute
     import converters.parity as parity
 
     ppl = {}

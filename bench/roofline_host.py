@@ -23,8 +23,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sidebyside import CLI, ROOT, bench_export, convert, export, median, publish, rounds, sh  # noqa: E402
 
-from d2m_export.models import DEFAULT_MODEL  # noqa: E402
-from d2m_export.probe import predicted_decode_ms  # noqa: E402
+from d2m_export.sources.models import DEFAULT_MODEL  # noqa: E402
+from d2m_export.devices.probe import predicted_decode_ms  # noqa: E402
 
 RUNTIMES = {"onnx fp32": ("onnx", "fp32"), "gguf f32": ("gguf", "f32"), "gguf q8_0": ("gguf", "q8_0"),
             "executorch fp32": ("executorch", "fp32")}

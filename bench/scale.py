@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from sidebyside import CLI
-from d2m_export.models import resolve_model
+from d2m_export.sources.models import resolve_model
 from d2m_export.outputs import atomic_dir, write_json
 
 SHAPES = {

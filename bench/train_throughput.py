@@ -23,8 +23,8 @@ from pathlib import Path
 HF_SCRIPT = r'''
 import json, sys, time, torch
 from transformers import Trainer, TrainingArguments, TrainerCallback
-from d2m_export.models import load_model
-from d2m_export.data import pack, DEFAULT_TRAIN_CORPORA
+from d2m_export.sources.models import load_model
+from d2m_export.sources.data import pack, DEFAULT_TRAIN_CORPORA
 steps, micro, accum, seq, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 fsdp = len(sys.argv) > 6
 torch.manual_seed(0)

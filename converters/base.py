@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from d2m_export.errors import UserError
-from d2m_export.lazy_weights import release_memory
-from d2m_export.models import model_label, read_config, read_record, resolve_model
+from d2m_export.sources.lazy_weights import release_memory
+from d2m_export.sources.models import model_label, read_config, read_record, resolve_model
 from d2m_export.outputs import GENERATOR, atomic_dir, check_output_dir, file_checksums
 
 TARGETS: dict[str, "Exporter"] = {}
@@ -87,8 +87,8 @@ class Exporter:
         """The estimated peak of an export and its parity check, from the config: the model held in its
         stored dtype (the export reads it; the reference computes from it a layer at a time), the runtime
         holding the artifact, and what the toolchain copies (in fp32) beyond them."""
-        from d2m_export.memory import weight_bytes
-        from d2m_export.models import stored_dtype
+        from d2m_export.sources.memory import weight_bytes
+        from d2m_export.sources.models import stored_dtype
 
         stored = weight_bytes(model_dir, stored_dtype(model_dir))
         fp32 = weight_bytes(model_dir, "float32")
@@ -211,7 +211,7 @@ def export(target: str, model_spec, quant: str | None, out: Path, threads: int |
         raise UserError(f"{model_dir} has no tokenizer.json; the export needs the model's (fast) tokenizer")
     config = read_config(model_dir)
     options = exporter.check_options(config, options)
-    from d2m_export.memory import check_memory
+    from d2m_export.sources.memory import check_memory
     check_memory(model_dir, f"export --target {exporter.name} --quant {quant}", *exporter.memory_need(model_dir, quant))
     base_model, plan = model_record(model_dir)
     t0 = time.time()

@@ -323,7 +323,7 @@ class CoreMLExporter(Exporter):
 
 def load_lowered(model_dir: Path, max_seq_len: int):
     from converters.coreml_module import LoweredDecoder
-    from d2m_export.models import load_model
+    from d2m_export.sources.models import load_model
 
     model, tokenizer, _ = load_model(model_dir, dtype="float32")
     return model, tokenizer, LoweredDecoder(model, max_seq_len).eval()

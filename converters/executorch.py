@@ -26,7 +26,7 @@ from pathlib import Path
 
 from converters.base import Exporter, exact, lossy, register_target
 from d2m_export.errors import UserError
-from d2m_export.models import read_config
+from d2m_export.sources.models import read_config
 from d2m_export.outputs import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -168,8 +168,8 @@ def build_program(model_dir: Path, path: Path, max_seq_len: int, quant: str, moe
     from torch.export import Dim, export
 
     from converters.executorch_model import Decoder
-    from d2m_export.lazy_weights import release_memory
-    from d2m_export.models import load_model
+    from d2m_export.sources.lazy_weights import release_memory
+    from d2m_export.sources.models import load_model
 
     # the experts are lowered first (in the Decoder), then the rest
     with lowering_without_copies(path.parent / ".constants"):
@@ -241,7 +241,7 @@ def lowering_without_copies(directory: Path, min_bytes: int = 1 << 16):
     from executorch.exir._serialize._cord import FileBackedData
     from executorch.exir._serialize._named_data_store import NamedDataStore
 
-    from d2m_export.lazy_weights import release_memory
+    from d2m_export.sources.lazy_weights import release_memory
 
     add, own_copy = NamedDataStore.add_named_data, XnnpackBackend.__dict__.get("copy_exported_program_for_preprocess")
 
@@ -344,9 +344,9 @@ def main_job(out: Path, quant: str | None = None, threads: int = 2, ratio: float
     export) → bench both side by side; print where the bundle is, the healed model's perplexity and
     its decode speed against the dense model's, and a greedy continuation from the bundle."""
     from converters.base import export
-    from d2m_export.models import DEFAULT_MODEL, resolve_model
+    from d2m_export.sources.models import DEFAULT_MODEL, resolve_model
     from d2m_export.outputs import write_json
-    from d2m_export.params import param_counts
+    from d2m_export.sources.params import param_counts
     from d2m_export.heal import HealConfig
     from d2m_export.pipeline import convert, evaluate
     from runtimes.base import load_runner, load_tokenizer

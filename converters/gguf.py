@@ -62,7 +62,7 @@ import numpy as np
 from converters.base import Exporter, exact, lossy, register_target
 from converters.gguf_vocab import add_vocab
 from d2m_export.errors import UserError
-from d2m_export.models import read_config
+from d2m_export.sources.models import read_config
 
 log = logging.getLogger(__name__)
 Q = gguf.GGMLQuantizationType
@@ -152,8 +152,8 @@ def rope_rows_to_pairs(w: np.ndarray, heads: int) -> np.ndarray:
 
 def load_state(model_dir: Path):
     """The weights as fp32 numpy arrays, read lazily from the model held in its stored dtype, and the config."""
-    from d2m_export.lazy_weights import Float32Arrays
-    from d2m_export.models import load_model
+    from d2m_export.sources.lazy_weights import Float32Arrays
+    from d2m_export.sources.models import load_model
 
     model, _, _ = load_model(model_dir)       # any load failure is a one-line UserError
     return Float32Arrays(model), model.config
@@ -425,7 +425,7 @@ class GGUFExporter(Exporter):
             raise UserError(f"the gguf target exports {', '.join(ARCHS)} models, not {model_type!r}")
         if model_type == "qwen2" and read_config(model_dir).get("use_sliding_window"):
             raise UserError("Qwen2 models with use_sliding_window are not supported by the gguf target yet")
-        from d2m_export.lazy_weights import Float32Shapes
+        from d2m_export.sources.lazy_weights import Float32Shapes
 
         state, cfg = load_state(model_dir)
         arch = ARCHS[model_type]

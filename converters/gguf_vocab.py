@@ -49,7 +49,7 @@ def _pre_from_structure(pre: dict | None) -> str | None:
 def embedded_origin(model_dir: Path) -> Path | None:
     """The GGUF file a model folder comes from: an embedded model's, a `--model x.gguf` conversion's, or
     that of the model a converted folder was made from (its d2m_plan.json's base_model)."""
-    from d2m_export.models import EMBEDDED, ORIGIN, embedded_gguf, read_record
+    from d2m_export.sources.models import EMBEDDED, ORIGIN, embedded_gguf, read_record
     from d2m_export.paths import cache_dir
 
     model_dir = Path(model_dir)

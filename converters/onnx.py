@@ -19,7 +19,7 @@ from pathlib import Path
 from converters.base import Exporter, exact, lossy, register_target
 from converters.onnx_genai import write_genai_config
 from d2m_export.errors import UserError
-from d2m_export.models import read_config
+from d2m_export.sources.models import read_config
 
 log = logging.getLogger(__name__)
 GRAPH_FILE = "model.onnx"
@@ -134,8 +134,8 @@ def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe
     weight converted to fp32 only when the graph takes it."""
     import onnx
 
-    from d2m_export.lazy_weights import Float32Arrays
-    from d2m_export.models import load_model
+    from d2m_export.sources.lazy_weights import Float32Arrays
+    from d2m_export.sources.models import load_model
     from converters.onnx_graph import build_graph, rotary_tables_by_type, spec_of
     from converters.onnx_ops import Graph, Linears
     from converters.onnx_quant import quantized_linears

@@ -213,8 +213,8 @@ def check_parity(exporter, model_dir: Path, export_dir: Path, quant: str, thread
                  new_tokens: int = 32, prompts: tuple[str, ...] = PROMPTS, runtimes: tuple[str, ...] = ()) -> dict:
     """The export against transformers in the target's own runtime and in each of `runtimes` (other
     runtimes that run this target's files, e.g. onnxruntime-genai): every one must pass."""
-    from d2m_export.lazy_weights import release_memory
-    from d2m_export.models import load_fp32_compute
+    from d2m_export.sources.lazy_weights import release_memory
+    from d2m_export.sources.models import load_fp32_compute
     from runtimes.base import read_manifest, runner_class
 
     model, tokenizer, _ = load_fp32_compute(model_dir)

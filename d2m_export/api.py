@@ -81,7 +81,7 @@ class Checkpoint(_HandOff):
 
     @classmethod
     def read(cls, out: PathLike) -> Checkpoint:
-        from d2m_export.models import RECORD
+        from d2m_export.sources.models import RECORD
 
         path = Path(out) / RECORD
         return cls(Path(out), json.loads(path.read_text()) if path.is_file() else {})

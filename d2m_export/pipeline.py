@@ -10,11 +10,11 @@ from transformers import AutoModelForCausalLM
 
 from d2m_export.architectures import dense_families
 from d2m_export.errors import UserError
-from d2m_export.lazy_weights import SourceWeights, release_memory, source_weights, write_checkpoint
-from d2m_export.memory import check_memory, check_model_stage, logits_bytes, weight_bytes
-from d2m_export.models import compute_dtype, load_model, model_label, read_config, resolve_model, stored_dtype
+from d2m_export.sources.lazy_weights import SourceWeights, release_memory, source_weights, write_checkpoint
+from d2m_export.sources.memory import check_memory, check_model_stage, logits_bytes, weight_bytes
+from d2m_export.sources.models import compute_dtype, load_model, model_label, read_config, resolve_model, stored_dtype
 from d2m_export.outputs import atomic_dir, check_output_dir, check_output_file, write_json
-from d2m_export.params import param_counts
+from d2m_export.sources.params import param_counts
 from d2m_export.plan import Options, Plan, read_plan_file
 
 DEFAULT_RATIO = 0.8
@@ -33,8 +33,8 @@ def heal_status(heal, not_healed: str | None) -> dict:
 
 
 def analyze(model_spec, out: Path, calib_tokens: int = 2048, progress: bool = True) -> dict:
-    from d2m_export.analysis import plot_heatmap, score_blocks
-    from d2m_export.calibration import calibration_ids, collect
+    from d2m_export.plan.analysis import plot_heatmap, score_blocks
+    from d2m_export.plan.calibration import calibration_ids, collect
 
     check_output_dir(out)
     model_dir = resolve_model(model_spec)
@@ -52,7 +52,7 @@ def analyze(model_spec, out: Path, calib_tokens: int = 2048, progress: bool = Tr
 
 
 def _analysis_table(path: Path, num_layers: int) -> dict:
-    from d2m_export.analysis import block_table
+    from d2m_export.plan.analysis import block_table
 
     try:
         data = json.loads(Path(path).read_text())
@@ -74,7 +74,7 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
     """`heal`: a HealConfig to heal the conversion before it is written (the command line's default), or
     None; `not_healed` then says why, in d2m_plan.json's `heal`."""
     from d2m_export.methods import get_method
-    from d2m_export.planner import active_ratio, plan_by_latency, plan_by_ratio, plan_by_threshold
+    from d2m_export.plan.planner import active_ratio, plan_by_latency, plan_by_ratio, plan_by_threshold
 
     if method_name == "moe2dense":
         raise UserError("use moe_to_dense() for --method moe2dense")
@@ -121,8 +121,8 @@ def convert(model_spec, out: Path, method_name: str = "lfuc", plan_file: Path | 
         from d2m_export.methods.base import moe_family
         moe_family(dense_config)      # a family with no exact MoE form is refused before calibrating
 
-    from d2m_export.analysis import block_table, score_blocks
-    from d2m_export.calibration import calibration_ids, collect
+    from d2m_export.plan.analysis import block_table, score_blocks
+    from d2m_export.plan.calibration import calibration_ids, collect
 
     given = Plan.from_dict(plan_data, method=method.name, num_layers=num_layers) if plan_data is not None else None
     router_options = given.options if given is not None and plan_data.get("options") is not None else options
@@ -220,9 +220,9 @@ def _check_convert_memory(model_dir, compute: str, calib_tokens: int, in_memory:
 
 def _loss_plan(method, model, tokenizer, options, target_ratio, threshold, latency_budget_ms, latency_ms,
                max_block, search_tokens, progress):
-    from d2m_export.calibration import calibration_ids
-    from d2m_export.loss_search import PlanLoss, plan_by_loss
-    from d2m_export.planner import active_ratio
+    from d2m_export.plan.calibration import calibration_ids
+    from d2m_export.plan.loss_search import PlanLoss, plan_by_loss
+    from d2m_export.plan.planner import active_ratio
 
     scorer = PlanLoss(model, calibration_ids(tokenizer, search_tokens))
     num_layers = model.config.num_hidden_layers
@@ -248,8 +248,8 @@ def _loss_plan(method, model, tokenizer, options, target_ratio, threshold, laten
 
 
 def _latency_model(budget_ms, device, precision, context, runtime):
-    from d2m_export.profiles import load_profile
-    from d2m_export.roofline import BYTES_PER_WEIGHT, DecodeLatency
+    from d2m_export.devices.profiles import load_profile
+    from d2m_export.devices.roofline import BYTES_PER_WEIGHT, DecodeLatency
 
     if budget_ms is None:
         if device is not None:
@@ -300,8 +300,8 @@ def evaluate(model_spec, out: Path | None, tasks: list[str], limit: int | None, 
 def moe_to_dense(model_spec, out: Path, experts_kept: int, groups: int | None = None, score: str = "acp",
                  calib_tokens: int = 2048, progress: bool = True, grouping: str = "score",
                  scaling: str = "score", dtype: str = "auto", not_healed: str | None = None) -> dict:
-    from d2m_export import moe2dense
-    from d2m_export.calibration import calibration_ids
+    from d2m_export.methods import moe2dense
+    from d2m_export.plan.calibration import calibration_ids
 
     check_output_dir(out)
     if dtype not in OUTPUT_DTYPES:

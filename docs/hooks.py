@@ -1,6 +1,6 @@
 """MkDocs hooks (registered under `hooks:` in mkdocs.yml).
 
-- The CLI reference is rendered at build time from the parser `d2m_export.cli.build_parser()` builds,
+- The CLI reference is rendered at build time from the parser `d2m_export.cli.parser.build_parser()` builds,
   so it cannot drift from the code: every subcommand's usage and help, and the top-level export flags.
 - The benchmark results in `bench/results/` (Markdown, plots, the HTML report) are published under
   `results/` without being copied into `docs/`: pages link to them as `results/...` relative paths,
@@ -27,7 +27,7 @@ WIDTH = 100                                             # help text wrapped the 
 def _parser() -> argparse.ArgumentParser:
     if str(ROOT) not in sys.path[:1]:
         sys.path.insert(0, str(ROOT))                   # this checkout's code, not an installed copy
-    from d2m_export.cli import build_parser
+    from d2m_export.cli.parser import build_parser
 
     return build_parser()
 
@@ -106,5 +106,5 @@ def on_page_markdown(markdown, page, config, files):
 
 def on_serve(server, config, builder):
     server.watch(str(RESULTS))
-    server.watch(str(ROOT / "d2m_export" / "cli.py"))
+    server.watch(str(ROOT / "d2m_export" / "cli"))
     return server

@@ -57,7 +57,7 @@ def tokenizer_dir(tmp_path_factory):
     """The embedded SmolLM2 tokenizer, saved once (tiny models share its vocabulary)."""
     from transformers import AutoTokenizer
 
-    from d2m_export.models import EMBEDDED
+    from d2m_export.sources.models import EMBEDDED
     import importlib.util
     from pathlib import Path
 

@@ -214,8 +214,8 @@ def test_unreachable_ratio(capsys, tiny_model_dir, tmp_path):
 def test_convert_by_latency_budget_meets_it_with_least_fusion(capsys, tiny_model_dir, tmp_path):
     from transformers import AutoConfig
 
-    from d2m_export.profiles import load_profile
-    from d2m_export.roofline import decode_ms
+    from d2m_export.devices.profiles import load_profile
+    from d2m_export.devices.roofline import decode_ms
 
     pi5 = load_profile("raspberry-pi-5")
     dense_ms = decode_ms(AutoConfig.from_pretrained(tiny_model_dir), pi5, "q8_0", 256)

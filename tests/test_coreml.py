@@ -171,7 +171,7 @@ def test_export_has_states_inputs_outputs_and_experts(lfuc_export):
 
 def test_checker_fails_programs_without_experts_or_state(lfuc_dir, tmp_path):
     """Converted for real: one MoE layer loses an expert, another all of them; a program without states."""
-    from d2m_export.models import load_model
+    from d2m_export.sources.models import load_model
 
     model, _, _ = load_model(lfuc_dir)
     expected = expected_structure(model.config, SEQ, "fp16")
@@ -199,7 +199,7 @@ def test_checker_fails_programs_without_experts_or_state(lfuc_dir, tmp_path):
 
 
 def test_int8_int4_compress_every_weight_matrix_experts_included(lfuc_dir, lfuc_export, tmp_path):
-    from d2m_export.models import load_model
+    from d2m_export.sources.models import load_model
 
     model, _, _ = load_model(lfuc_dir)
     lowered = LoweredDecoder(model, SEQ).eval()

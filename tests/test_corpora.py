@@ -1,6 +1,7 @@
 import pytest
 
-from d2m_export import corpora, paths
+from d2m_export import paths
+from d2m_export.sources import corpora
 from d2m_export.errors import UserError
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from d2m_export.cli import build_parser
+from d2m_export.cli.parser import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 README_MAX_LINES = 250

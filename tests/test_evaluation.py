@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from d2m_export import evaluation
-from d2m_export.corpora import load_text, token_windows
+from d2m_export.sources.corpora import load_text, token_windows
 from d2m_export.errors import UserError
 
 transformers = pytest.importorskip("transformers")

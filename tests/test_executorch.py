@@ -18,7 +18,7 @@ from conftest import save_with_tokenizer, tiny_dense  # noqa: E402
 from converters.base import export  # noqa: E402
 from converters.parity import reference_greedy  # noqa: E402
 from d2m_export.cli import main  # noqa: E402
-from d2m_export.models import load_model  # noqa: E402
+from d2m_export.sources.models import load_model  # noqa: E402
 from runtimes.base import load_runner  # noqa: E402
 
 MAX_SEQ_LEN = 64

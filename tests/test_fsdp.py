@@ -22,7 +22,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer_dir):
-    from d2m_export.corpora import load_text
+    from d2m_export.sources.corpora import load_text
 
     root = tmp_path_factory.mktemp("fsdp")
     (root / "corpus.txt").write_text(load_text("brown")[:40_000])

@@ -98,7 +98,7 @@ def test_layer_runner_reproduces_every_layer_exactly(gemma3):
 def test_parameter_counts_are_the_stored_parameters(gemma3):
     from transformers import AutoModelForCausalLM
 
-    from d2m_export.params import param_counts
+    from d2m_export.sources.params import param_counts
 
     for path in (gemma3["dense"], gemma3["pruned"]):
         model = AutoModelForCausalLM.from_pretrained(path)
@@ -114,7 +114,7 @@ def test_embedded_gemma3_matches_llama_cpp_on_its_own_gguf():
     llama_cpp = pytest.importorskip("llama_cpp")
     import numpy as np
 
-    from d2m_export.models import embedded_gguf, load_model
+    from d2m_export.sources.models import embedded_gguf, load_model
     from runtimes.base import quiet_native_stderr
 
     model, tokenizer, _ = load_model("gemma3-270m")
@@ -137,9 +137,9 @@ def test_embedded_gemma3_matches_llama_cpp_on_its_own_gguf():
 def test_embedded_gemma3_perplexity_is_what_the_model_gives_with_bos():
     """Gemma expects BOS at the start of every text (lm-eval-harness adds it for Gemma): evaluation windows
     and task contexts start with it. Measured on Austen's first 2,048 tokens: 27.2 (with BOS); 84 without."""
-    from d2m_export.corpora import token_windows
+    from d2m_export.sources.corpora import token_windows
     from d2m_export.evaluation import perplexity
-    from d2m_export.models import load_model
+    from d2m_export.sources.models import load_model
 
     model, tokenizer, _ = load_model("gemma3-270m")
     assert (token_windows(tokenizer, "word " * 2000, 512, 1024)[:, 0] == tokenizer.bos_token_id).all()

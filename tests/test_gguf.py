@@ -154,7 +154,7 @@ def test_tokenizer_metadata_matches_llama_cpp_converter(capsys, models, tmp_path
     import importlib.util
     from pathlib import Path
 
-    from d2m_export.models import EMBEDDED
+    from d2m_export.sources.models import EMBEDDED
 
     manifest = export(capsys, models["llama"], tmp_path / "e")
     ours = gguf.GGUFReader(tmp_path / "e" / manifest["files"][0]).fields

@@ -21,16 +21,16 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_user_error, export_with_cli, run_cli, save_with_tokenizer, tiny_dense
-from d2m_export.calibration import calibration_ids, collect
+from d2m_export.plan.calibration import calibration_ids, collect
 from d2m_export.cli import main
 from d2m_export.heal import WINDOW, HealConfig, calibration_windows, heal_model
 from d2m_export.heal.blocks import collect_blocks, converted_index
 from d2m_export.heal.fit import distill, fit_closed_form, relative_error
 from d2m_export.heal.layer import LayerRunner
-from d2m_export.loss_search import PlanLoss, add_donor, plan_by_loss
+from d2m_export.plan.loss_search import PlanLoss, add_donor, plan_by_loss
 from d2m_export.methods import get_method
 from d2m_export.plan import Block, Options, Plan
-from d2m_export.planner import active_ratio
+from d2m_export.plan.planner import active_ratio
 
 BLOCK = [Block(1, [2, 3])]                      # 6 layers -> 4
 PLAN_YAML = "blocks:\n  - {host: 1, donors: [2, 3]}\n"

@@ -251,11 +251,11 @@ LLAMA3_ROPE = dict(LLAMA32_1B["rope_scaling"], rope_theta=500000.0)
 def test_rope_a_target_cannot_hold_is_refused_before_any_work(tmp_path, tokenizer_dir, capsys, monkeypatch,
                                                               target, arch, rope):
     pytest.importorskip(MODULES[target])
-    import d2m_export.models
+    import d2m_export.sources.models
 
     model_dir = save_with_tokenizer(tiny_dense(arch, num_hidden_layers=2, rope_parameters=rope), tmp_path / arch,
                                     tokenizer_dir)
-    monkeypatch.setattr(d2m_export.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(d2m_export.sources.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     code, _, err = run_cli(capsys, "--target", target, "--model", model_dir, "--out", tmp_path / "out")
     assert_user_error(code, err, f"the {target} target", repr(rope["rope_type"]))
     assert not (tmp_path / "out").exists()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_dense
-from d2m_export import moe2dense
+from d2m_export.methods import moe2dense
 from d2m_export.cli import main
 from d2m_export.methods import get_method
 from d2m_export.plan import Block, Options, Plan

@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from d2m_export import moe2dense
-from d2m_export.params import param_counts
+from d2m_export.methods import moe2dense
+from d2m_export.sources.params import param_counts
 
 from test_moe2dense import logits
 

@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from conftest import save_with_tokenizer, tiny_dense, write_tiny_corpus
-from d2m_export.cli import build_parser, main
+from d2m_export.cli import main
+from d2m_export.cli.parser import build_parser
 
 PLAN = "blocks:\n  - {host: 1, donors: [2, 3]}\n"
 

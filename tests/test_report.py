@@ -9,7 +9,7 @@ import pytest
 
 from conftest import tiny_dense
 from d2m_export.cli import main
-from d2m_export.report import pareto
+from d2m_export.evaluation.report import pareto
 
 # Synthetic measurements: this tests the report's arithmetic and rendering, not any runtime.
 VARIANTS = [("dense", 1.0, 0.60, 20.0), ("lfuc-0.8", 0.8, 0.55, 16.0), ("prune-0.8", 0.8, 0.50, 17.0),

@@ -6,10 +6,10 @@ import pytest
 from conftest import tiny_dense
 from d2m_export.errors import UserError
 from d2m_export.methods import get_method
-from d2m_export.params import param_counts
+from d2m_export.sources.params import param_counts
 from d2m_export.plan import Block, Options, Plan
-from d2m_export.profiles import available, load_profile
-from d2m_export.roofline import decode_cost, kv_bytes_per_token, predicted_speedup
+from d2m_export.devices.profiles import available, load_profile
+from d2m_export.devices.roofline import decode_cost, kv_bytes_per_token, predicted_speedup
 
 
 def test_decode_bytes_are_weights_plus_kv():
@@ -70,7 +70,7 @@ def test_profile_command_measures_this_host(tmp_path, capsys):
 def test_profile_calibrates_runtime_efficiency_from_a_real_export(tmp_path, tiny_model_dir):
     pytest.importorskip("onnxruntime")
     from d2m_export.cli import main
-    from d2m_export.probe import predicted_decode_ms
+    from d2m_export.devices.probe import predicted_decode_ms
 
     export_dir = tmp_path / "onnx"
     assert main(["--target", "onnx", "--model", str(tiny_model_dir), "--out", str(export_dir)]) == 0
@@ -92,8 +92,8 @@ def test_profile_calibrates_runtime_efficiency_from_a_real_export(tmp_path, tiny
 
 
 def test_two_context_calibration_recovers_both_efficiencies():
-    from d2m_export.probe import solve_efficiencies
-    from d2m_export.roofline import decode_cost
+    from d2m_export.devices.probe import solve_efficiencies
+    from d2m_export.devices.roofline import decode_cost
 
     cfg = tiny_dense("llama").config
     short, long = decode_cost(cfg, "fp32", 96), decode_cost(cfg, "fp32", 992)
@@ -107,7 +107,7 @@ def test_two_context_calibration_recovers_both_efficiencies():
 # --- context as an axis of speed -------------------------------------------------------------------
 
 def test_kv_bytes_grow_with_context_up_to_a_sliding_window():
-    from d2m_export.roofline import kv_positions_read
+    from d2m_export.devices.roofline import kv_positions_read
 
     cfg = tiny_dense("llama").config
     short, long = decode_cost(cfg, "fp32", 64), decode_cost(cfg, "fp32", 2048)

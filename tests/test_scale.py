@@ -35,7 +35,7 @@ def write_plan(path, host_mode: str, experts: int):
 def test_written_checkpoint_equals_the_in_memory_conversion(tmp_path, tokenizer_dir, capsys, monkeypatch, method):
     """fp32 in, fp32 out: the tensor-by-tensor writer gives bit for bit what instantiating the converted
     model gives, in shards with an index when they exceed the shard size."""
-    from d2m_export import lazy_weights
+    from d2m_export.sources import lazy_weights
 
     dense = tiny_dense("qwen2")
     src = save_with_tokenizer(dense, tmp_path / "dense", tokenizer_dir)
@@ -64,7 +64,7 @@ def test_bf16_in_bf16_out_keeps_the_fusion_identity(tmp_path, tokenizer_dir, cap
     """A bf16 checkpoint converts to bf16 (half the bytes of fp32) and, run in bf16 as `eval` runs it,
     matches the fp32 reference of the same fusion within bf16 rounding: max |logit error| at most 2% of
     the largest logit, while the fusion itself moves logits by far more."""
-    from d2m_export.models import load_model
+    from d2m_export.sources.models import load_model
 
     dense = tiny_dense(arch).to(torch.bfloat16)
     src = save_with_tokenizer(dense, tmp_path / "dense", tokenizer_dir)
@@ -102,11 +102,11 @@ def test_bf16_calibration_agrees_with_fp32():
     """The stated tolerance for calibrating a bf16 model in bf16: on SmolLM2, every block's angular
     distance within 0.01 and MLP-input cosine within 0.01 of the fp32 calibration, and the same plan.
     Scoring batch by batch (streams dropped) gives the scores of keeping every stream."""
-    from d2m_export.analysis import block_table, score_blocks
-    from d2m_export.calibration import calibration_ids, collect
+    from d2m_export.plan.analysis import block_table, score_blocks
+    from d2m_export.plan.calibration import calibration_ids, collect
     from d2m_export.methods import get_method
-    from d2m_export.models import load_model
-    from d2m_export.planner import plan_by_ratio
+    from d2m_export.sources.models import load_model
+    from d2m_export.plan.planner import plan_by_ratio
 
     model, tokenizer, _ = load_model(None)
     ids = calibration_ids(tokenizer, 1024)
@@ -149,7 +149,7 @@ def test_a_bf16_conversion_exports_exactly(tmp_path, tokenizer_dir, capsys, targ
 
     if target == "executorch":
         pytest.importorskip("executorch")
-    from d2m_export.models import load_fp32_compute
+    from d2m_export.sources.models import load_fp32_compute
 
     src = save_with_tokenizer(tiny_dense("qwen2").to(torch.bfloat16), tmp_path / "dense", tokenizer_dir)
     code, _, err = run_cli(capsys, "convert", "--model", src, "--plan", write_plan(tmp_path / "plan.json", "routed", 3),
@@ -181,7 +181,7 @@ def test_gguf_quantizes_a_block_of_rows_at_a_time_with_the_same_bytes():
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_gguf_header_pass_makes_no_large_tensor(arch):
     from converters.gguf import all_tensors
-    from d2m_export.lazy_weights import Float32Arrays, Float32Shapes
+    from d2m_export.sources.lazy_weights import Float32Arrays, Float32Shapes
 
     model = tiny_dense(arch)
     state = Float32Arrays(model)
@@ -194,7 +194,7 @@ def test_gguf_header_pass_makes_no_large_tensor(arch):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT is Linux's")
 def test_loading_leaves_no_checkpoint_pages_counted_against_memory(tmp_path, tokenizer_dir):
-    from d2m_export.models import load_model
+    from d2m_export.sources.models import load_model
 
     moe = get_method("lfuc").build(tiny_dense("qwen2"), Plan("lfuc", 6, [Block(1, [2, 3])], Options(router_init="zero", top_k=1)))
     model_dir = save_with_tokenizer(moe, tmp_path / "moe", tokenizer_dir)   # experts stacked at load: copies

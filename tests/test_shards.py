@@ -25,7 +25,7 @@ def model_dir(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def documents():
-    from d2m_export.corpora import load_text
+    from d2m_export.sources.corpora import load_text
 
     text = load_text("brown")[:60_000]
     return [p for p in text.split("\n\n") if p.strip()][:120]
@@ -51,7 +51,7 @@ def sources(tmp_path_factory, documents):
 def test_tokenize_reads_every_source_kind_into_shards(model_dir, sources, documents, tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from d2m_export.shards import ShardChunks
+    from d2m_export.sources.shards import ShardChunks
 
     out = tmp_path / "shards"
     assert main(["tokenize", *map(str, sources), "--model", str(model_dir), "--shard-tokens", "1000",
@@ -71,7 +71,7 @@ def test_tokenize_reads_every_source_kind_into_shards(model_dir, sources, docume
 
 
 def test_the_stream_order_is_a_permutation_per_epoch():
-    from d2m_export.shards import stream_batch_indices
+    from d2m_export.sources.shards import stream_batch_indices
 
     epoch = [int(i) for s in range(5) for i in stream_batch_indices(20, s, 4, seed=0)]
     assert sorted(epoch) == list(range(20)) and epoch != list(range(20))
@@ -141,8 +141,8 @@ def test_reading_shards_allocates_per_batch_not_per_corpus(model_dir, documents,
 
     from transformers import AutoTokenizer
 
-    from d2m_export.data import pack
-    from d2m_export.shards import ShardChunks, stream_batch_indices
+    from d2m_export.sources.data import pack
+    from d2m_export.sources.shards import ShardChunks, stream_batch_indices
 
     tok = AutoTokenizer.from_pretrained(model_dir)
 

@@ -139,7 +139,7 @@ def test_saved_checkpoint_loads_with_plain_transformers(tmp_path):
                                                ("upcycle", "routed")])
 def test_parameter_counts_from_the_config_match_the_model(arch, method, host_mode):
     """What the planner and the roofline cost (params.py) is what the converted model stores."""
-    from d2m_export.params import param_counts
+    from d2m_export.sources.params import param_counts
 
     dense = tiny_dense(arch)
     blocks = [] if method == "upcycle" else [Block(1, [2, 3])]

@@ -21,7 +21,7 @@ BASE = ["--seq-len", "32", "--micro-batch", "2", "--global-batch", "4", "--lr", 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from d2m_export.corpora import load_text
+    from d2m_export.sources.corpora import load_text
 
     path = tmp_path_factory.mktemp("corpus") / "train.txt"
     path.write_text(load_text("brown")[:40_000])

@@ -89,7 +89,7 @@ def test_moments_stay_fp32_through_a_state_dict_round_trip():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from d2m_export.corpora import load_text
+    from d2m_export.sources.corpora import load_text
 
     path = tmp_path_factory.mktemp("corpus") / "train.txt"
     path.write_text(load_text("brown")[:40_000])
@@ -179,8 +179,8 @@ def test_the_memory_check_counts_the_state_of_the_trained_weights_only(capsys, m
                                                                         tmp_path):
     # Adam's moments and the gradients are kept for what is trained: --train-only moe needs less, and
     # a run refused for training everything says so
-    from d2m_export.memory import RUNTIME_BYTES
-    from d2m_export.train import TrainConfig, train_memory_need, trainable_count
+    from d2m_export.sources.memory import RUNTIME_BYTES
+    from d2m_export.train.config import TrainConfig, train_memory_need, trainable_count
 
     assert 0 < trainable_count(bf16_moe_dir, "router") < trainable_count(bf16_moe_dir, "moe") \
         < trainable_count(bf16_moe_dir, "all")

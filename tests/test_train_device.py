@@ -11,7 +11,7 @@ from d2m_export.cli import main
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer_dir):
-    from d2m_export.corpora import load_text
+    from d2m_export.sources.corpora import load_text
 
     root = tmp_path_factory.mktemp("device")
     (root / "corpus.txt").write_text(load_text("brown")[:20_000])

@@ -47,7 +47,7 @@ class HealConfig:
             raise UserError(f"{flag['lr']} must be positive, not {self.lr}")
         if not self.corpora:
             raise UserError("--calib-corpus: give at least one training corpus")
-        from d2m_export.corpora import CORPORA
+        from d2m_export.sources.corpora import CORPORA
         for name in self.corpora:
             if name in CORPORA and CORPORA[name].role != "train":
                 raise UserError(f"calibration corpus {name!r} is held out for evaluation and is never fitted on; "
@@ -55,8 +55,8 @@ class HealConfig:
 
 
 def calibration_windows(tokenizer, cfg: HealConfig) -> torch.Tensor:
-    from d2m_export.corpora import token_windows
-    from d2m_export.data import read_source
+    from d2m_export.sources.corpora import token_windows
+    from d2m_export.sources.data import read_source
 
     text = "\n\n".join(doc for source in cfg.corpora for doc in read_source(source))
     ids = token_windows(tokenizer, text, WINDOW, cfg.calib_tokens)
@@ -193,7 +193,7 @@ def _kmeans(x: torch.Tensor, k: int, iters: int = 25) -> torch.Tensor:
 
 def heal(model_spec, out: Path, cfg: HealConfig, dense_spec: str | None = None, progress: bool = True) -> dict:
     """`d2m-export heal`: read a converted checkpoint and its d2m_plan.json, heal, write a new checkpoint."""
-    from d2m_export.models import load_model, model_label, resolve_model
+    from d2m_export.sources.models import load_model, model_label, resolve_model
     from d2m_export.outputs import atomic_dir, check_output_dir
 
     cfg.validate()
@@ -204,9 +204,9 @@ def heal(model_spec, out: Path, cfg: HealConfig, dense_spec: str | None = None, 
         raise UserError(f"--out {out} is the model being healed; write the healed model to a new folder")
     plan = Plan.from_dict(record["plan"], method=record["method"])
     dense_spec = dense_spec or record.get("base_model")
-    from d2m_export.lazy_weights import release_memory
-    from d2m_export.memory import check_model_stage
-    from d2m_export.models import compute_dtype
+    from d2m_export.sources.lazy_weights import release_memory
+    from d2m_export.sources.memory import check_model_stage
+    from d2m_export.sources.models import compute_dtype
 
     compute = compute_dtype(model_dir)
     check_model_stage(model_dir, "heal", compute, how=f"one model at a time in {compute}")
@@ -234,7 +234,7 @@ def heal(model_spec, out: Path, cfg: HealConfig, dense_spec: str | None = None, 
 
 
 def _read_record(model_dir: Path) -> dict:
-    from d2m_export.models import RECORD, read_record
+    from d2m_export.sources.models import RECORD, read_record
 
     record = read_record(model_dir)
     if record is None:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 import torch
 
 from d2m_export.errors import UserError
-from d2m_export.lazy_weights import LazyState
+from d2m_export.sources.lazy_weights import LazyState
 from d2m_export.architectures import ARCHITECTURES, Architecture, dense_families
 from d2m_export.plan import Plan
 

@@ -20,7 +20,7 @@ import logging
 import torch
 
 from d2m_export.errors import UserError
-from d2m_export.lazy_weights import LazyState
+from d2m_export.sources.lazy_weights import LazyState
 from d2m_export.methods.base import (Method, check_convertible, experts_names, moe_config, moe_mlp_state, register,
                                      shared_state)
 from d2m_export.plan import Block, Plan

@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from d2m_export.lazy_weights import LazyState
+from d2m_export.sources.lazy_weights import LazyState
 from d2m_export.methods.base import Method, check_convertible, register, shared_state
 from d2m_export.plan import Plan
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from d2m_export.lazy_weights import LazyState
+from d2m_export.sources.lazy_weights import LazyState
 from d2m_export.methods.base import (Method, check_convertible, experts_names, moe_config, moe_mlp_state, register,
                                      shared_state)
 from d2m_export.plan import Plan

@@ -12,7 +12,7 @@ import os
 import torch
 
 from d2m_export.errors import UserError
-from d2m_export.params import param_counts
+from d2m_export.sources.params import param_counts
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by a name fragment.
 CUDA_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
@@ -54,7 +54,7 @@ def peak_flops(device: str, dtype: str, given_tflops: float | None) -> tuple[flo
                 scale = 1.0 if dtype == "bf16" else 0.5      # tf32 runs at half the bf16 rate
                 return tflops * 1e12 * scale, f"{name} data sheet ({dtype})"
         return None, f"{name} is not in our table of peaks: pass --peak-tflops"
-    from d2m_export.probe import matmul_gflops
+    from d2m_export.devices.probe import matmul_gflops
 
     threads = torch.get_num_threads()
     gflops = matmul_gflops(threads, torch.bfloat16 if dtype == "bf16" else torch.float32)

@@ -205,7 +205,7 @@ def _checkpoint_names(config) -> Callable[[dict], dict]:
     conversions on save (Qwen2-MoE's stacked experts become one tensor per expert), so we do too."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    from d2m_export.models import meta_model
+    from d2m_export.sources.models import meta_model
 
     meta = meta_model(config)
     return lambda group: revert_weight_conversion(meta, group)

@@ -39,8 +39,8 @@ def available_bytes() -> int:
 
 def weight_bytes(model_dir: Path, dtype: str) -> int:
     """The model's parameters × the bytes of `dtype` (float32, bfloat16, float16)."""
-    from d2m_export.models import load_config
-    from d2m_export.params import param_counts
+    from d2m_export.sources.models import load_config
+    from d2m_export.sources.params import param_counts
 
     config = load_config(model_dir)
     try:
@@ -69,6 +69,6 @@ def check_model_stage(model_dir: Path, stage: str, dtype: str, extra: int = 0, h
 
 def logits_bytes(model_dir: Path, batch: int, tokens: int, dtype: str) -> int:
     """One batch's logits: at 150k-word vocabularies these rival a small model's weights."""
-    from d2m_export.models import load_config
+    from d2m_export.sources.models import load_config
 
     return batch * tokens * load_config(model_dir).vocab_size * (4 if dtype == "float32" else 2)

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from d2m_export.roofline import COMPUTE_CLASS
+from d2m_export.devices.roofline import COMPUTE_CLASS
 
 
 def _best(fn, repeats: int) -> float:
@@ -67,8 +67,8 @@ def predicted_decode_ms(export_dir, profile: dict, context: int, efficiency: flo
 
 def _cost(export_dir, context: int):
     """(roofline cost of one decode step at `context`, the export's quant)."""
-    from d2m_export.models import read_config
-    from d2m_export.roofline import decode_cost
+    from d2m_export.sources.models import read_config
+    from d2m_export.devices.roofline import decode_cost
     from runtimes.base import read_manifest
 
     manifest = read_manifest(export_dir)

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from d2m_export.models import DEFAULT_MODEL
+from d2m_export.sources.models import DEFAULT_MODEL
 from d2m_export.outputs import write_json
 
 

@@ -8,10 +8,14 @@ that reaches the target.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from d2m_export.errors import UserError
-from d2m_export.methods.base import Method
-from d2m_export.params import param_counts
+from d2m_export.sources.params import param_counts
 from d2m_export.plan import Block, Options, Plan
+
+if TYPE_CHECKING:   # for annotations only: the caller passes the method in (the convert stage comes later)
+    from d2m_export.methods.base import Method
 
 
 def active_ratio(method: Method, dense_config, plan: Plan) -> float:

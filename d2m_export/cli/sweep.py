@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from d2m_export.errors import UserError
-from d2m_export.models import model_label, resolve_model
+from d2m_export.sources.models import model_label, resolve_model
 
 
 def variants(methods: list[str], ratios: list[float], cpt_tokens: int | None) -> list[dict]:
@@ -29,7 +29,7 @@ def run_sweep(model: str | None, out: Path, ratios: list[float], methods: list[s
               cpt_tokens: int | None = None, tasks: list[str] | None = None, limit: int | None = 100,
               threads: int = 2, profiles: list[str] | None = None) -> dict:
     from converters.base import export, get_target
-    from d2m_export import report
+    from d2m_export.evaluation import report
     from d2m_export.methods import get_method
     from d2m_export.pipeline import analyze, convert, evaluate
     from d2m_export.outputs import write_json

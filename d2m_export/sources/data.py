@@ -9,7 +9,7 @@ from typing import Iterator
 
 import torch
 
-from d2m_export.corpora import CORPORA, load_text
+from d2m_export.sources.corpora import CORPORA, load_text
 from d2m_export.errors import UserError
 
 DEFAULT_TRAIN_CORPORA = ("brown", "olmo-passages")

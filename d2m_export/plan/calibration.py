@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from d2m_export.corpora import load_text, token_windows
+from d2m_export.sources.corpora import load_text, token_windows
 
 CALIBRATION_CORPUS = "calibration"
 

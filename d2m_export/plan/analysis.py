@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from d2m_export.calibration import Activations, BlockScorer
+from d2m_export.plan.calibration import Activations, BlockScorer
 
 
 def score_blocks(acts: Activations) -> list[dict]:

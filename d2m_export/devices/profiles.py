@@ -6,7 +6,7 @@ from pathlib import Path
 
 from d2m_export.errors import UserError
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "device_profiles"
+PROFILE_DIR = Path(__file__).resolve().parents[2] / "device_profiles"
 REQUIRED = ("name", "memory_bandwidth_gbs", "compute_gflops", "usable_ram_gb", "sources")
 PRECISIONS = ("fp32", "fp16", "int8")
 
