@@ -266,6 +266,9 @@ class CoreMLExporter(Exporter):
         run.checks["fp16_compute_proxy"] = {**compare(eager, encoded, refs), "compute": "fp16 (PyTorch CPU)"}
         return parity
 
+    def forget(self, export_dir: Path) -> None:
+        self._runs.pop(str(export_dir), None)
+
     def verification(self, export_dir: Path, manifest: dict) -> dict:
         run = self._runs.pop(str(export_dir))
         report, expected, quant = run.report, run.expected, manifest["quant"]

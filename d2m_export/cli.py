@@ -233,23 +233,42 @@ def cmd_demo(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from d2m_export.api import export
-
     if not args.export_out:
         raise UserError("--target needs --out DIR")
-    manifest = export(args.export_model, Path(args.export_out), args.export_target, args.export_quant,
-                      threads=args.export_threads, max_seq_len=args.export_max_seq_len,
-                      moe_lowering=args.export_moe_lowering, head_bits=args.export_head_bits).manifest
+    options = {"max_seq_len": args.export_max_seq_len, "moe_lowering": args.export_moe_lowering,
+               "head_bits": args.export_head_bits}
+    if "," not in args.export_target:
+        from d2m_export.api import export
+
+        manifest = export(args.export_model, Path(args.export_out), args.export_target, args.export_quant,
+                          threads=args.export_threads, parity=not args.export_no_parity, **options).manifest
+        print_export(manifest, args.export_out)
+        return 0
+    from converters.base import export_many
+
+    # several targets: each reported as it is written (a later one may still fail)
+    export_many(args.export_target, args.export_model, args.export_quant, Path(args.export_out),
+                threads=args.export_threads, options=options, parity=not args.export_no_parity,
+                on_done=lambda name, manifest: print_export(manifest, Path(args.export_out) / name))
+    return 0
+
+
+def print_export(manifest: dict, out) -> None:
+    """What an export wrote and how its parity check went (a warning on stderr where it was skipped)."""
     p, sizes = manifest["parity"], manifest["sizes_mb"]
     print(f"{manifest['target']} {manifest['quant']}: wrote {', '.join(f'{f} ({mb:.1f} MB)' for f, mb in sizes.items())} "
-          f"to {args.export_out}")
+          f"to {out}", flush=True)
+    if p is None:
+        print(f"d2m-export: warning: --no-parity: {out} was not checked against transformers (manifest.json: "
+              "\"parity\": null, \"parity_skipped\": true)", file=sys.stderr, flush=True)
+        return
     print(f"  parity vs transformers: greedy {p['greedy_match']}/{p['greedy_total']} tokens, "
-          f"max |logit error| {p['max_abs_logit_err']:.3g}")
+          f"max |logit error| {p['max_abs_logit_err']:.3g}" + (" (reference shared with the run's earlier target)"
+                                                                 if p.get("reference_shared") else ""))
     if text := p.get("text"):
         print(f"  fixed text ({text['positions']} positions): top-1 agreement {text['top1_agreement']:.3f} "
               f"({text['decisive_top1_agreement']} where the reference is decisive), mean KL {text['mean_kl']:.3g} "
-              f"nats, perplexity x{text['ppl_ratio']:.3f}")
-    return 0
+              f"nats, perplexity x{text['ppl_ratio']:.3f}", flush=True)
 
 
 def cmd_executorch_job(args) -> int:
@@ -339,13 +358,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     export = parser.add_argument_group("export (when no COMMAND is given)")
     export.add_argument("--target", dest="export_target", help="export target: gguf, onnx, coreml, executorch "
-                        "(executorch alone, without --model/--out: convert, export, check and bench the default model)")
+                        "(executorch alone, without --model/--out: convert, export, check and bench the default "
+                        "model); several, comma-separated (onnx,gguf,executorch): one run writes OUT/onnx/, "
+                        "OUT/gguf/, ..., each a complete export with its own manifest.json and parity check, sharing "
+                        "the model's load and the parity reference (computed once); options go to the targets that "
+                        "take them; a target failing its parity check leaves no folder, the others are kept, exit 1")
     export.add_argument("--model", dest="export_model", default=None,
                         help="embedded name (smollm2-135m, the default), a Hugging Face folder, a .gguf file or a Hub id org/name")
-    export.add_argument("--quant", dest="export_quant", default=None, help="gguf: f32 (default) | f16 | q8_0 | q4_0 | q4_k_m | q5_k_m | q6_k (k-quants by llama.cpp's quantizer); onnx: fp32 (default) | fp16 | int8 | int4; coreml: fp16 (default) | int8 | int4; executorch: fp32 (default) | 8da4w | 8da8w")
+    export.add_argument("--quant", dest="export_quant", default=None, help="gguf: f32 (default) | f16 | q8_0 | q4_0 | q4_k_m | q5_k_m | q6_k (k-quants by llama.cpp's quantizer); onnx: fp32 (default) | fp16 | int8 | int4; coreml: fp16 (default) | int8 | int4; executorch: fp32 (default) | 8da4w | 8da8w. With several targets: omitted, each target's default; one quant, which every target must take; or one per target, comma-separated in --target's order (an empty entry: that target's default), e.g. --target onnx,gguf --quant int4,q4_0")
     export.add_argument("--out", dest="export_out", help="output directory (artifact, tokenizer, manifest.json)")
     export.add_argument("--threads", dest="export_threads", type=POSITIVE, default=None,
                         help="runtime threads for the parity check")
+    export.add_argument("--no-parity", dest="export_no_parity", action="store_true",
+                        help="skip the parity check against transformers (on by default; it is what vouches for the "
+                             "export): manifest.json records \"parity\": null and \"parity_skipped\": true, and "
+                             "a warning is printed")
     export.add_argument("--max-seq-len", dest="export_max_seq_len", type=POSITIVE, default=None,
                         help="onnx, coreml, executorch: KV cache length (onnx: rotary table), the longest sequence the export runs "
                              "(default: the model's context, at most 4160 for coreml and executorch, whose static KV "
