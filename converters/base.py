@@ -262,44 +262,41 @@ def _request(target: str, quant: str | None, options: dict | None, out: Path, ot
 
 
 def _source(model_spec, out: Path) -> _Source:
-    t0 = time.perf_counter()
     model_dir = resolve_model(model_spec)
     src, dst = Path(model_dir).resolve(), Path(out).resolve()
     if src == dst or src in dst.parents or dst in src.parents:
         raise UserError(f"--out {out} would overwrite the model it exports ({model_dir}); pick a directory beside it")
-    return _Source(model_spec, model_dir, {}, None, None, time.perf_counter() - t0)
+    return _Source(model_spec, model_dir, {}, None, None)
 
 
 def _check(request: _Request, source: _Source) -> None:
     """Everything about one target that can be refused before anything is written."""
     from d2m_export.memory import check_memory
 
-    t0 = time.perf_counter()
     exporter, model_dir = request.exporter, source.model_dir
     request.options = exporter.check_options(source.config, request.options)
     check_memory(model_dir, f"export --target {exporter.name} --quant {request.quant}",
                  *exporter.memory_need(model_dir, request.quant))
-    source.prepare_s += time.perf_counter() - t0
 
 
 def _read_source(source: _Source) -> None:
-    t0 = time.perf_counter()
     if not (Path(source.model_dir) / "tokenizer.json").is_file():
         raise UserError(f"{source.model_dir} has no tokenizer.json; the export needs the model's (fast) tokenizer")
     source.config = read_config(source.model_dir)
     source.base_model, source.plan = model_record(source.model_dir)
-    source.prepare_s += time.perf_counter() - t0
 
 
 def export(target: str, model_spec, quant: str | None, out: Path, threads: int | None = None,
            new_tokens: int = 32, options: dict | None = None, parity: bool = True) -> dict:
     """Export `model_spec` for `target` at `quant` into `out`, checked against transformers (unless
     `parity` is False: then the manifest records `"parity": null, "parity_skipped": true`)."""
+    t0 = time.perf_counter()
     request = _request(target, quant, options, out)
     source = _source(model_spec, out)
     check_output_dir(request.out)
     _read_source(source)
     _check(request, source)
+    source.prepare_s = time.perf_counter() - t0
     return _run(request, source, threads, new_tokens, parity)
 
 
@@ -316,6 +313,7 @@ def export_many(targets: list[str], model_spec, quants, out: Path, threads: int 
     `on_done(name, manifest)` is called as each target is written. Returns {target: manifest}."""
     from converters.parity import shared_reference
 
+    t0 = time.perf_counter()
     if isinstance(targets, str):
         targets = targets.split(",")
     targets = [t.strip() for t in targets]
@@ -347,6 +345,7 @@ def export_many(targets: list[str], model_spec, quants, out: Path, threads: int 
     _read_source(source)
     for r in requests:
         _check(r, source)
+    source.prepare_s = time.perf_counter() - t0
     manifests, failed = {}, []
     with shared_reference():
         for r in requests:
