@@ -346,16 +346,20 @@ def export_many(targets: list[str], model_spec, quants, out: Path, threads: int 
     for r in requests:
         _check(r, source)
     source.prepare_s = time.perf_counter() - t0
-    manifests, failed = {}, []
-    with shared_reference():
-        for r in requests:
-            try:
-                manifests[r.exporter.name] = _run(r, source, threads, new_tokens, parity)
-            except ParityError as e:
-                failed.append(f"--target {r.exporter.name} failed, nothing written to {r.out}: {e}")
-                continue
-            if on_done is not None:
-                on_done(r.exporter.name, manifests[r.exporter.name])
+    manifests, failed, made = {}, [], not out.exists()
+    try:
+        with shared_reference():
+            for r in requests:
+                try:
+                    manifests[r.exporter.name] = _run(r, source, threads, new_tokens, parity)
+                except ParityError as e:
+                    failed.append(f"--target {r.exporter.name} failed, nothing written to {r.out}: {e}")
+                    continue
+                if on_done is not None:
+                    on_done(r.exporter.name, manifests[r.exporter.name])
+    finally:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()           # every target failed: not even the folder is left
     if failed:
         done = f"; written: {', '.join(str(out / name) for name in manifests)}" if manifests else ""
         raise ParityError("; ".join(failed) + done)

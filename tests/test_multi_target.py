@@ -134,3 +134,16 @@ def test_failed_target_leaves_nothing_and_the_others_stay(tmp_path, tiny, capsys
     assert sorted(p.name for p in out.iterdir()) == ["onnx"]          # no gguf folder, no temporary
     m = manifest(out / "onnx")         # written after the failed one, with its full check
     assert m["parity"]["greedy_match"] == m["parity"]["greedy_total"] == 64
+
+
+def test_every_target_failing_leaves_not_even_the_folder(tmp_path, tiny, capsys, monkeypatch):
+    import converters.parity as parity
+    from d2m_export.errors import ParityError
+
+    def fail(exporter, *args, **kwargs):
+        raise ParityError(f"{exporter.name}: forced")
+
+    monkeypatch.setattr(parity, "check_parity", fail)
+    code, _, err = run_cli(capsys, "--target", "onnx,gguf", "--model", tiny, "--out", tmp_path / "out")
+    assert code == 1 and "--target onnx failed" in err and "--target gguf failed" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
