@@ -223,11 +223,12 @@ def _model_key(model_dir: Path) -> tuple:
                                if f.is_file() and f.suffix in (".json", ".safetensors", ".bin")))
 
 
-def reference(model_dir: Path, prompts: tuple[str, ...], new_tokens: int, context: int | None) -> tuple:
+def reference(model_dir: Path, prompts: tuple[str, ...], new_tokens: int, context: int | None,
+              loaded: tuple | None = None) -> tuple:
     """(config, encoded prompts, their greedy references, the fixed text's references for an export of
     `context` positions (None: room for the prompts' continuations), shared): from the run's cache where an
     earlier check computed them (`shared` is then True), else computed now from the model in fp32 (and
-    kept, inside `shared_reference()`)."""
+    kept, inside `shared_reference()`): `loaded` (model, tokenizer) where the caller holds it, else loaded."""
     from d2m_export.lazy_weights import release_memory
     from d2m_export.models import load_fp32_compute
 
@@ -241,7 +242,7 @@ def reference(model_dir: Path, prompts: tuple[str, ...], new_tokens: int, contex
 
     shared = greedy_key in cache and text_key()[0] in cache
     if not shared:
-        model, tokenizer, _ = load_fp32_compute(model_dir)
+        model, tokenizer = loaded or load_fp32_compute(model_dir)[:2]
         cache[(key, "config")] = model.config
         if greedy_key not in cache:
             encoded = [tokenizer(p)["input_ids"] for p in prompts]
