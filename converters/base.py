@@ -13,10 +13,12 @@ import json
 import pkgutil
 import shutil
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from d2m_export.errors import UserError
+from d2m_export.errors import ParityError, UserError
 from d2m_export.sources.lazy_weights import release_memory
 from d2m_export.sources.models import model_label, read_config, read_record, resolve_model
 from d2m_export.outputs import GENERATOR, atomic_dir, check_output_dir, file_checksums
@@ -129,6 +131,9 @@ class Exporter:
         """The manifest's `verification` (what was and was not checked), for targets that need one."""
         return None
 
+    def forget(self, export_dir: Path) -> None:
+        """Drop what `export` kept for the parity check of `export_dir` (the check was skipped: --no-parity)."""
+
 
 def _import(module: str) -> str | None:
     """Import an exporter module (registering it); return why not, if it cannot be imported."""
@@ -192,53 +197,215 @@ def path_bytes(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def export(target: str, model_spec, quant: str | None, out: Path, threads: int | None = None,
-           new_tokens: int = 32, options: dict | None = None) -> dict:
-    """Export `model_spec` for `target` at `quant` into `out`, checked against transformers."""
+# --- per-phase timings ---------------------------------------------------------------------------------
+
+_TIMINGS: dict | None = None     # the phases of the export running now, in seconds
+
+
+@contextmanager
+def phase(name: str):
+    """Time a phase of the running export into its manifest's `timings_s` (a phase met twice adds up);
+    outside an export it only runs the block. Exporters may time their own parts (load, convert,
+    quantize, write) with it."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if _TIMINGS is not None:
+            _TIMINGS[name] = _TIMINGS.get(name, 0.0) + time.perf_counter() - t0
+
+
+@contextmanager
+def _timing(timings: dict):
+    global _TIMINGS
+    outer, _TIMINGS = _TIMINGS, timings
+    try:
+        yield timings
+    finally:
+        _TIMINGS = outer
+
+
+# --- the export ---------------------------------------------------------------------------------------
+
+@dataclass
+class _Request:
+    """One target's export, checked: its exporter, quant, options and output folder."""
+    exporter: Exporter
+    quant: str
+    options: dict
+    out: Path
+
+
+@dataclass
+class _Source:
+    """What every target of a run shares: the model resolved, its config and its d2m_plan.json record."""
+    spec: object
+    model_dir: Path
+    config: dict
+    base_model: str | None
+    plan: dict | None
+    prepare_s: float = 0.0
+
+
+def _request(target: str, quant: str | None, options: dict | None, out: Path, others: bool = False) -> _Request:
+    """`target` at `quant` (None: its default) with `options`; with `others`, options this target does not
+    take are left to the run's other targets instead of refused."""
     exporter = get_target(target)
     quant = check_quant(exporter, quant)
     options = {k: v for k, v in (options or {}).items() if v is not None}
-    for key in options:
+    for key in list(options):
         if key not in exporter.options:
-            raise UserError(f"--{key.replace('_', '-')} is not used by --target {exporter.name}")
-    out = Path(out)
+            if not others:
+                raise UserError(f"--{key.replace('_', '-')} is not used by --target {exporter.name}")
+            del options[key]
+    return _Request(exporter, quant, options, Path(out))
+
+
+def _source(model_spec, out: Path) -> _Source:
     model_dir = resolve_model(model_spec)
-    src, dst = Path(model_dir).resolve(), out.resolve()
+    src, dst = Path(model_dir).resolve(), Path(out).resolve()
     if src == dst or src in dst.parents or dst in src.parents:
         raise UserError(f"--out {out} would overwrite the model it exports ({model_dir}); pick a directory beside it")
-    check_output_dir(out)
-    if not (Path(model_dir) / "tokenizer.json").is_file():
-        raise UserError(f"{model_dir} has no tokenizer.json; the export needs the model's (fast) tokenizer")
-    config = read_config(model_dir)
-    options = exporter.check_options(config, options)
+    return _Source(model_spec, model_dir, {}, None, None)
+
+
+def _check(request: _Request, source: _Source) -> None:
+    """Everything about one target that can be refused before anything is written."""
     from d2m_export.sources.memory import check_memory
-    check_memory(model_dir, f"export --target {exporter.name} --quant {quant}", *exporter.memory_need(model_dir, quant))
-    base_model, plan = model_record(model_dir)
+
+    exporter, model_dir = request.exporter, source.model_dir
+    request.options = exporter.check_options(source.config, request.options)
+    check_memory(model_dir, f"export --target {exporter.name} --quant {request.quant}",
+                 *exporter.memory_need(model_dir, request.quant))
+
+
+def _read_source(source: _Source) -> None:
+    if not (Path(source.model_dir) / "tokenizer.json").is_file():
+        raise UserError(f"{source.model_dir} has no tokenizer.json; the export needs the model's (fast) tokenizer")
+    source.config = read_config(source.model_dir)
+    source.base_model, source.plan = model_record(source.model_dir)
+
+
+def export(target: str, model_spec, quant: str | None, out: Path, threads: int | None = None,
+           new_tokens: int = 32, options: dict | None = None, parity: bool = True) -> dict:
+    """Export `model_spec` for `target` at `quant` into `out`, checked against transformers (unless
+    `parity` is False: then the manifest records `"parity": null, "parity_skipped": true`)."""
+    t0 = time.perf_counter()
+    request = _request(target, quant, options, out)
+    source = _source(model_spec, out)
+    check_output_dir(request.out)
+    _read_source(source)
+    _check(request, source)
+    source.prepare_s = time.perf_counter() - t0
+    return _run(request, source, threads, new_tokens, parity)
+
+
+def export_many(targets: list[str], model_spec, quants, out: Path, threads: int | None = None,
+                new_tokens: int = 32, options: dict | None = None, parity: bool = True,
+                on_done=None) -> dict[str, dict]:
+    """Export `model_spec` for each of `targets` into `out`/<target>/, each a complete export (its own
+    manifest.json and parity record), sharing the model's resolution and config and the parity reference
+    (computed once, `converters.parity.shared_reference`). `quants`: None (each target's default), one quant
+    every target takes, or one per target (a list, or comma-separated; an empty entry is the default).
+    `options` go to the targets that take them (an option no target takes is refused). Everything is
+    checked before anything is written. A target that fails its parity check leaves nothing and the run
+    goes on; the others stay, and a ParityError naming the failed targets is raised at the end.
+    `on_done(name, manifest)` is called as each target is written. Returns {target: manifest}."""
+    from converters.parity import shared_reference
+
+    t0 = time.perf_counter()
+    if isinstance(targets, str):
+        targets = targets.split(",")
+    targets = [t.strip() for t in targets]
+    if not targets or not all(targets):
+        raise UserError("--target takes target names separated by commas, e.g. onnx,gguf")
+    if len(set(targets)) != len(targets):
+        raise UserError(f"--target {','.join(targets)} names a target twice")
+    if quants is None or isinstance(quants, str):
+        quants = (quants or "").split(",")
+    quants = [(q or "").strip() or None for q in quants]
+    if len(quants) == 1:
+        quants = quants * len(targets)
+    if len(quants) != len(targets):
+        raise UserError(f"--quant takes one quant for every target, or one per target ({len(targets)}, comma-"
+                        f"separated, in --target's order), not {len(quants)}")
+    out = Path(out)
+    requests = [_request(t, q, options, out / t, others=True) for t, q in zip(targets, quants)]
+    for key, value in (options or {}).items():
+        if value is not None and not any(key in r.options for r in requests):
+            raise UserError(f"--{key.replace('_', '-')} is not used by any of --target {','.join(targets)}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is a file; several targets are written to a directory")
+    if (out / MANIFEST).exists():
+        raise UserError(f"--out {out} holds an export of its own; several targets go to a new directory "
+                        "(one folder per target)")
+    source = _source(model_spec, out)
+    for r in requests:
+        check_output_dir(r.out)
+    _read_source(source)
+    for r in requests:
+        _check(r, source)
+    source.prepare_s = time.perf_counter() - t0
+    manifests, failed, made = {}, [], not out.exists()
+    try:
+        with shared_reference():
+            for r in requests:
+                try:
+                    manifests[r.exporter.name] = _run(r, source, threads, new_tokens, parity)
+                except ParityError as e:
+                    failed.append(f"--target {r.exporter.name} failed, nothing written to {r.out}: {e}")
+                    continue
+                if on_done is not None:
+                    on_done(r.exporter.name, manifests[r.exporter.name])
+    finally:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()           # every target failed: not even the folder is left
+    if failed:
+        done = f"; written: {', '.join(str(out / name) for name in manifests)}" if manifests else ""
+        raise ParityError("; ".join(failed) + done)
+    return manifests
+
+
+def _run(request: _Request, source: _Source, threads: int | None, new_tokens: int, parity: bool) -> dict:
+    """Write one checked request atomically: the artifact, tokenizer, parity check and manifest."""
+    exporter, quant, out, model_dir = request.exporter, request.quant, request.out, source.model_dir
+    timings = {"prepare": source.prepare_s}
     t0 = time.time()
-    with atomic_dir(out) as tmp:
-        files = exporter.export(model_dir, quant, tmp, **options)
-        details = exporter.details(tmp, files)
-        manifest = {
-            "target": exporter.name, "files": files, "model": model_label(model_spec),
-            "base_model": base_model or model_label(model_spec), "plan": plan, "quant": quant,
-            # what the export holds: its KV cache / position table where it has one, else the model's
-            "context_length": details.get("max_seq_len") or details.get("max_positions")
-                              or config.get("max_position_embeddings"),
-            "tokenizer": copy_tokenizer(model_dir, tmp),
-            "sizes_mb": {f: round(path_bytes(tmp / f) / 2**20, 2) for f in files},
-            exporter.name: details,
-            "parity": None,
-        }
-        if (tmp / "config.json").is_file():
-            exporter.adapt_config(tmp)
-        _write_manifest(tmp, manifest)           # the runner reads it to load the export
+    start = time.perf_counter()
+    with atomic_dir(out) as tmp, _timing(timings):
+        with phase("export"):
+            files = exporter.export(model_dir, quant, tmp, **request.options)
+        with phase("manifest"):
+            details = exporter.details(tmp, files)
+            manifest = {
+                "target": exporter.name, "files": files, "model": model_label(source.spec),
+                "base_model": source.base_model or model_label(source.spec), "plan": source.plan, "quant": quant,
+                # what the export holds: its KV cache / position table where it has one, else the model's
+                "context_length": details.get("max_seq_len") or details.get("max_positions")
+                                  or source.config.get("max_position_embeddings"),
+                "tokenizer": copy_tokenizer(model_dir, tmp),
+                "sizes_mb": {f: round(path_bytes(tmp / f) / 2**20, 2) for f in files},
+                exporter.name: details,
+                "parity": None,
+                "parity_skipped": not parity,
+            }
+            if (tmp / "config.json").is_file():
+                exporter.adapt_config(tmp)
+            _write_manifest(tmp, manifest)           # the runner reads it to load the export
         export_s = time.time() - t0
-        release_memory()          # the export's model (reference cycles hold it) before the reference loads
-        manifest["parity"] = exporter.parity(model_dir, tmp, quant, threads=threads, new_tokens=new_tokens)
-        if (verification := exporter.verification(tmp, manifest)) is not None:
-            manifest["verification"] = verification
+        if parity:
+            release_memory()      # the export's model (reference cycles hold it) before the reference loads
+            with phase("parity"):
+                manifest["parity"] = exporter.parity(model_dir, tmp, quant, threads=threads, new_tokens=new_tokens)
+            if (verification := exporter.verification(tmp, manifest)) is not None:
+                manifest["verification"] = verification
+        else:
+            exporter.forget(tmp)
         manifest["wall_s"] = {"export": round(export_s, 1), "parity": round(time.time() - t0 - export_s, 1)}
-        # runners check these before a runtime parses the files (a damaged file can crash a native parser)
-        manifest["checksums"] = file_checksums(tmp, skip=(MANIFEST,))
+        with phase("checksums"):
+            # runners check these before a runtime parses the files (a damaged file can crash a native parser)
+            manifest["checksums"] = file_checksums(tmp, skip=(MANIFEST,))
+        manifest["timings_s"] = {k: round(v, 3) for k, v in {**timings, "total": source.prepare_s + time.perf_counter()
+                                                               - start}.items()}
         _write_manifest(tmp, manifest)
     return manifest

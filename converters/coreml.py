@@ -211,22 +211,24 @@ class CoreMLExporter(Exporter):
         if run is None:
             raise RuntimeError("CoreMLExporter.parity needs the export made by export() in this process")
         try:
-            return self._parity(run, export_dir, quant, new_tokens)
+            return self._parity(run, model_dir, export_dir, quant, new_tokens)
         except BaseException:
             self._runs.pop(str(export_dir), None)
             raise
 
-    def _parity(self, run: Run, export_dir: Path, quant: str, new_tokens: int) -> dict:
+    def _parity(self, run: Run, model_dir: Path, export_dir: Path, quant: str, new_tokens: int) -> dict:
         import torch
 
         from converters.coreml_module import TorchRunner
         from converters.coreml_program import stored_weights
-        from converters.parity import PROMPTS, reference_greedy, reference_text, score_text, text_gate_failure
+        from converters.base import phase
+        from converters.parity import PROMPTS, reference, score_text, text_gate_failure
 
         encoded = [run.tokenizer(p)["input_ids"] for p in PROMPTS]
         new_tokens = min(new_tokens, run.max_seq_len - max(len(ids) for ids in encoded))
-        refs = [reference_greedy(run.model, ids, new_tokens) for ids in encoded]
-        text_refs = reference_text(run.model, run.tokenizer, run.max_seq_len)
+        with phase("parity_reference"):      # shared with the run's other targets (converters.parity)
+            _, encoded, refs, text_refs, shared = reference(model_dir, PROMPTS, new_tokens, run.max_seq_len,
+                                                            loaded=(run.model, run.tokenizer))
 
         traced = TorchRunner(run.traced, run.max_seq_len, run.lowered.reset)
         result = compare(traced, encoded, refs, texts=PROMPTS)
@@ -236,7 +238,8 @@ class CoreMLExporter(Exporter):
         parity = {"checked_on": "pytorch-lowered-module",
                   "module": "the traced LoweredDecoder (the TorchScript graph converted to Core ML), fp32",
                   "reference": "transformers fp32, greedy", "kv_cache": "f32",
-                  "tolerance": {"max_abs_logit_err": max_err, "min_greedy_fraction": min_frac}, **result}
+                  "tolerance": {"max_abs_logit_err": max_err, "min_greedy_fraction": min_frac}, **result,
+                  "reference_shared": shared}
         if not (result["max_abs_logit_err"] <= max_err and result["greedy_match"] >= min_frac * result["greedy_total"]
                 and result["free_running_greedy_identical"]):
             raise ParityError(f"coreml: the lowered PyTorch module (fp32) matches {result['greedy_match']}/"
@@ -265,6 +268,9 @@ class CoreMLExporter(Exporter):
         run.lowered.half()
         run.checks["fp16_compute_proxy"] = {**compare(eager, encoded, refs), "compute": "fp16 (PyTorch CPU)"}
         return parity
+
+    def forget(self, export_dir: Path) -> None:
+        self._runs.pop(str(export_dir), None)
 
     def verification(self, export_dir: Path, manifest: dict) -> dict:
         run = self._runs.pop(str(export_dir))

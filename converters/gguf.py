@@ -59,7 +59,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from converters.base import Exporter, exact, lossy, register_target
+from converters.base import Exporter, exact, lossy, phase, register_target
 from converters.gguf_vocab import add_vocab
 from d2m_export.errors import UserError
 from d2m_export.sources.models import read_config
@@ -427,7 +427,8 @@ class GGUFExporter(Exporter):
             raise UserError("Qwen2 models with use_sliding_window are not supported by the gguf target yet")
         from d2m_export.sources.lazy_weights import Float32Shapes
 
-        state, cfg = load_state(model_dir)
+        with phase("load"):
+            state, cfg = load_state(model_dir)
         arch = ARCHS[model_type]
         filename = f"model-{quant}.gguf"
         written = "model-f32.source.gguf" if quant in K_QUANTS else filename
@@ -450,12 +451,14 @@ class GGUFExporter(Exporter):
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for (name, data), qtype in zip(all_tensors(state, cfg, arch), qtypes):
-            writer.write_tensor_data(quantize_in_rows(np.ascontiguousarray(data, dtype=np.float32), qtype))
-        writer.close()
+        with phase("convert"):    # streamed: each tensor made, quantized (but k-quants) and written in turn
+            for (name, data), qtype in zip(all_tensors(state, cfg, arch), qtypes):
+                writer.write_tensor_data(quantize_in_rows(np.ascontiguousarray(data, dtype=np.float32), qtype))
+            writer.close()
         del state
         if quant in K_QUANTS:
-            llama_quantize(Path(out_tmp) / written, Path(out_tmp) / filename, K_QUANTS[quant])
+            with phase("quantize"):
+                llama_quantize(Path(out_tmp) / written, Path(out_tmp) / filename, K_QUANTS[quant])
             types, deviations = tensor_types(Path(out_tmp) / filename), []
         self._written[str(Path(out_tmp) / filename)] = {
             "quantized_by": "llama.cpp's quantizer, from f32" if quant in K_QUANTS else "d2m-export (gguf-py)",

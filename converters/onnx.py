@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 
-from converters.base import Exporter, exact, lossy, register_target
+from converters.base import Exporter, exact, lossy, phase, register_target
 from converters.onnx_genai import write_genai_config
 from d2m_export.errors import UserError
 from d2m_export.sources.models import read_config
@@ -69,9 +69,10 @@ class OnnxExporter(Exporter):
                                 data)
         finally:
             data.close()
-        onnx.save_model(proto, out_tmp / GRAPH_FILE)        # its weights are in DATA_FILE already
-        onnx.checker.check_model(str(out_tmp / GRAPH_FILE))
-        genai = write_genai_config(out_tmp, model_dir, GRAPH_FILE, self.details(out_tmp, [GRAPH_FILE]))
+        with phase("write"):
+            onnx.save_model(proto, out_tmp / GRAPH_FILE)        # its weights are in DATA_FILE already
+            onnx.checker.check_model(str(out_tmp / GRAPH_FILE))
+            genai = write_genai_config(out_tmp, model_dir, GRAPH_FILE, self.details(out_tmp, [GRAPH_FILE]))
         return [GRAPH_FILE, DATA_FILE, genai]
 
     def check_options(self, config: dict, options: dict) -> dict:
@@ -140,7 +141,8 @@ def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe
     from converters.onnx_ops import Graph, Linears
     from converters.onnx_quant import quantized_linears
 
-    model, _, _ = load_model(model_dir)       # any load failure is a one-line UserError
+    with phase("load"):
+        model, _, _ = load_model(model_dir)       # any load failure is a one-line UserError
     config = model.config
     spec = spec_of(config, max_positions=min(int(config.max_position_embeddings), max_seq_len or MAX_POSITIONS))
     rotary = rotary_tables_by_type(model, spec)
@@ -150,7 +152,8 @@ def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe
     lin = Linears(g) if quant == "fp32" else quantized_linears(g, quant, head_bits)
     if moe_lowering == "dense" and quant != "fp32":
         raise UserError("--moe-lowering dense is offered at fp32 only (it is there for comparison)")
-    proto = build_graph(spec, sd, rotary, lin, tied=tied, moe_lowering=moe_lowering)
+    with phase("convert"):        # int8/int4 weights are quantized here, as the graph takes them
+        proto = build_graph(spec, sd, rotary, lin, tied=tied, moe_lowering=moe_lowering)
     onnx.helper.set_model_props(proto, {"max_positions": str(spec.max_positions), "weights": lin.describe()["weights"],
                                         "model_type": config.model_type, "moe_lowering": moe_lowering})
     return proto

@@ -16,9 +16,16 @@ like for like and one divergence does not cascade):
   logits are often nearly tied, so its agreement measures the model's fragility as much as the
   export; natural text and the KL do not depend on where the ties fall, and a broken export (an expert
   lost, scales wrong) moves them far beyond what quantization does.
+
+The reference (transformers in fp32 on every prompt and window) is the check's costly half at 1B-3B. Inside
+`shared_reference()` (one model exported to several targets in one run) it is computed once per model and
+kept for the run: the prompts' greedy continuations per (prompts, new tokens), the fixed text's logits per
+window size (the windows depend on the export's context: `window_size`). Every target of the run is checked
+against the same figures; the parity record says `reference_shared: true` where it reused them.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -95,9 +102,14 @@ def runtime_forced(runner, prompt_ids: list[int], tokens: list[int]) -> np.ndarr
 
 # --- the fixed text ---------------------------------------------------------------------------------
 
+def window_size(context: int) -> int:
+    """The longest fixed-text window an export of `context` positions is checked on."""
+    return max(TEXT_PREFILL + 1, min(TEXT_WINDOW, int(context)))
+
+
 def text_windows(ids: list[int], context: int) -> list[list[int]]:
     """`ids` cut into windows of near-equal length that each fit `context` (and TEXT_WINDOW) tokens."""
-    size = max(TEXT_PREFILL + 1, min(TEXT_WINDOW, int(context)))
+    size = window_size(context)
     count = -(-len(ids) // size)
     bounds = np.linspace(0, len(ids), count + 1).round().astype(int)
     return [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
@@ -186,6 +198,62 @@ def text_gate_failure(text: dict, tol) -> str | None:
     return f"on the fixed text ({text['positions']} positions): " + ", ".join(problems)
 
 
+# --- the reference, shared by the targets of one run ----------------------------------------------------
+
+_SHARED: dict | None = None      # the run's references while `shared_reference()` is open
+
+
+@contextmanager
+def shared_reference():
+    """Within it, each model's reference is computed once and reused by every parity check (nested: one)."""
+    global _SHARED
+    outer = _SHARED
+    if outer is None:
+        _SHARED = {}
+    try:
+        yield
+    finally:
+        _SHARED = outer
+
+
+def _model_key(model_dir: Path) -> tuple:
+    """A model folder and what its files are now (a folder rewritten in the run is another model)."""
+    folder = Path(model_dir).resolve()
+    return (str(folder), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir())
+                               if f.is_file() and f.suffix in (".json", ".safetensors", ".bin")))
+
+
+def reference(model_dir: Path, prompts: tuple[str, ...], new_tokens: int, context: int | None,
+              loaded: tuple | None = None) -> tuple:
+    """(config, encoded prompts, their greedy references, the fixed text's references for an export of
+    `context` positions (None: room for the prompts' continuations), shared): from the run's cache where an
+    earlier check computed them (`shared` is then True), else computed now from the model in fp32 (and
+    kept, inside `shared_reference()`): `loaded` (model, tokenizer) where the caller holds it, else loaded."""
+    from d2m_export.sources.lazy_weights import release_memory
+    from d2m_export.sources.models import load_fp32_compute
+
+    cache = _SHARED if _SHARED is not None else {}
+    key = _model_key(model_dir)
+    greedy_key = (key, "greedy", tuple(prompts), int(new_tokens))
+
+    def text_key():
+        n = context if context is not None else max(len(ids) for ids in cache[greedy_key][0]) + new_tokens + 8
+        return (key, "text", window_size(n)), n
+
+    shared = greedy_key in cache and text_key()[0] in cache
+    if not shared:
+        model, tokenizer = loaded or load_fp32_compute(model_dir)[:2]
+        cache[(key, "config")] = model.config
+        if greedy_key not in cache:
+            encoded = [tokenizer(p)["input_ids"] for p in prompts]
+            cache[greedy_key] = (encoded, [reference_greedy(model, ids, new_tokens) for ids in encoded])
+        if (k := text_key())[0] not in cache:
+            cache[k[0]] = reference_text(model, tokenizer, k[1])
+        del model
+        release_memory()          # the reference, before the runtime maps the export
+    return (cache[(key, "config")], *cache[greedy_key], cache[text_key()[0]], shared)
+
+
 # --- the check --------------------------------------------------------------------------------------
 
 def _scores_in(runner_cls, export_dir: Path, threads: int, n_ctx: int, encoded, references, text_refs) -> tuple:
@@ -213,20 +281,26 @@ def check_parity(exporter, model_dir: Path, export_dir: Path, quant: str, thread
                  new_tokens: int = 32, prompts: tuple[str, ...] = PROMPTS, runtimes: tuple[str, ...] = ()) -> dict:
     """The export against transformers in the target's own runtime and in each of `runtimes` (other
     runtimes that run this target's files, e.g. onnxruntime-genai): every one must pass."""
-    from d2m_export.sources.lazy_weights import release_memory
-    from d2m_export.sources.models import load_fp32_compute
-    from runtimes.base import read_manifest, runner_class
+    from converters.base import phase
+    from runtimes.base import read_manifest
 
-    model, tokenizer, _ = load_fp32_compute(model_dir)
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
-    n_ctx = max(len(ids) for ids in encoded) + new_tokens + 8
-    context = int(read_manifest(export_dir).get("context_length") or n_ctx)
-    references = [reference_greedy(model, ids, new_tokens) for ids in encoded]
-    text_refs = reference_text(model, tokenizer, context)
-    n_ctx = max(n_ctx, max(len(w) for w, _ in text_refs))
-    tol = exporter.tolerance(quant, model.config)
-    del model
-    release_memory()          # the reference, before the runtime maps the export
+    context = read_manifest(export_dir).get("context_length") or None
+    with phase("parity_reference"):
+        config, encoded, references, text_refs, shared = reference(model_dir, prompts, new_tokens,
+                                                                   None if context is None else int(context))
+    n_ctx = max(max(len(ids) for ids in encoded) + new_tokens + 8, max(len(w) for w, _ in text_refs))
+    tol = exporter.tolerance(quant, config)
+    with phase("runtime_check"):
+        result = _check_runtimes(exporter, export_dir, quant, threads, n_ctx, prompts, encoded, references,
+                                 text_refs, tol, runtimes)
+    result["reference_shared"] = shared
+    return result
+
+
+def _check_runtimes(exporter, export_dir, quant, threads, n_ctx, prompts, encoded, references, text_refs, tol,
+                    runtimes) -> dict:
+    from runtimes.base import runner_class
+
     result = None
     for runtime in (None, *runtimes):
         # one thread by default: exact either way, and immune to oversubscribed cores, where waiting

@@ -39,7 +39,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Union
 
-__all__ = ["Analysis", "Benchmark", "Checkpoint", "Evaluation", "Export", "DEFAULT_TASKS", "analyze", "bench",
+__all__ = ["Analysis", "Benchmark", "Checkpoint", "Evaluation", "Export", "Exports", "DEFAULT_TASKS", "analyze", "bench",
            "convert", "evaluate", "export", "heal", "train"]
 
 PathLike = Union[str, os.PathLike]
@@ -96,6 +96,23 @@ class Export(_HandOff):
 
     def __fspath__(self) -> str:
         return str(self.dir)
+
+
+@dataclass(frozen=True)
+class Exports(_HandOff):
+    """Several targets' exports of one model, written by `export` with a list of targets: the folder (`dir`,
+    also its path) holding one folder per target, and each target's `Export` (`exports["onnx"]`, ...)."""
+    dir: Path
+    exports: dict
+
+    def __fspath__(self) -> str:
+        return str(self.dir)
+
+    def __getitem__(self, target: str) -> Export:
+        return self.exports[target]
+
+    def to_dict(self) -> dict:
+        return {"dir": str(self.dir), "exports": {k: v.to_dict() for k, v in self.exports.items()}}
 
 
 @dataclass(frozen=True)
@@ -249,16 +266,29 @@ def evaluate(model: ModelSpec, out: PathLike | None = None, *, tasks: list[str] 
     return Evaluation(result, _path(out))
 
 
-def export(model: ModelSpec, out: PathLike, target: str, quant: str | None = None, *, threads: int | None = None,
-           max_seq_len: int | None = None, moe_lowering: str | None = None, head_bits: int | None = None) -> Export:
+def export(model: ModelSpec, out: PathLike, target: str | list[str], quant: str | list[str] | None = None, *,
+           threads: int | None = None, max_seq_len: int | None = None, moe_lowering: str | None = None,
+           head_bits: int | None = None, parity: bool = True) -> Export | Exports:
     """`d2m-export --target TARGET`: export `model` (a folder, a `Checkpoint`, ...) for `target` (gguf, onnx,
     coreml, executorch) at `quant` (None: the target's default) into `out`, checked against transformers
-    (`threads`: the parity run's). `max_seq_len`, `moe_lowering`, `head_bits`: the targets' options
-    (None: their defaults; a target refuses one it does not use)."""
-    from converters.base import MANIFEST, export as export_model
+    (`threads`: the parity run's; `parity=False` skips the check, `--no-parity`, and the manifest records
+    `"parity": null, "parity_skipped": true`). `max_seq_len`, `moe_lowering`, `head_bits`: the targets'
+    options (None: their defaults; a target refuses one it does not use).
 
-    export_model(target, _model(model), quant, Path(out), threads=threads,
-                 options={"max_seq_len": max_seq_len, "moe_lowering": moe_lowering, "head_bits": head_bits})
+    Several targets (a list, or names separated by commas: `--target onnx,gguf`) export one model into
+    `out`/<target>/ each, sharing the model's resolution and the parity reference (computed once); `quant`
+    is then None (each target's default), one quant all of them take, or one per target (a list, or
+    comma-separated, in the targets' order); options go to the targets that take them. Returns `Exports`.
+    A target failing its parity check leaves no folder; the others are written, then ParityError is raised."""
+    from converters.base import MANIFEST, export as export_model, export_many
+
+    options = {"max_seq_len": max_seq_len, "moe_lowering": moe_lowering, "head_bits": head_bits}
+    if isinstance(target, (list, tuple)) or "," in target:
+        manifests = export_many(target, _model(model), quant, Path(out), threads=threads, options=options,
+                                parity=parity)
+        return Exports(Path(out), {name: Export(Path(out) / name, json.loads((Path(out) / name / MANIFEST).read_text()))
+                                   for name in manifests})
+    export_model(target, _model(model), quant, Path(out), threads=threads, options=options, parity=parity)
     return Export(Path(out), json.loads((Path(out) / MANIFEST).read_text()))
 
 

@@ -8,23 +8,42 @@ from d2m_export.errors import UserError
 
 
 def cmd_export(args) -> int:
-    from d2m_export.api import export
-
     if not args.export_out:
         raise UserError("--target needs --out DIR")
-    manifest = export(args.export_model, Path(args.export_out), args.export_target, args.export_quant,
-                      threads=args.export_threads, max_seq_len=args.export_max_seq_len,
-                      moe_lowering=args.export_moe_lowering, head_bits=args.export_head_bits).manifest
+    options = {"max_seq_len": args.export_max_seq_len, "moe_lowering": args.export_moe_lowering,
+               "head_bits": args.export_head_bits}
+    if "," not in args.export_target:
+        from d2m_export.api import export
+
+        manifest = export(args.export_model, Path(args.export_out), args.export_target, args.export_quant,
+                          threads=args.export_threads, parity=not args.export_no_parity, **options).manifest
+        print_export(manifest, args.export_out)
+        return 0
+    from converters.base import export_many
+
+    # several targets: each reported as it is written (a later one may still fail)
+    export_many(args.export_target, args.export_model, args.export_quant, Path(args.export_out),
+                threads=args.export_threads, options=options, parity=not args.export_no_parity,
+                on_done=lambda name, manifest: print_export(manifest, Path(args.export_out) / name))
+    return 0
+
+
+def print_export(manifest: dict, out) -> None:
+    """What an export wrote and how its parity check went (a warning on stderr where it was skipped)."""
     p, sizes = manifest["parity"], manifest["sizes_mb"]
     print(f"{manifest['target']} {manifest['quant']}: wrote {', '.join(f'{f} ({mb:.1f} MB)' for f, mb in sizes.items())} "
-          f"to {args.export_out}")
+          f"to {out}", flush=True)
+    if p is None:
+        print(f"d2m-export: warning: --no-parity: {out} was not checked against transformers (manifest.json: "
+              "\"parity\": null, \"parity_skipped\": true)", file=sys.stderr, flush=True)
+        return
     print(f"  parity vs transformers: greedy {p['greedy_match']}/{p['greedy_total']} tokens, "
-          f"max |logit error| {p['max_abs_logit_err']:.3g}")
+          f"max |logit error| {p['max_abs_logit_err']:.3g}" + (" (reference shared with the run's earlier target)"
+                                                                 if p.get("reference_shared") else ""))
     if text := p.get("text"):
         print(f"  fixed text ({text['positions']} positions): top-1 agreement {text['top1_agreement']:.3f} "
               f"({text['decisive_top1_agreement']} where the reference is decisive), mean KL {text['mean_kl']:.3g} "
-              f"nats, perplexity x{text['ppl_ratio']:.3f}")
-    return 0
+              f"nats, perplexity x{text['ppl_ratio']:.3f}", flush=True)
 
 
 def cmd_executorch_job(args) -> int:
