@@ -13,7 +13,6 @@ import json
 import pkgutil
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -21,6 +20,7 @@ from typing import NamedTuple
 from d2m_export.errors import ParityError, UserError
 from d2m_export.sources.lazy_weights import release_memory
 from d2m_export.sources.models import model_label, read_config, read_record, resolve_model
+from converters.phases import phase, timing  # noqa: F401  (exporters time their parts with base.phase)
 from d2m_export.outputs import GENERATOR, atomic_dir, check_output_dir, file_checksums
 
 TARGETS: dict[str, "Exporter"] = {}
@@ -197,32 +197,6 @@ def path_bytes(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-# --- per-phase timings ---------------------------------------------------------------------------------
-
-_TIMINGS: dict | None = None     # the phases of the export running now, in seconds
-
-
-@contextmanager
-def phase(name: str):
-    """Time a phase of the running export into its manifest's `timings_s` (a phase met twice adds up);
-    outside an export it only runs the block. Exporters may time their own parts (load, convert,
-    quantize, write) with it."""
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        if _TIMINGS is not None:
-            _TIMINGS[name] = _TIMINGS.get(name, 0.0) + time.perf_counter() - t0
-
-
-@contextmanager
-def _timing(timings: dict):
-    global _TIMINGS
-    outer, _TIMINGS = _TIMINGS, timings
-    try:
-        yield timings
-    finally:
-        _TIMINGS = outer
 
 
 # --- the export ---------------------------------------------------------------------------------------
@@ -372,7 +346,7 @@ def _run(request: _Request, source: _Source, threads: int | None, new_tokens: in
     timings = {"prepare": source.prepare_s}
     t0 = time.time()
     start = time.perf_counter()
-    with atomic_dir(out) as tmp, _timing(timings):
+    with atomic_dir(out) as tmp, timing(timings):
         with phase("export"):
             files = exporter.export(model_dir, quant, tmp, **request.options)
         with phase("manifest"):

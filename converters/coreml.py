@@ -221,7 +221,7 @@ class CoreMLExporter(Exporter):
 
         from converters.coreml_module import TorchRunner
         from converters.coreml_program import stored_weights
-        from converters.base import phase
+        from converters.phases import phase
         from converters.parity import PROMPTS, reference, score_text, text_gate_failure
 
         encoded = [run.tokenizer(p)["input_ids"] for p in PROMPTS]

@@ -281,7 +281,7 @@ def check_parity(exporter, model_dir: Path, export_dir: Path, quant: str, thread
                  new_tokens: int = 32, prompts: tuple[str, ...] = PROMPTS, runtimes: tuple[str, ...] = ()) -> dict:
     """The export against transformers in the target's own runtime and in each of `runtimes` (other
     runtimes that run this target's files, e.g. onnxruntime-genai): every one must pass."""
-    from converters.base import phase
+    from converters.phases import phase
     from runtimes.base import read_manifest
 
     context = read_manifest(export_dir).get("context_length") or None

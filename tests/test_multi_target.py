@@ -35,7 +35,7 @@ def count_calls(monkeypatch, module, name: str, calls: dict) -> None:
 
 def test_two_targets_in_one_run_share_one_reference(tmp_path, tiny, capsys, monkeypatch):
     import converters.parity as parity
-    from d2m_export import models
+    from d2m_export.sources import models
 
     calls: dict = {}
     count_calls(monkeypatch, models, "load_fp32_compute", calls)
@@ -83,7 +83,7 @@ def test_two_targets_in_one_run_share_one_reference(tmp_path, tiny, capsys, monk
     (["--target", "gguf,executorch", "--head-bits", "8"], ["--head-bits"]),      # no target takes it
 ])
 def test_bad_target_list_refused_before_any_work(tmp_path, tiny, capsys, monkeypatch, argv, needles):
-    from d2m_export import models
+    from d2m_export.sources import models
 
     def no_work(*args, **kwargs):
         raise AssertionError("a bad request must be refused before any work")
