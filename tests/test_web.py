@@ -125,6 +125,28 @@ def test_models_our_convert_writes_generate_the_same_tokens(capsys, converted, t
     assert got["tokens"] == hf_greedy(hf_model(converted(layout)), PROMPT, 24)
 
 
+def test_gemma3_positions_count_from_one_in_transformers_js_up_to_the_last_table_row(capsys, tokenizer_dir, tmp_path):
+    """transformers.js feeds Gemma 3 position_ids from 1; the graph subtracts 1, so a sequence fills the whole
+    rotary table (--max-seq-len 64: the 64th token, position_ids 64, reads row 63) and matches transformers."""
+    model = sensitive(tiny_dense("gemma3_text"))
+    model_dir = save_with_tokenizer(model, tmp_path / "gemma3", tokenizer_dir)
+    out = tmp_path / "web"
+    code, _, err = run_cli(capsys, "--target", "web", "--model", model_dir, "--max-seq-len", 64, "--threads", 2,
+                           "--out", out)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    exact(manifest["parity"])
+    assert manifest["web"]["max_positions"] == manifest["context_length"] == 64
+    assert any(n.op_type == "Sub" and n.input[0] == "position_ids" for n in graph_of(out).node)
+    ids = [(i * 7919) % 49000 + 10 for i in range(64)]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    from runtimes.base import load_runner
+    with load_runner(out, threads=1) as runner:
+        np.testing.assert_allclose(runner.prefill(ids[:63]), ref[62], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(runner.decode(ids[63]), ref[63], rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("variant,quant", [("llama", "q4"), ("lfuc-routed-k1-qwen3", "q4"), ("lfuc-gated-k2", "q8"),
                                            ("lfuc-routed-k1", "fp16")])
 def test_lossy_quants_pass_their_floor(capsys, models, tmp_path, variant, quant):
@@ -170,6 +192,22 @@ def test_a_quant_the_web_target_does_not_offer_exits_2_and_writes_nothing(capsys
     code, _, err = run_cli(capsys, "--target", "web", "--model", models("llama"), "--quant", quant,
                            "--out", tmp_path / "o")
     assert_user_error(code, err, f"--quant {quant!r} is not offered for --target web", "fp32, fp16, q8, q4")
+    assert not (tmp_path / "o").exists()
+
+
+def test_without_node_or_for_a_family_transformers_js_lacks_exits_2_before_exporting(capsys, models, tmp_path,
+                                                                                       monkeypatch):
+    import runtimes.transformersjs as tjs
+
+    olmoe = tmp_path / "olmoe"
+    shutil.copytree(models("llama"), olmoe)
+    config = json.loads((olmoe / "config.json").read_text())
+    (olmoe / "config.json").write_text(json.dumps({**config, "model_type": "olmoe"}))
+    code, _, err = run_cli(capsys, "--target", "web", "--model", olmoe, "--out", tmp_path / "o")
+    assert_user_error(code, err, "the web target exports llama, qwen2", "not 'olmoe'")
+    monkeypatch.setattr(tjs.shutil, "which", lambda name: None)
+    code, _, err = run_cli(capsys, "--target", "web", "--model", models("llama"), "--out", tmp_path / "o")
+    assert_user_error(code, err, "needs Node.js")
     assert not (tmp_path / "o").exists()
 
 
