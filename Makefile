@@ -27,7 +27,7 @@ WEB_STAMP = web/node_modules/.installed-$(shell cat web/package-lock.json | sha1
 $(WEB_STAMP):
 	@command -v npm >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; } || \
-	  { echo "need Node.js and npm for the web target (Debian: apt-get install nodejs npm)"; exit 2; }
+	  { echo "need Node.js 20+ and npm for the web target (Debian: apt-get install nodejs npm)"; exit 2; }
 	cd web && ONNXRUNTIME_NODE_INSTALL=skip npm ci --ignore-scripts --no-audit --no-fund
 	rm -f web/node_modules/.installed-* && touch $@
 

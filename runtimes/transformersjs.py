@@ -10,6 +10,7 @@ The npm packages come from `web/package-lock.json` (`make web` runs `npm ci`); n
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import shutil
 import subprocess
@@ -25,11 +26,26 @@ WEB_DIR = Path(__file__).resolve().parents[1] / "web"
 SCRIPT = WEB_DIR / "d2m_web.mjs"
 
 
+MIN_NODE = 20            # transformers.js 4.x's image dependency (sharp) asks for it
+
+
+@functools.lru_cache(maxsize=4)
+def _node_major(node: str) -> int | None:
+    try:
+        out = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30).stdout
+        return int(out.strip().lstrip("v").split(".")[0])
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
 def node_command() -> list[str]:
     """`node web/d2m_web.mjs`, or a one-line UserError saying what to install."""
     node = shutil.which("node")
     if node is None:
         raise UserError("the web runtime needs Node.js (node) on PATH: install Debian's nodejs and npm, then run make web")
+    major = _node_major(node)
+    if major is not None and major < MIN_NODE:
+        raise UserError(f"the web runtime needs Node.js {MIN_NODE} or newer; {node} is version {major}")
     if not (WEB_DIR / "node_modules" / "@huggingface" / "transformers").is_dir():
         raise UserError(f"transformers.js is not installed in {WEB_DIR.name}/: run make web (npm ci there)")
     return [node, str(SCRIPT)]
@@ -123,7 +139,14 @@ class TransformersJsRunner(Runner):
         return reply
 
     def close(self) -> None:
-        proc, self.proc = getattr(self, "proc", None), None
+        """Ends the Node process; its peak RSS goes into `settings["node_peak_rss_mb"]` (the runtime's memory is
+        there, not in this process, whose own peak `bench` reports)."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.settings["node_peak_rss_mb"] = round(self._call("stats")["peak_rss_mb"], 1)
+            except (UserError, OSError, ValueError):
+                pass
+        proc, self.proc = self.proc, None
         if proc is not None:
             try:
                 proc.stdin.close()

@@ -242,6 +242,12 @@ def test_runner_state_generate_and_bench_commands(capsys, models, tmp_path):
             runner.decode(10)
     with load_runner(out, threads=1, runtime="web-wasm") as runner:        # the WebAssembly build: the same logits
         np.testing.assert_allclose(runner.prefill(PROMPT), first, rtol=0, atol=1e-4)
+    code, _, err = run_cli(capsys, "bench", out, "--runtime", "web-wasm", "--prompt-tokens", 16, "--new-tokens", 8,
+                           "--repeats", 1, "--out", tmp_path / "bench.json")
+    assert code == 0, err
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["target"] == "web" and result["runtime"] == "web-wasm" and result["decode_tokens_per_s"] > 0
+    assert result["runtime_settings"]["runtime"].endswith("(wasm)") and result["runtime_settings"]["node_peak_rss_mb"] > 0
     code, stdout, err = run_cli(capsys, "generate", out, "--prompt", "Once upon a time", "--max-new-tokens", 8)
     assert code == 0 and stdout.startswith("Once upon a time"), err
     code, _, err = run_cli(capsys, "generate", out, "--runtime", "onnx", "--prompt", "Hi")

@@ -9,6 +9,7 @@
 //                                        (float32, little-endian, base64), the KV cache kept between calls
 //       {"cmd": "generate", "ids": [...], "max_new_tokens": N}               -> greedy tokens and timings
 //       {"cmd": "tokenize", "text": S}                                       -> the tokenizer's ids
+//       {"cmd": "stats"}                                                     -> this process's peak RSS (MB)
 //
 // backend "node" is transformers.js's own choice in Node (onnxruntime-node, CPU execution provider); "wasm"
 // hands it onnxruntime-web instead (the WebAssembly build browsers run), still in Node.
@@ -169,6 +170,8 @@ async function handle(req) {
         case 'generate':
             if (!state) throw new Error('load a model first');
             return await generate(req.ids, req.max_new_tokens);
+        case 'stats':
+            return { peak_rss_mb: process.resourceUsage().maxRSS / 1024 };
         case 'tokenize':
             if (!state) throw new Error('load a model first');
             return { ids: state.tokenizer.encode(req.text) };
