@@ -128,12 +128,12 @@ def graph_details(path: Path, graph: str) -> dict:
 
 
 def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe_lowering: str = "switch",
-                head_bits: int | None = None, data=None, position_offset: int = 0):
+                head_bits: int | None = None, data=None, position_offset: int = 0, logits_to_keep: bool = False):
     """The ONNX ModelProto for a Hugging Face folder, at `quant`; positions up to `max_seq_len` (default:
     the model's context, at most MAX_POSITIONS); MoE layers `switch` (an If per expert), `sparse` (one MoE/QMoE node), `gather` (routed
     in-graph, per-expert MatMuls) or `dense` (every expert, masked). Large weights go to `data` (an
     `ExternalData` file) as they are made, when given; `position_offset`: where the consumer's position_ids
-    start. The model is held in its stored dtype and each weight converted to fp32 only when the graph takes it."""
+    start; `logits_to_keep`: a `num_logits_to_keep` input (see `build_graph`). The model is held in its stored dtype and each weight converted to fp32 only when the graph takes it."""
     import onnx
 
     from d2m_export.lazy_weights import Float32Arrays
@@ -152,7 +152,8 @@ def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe
     lin = Linears(g) if quant == "fp32" else quantized_linears(g, quant, head_bits)
     if moe_lowering == "dense" and quant != "fp32":
         raise UserError("--moe-lowering dense is offered at fp32 only (it is there for comparison)")
-    proto = build_graph(spec, sd, rotary, lin, tied=tied, moe_lowering=moe_lowering, position_offset=position_offset)
+    proto = build_graph(spec, sd, rotary, lin, tied=tied, moe_lowering=moe_lowering, position_offset=position_offset,
+                        logits_to_keep=logits_to_keep)
     onnx.helper.set_model_props(proto, {"max_positions": str(spec.max_positions), "weights": lin.describe()["weights"],
                                         "model_type": config.model_type, "moe_lowering": moe_lowering})
     return proto

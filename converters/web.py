@@ -11,8 +11,9 @@ Layout, as transformers.js looks for it (`from_pretrained(folder, {local_files_o
                                  holds each file in one buffer); the location stored in the graph is the file's name
 
 The graph is the onnx target's (`converters.onnx_graph`), with the interface transformers.js feeds:
-`input_ids`, `attention_mask`, `position_ids`, `past_key_values.N.key/value` -> `logits`,
-`present.N.key/value`. GroupQueryAttention appends each step's keys and values to the past it is given, so
+`input_ids`, `attention_mask`, `position_ids`, `past_key_values.N.key/value`, `num_logits_to_keep` -> `logits`,
+`present.N.key/value` (`generate()` feeds num_logits_to_keep 1: a prompt's LM head runs on its last position
+only, so a long prompt never holds [prompt, vocab] logits in WebAssembly's memory). GroupQueryAttention appends each step's keys and values to the past it is given, so
 the cache grows by the step's length (transformers.js reads the past length from dims[-2]); its first,
 empty past takes the declared head size. MoE layers route in plain ONNX (`gather`: ArgMax or TopK, then
 each expert's own MatMuls on the rows that chose it), which is exact on every execution provider; WebGPU
@@ -93,7 +94,8 @@ class WebExporter(Exporter):
         data = ExternalData(out_tmp / f"{graph}_data", chunk_bytes=CHUNK_BYTES)
         try:
             proto = build_model(model_dir, QUANTS[quant][1], max_seq_len, "gather", None, data,
-                                position_offset=POSITION_START.get(read_config(model_dir).get("model_type"), 0))
+                                position_offset=POSITION_START.get(read_config(model_dir).get("model_type"), 0),
+                                logits_to_keep=True)
         finally:
             data.close()
         onnx.save_model(proto, out_tmp / graph)            # its weights are in the data files already

@@ -74,7 +74,8 @@ def check_layout(out, manifest, quant):
     names = [i.name for i in graph.input]
     layers = manifest["web"]["num_layers"]
     assert names == ["input_ids", "attention_mask", "position_ids",
-                     *(f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value"))]
+                     *(f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")),
+                     "num_logits_to_keep"]      # generate() feeds 1: a prompt's LM head on its last position only
     assert [o.name for o in graph.output] == ["logits", *(f"present.{i}.{kv}" for i in range(layers)
                                                           for kv in ("key", "value"))]
     # the KV cache grows: past and present have symbolic sequence lengths
@@ -167,6 +168,22 @@ def test_lossy_quants_pass_their_floor(capsys, models, tmp_path, variant, quant)
         assert "Cast" in ops and "MatMulNBits" not in ops
     got = node_generate(out, PROMPT, 16)
     assert len(got["tokens"]) == 16 and got["settings"]["dtype"] == quant
+
+
+def test_num_logits_to_keep_runs_the_lm_head_on_the_last_positions_only(capsys, models, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    out = tmp_path / "web"
+    manifest = export_with_cli(capsys, "web", models("qwen3"), out)
+    session = ort.InferenceSession(str(out / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    w = manifest["web"]
+    feed = {"input_ids": np.array([PROMPT], np.int64), "attention_mask": np.ones((1, len(PROMPT)), np.int64),
+            "position_ids": np.arange(len(PROMPT), dtype=np.int64)[None],
+            **{f"past_key_values.{i}.{kv}": np.zeros((1, w["kv_heads"], 0, w["kv_head_dim"]), np.float32)
+               for i in range(w["num_layers"]) for kv in ("key", "value")}}
+    every = session.run(["logits"], {**feed, "num_logits_to_keep": np.array(0, np.int64)})[0]
+    last2 = session.run(["logits"], {**feed, "num_logits_to_keep": np.array(2, np.int64)})[0]
+    assert every.shape[1] == len(PROMPT) and last2.shape[1] == 2
+    np.testing.assert_allclose(last2, every[:, -2:], rtol=0, atol=1e-5)
 
 
 def test_large_weights_split_into_chunks_transformers_js_loads(capsys, tmp_path, tokenizer_dir, monkeypatch):
