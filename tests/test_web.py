@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(shutil.which("node") is None or not (WEB_DIR / "
 
 DENSE = ["llama", "qwen2", "qwen3"]
 MOE = ["lfuc-routed-k1", "lfuc-gated-k2", "lfuc-routed-k1-qwen3", "lfuc-shared-k2-qwen3"]
-CONVERTED = ["lfuc", "lfuc-qwen2", "lfuc-qwen3"]      # `convert`'s defaults on each base (tests/conftest.py)
+CONVERTED = ["lfuc", "lfuc-qwen2", "lfuc-qwen3", "prune"]   # `convert`'s defaults on each base, and pruning
 SUFFIX = {"fp32": "", "fp16": "_fp16", "q8": "_quantized", "q4": "_q4"}
 
 
@@ -120,9 +120,12 @@ def test_models_our_convert_writes_generate_the_same_tokens(capsys, converted, t
     check_layout(out, manifest, "fp32")
     exact(manifest["parity"])
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] in ("qwen2_moe", "qwen3_moe")     # transformers.js's own MoE classes load it
     got = node_generate(out, PROMPT, 24)
-    assert got["settings"]["model_class"] in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+    if layout.startswith("lfuc"):            # transformers.js's own MoE classes load it
+        assert config["model_type"] in ("qwen2_moe", "qwen3_moe")
+        assert got["settings"]["model_class"] in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+    else:                                    # fewer layers, the base's class
+        assert manifest["web"]["num_layers"] < 6 and got["settings"]["model_class"] == "LlamaForCausalLM"
     assert got["tokens"] == hf_greedy(hf_model(converted(layout)), PROMPT, 24)
 
 
