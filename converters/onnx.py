@@ -107,32 +107,38 @@ class OnnxExporter(Exporter):
             path.write_text(json.dumps(config, indent=2) + "\n")
 
     def details(self, out_tmp: Path, files: list[str]) -> dict:
-        import onnx
+        return graph_details(Path(out_tmp) / files[0], files[0])
 
-        proto = onnx.load(str(Path(out_tmp) / files[0]), load_external_data=False)
-        ops: dict[str, int] = {}
-        for node in proto.graph.node:
-            key = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
-            ops[key] = ops.get(key, 0) + 1
-        meta = {p.key: p.value for p in proto.metadata_props}
-        past = [i for i in proto.graph.input if i.name.startswith("past_key_values.")]
-        dims = [d.dim_value for d in past[0].type.tensor_type.shape.dim] if past else []
-        return {"graph": files[0], "opset": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
-                "ops": dict(sorted(ops.items())), "moe_nodes": ops.get("com.microsoft.MoE", 0) + ops.get("com.microsoft.QMoE", 0),
-                "num_layers": len(past) // 2, "kv_heads": dims[1] if dims else None,
-                "kv_head_dim": dims[3] if dims else None,
-                "max_positions": int(meta.get("max_positions", 0)) or None,
-                "moe_lowering": meta.get("moe_lowering", "sparse"),
-                "weights": meta.get("weights")}
+
+def graph_details(path: Path, graph: str) -> dict:
+    """What the manifest says about a decoder graph built here (`graph`: its name in the export), read back
+    from the file: opsets, op counts, KV cache shape, positions, MoE lowering, weight storage."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    ops: dict[str, int] = {}
+    for node in proto.graph.node:
+        key = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
+        ops[key] = ops.get(key, 0) + 1
+    meta = {p.key: p.value for p in proto.metadata_props}
+    past = [i for i in proto.graph.input if i.name.startswith("past_key_values.")]
+    dims = [d.dim_value for d in past[0].type.tensor_type.shape.dim] if past else []
+    return {"graph": graph, "opset": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
+            "ops": dict(sorted(ops.items())), "moe_nodes": ops.get("com.microsoft.MoE", 0) + ops.get("com.microsoft.QMoE", 0),
+            "num_layers": len(past) // 2, "kv_heads": dims[1] if dims else None,
+            "kv_head_dim": dims[3] if dims else None,
+            "max_positions": int(meta.get("max_positions", 0)) or None,
+            "moe_lowering": meta.get("moe_lowering", "sparse"),
+            "weights": meta.get("weights")}
 
 
 def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe_lowering: str = "switch",
-                head_bits: int | None = None, data=None):
+                head_bits: int | None = None, data=None, position_offset: int = 0, logits_to_keep: bool = False):
     """The ONNX ModelProto for a Hugging Face folder, at `quant`; positions up to `max_seq_len` (default:
     the model's context, at most MAX_POSITIONS); MoE layers `switch` (an If per expert), `sparse` (one MoE/QMoE node), `gather` (routed
     in-graph, per-expert MatMuls) or `dense` (every expert, masked). Large weights go to `data` (an
-    `ExternalData` file) as they are made, when given. The model is held in its stored dtype and each
-    weight converted to fp32 only when the graph takes it."""
+    `ExternalData` file) as they are made, when given; `position_offset`: where the consumer's position_ids
+    start; `logits_to_keep`: a `num_logits_to_keep` input (see `build_graph`). The model is held in its stored dtype and each weight converted to fp32 only when the graph takes it."""
     import onnx
 
     from d2m_export.sources.lazy_weights import Float32Arrays
@@ -153,7 +159,8 @@ def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe
     if moe_lowering == "dense" and quant != "fp32":
         raise UserError("--moe-lowering dense is offered at fp32 only (it is there for comparison)")
     with phase("convert"):        # int8/int4 weights are quantized here, as the graph takes them
-        proto = build_graph(spec, sd, rotary, lin, tied=tied, moe_lowering=moe_lowering)
+        proto = build_graph(spec, sd, rotary, lin, tied=tied, moe_lowering=moe_lowering,
+                            position_offset=position_offset, logits_to_keep=logits_to_keep)
     onnx.helper.set_model_props(proto, {"max_positions": str(spec.max_positions), "weights": lin.describe()["weights"],
                                         "model_type": config.model_type, "moe_lowering": moe_lowering})
     return proto

@@ -138,9 +138,14 @@ def pad_heads_cols(w: np.ndarray, n_heads: int, spec: Spec) -> np.ndarray:
 
 
 def build_graph(spec: Spec, sd: dict[str, np.ndarray], rotary: dict, lin: Linears,
-                tied: bool, name: str = "decoder", moe_lowering: str = "sparse") -> onnx.ModelProto:
+                tied: bool, name: str = "decoder", moe_lowering: str = "sparse",
+                position_offset: int = 0, logits_to_keep: bool = False) -> onnx.ModelProto:
     """The whole decoder. `sd` maps transformers parameter names to fp32 numpy arrays, norm weights as
-    the scale they apply; `rotary` maps a layer type (or None) to its (cos, sin) tables."""
+    the scale they apply; `rotary` maps a layer type (or None) to its (cos, sin) tables. `position_offset`
+    is where the consumer's `position_ids` start (transformers.js counts Gemma 3's from 1): the graph
+    subtracts it, so the rotary tables are indexed from 0 either way. `logits_to_keep` adds the scalar input
+    `num_logits_to_keep` (transformers.js feeds 1 while generating, 0 otherwise): the LM head runs on the last
+    that many positions only, 0 meaning all, so a long prompt never holds [prompt, vocab] logits."""
     g = lin.g
     hd, hdp = spec.head_dim, spec.head_dim_padded
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
@@ -162,6 +167,10 @@ def build_graph(spec: Spec, sd: dict[str, np.ndarray], rotary: dict, lin: Linear
     total = g.op("Cast", [g.op("Gather", [g.op("Shape", ["attention_mask"], "mask_shape"),
                                           g.const("idx_1", np.array(1, np.int64))], "mask_len", axis=0)],
                  "total_seq_len", to=TensorProto.INT32)
+    positions = "position_ids"
+    if position_offset:
+        positions = g.op("Sub", [positions, g.const("position_offset", np.array(position_offset, np.int64))],
+                         "positions")
     caches = {t: (g.const(f"rotary{'.' + t if t else ''}.cos", cos), g.const(f"rotary{'.' + t if t else ''}.sin", sin))
               for t, (cos, sin) in rotary.items()}
 
@@ -210,7 +219,7 @@ def build_graph(spec: Spec, sd: dict[str, np.ndarray], rotary: dict, lin: Linear
         window = {"local_window_size": spec.sliding_window} if layer_type == "sliding_attention" else {}
         attn, _, _ = g.op("GroupQueryAttention",
                           [*q_k_v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total,
-                           cos_c, sin_c, "position_ids"], f"layers.{i}.attn",
+                           cos_c, sin_c, positions], f"layers.{i}.attn",
                           outputs=[f"layers.{i}.attn/out", f"present.{i}.key", f"present.{i}.value"], domain=MS,
                           num_heads=spec.heads, kv_num_heads=spec.kv_heads, do_rotary=1, rotary_interleaved=0,
                           scale=float(spec.query_scale or hd ** -0.5), **window)
@@ -230,6 +239,12 @@ def build_graph(spec: Spec, sd: dict[str, np.ndarray], rotary: dict, lin: Linear
         norm_key = "model.norm.weight" if last else f"model.layers.{i + 1}.input_layernorm.weight"
         x, residual = rms(ffn, residual, norm_key, "final_norm" if last else f"layers.{i + 1}.input_norm")
 
+    if logits_to_keep:                                    # x[:, -k:], and x[:, 0:] (all) for k = 0
+        inputs.append(helper.make_tensor_value_info("num_logits_to_keep", i64, []))
+        start = g.op("Neg", [g.op("Reshape", ["num_logits_to_keep", g.const("shape_1", np.array([1], np.int64))],
+                                  "logits_to_keep.1d")], "logits_to_keep.start")
+        x = g.op("Slice", [x, start, g.const("logits_to_keep.end", np.array([np.iinfo(np.int64).max], np.int64)),
+                           g.const("logits_to_keep.axis", np.array([1], np.int64))], "logits_to_keep.slice")
     lm_head(x)                                            # writes the graph output "logits"
 
     graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)

@@ -43,23 +43,43 @@ class Spec:
 class ExternalData:
     """The weights file beside the graph, written as initializers are made: a large initializer is on
     disk (ONNX external data, page-aligned like onnx's own converter aligns it) before the next is made,
-    so building the graph never holds the model's weights in memory."""
+    so building the graph never holds the model's weights in memory.
+
+    With `chunk_bytes`, no file grows past that size: the weights go on into `{path}_1`, `{path}_2`, ...
+    (transformers.js's names for the chunks of `model.onnx_data`; a browser holds each in one buffer)."""
     THRESHOLD = 1024            # bytes: smaller initializers stay inside the graph, as onnx.save_model keeps them
     ALIGN, ALIGN_ABOVE = 4096, 1 << 20
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, chunk_bytes: int | None = None):
         self.path = Path(path)
+        self.chunk_bytes = chunk_bytes
+        self.paths = [self.path]
         self.file = open(self.path, "wb")
+
+    def _room_for(self, nbytes: int) -> None:
+        """Start the next chunk file when this tensor would take the current one past `chunk_bytes`."""
+        if self.chunk_bytes is None or self.file.tell() + self.ALIGN + nbytes <= self.chunk_bytes:
+            return
+        if nbytes + self.ALIGN > self.chunk_bytes:
+            from d2m_export.errors import UserError
+            raise UserError(f"one weight of {nbytes / 2**20:.0f} MiB does not fit a {self.chunk_bytes / 2**20:.0f} MiB "
+                            f"external data file")
+        if self.file.tell() == 0:
+            return
+        self.file.close()
+        self.paths.append(self.path.with_name(f"{self.path.name}_{len(self.paths)}"))
+        self.file = open(self.paths[-1], "wb")
 
     def tensor(self, array: np.ndarray, name: str) -> TensorProto:
         proto = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        self._room_for(array.nbytes)
         offset = self.file.tell()
         if array.nbytes > self.ALIGN_ABOVE and offset % self.ALIGN:
             self.file.write(b"\0" * (self.ALIGN - offset % self.ALIGN))
             offset = self.file.tell()
         self.file.write(array.tobytes())
         proto.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(array.nbytes))):
+        for key, value in (("location", self.paths[-1].name), ("offset", str(offset)), ("length", str(array.nbytes))):
             entry = proto.external_data.add()
             entry.key, entry.value = key, value
         return proto

@@ -75,7 +75,8 @@ def register_runner(target: str, name: str | None = None):
 # benchmark then loads only its own runtime); a target's default runtime carries the target's name.
 RUNTIMES = {"gguf": ("gguf", "runtimes.llamacpp"), "coreml": ("coreml", "runtimes.coreml"),
             "executorch": ("executorch", "runtimes.executorch"), "onnx": ("onnx", "runtimes.onnxruntime"),
-            "onnxruntime-genai": ("onnx", "runtimes.onnxruntime_genai")}
+            "onnxruntime-genai": ("onnx", "runtimes.onnxruntime_genai"), "web": ("web", "runtimes.transformersjs"),
+            "web-wasm": ("web", "runtimes.transformersjs")}
 
 
 def runtimes_for(target: str) -> list[str]:

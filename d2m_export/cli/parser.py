@@ -14,7 +14,8 @@ from d2m_export.cli.targets import cmd_bench, cmd_generate
 from d2m_export.errors import UserError
 
 
-RUNTIME_HELP = "the runtime that runs the export (default: the target's own); onnx exports also run in onnxruntime-genai"
+RUNTIME_HELP = ("the runtime that runs the export (default: the target's own); onnx exports also run in onnxruntime-genai, "
+                "web exports in web-wasm (transformers.js on onnxruntime-web's WebAssembly build, in Node)")
 
 
 def _add_model(p):
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"d2m-export {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     export = parser.add_argument_group("export (when no COMMAND is given)")
-    export.add_argument("--target", dest="export_target", help="export target: gguf, onnx, coreml, executorch "
+    export.add_argument("--target", dest="export_target", help="export target: gguf, onnx, coreml, executorch, web "
                         "(executorch alone, without --model/--out: convert, export, check and bench the default "
                         "model); several, comma-separated (onnx,gguf,executorch): one run writes OUT/onnx/, "
                         "OUT/gguf/, ..., each a complete export with its own manifest.json and parity check, sharing "
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "take them; a target failing its parity check leaves no folder, the others are kept, exit 1")
     export.add_argument("--model", dest="export_model", default=None,
                         help="embedded name (smollm2-135m, the default), a Hugging Face folder, a .gguf file or a Hub id org/name")
-    export.add_argument("--quant", dest="export_quant", default=None, help="gguf: f32 (default) | f16 | q8_0 | q4_0 | q4_k_m | q5_k_m | q6_k (k-quants by llama.cpp's quantizer); onnx: fp32 (default) | fp16 | int8 | int4; coreml: fp16 (default) | int8 | int4; executorch: fp32 (default) | 8da4w | 8da8w. With several targets: omitted, each target's default; one quant, which every target must take; or one per target, comma-separated in --target's order (an empty entry: that target's default), e.g. --target onnx,gguf --quant int4,q4_0")
+    export.add_argument("--quant", dest="export_quant", default=None, help="gguf: f32 (default) | f16 | q8_0 | q4_0 | q4_k_m | q5_k_m | q6_k (k-quants by llama.cpp's quantizer); onnx: fp32 (default) | fp16 | int8 | int4; coreml: fp16 (default) | int8 | int4; executorch: fp32 (default) | 8da4w | 8da8w; web: fp32 (default) | fp16 | q8 | q4 (transformers.js's dtypes). With several targets: omitted, each target's default; one quant, which every target must take; or one per target, comma-separated in --target's order (an empty entry: that target's default), e.g. --target onnx,gguf --quant int4,q4_0")
     export.add_argument("--out", dest="export_out", help="output directory (artifact, tokenizer, manifest.json)")
     export.add_argument("--threads", dest="export_threads", type=POSITIVE, default=None,
                         help="runtime threads for the parity check")
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "export): manifest.json records \"parity\": null and \"parity_skipped\": true, and "
                              "a warning is printed")
     export.add_argument("--max-seq-len", dest="export_max_seq_len", type=POSITIVE, default=None,
-                        help="onnx, coreml, executorch: KV cache length (onnx: rotary table), the longest sequence the export runs "
+                        help="onnx, web, coreml, executorch: KV cache length (onnx, web: rotary table), the longest sequence the export runs "
                              "(default: the model's context, at most 4160 for coreml and executorch, whose static KV "
                              "cache is allocated whole; at most 32768 for onnx)")
     export.add_argument("--moe-lowering", dest="export_moe_lowering", default=None,

@@ -1,0 +1,178 @@
+"""The web: a folder that transformers.js (`@huggingface/transformers` 4.x) loads from local files, in the
+browser (onnxruntime-web: WebAssembly, or WebGPU) and in Node (onnxruntime-node).
+
+Layout, as transformers.js looks for it (`from_pretrained(folder, {local_files_only: true})`):
+
+    config.json                  the model's, plus `transformers.js_config`: the dtype below and how many
+                                 external data files the graph has (`use_external_data_format`)
+    generation_config.json, tokenizer.json, tokenizer_config.json, ...
+    onnx/model{suffix}.onnx      the decoder graph; suffix by --quant: fp32 '', fp16 '_fp16', q8 '_quantized', q4 '_q4'
+    onnx/model{suffix}.onnx_data its weights (then `_data_1`, `_data_2`, ... past CHUNK_BYTES each: a browser
+                                 holds each file in one buffer); the location stored in the graph is the file's name
+
+The graph is the onnx target's (`converters.onnx_graph`), with the interface transformers.js feeds:
+`input_ids`, `attention_mask`, `position_ids`, `past_key_values.N.key/value`, `num_logits_to_keep` -> `logits`,
+`present.N.key/value` (`generate()` feeds num_logits_to_keep 1: a prompt's LM head runs on its last position
+only, so a long prompt never holds [prompt, vocab] logits in WebAssembly's memory). GroupQueryAttention appends each step's keys and values to the past it is given, so
+the cache grows by the step's length (transformers.js reads the past length from dims[-2]); its first,
+empty past takes the declared head size. MoE layers route in plain ONNX (`gather`: ArgMax or TopK, then
+each expert's own MatMuls on the rows that chose it), which is exact on every execution provider; WebGPU
+has no MoE kernel. Quantized weights are MatMulNBits (q8: 8-bit, q4: 4-bit blocks of 32) as in the onnx
+target's int8/int4; fp16 stores fp16 weights that a Cast widens (activations and the KV cache stay fp32).
+
+The parity check runs the folder through transformers.js itself (`runtimes.transformersjs`, the script in
+`web/`): teacher-forced logits step by step in onnxruntime-node and in onnxruntime-web's WebAssembly build
+(both in Node), then `generate()`, greedy, as an app calls it, against the transformers reference's tokens.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from converters.base import Exporter, exact, lossy, register_target
+from d2m_export.errors import ParityError, UserError
+from d2m_export.sources.models import read_config
+
+log = logging.getLogger(__name__)
+
+ONNX_DIR = "onnx"
+# --quant -> (transformers.js dtype suffix, the onnx builder's quant)
+QUANTS = {"fp32": ("", "fp32"), "fp16": ("_fp16", "fp16"), "q8": ("_quantized", "int8"), "q4": ("_q4", "int4")}
+CHUNK_BYTES = 1 << 30              # external data per file: well under the 2 GB a browser's ArrayBuffer holds
+WASM_MEMORY = 4 << 30              # WebAssembly (32-bit) addresses 4 GiB: the weights must fit beside activations
+# model type -> what transformers.js knows it by (the graph is self-contained: only the KV cache naming and
+# the position_ids start depend on it); the MoE types are in its registry since 4.0
+FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3_text",
+            "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "mixtral": "mistral"}
+POSITION_START = {"gemma3_text": 1}    # transformers.js counts these models' position_ids from 1
+MIN_MAX_SEQ_LEN = 64
+
+
+def model_file(quant: str) -> str:
+    return f"{ONNX_DIR}/model{QUANTS[quant][0]}.onnx"
+
+
+@register_target("web")
+class WebExporter(Exporter):
+    description = "transformers.js 4.x (browser: onnxruntime-web WASM/WebGPU; Node: onnxruntime-node), plain-ONNX MoE routing"
+    quants = tuple(QUANTS)
+    default_quant = "fp32"
+    # the onnx target's gates for the same weights (fp16, int8 = q8, int4 = q4; converters.parity); fp32 exact
+    artifact_bytes_per_param = {"fp32": 4.0, "fp16": 2.0, "q8": 1.1, "q4": 0.6}
+    tolerances = {"fp32": exact(1e-2), "fp16": lossy(0.9, 0.005), "q8": lossy(0.9, 0.06), "q4": lossy(0.55, 1.4)}
+    options = ("max_seq_len",)
+    other_runtimes = ("web-wasm",)
+
+    def check_options(self, config: dict, options: dict) -> dict:
+        from runtimes.transformersjs import node_command
+
+        model_type = config.get("model_type")
+        if model_type not in FAMILIES:
+            raise UserError(f"the web target exports {', '.join(FAMILIES)} models, not {model_type!r}")
+        node_command()                  # the parity check runs transformers.js in Node: say so before exporting
+        n = options.get("max_seq_len")
+        if n is not None and n < MIN_MAX_SEQ_LEN:
+            raise UserError(f"--max-seq-len must be at least {MIN_MAX_SEQ_LEN} (the parity check decodes ~60 "
+                            f"positions), not {n}")
+        return options
+
+    def memory_need(self, model_dir: Path, quant: str) -> tuple[int, str]:
+        """As every target's, after the limit that binds first on the web: the weights in WebAssembly's memory."""
+        check_fits_wasm(read_config(model_dir), quant)
+        return super().memory_need(model_dir, quant)
+
+    def export(self, model_dir: Path, quant: str, out_tmp: Path, max_seq_len: int | None = None) -> list[str]:
+        import onnx
+
+        from converters.onnx import build_model
+        from converters.onnx_ops import ExternalData
+
+        out_tmp = Path(out_tmp)
+        (out_tmp / ONNX_DIR).mkdir()
+        graph = model_file(quant)
+        data = ExternalData(out_tmp / f"{graph}_data", chunk_bytes=CHUNK_BYTES)
+        try:
+            proto = build_model(model_dir, QUANTS[quant][1], max_seq_len, "gather", None, data,
+                                position_offset=POSITION_START.get(read_config(model_dir).get("model_type"), 0),
+                                logits_to_keep=True)
+        finally:
+            data.close()
+        onnx.save_model(proto, out_tmp / graph)            # its weights are in the data files already
+        onnx.checker.check_model(str(out_tmp / graph))
+        return [graph, *(f"{ONNX_DIR}/{p.name}" for p in data.paths)]
+
+    def adapt_config(self, out_tmp: Path) -> None:
+        """config.json tells transformers.js which graph to load and how many data files it has."""
+        out_tmp = Path(out_tmp)
+        graph = next((out_tmp / ONNX_DIR).glob("model*.onnx"))
+        quant = next(q for q, (suffix, _) in QUANTS.items() if graph.name == f"model{suffix}.onnx")
+        chunks = len(list((out_tmp / ONNX_DIR).glob(f"{graph.name}_data*")))
+        path = out_tmp / "config.json"
+        config = json.loads(path.read_text())
+        if FAMILIES[config["model_type"]] != config["model_type"]:
+            config = {**config, "model_type": FAMILIES[config["model_type"]], "d2m_model_type": config["model_type"]}
+        config["transformers.js_config"] = {"dtype": quant, "use_external_data_format": {graph.name: chunks}}
+        path.write_text(json.dumps(config, indent=2) + "\n")
+
+    def details(self, out_tmp: Path, files: list[str]) -> dict:
+        from converters.onnx import graph_details
+
+        info = graph_details(Path(out_tmp) / files[0], files[0])
+        quant = next(q for q in QUANTS if files[0] == model_file(q))
+        return {**info, "dtype": quant, "external_data": files[1:],
+                "loads_with": "transformers.js 4.x: AutoModelForCausalLM.from_pretrained(folder, "
+                              "{local_files_only: true}) (dtype and data files from config.json)"}
+
+    def parity(self, model_dir: Path, export_dir: Path, quant: str, threads: int | None = None,
+               new_tokens: int = 32) -> dict:
+        """Teacher-forced logits in both runtimes (`converters.parity`), then the app's own path: the
+        tokenizer and `generate()` of transformers.js, greedy, against the reference's prompts and tokens."""
+        from converters.parity import PROMPTS, check_parity
+        from transformers import AutoTokenizer
+
+        from runtimes.transformersjs import TransformersJsRunner
+
+        result = check_parity(self, model_dir, export_dir, quant, threads=threads, new_tokens=new_tokens,
+                              runtimes=self.other_runtimes)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        runner = TransformersJsRunner(threads=threads or 1)
+        runner.manifest = {"target": self.name}
+        checks = []
+        with runner.load(export_dir):
+            for text, prompt in zip(PROMPTS, result["prompts"]):
+                ids = tokenizer(text)["input_ids"]
+                js_ids = runner.tokenize(text)
+                if js_ids != ids:
+                    raise ParityError(f"web: transformers.js tokenizes {text[:30]!r}... as {js_ids[:12]}..., "
+                                      f"transformers as {ids[:12]}...")
+                got = runner.transformers_generate(ids, len(prompt["reference_tokens"]))["tokens"]
+                want = prompt["reference_tokens"]
+                same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+                checks.append({"tokens": got, "prefix_match": same, "total": len(want)})
+        prefix, total = sum(c["prefix_match"] for c in checks), sum(c["total"] for c in checks)
+        if quant == "fp32" and prefix != total:
+            raise ParityError(f"web fp32: transformers.js generate() follows the reference's greedy tokens for only "
+                              f"{prefix}/{total} of them")
+        result["generate"] = {"runtime": "transformers.js generate(), greedy, onnxruntime-node",
+                              "tokenizer_match": True, "prefix_match": prefix, "total": total,
+                              "prompts": [{"prefix_match": c["prefix_match"],   # the tokens, where they part
+                                           **({"tokens": c["tokens"]} if c["prefix_match"] < c["total"] else {})}
+                                          for c in checks]}
+        return result
+
+
+def check_fits_wasm(config: dict, quant: str) -> None:
+    """Refuse, before building anything, a model whose weights at `quant` cannot fit WebAssembly's memory."""
+    from d2m_export.sources.params import param_counts
+
+    try:
+        params = param_counts(config).total
+    except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError):
+        return                  # a config we cannot count: the export itself says what is wrong with it
+    need = {q: params * b for q, b in WebExporter.artifact_bytes_per_param.items()}
+    if need[quant] >= WASM_MEMORY:
+        fits = [q for q, n in need.items() if n < WASM_MEMORY]
+        raise UserError(f"the {quant} weights would take {need[quant] / 2**30:.1f} GiB; WebAssembly's memory is "
+                        f"{WASM_MEMORY / 2**30:g} GiB (onnxruntime-web holds every weight in it)"
+                        + (f": try --quant {fits[0]}" if fits else ": this model is too large for the web"))
