@@ -228,3 +228,42 @@ def same_weights_layout(trained, source) -> None:
             return {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
 
     assert layout(trained) == layout(source)
+
+
+# `make test` runs every stage and target at tiny size; `make test-all` (CI) adds the tests below, marked `full`
+# here: whole matrices of variants beyond one per stage and target, the property-based suite, the subprocess
+# kill and full-disk tests, and the slowest exports (ExecuTorch's lowering takes a minute a model). A node id
+# starting with an entry is `full`; seconds measured in one `make test-all` run are what chose them.
+FULL_ONLY = (
+    "test_properties.py", "test_full_disk.py",
+    *(f"test_converted_layouts.py::test_exports_with_exact_parity[{layout}-" for layout in
+      ("lfuc-qwen2", "lfuc-qwen3", "lfuc-bf16", "lfuc-shared", "lfuc-top2", "prune", "upcycle", "moe2dense")),
+    *(f"test_converted_layouts.py::test_moe_to_dense[{layout}]" for layout in
+      ("lfuc-qwen2", "lfuc-qwen3", "lfuc-bf16", "lfuc-shared", "lfuc-top2", "upcycle")),
+    *(f"test_crash_safety.py::test_sigkill_leaves_nothing_complete_and_the_next_run_cleans_up[{stage}]"
+      for stage in ("convert", "executorch", "coreml", "heal")),
+    "test_scale.py::test_a_bf16_conversion_exports_exactly[executorch-fp32]", "test_scale.py::test_dtype_flag_writes",
+    "test_llama32.py::test_fp32_export_matches_transformers[executorch-",
+    "test_cli.py::test_convert_by_ratio_writes_loadable_checkpoint",
+    "test_moe2dense.py::test_round_trip_lfuc_cpt_moe2dense_exports_to_every_target",
+    "test_gemma3.py::test_exports_match_transformers[executorch-", "test_gemma3.py::test_exports_match_transformers[coreml-",
+    "test_executorch.py::test_tiny_lfuc_moe[2]", "test_executorch.py::test_native_runtime_lines_stay_quiet_unless_verbose",
+    "test_families.py::test_exports_match_transformers[executorch-", "test_families.py::test_exports_match_transformers[coreml-",
+    "test_families.py::test_convert[lfuc-flags0-qwen3_moe]",
+    "test_heal.py::test_healed_model_exports_with_parity[executorch-",
+    "test_train_bf16.py::test_bf16_sigkill_then_resume_matches_uninterrupted",
+    "test_shards.py::test_sigkill_then_resume_from_shards_matches_uninterrupted",
+    "test_shards.py::test_training_from_shards_keeps_memory_flat_when_the_corpus_grows_tenfold",
+    "test_model_sources.py::test_gguf_file_as_model_is_dequantized_once_and_equals_the_folder",
+    *(f"test_gguf.py::test_f32_matches_transformers_greedy[{v}]" for v in
+      ("qwen2", "qwen3", "lfuc-shared-k1", "lfuc-shared-k2-qwen2", "lfuc-shared-k2-qwen3", "lfuc-routed-k2")),
+    *(f"test_gguf.py::test_k_quants_come_from_llama_cpp_quantizer_and_meet_their_floor[{v}]" for v in
+      ("llama-q5_k_m-17-Q5_K", "llama-q4_k_m-15-Q4_K", "lfuc-q6_k-18-Q6_K", "llama-q6_k-18-Q6_K", "lfuc-q5_k_m-17-Q5_K")),
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        node = item.nodeid.split("/")[-1]
+        if node.startswith(FULL_ONLY):
+            item.add_marker(pytest.mark.full)
