@@ -20,7 +20,7 @@ from typing import NamedTuple
 from d2m_export.errors import ParityError, UserError
 from d2m_export.sources.lazy_weights import release_memory
 from d2m_export.sources.models import model_label, read_config, read_record, resolve_model
-from converters.phases import phase, timing  # noqa: F401  (exporters time their parts with base.phase)
+from converters.phases import phase, timing
 from d2m_export.outputs import GENERATOR, atomic_dir, check_output_dir, file_checksums
 
 TARGETS: dict[str, "Exporter"] = {}

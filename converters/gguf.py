@@ -59,7 +59,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from converters.base import Exporter, exact, lossy, phase, register_target
+from converters.base import Exporter, exact, lossy, register_target
+from converters.phases import phase
 from converters.gguf_vocab import add_vocab
 from d2m_export.errors import UserError
 from d2m_export.sources.models import read_config

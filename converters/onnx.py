@@ -16,7 +16,8 @@ import logging
 from pathlib import Path
 
 
-from converters.base import Exporter, exact, lossy, phase, register_target
+from converters.base import Exporter, exact, lossy, register_target
+from converters.phases import phase
 from converters.onnx_genai import write_genai_config
 from d2m_export.errors import UserError
 from d2m_export.sources.models import read_config

@@ -50,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "cache is allocated whole; at most 32768 for onnx)")
     export.add_argument("--moe-lowering", dest="export_moe_lowering", default=None,
                         help="how MoE layers are lowered. executorch: cond (default; decode runs only the selected "
-                             "experts) | dense (every expert, masked; for comparison). onnx: sparse (default; one "
-                             "com.microsoft.MoE/QMoE node) | switch (one If per expert holding its own weights; a "
-                             "decode step runs only its chosen experts' prepacked MatMuls) | gather (routed in plain "
+                             "experts) | dense (every expert, masked; for comparison). onnx: sparse (the default at int8/int4; "
+                             "one com.microsoft.MoE/QMoE node) | switch (the default at fp32/fp16; one If per expert "
+                             "holding its own weights; a decode step runs only its chosen experts' prepacked MatMuls) | gather (routed in plain "
                              "ONNX, each expert's own MatMuls on the rows that chose it; no contrib op, slower) | "
                              "dense (every expert, masked; fp32 only)")
     export.add_argument("--head-bits", dest="export_head_bits", type=POSITIVE, default=None,
