@@ -1,9 +1,9 @@
 """Decode speed against context on SmolLM2: dense, prune@0.8 and LF-UC@0.8 (routed and shared host) in every runtime.
 
 One cell per (runtime, precision, context): the four models' exports are loaded in one process and decode
-16-token bursts in turn after a fresh prefill of `context` tokens, `--rounds` rounds, order reversed every
-other round (`runtimes.bench.interleaved`); the figures are medians over rounds and the ratios medians of
-per-round ratios. Beside them: the roofline ratio LF-UC ÷ dense (weights read at the export's precision +
+16-token bursts in turn at positions `context`.., `--rounds` rounds, order reversed every other round
+(`runtimes.bench.interleaved`: the prompt is prefilled once and the KV cache rewound to it after each
+burst); the figures are medians over rounds and the ratios medians of per-round ratios. Beside them: the roofline ratio LF-UC ÷ dense (weights read at the export's precision +
 KV cache read at that context, `d2m_export.devices.roofline.decode_cost`), each export's files in MB, and the peak
 RSS of decoding it alone at that context (`d2m-export bench`, its own process).
 
@@ -146,10 +146,10 @@ def main() -> None:
                     cells.append(json.loads((work / "cells" / f"{runtime}-{quant}-{context}.json").read_text()))
                 else:
                     missing.append(key)
-    about = (f"2 threads; {args.rounds} rounds of 16-token bursts after a fresh prefill of `context` tokens, all four "
-             f"models in turn in one process. Models {'not ' if args.no_heal else ''}healed (speed depends on the "
-             "layout only). ÷ prune / ÷ dense: median of per-round speed ratios; roofline ÷ dense: dense's bytes per "
-             "step over the model's (weights at the precision + KV cache at the context); of roofline: measured ÷ "
+    about = (f"2 threads; {args.rounds} rounds of 16-token bursts at positions `context`.. (a `context`-token prompt "
+             "prefilled once, the KV cache rewound to it after each burst), all four models in turn in one process. "
+             f"Models {'not ' if args.no_heal else ''}healed (speed depends on the layout only). ÷ prune / ÷ dense: "
+             "median of per-round speed ratios; roofline ÷ dense: dense's bytes per step over the model's (weights at the precision + KV cache at the context); of roofline: measured ÷ "
              "roofline.")
     publish(args.out, {"about": about, "cells": cells, "missing": missing, "argv": " ".join(sys.argv[1:])}, render)
 

@@ -128,6 +128,16 @@ class Runner:
         """Forget the current sequence (its KV cache)."""
         raise NotImplementedError
 
+    def rewind(self, n_tokens: int) -> None:
+        """Keep only the first `n_tokens` of the current sequence: the next decode is at position `n_tokens`,
+        attending to exactly those. Runtimes that cannot drop the end of their KV cache raise
+        NotImplementedError (the speed benchmark then prefills again)."""
+        raise NotImplementedError
+
+    def _check_rewind(self, n_tokens: int, length: int) -> None:
+        if not 0 < n_tokens <= length:
+            raise UserError(f"cannot rewind a sequence of {length} tokens to {n_tokens}")
+
     def close(self) -> None:
         pass
 

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from converters.base import path_bytes
 from d2m_export.errors import UserError
 from runtimes.base import load_runner, load_tokenizer, read_manifest, runner_class
@@ -117,23 +119,31 @@ def bench(export_dir: Path, prompt_tokens: int | None = None, new_tokens: int = 
     }
 
 
-def _burst(runner, prompt: list[int], tokens: int) -> float:
-    """ms per decoded token after a fresh prefill of `prompt` (the same context every round)."""
-    runner.reset()
-    logits = runner.prefill(prompt)
+def _burst(runner, prompt: list[int], tokens: int, after_prompt: np.ndarray | None) -> tuple[float, np.ndarray]:
+    """ms per decoded token at positions len(prompt).. (the same context every round), and the logits after
+    the prompt: given those (`after_prompt`), the sequence is rewound to the prompt where the runtime can drop
+    the end of its KV cache; else the prompt is prefilled again."""
+    try:
+        if after_prompt is None:
+            raise NotImplementedError
+        runner.rewind(len(prompt))
+    except NotImplementedError:
+        runner.reset()
+        after_prompt = runner.prefill(prompt)
+    logits = after_prompt
     t0 = time.perf_counter()
     for _ in range(tokens):
         logits = runner.decode(int(logits.argmax()))
-    return (time.perf_counter() - t0) * 1000 / tokens
+    return (time.perf_counter() - t0) * 1000 / tokens, after_prompt
 
 
 def interleaved(exports: dict[str, Path | tuple[Path, str]], rounds: int = 20, tokens: int = 16,
                 prompt_tokens: int | None = None, threads: int = 2, context: int | None = None) -> dict:
     """Decode speed of several exports, for small differences on a noisy machine: all loaded in this
     process, each round decodes a short burst with every export in turn (the order reversed every other
-    round) after a fresh prefill of `context` tokens. Per export the median ms/token over rounds and its
-    spread; per pair the median of the per-round ratios and their spread. An export given as
-    (directory, runtime) runs in that runtime."""
+    round) at a context of `context` tokens (prefilled once, rewound each round: see _burst). Per export
+    the median ms/token over rounds and its spread; per pair the median of the per-round ratios and their
+    spread. An export given as (directory, runtime) runs in that runtime."""
     context = resolve_context(context, prompt_tokens)
     if rounds < 3:
         raise UserError(f"interleaved rounds must be at least 3, not {rounds}")
@@ -148,12 +158,12 @@ def interleaved(exports: dict[str, Path | tuple[Path, str]], rounds: int = 20, t
             runners.append(load_runner(exports[n][0], threads=threads, runtime=exports[n][1],
                                        n_ctx=n_ctx_for(context, tokens, limits[n])))
         prompt = prompt_ids(exports[names[0]][0], context)
-        for r in runners:                                   # warm-up
-            _burst(r, prompt, tokens)
+        after_prompt = [_burst(r, prompt, tokens, None)[1] for r in runners]     # warm-up
         times: dict[str, list[float]] = {n: [] for n in names}
         for i in range(rounds):
             for n in (names if i % 2 == 0 else names[::-1]):
-                times[n].append(_burst(runners[names.index(n)], prompt, tokens))
+                k = names.index(n)
+                times[n].append(_burst(runners[k], prompt, tokens, after_prompt[k])[0])
     finally:
         for r in runners:
             r.close()

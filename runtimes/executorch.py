@@ -93,6 +93,10 @@ class ExecuTorchRunner(Runner):
     def reset(self) -> None:
         self.pos = 0
 
+    def rewind(self, n_tokens: int) -> None:
+        self._check_rewind(n_tokens, self.pos)     # the causal mask hides cache rows at and past input_pos
+        self.pos = n_tokens
+
     def close(self) -> None:
         self.forward = None
         self.program = None

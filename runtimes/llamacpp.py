@@ -105,6 +105,11 @@ class LlamaCppRunner(Runner):
         self.llm.reset()
         self.llm._ctx.kv_cache_clear()
 
+    def rewind(self, n_tokens: int) -> None:
+        self._check_rewind(n_tokens, self.llm.n_tokens)
+        self.llm._ctx.kv_cache_seq_rm(-1, n_tokens, -1)
+        self.llm.n_tokens = n_tokens
+
     def close(self) -> None:
         llm = getattr(self, "llm", None)
         if llm is not None:

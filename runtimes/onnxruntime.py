@@ -121,6 +121,10 @@ class OnnxRuntimeRunner(Runner):
     def reset(self) -> None:
         self.pos = 0     # GroupQueryAttention reads only the first `pos` cache rows: no need to clear them
 
+    def rewind(self, n_tokens: int) -> None:
+        self._check_rewind(n_tokens, self.pos)
+        self.pos = n_tokens
+
     def close(self) -> None:
         self.io = None
         self.session = None

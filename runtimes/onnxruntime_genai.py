@@ -87,6 +87,11 @@ class OnnxRuntimeGenAIRunner(Runner):
         self.generator = None
         self.pos = 0
 
+    def rewind(self, n_tokens: int) -> None:
+        self._check_rewind(n_tokens, self.pos if self.generator is not None else 0)
+        self.generator.rewind_to(n_tokens)
+        self.pos = n_tokens
+
     def close(self) -> None:
         self.generator = None
         self.model = None

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from conftest import CONVERTED_LAYOUTS, run_cli
+from d2m_export.errors import UserError
+from runtimes.base import load_runner
 
 # target -> its lossless precision (Core ML has none: fp16, whose lowered module is checked in fp32 on Linux)
 TARGETS = {"onnx": "fp32", "gguf": "f32", "executorch": "fp32", "coreml": "fp16"}
@@ -38,6 +41,25 @@ def test_exports_with_exact_parity(capsys, converted, tmp_path, layout, target):
     assert parity["greedy_match"] == parity["greedy_total"] >= 32, parity
     for other in parity.get("other_runtimes", {}).values():
         assert other["greedy_match"] == other["greedy_total"], other
+    if layout == "lfuc" and target != "coreml":
+        for runtime in [target, *parity.get("other_runtimes", {})]:
+            check_rewind(out, runtime)
+
+
+def check_rewind(export_dir, runtime):
+    """Rewinding to the prompt (what the speed benchmarks do each round) decodes exactly as the first time."""
+    runner = load_runner(export_dir, threads=1, runtime=runtime)
+    try:
+        prompt, steps = list(range(3, 15)), [5, 6, 7]
+        runner.prefill(prompt)
+        first = [runner.decode(t) for t in steps]
+        runner.rewind(len(prompt))
+        again = [runner.decode(t) for t in steps]
+        np.testing.assert_array_equal(np.stack(first), np.stack(again), err_msg=runtime)
+        with pytest.raises(UserError, match="cannot rewind"):
+            runner.rewind(len(prompt) + len(steps) + 1)
+    finally:
+        runner.close()
 
 
 @pytest.mark.parametrize("layout", MOE_LAYOUTS)
