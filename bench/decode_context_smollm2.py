@@ -11,7 +11,8 @@ Every finished cell is kept under `--work` (`cells/*.json`), so a rerun resumes 
 `--only` restricts the run to some runtimes, `--contexts` to some contexts.
 
     python bench/decode_context_smollm2.py --only onnx --contexts 64,2048
-    python bench/decode_context_smollm2.py           # every cell (hours on 2 cores)
+    python bench/decode_context_smollm2.py --prepare # the exports only, on a busy machine
+    python bench/decode_context_smollm2.py           # every cell (an hour or two on 2 cores)
 """
 from __future__ import annotations
 
@@ -125,6 +126,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     ap.add_argument("--only", default=",".join(RUNTIMES), help=f"runtimes, of {', '.join(RUNTIMES)}")
+    ap.add_argument("--prepare", action="store_true",
+                    help="only convert and export (no timing): that part needs no quiet machine")
     ap.add_argument("--no-heal", action="store_true", help="convert without healing (speed does not depend on it)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "decode_context")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "decode_context_smollm2.md")
@@ -135,6 +138,12 @@ def main() -> None:
         sys.exit(f"unknown runtime(s) {unknown}; choose from {list(RUNTIMES)}")
     work = args.work.resolve()
     sources = models(work, args.ratio, heal=not args.no_heal)
+    if args.prepare:
+        for runtime in only:
+            target, quants, _ = RUNTIMES[runtime]
+            for quant in quants:
+                exports_of(work, sources, target, quant)
+        return
     cells, missing = [], []
     for runtime, (_, quants, _) in RUNTIMES.items():
         for quant in quants:

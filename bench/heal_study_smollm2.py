@@ -8,7 +8,7 @@ never redone: rerun the same command after an interruption and it resumes.
     python bench/heal_study_smollm2.py                     # the whole grid, here
     python bench/heal_study_smollm2.py --cells base        # no CPT (the quick part)
     D2M_DEVICE=cuda python bench/heal_study_smollm2.py --workers 6   # on a GPU (figures kept apart)
-    python bench/heal_study_smollm2.py --latency           # measured decode, ONNX Runtime + llama.cpp
+    python bench/heal_study_smollm2.py --latency           # measured decode at contexts 64 and 2048
     python bench/heal_study_smollm2.py --report            # tables + Pareto from what is there
 
 Work (models) goes to --work; results (small JSON, the report) to --results.
@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "d2m_export.cli"]
 TASKS = ["arc_easy", "hellaswag", "piqa"]
 RUNTIMES = ("onnx", "gguf", "executorch")       # measured decode, fp32 / f32
+CONTEXTS = (64, 2048)                            # tokens in the KV cache when the timed decode starts
+MAX_SEQ_LEN = 2048 + 64                          # exports' positions: the longest context and its bursts
 DENSE = "smollm2-135m"
 METHODS = {                      # study name -> convert flags
     "lfuc": ["--method", "lfuc", "--host-mode", "routed"],
@@ -178,19 +180,22 @@ def measure_latency(args) -> None:
     for target in args.runtimes:
         exports = {name: args.work / "exports" / f"{name}-{target}" for name in variants}
         for name, model in variants.items():
-            export(model, target, exports[name])
-        # one process, every structure loaded, short decode bursts in turn: a whole-process benchmark
-        # per structure drifts by ±20% between rounds on a shared machine, this by a few percent
-        ab = interleaved(exports, rounds=args.rounds, tokens=16, prompt_tokens=64, threads=2)
-        (args.results / "latency").mkdir(parents=True, exist_ok=True)
-        for name, v in ab["variants"].items():
-            out = {"generator": "d2m-export", "target": target, "quant": quants[target], "threads": 2,
-                   "decode_tokens_per_s": round(1000.0 / v["decode_ms_per_token"], 2), **v,
-                   "method": "interleaved", "rounds": args.rounds, "prompt_tokens": 64, "tokens_per_burst": 16,
-                   "speedup_over": {k.split(" over ")[1]: r for k, r in ab["speedups"].items()
-                                    if k.startswith(f"{name} over ")}}
-            (args.results / "latency" / f"{name}-{target}.json").write_text(json.dumps(out, indent=2) + "\n")
-    write_report(args)
+            export(model, target, exports[name], *(("--max-seq-len", MAX_SEQ_LEN) if target != "gguf" else ()))
+        for context in [] if args.prepare else args.contexts:
+            # one process, every structure loaded, short decode bursts in turn: a whole-process benchmark
+            # per structure drifts by ±20% between rounds on a shared machine, this by a few percent
+            ab = interleaved(exports, rounds=args.rounds, tokens=16, context=context, threads=2)
+            (args.results / "latency").mkdir(parents=True, exist_ok=True)
+            for name, v in ab["variants"].items():
+                out = {"generator": "d2m-export", "target": target, "quant": quants[target], "threads": 2,
+                       "decode_tokens_per_s": round(1000.0 / v["decode_ms_per_token"], 2), **v,
+                       "method": "interleaved", "rounds": args.rounds, "context": context, "tokens_per_burst": 16,
+                       "speedup_over": {k.split(" over ")[1]: r for k, r in ab["speedups"].items()
+                                        if k.startswith(f"{name} over ")}}
+                (args.results / "latency" / f"{name}-{target}-{context}.json").write_text(
+                    json.dumps(out, indent=2) + "\n")
+    if not args.prepare:
+        write_report(args)
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -202,6 +207,8 @@ def write_report(args) -> None:
     for run_dir in runs:         # the measured latency of each cell's structure
         v = json.loads((run_dir / "variant.json").read_text())
         key = "dense" if v["method"] == "dense" else f"{v['method']}-{v['ratio']}-{v['plan_search']}"
+        for old in run_dir.glob("bench-*.json"):
+            old.unlink()
         for f in (args.results / "latency").glob(f"{key}-*.json") if (args.results / "latency").is_dir() else []:
             shutil.copy(f, run_dir / f"bench-{f.stem[len(key) + 1:]}.json")
         if v["method"] == "dense" and not (run_dir / "model" / "config.json").is_file():
@@ -224,20 +231,21 @@ def study_table(args, runs) -> str:
         ev = json.loads((run_dir / "eval.json").read_text())
         tasks = ev.get("tasks", {})
         mean = sum(t["acc"] for t in tasks.values()) / len(tasks) if tasks else float("nan")
-        lat = {t: json.loads(f.read_text())["decode_tokens_per_s"] for t in RUNTIMES
-               for f in [run_dir / f"bench-{t}.json"] if f.is_file()}
+        lat = {(t, c): json.loads(f.read_text())["decode_tokens_per_s"] for t in RUNTIMES for c in CONTEXTS
+               for f in [run_dir / f"bench-{t}-{c}.json"] if f.is_file()}
         rows.append((v, ev, tasks, mean, lat))
     rows.sort(key=lambda r: (-r[0]["ratio"], r[0]["method"], r[0].get("plan_search", ""), r[0].get("heal", ""),
                              r[0].get("cpt_tokens") or 0))
     head = ("| ratio | method | plan | heal | CPT tokens | ppl | arc_easy | hellaswag | piqa | mean acc "
-            "| ONNX ms/tok | llama.cpp ms/tok | ExecuTorch ms/tok | wall s (model) | run on |")
+            "| ONNX ms/tok @64 | @2048 | llama.cpp ms/tok @64 | @2048 | ExecuTorch ms/tok @64 | @2048 "
+            "| wall s (model) | run on |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for v, ev, tasks, mean, lat in rows:
         ppl = (ev.get("perplexity") or {}).get("value")
         cells_ = [f"{v['ratio']}", v["method"], v.get("plan_search", "-"), v.get("heal", "-"),
                   f"{v.get('cpt_tokens') or 0:,}", f"{ppl:.2f}" if ppl else "-",
                   *(f"{tasks[t]['acc']:.3f}" if t in tasks else "-" for t in TASKS), f"{mean:.3f}",
-                  *(f"{1000 / lat[t]:.2f}" if t in lat else "-" for t in RUNTIMES),
+                  *(f"{1000 / lat[t, c]:.2f}" if (t, c) in lat else "-" for t in RUNTIMES for c in CONTEXTS),
                   f"{sum(x for x in v.get('wall_s', {}).values() if x):.0f}" if v.get("wall_s") else "-",
                   v.get("device", "cpu")]
         lines.append("| " + " | ".join(cells_) + " |")
@@ -254,9 +262,10 @@ def study_table(args, runs) -> str:
         lines.append(f"| {ratio} | {search} | {heal} | {cpt:,} | {ev['perplexity']['value']:.2f} / "
                      f"{other[0]['perplexity']['value']:.2f} | {mean:.3f} / {other[1]:.3f} |")
     return ("# Healing study, SmolLM2-135M\n\nAusten perplexity (10,240 held-out tokens); zero-shot accuracy, "
-            f"n = {n} per task; decode ms/token measured on this host, 2 threads, after a 64-token prompt: every "
-            "structure's export loaded in one process and decoded in 16-token bursts in turn, median of the rounds "
-            "(`bench/decode_ab.py`; the same structure's export for every healing and CPT budget). Wall time: the cell's model (convert "
+            f"n = {n} per task; decode ms/token measured on this host, 2 threads, at contexts of 64 and 2048 tokens: "
+            "every structure's export loaded in one process and decoded in 16-token bursts in turn, median of the "
+            "rounds (`runtimes.bench.interleaved`; the same structure's export for every healing and CPT budget). "
+            "Wall time: the cell's model (convert "
             "and heal, or CPT), on the machine in the last column (cuda: one H200, so not comparable with the cpu "
             "rows: 2 cores here).\n\n" + "\n".join(lines) + "\n")
 
@@ -277,8 +286,12 @@ def main() -> None:
     ap.add_argument("--keep-models", action="store_true", help="keep the CPT models (large)")
     ap.add_argument("--latency", action="store_true", help="export each structure and measure decode")
     ap.add_argument("--rounds", type=int, default=20, help="with --latency: interleaved decode bursts per structure")
-    ap.add_argument("--runtimes", type=lambda s: s.split(","), default=["onnx", "gguf"],
+    ap.add_argument("--runtimes", type=lambda s: s.split(","), default=list(RUNTIMES),
                     help="with --latency: onnx, gguf, executorch (fp32 / f32 each)")
+    ap.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=list(CONTEXTS),
+                    help=f"with --latency: decode contexts, of {','.join(map(str, CONTEXTS))}")
+    ap.add_argument("--prepare", action="store_true",
+                    help="with --latency: only convert and export (no timing): that part needs no quiet machine")
     ap.add_argument("--report", action="store_true", help="only rebuild the tables and the report")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "heal_study")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "heal_study")
