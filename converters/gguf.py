@@ -8,7 +8,7 @@ per-head q/k norms as `attn_q_norm` / `attn_k_norm`).
 Our Qwen2-MoE and Qwen3-MoE outputs mix dense and MoE layers freely, which no Qwen-family
 architecture in llama.cpp accepts. `step35` does, exactly (DESIGN.md §3): a layer is MoE when it has
 `ffn_gate_inp`, else it runs its dense `ffn_*`; shared experts are always on and ungated;
-RoPE is NEOX. Its pitfalls, each handled below:
+RoPE is NEOX. Its pitfalls, each handled below or in gguf_tensors.py:
 1. its KV cache is always the sliding-window kind and needs one SWA layer: the last layer is
    flagged SWA with a window no context reaches, i.e. full attention;
 2. full-attention layers use half of `rope.dimension_count`: write 2 × head_dim there and
@@ -61,14 +61,15 @@ import numpy as np
 
 from converters.base import Exporter, exact, lossy, register_target
 from converters.phases import phase
+from converters.gguf_rope import (FREQ_FACTOR_ROPE, MIXED_MOE, check_gemma3, check_rope, rope_freq_factors,
+                                  rope_supported, rope_theta)
+from converters.gguf_tensors import (Q, T, all_tensors, identity_swa_layer, quantize_in_rows,  # noqa: F401 (Q: tests)
+                                     stored_layout, tensor_type, tname)
 from converters.gguf_vocab import add_vocab
 from d2m_export.errors import UserError
 from d2m_export.sources.models import read_config
 
 log = logging.getLogger(__name__)
-Q = gguf.GGMLQuantizationType
-T = gguf.MODEL_TENSOR
-QTYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
 # k-quants are llama.cpp's mixes (which tensor gets which type, fallbacks for rows that are not a
@@ -77,78 +78,7 @@ K_QUANTS = {"q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M, "q5_k_m": gguf.LlamaFile
             "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K}
 ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",  # HF model_type -> GGUF
          "qwen2_moe": "step35", "qwen3_moe": "hy_v3"}
-MIXED_MOE = ("step35", "hy_v3")   # architectures whose layers are each dense or MoE
-GEMMA3_PATTERN = 6        # llama.cpp's gemma3: layer i is global when i % 6 == 5, else sliding
-GEMMA3_LOCAL_THETA = 10000.0
 SWA_WINDOW = 1 << 20      # "sliding" window of the one SWA-flagged step35 layer: wider than any context
-# RoPE types llama.cpp takes as per-dimension frequency divisors (`rope_freqs.weight`), and the architectures
-# here whose llama.cpp graph applies them to every layer that needs them
-FREQ_FACTOR_ROPE = ("llama3",)
-FREQ_FACTOR_ARCHS = ("llama", "step35")
-
-# HF name inside a layer -> GGUF tensor (one table owns the mapping)
-LAYER_TENSORS = {
-    "input_layernorm": T.ATTN_NORM, "post_attention_layernorm": T.FFN_NORM,
-    "self_attn.q_proj": T.ATTN_Q, "self_attn.k_proj": T.ATTN_K, "self_attn.v_proj": T.ATTN_V,
-    "self_attn.o_proj": T.ATTN_OUT, "self_attn.q_norm": T.ATTN_Q_NORM, "self_attn.k_norm": T.ATTN_K_NORM,
-    "mlp.gate_proj": T.FFN_GATE, "mlp.up_proj": T.FFN_UP, "mlp.down_proj": T.FFN_DOWN,
-    "mlp.gate": T.FFN_GATE_INP,
-    "mlp.shared_expert.gate_proj": T.FFN_GATE_SHEXP, "mlp.shared_expert.up_proj": T.FFN_UP_SHEXP,
-    "mlp.shared_expert.down_proj": T.FFN_DOWN_SHEXP,
-}
-# Gemma 3 norms around attention and MLP (where Llama's post-attention norm is the MLP's input norm)
-GEMMA3_NORMS = {"post_attention_layernorm": T.ATTN_POST_NORM, "pre_feedforward_layernorm": T.FFN_NORM,
-                "post_feedforward_layernorm": T.FFN_POST_NORM}
-GLOBAL_TENSORS = {"model.embed_tokens": T.TOKEN_EMBD, "model.norm": T.OUTPUT_NORM, "lm_head": T.OUTPUT}
-
-
-def tname(kind, bid: int | None = None, suffix: str = ".weight") -> str:
-    return gguf.TENSOR_NAMES[kind].format(bid=bid) + suffix
-
-
-def tensor_type(name: str, shape: tuple[int, ...], quant: str, head: str) -> tuple[Q, str | None]:
-    """The GGML type of one tensor (numpy shape), and why it differs from `quant`, if it does.
-
-    As llama.cpp's converter: 1-D tensors, norms, biases and the router stay f32. For q4_0 the
-    output head (`head`) is kept at q8_0, as llama.cpp's quantizer keeps it above 4 bits. Block
-    types need rows that are a multiple of 32 values; other tensors fall back to f16."""
-    if len(shape) <= 1 or name.endswith("_norm.weight") or ".ffn_gate_inp." in name or not name.endswith(".weight"):
-        return Q.F32, None
-    want, why = QTYPES[quant], None
-    if quant == "q4_0" and name == head:
-        want, why = Q.Q8_0, "output head kept at q8_0"
-    if want in (Q.Q8_0, Q.Q4_0) and shape[-1] % gguf.GGML_QUANT_SIZES[want][0]:
-        return Q.F16, f"row size {shape[-1]} is not a multiple of {gguf.GGML_QUANT_SIZES[want][0]}"
-    return want, why
-
-
-def stored_layout(shape: tuple[int, ...], qtype: Q) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, numpy dtype, bytes) of a tensor of `shape` once quantized to `qtype`, as the GGUF
-    writer's tensor info takes it: block types as uint8 rows of blocks."""
-    if qtype == Q.F32:
-        return shape, np.dtype(np.float32), 4 * int(np.prod(shape))
-    if qtype == Q.F16:
-        return shape, np.dtype(np.float16), 2 * int(np.prod(shape))
-    byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
-    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape))
-
-
-def quantize_in_rows(data: np.ndarray, qtype: Q, chunk_bytes: int = 64 << 20) -> np.ndarray:
-    """gguf-py's quantization, a block of rows at a time: its numpy temporaries are several times the
-    tensor, and a 150k-row embedding would cost gigabytes at once. Blocks never span rows, so the
-    bytes are the same."""
-    if qtype == Q.F32:
-        return data
-    rows = data.reshape(-1, data.shape[-1])
-    step = max(1, chunk_bytes // (4 * rows.shape[1]))
-    parts = [gguf.quants.quantize(rows[i:i + step], qtype) for i in range(0, len(rows), step)]
-    return np.concatenate(parts).reshape(*data.shape[:-1], parts[0].shape[-1])
-
-
-def rope_rows_to_pairs(w: np.ndarray, heads: int) -> np.ndarray:
-    """Llama q/k rows: HF's rotate-half order (first half, second half of each head) -> llama.cpp's
-    interleaved pairs (its `llama` architecture rotates adjacent elements)."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def load_state(model_dir: Path):
@@ -158,119 +88,6 @@ def load_state(model_dir: Path):
 
     model, _, _ = load_model(model_dir)       # any load failure is a one-line UserError
     return Float32Arrays(model), model.config
-
-
-def layer_tensors(state: dict, cfg, arch: str):
-    """(GGUF name, array) for every layer tensor, experts split and shared expert folded."""
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    table = {**LAYER_TENSORS, **GEMMA3_NORMS} if arch == "gemma3" else LAYER_TENSORS
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        for hf, kind in table.items():
-            for suffix in (".weight", ".bias"):
-                w = state.get(p + hf + suffix)
-                if w is None:
-                    continue
-                if arch == "llama" and hf in ("self_attn.q_proj", "self_attn.k_proj"):
-                    w = rope_rows_to_pairs(w, heads if hf.endswith("q_proj") else kv_heads)
-                if arch == "gemma3" and hf == "self_attn.q_norm":
-                    w = w * gemma3_query_fold(cfg)
-                if hf == "mlp.shared_expert.down_proj":
-                    w = w * _shared_gate_scale(state, p)
-                if hf.startswith("mlp.shared_expert.") and w.size == 0:   # routed host: zero width-1 expert
-                    w = np.zeros((1, w.shape[1]) if w.shape[0] == 0 else (w.shape[0], 1), np.float32)
-                yield tname(kind, i, suffix), w
-        if p + "mlp.gate.weight" in state and p + "mlp.shared_expert.down_proj.weight" not in state:
-            h = state[p + "mlp.gate.weight"].shape[1]          # Qwen3-MoE has no shared expert: see 5. above
-            yield tname(T.FFN_GATE_SHEXP, i), np.zeros((1, h), np.float32)
-            yield tname(T.FFN_UP_SHEXP, i), np.zeros((1, h), np.float32)
-            yield tname(T.FFN_DOWN_SHEXP, i), np.zeros((h, 1), np.float32)
-        if p + "mlp.experts.gate_up_proj" in state:
-            gate_up = p + "mlp.experts.gate_up_proj"
-            n_ff = state.shape(gate_up)[1] // 2                   # [E, 2I, H]: gate rows, then up rows
-            yield tname(T.FFN_GATE_EXP, i), state.part(gate_up, (slice(None), slice(None, n_ff)))
-            yield tname(T.FFN_UP_EXP, i), state.part(gate_up, (slice(None), slice(n_ff, None)))
-            yield tname(T.FFN_DOWN_EXP, i), state[p + "mlp.experts.down_proj"]   # [E, H, I]
-
-
-def _shared_gate_scale(state: dict, prefix: str) -> float:
-    gate = state.get(prefix + "mlp.shared_expert_gate.weight")
-    if gate is None:
-        return 1.0
-    if np.any(gate != 0):
-        raise UserError(f"{prefix}mlp.shared_expert_gate is not zero: an input-dependent shared-expert gate "
-                        "has no stock llama.cpp equivalent in a mixed dense/MoE model")
-    return 0.5                                                    # sigmoid(0)
-
-
-def all_tensors(state: dict, cfg, arch: str):
-    for hf, kind in GLOBAL_TENSORS.items():
-        w = state.get(hf + ".weight")
-        if kind == T.OUTPUT and cfg.tie_word_embeddings:
-            if arch != "step35":
-                continue                                          # the others fall back to token_embd
-            w = state["model.embed_tokens.weight"]                # step35 requires output.weight
-        if w is not None:
-            yield tname(kind), w
-    factors = rope_freq_factors(cfg)
-    if factors is not None:
-        yield tname(T.ROPE_FREQS), factors
-    yield from layer_tensors(state, cfg, arch)
-    if identity_swa_layer(cfg, arch):
-        yield from identity_layer_tensors(cfg, cfg.num_hidden_layers)
-
-
-def identity_swa_layer(cfg, arch: str) -> bool:
-    """Whether a step35 file gets an appended identity layer as its SWA-flagged layer (see the docstring):
-    when RoPE needs per-dimension divisors, which step35 does not apply to SWA layers."""
-    return arch == "step35" and rope_freq_factors(cfg) is not None
-
-
-def identity_layer_tensors(cfg, i: int):
-    """Layer `i`, adding exactly 0: one head, zero norms and attention output, no FFN weights."""
-    h = cfg.hidden_size
-    head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
-    zeros = {T.ATTN_NORM: (h,), T.ATTN_Q: (head_dim, h), T.ATTN_K: (head_dim, h), T.ATTN_V: (head_dim, h),
-             T.ATTN_OUT: (h, head_dim), T.FFN_NORM: (h,)}
-    for kind, shape in zeros.items():
-        yield tname(kind, i), np.zeros(shape, np.float32)
-
-
-def gemma3_query_fold(cfg) -> float:
-    """What the q norm is multiplied by so that llama.cpp's fixed softmax scale gives transformers'
-    query_pre_attn_scalar^-½ (RoPE rotates, so a scale on q commutes with it)."""
-    head_dim = cfg.head_dim
-    fixed = (cfg.hidden_size / cfg.num_attention_heads) ** -0.5 if cfg.num_hidden_layers == 62 else head_dim ** -0.5
-    return float(cfg.query_pre_attn_scalar ** -0.5 / fixed)       # llama.cpp reads 62 layers as the 27B
-
-
-def check_gemma3(cfg) -> dict:
-    """The global layers' RoPE parameters, after checking what llama.cpp's gemma3 fixes."""
-    n = cfg.num_hidden_layers
-    want = ["full_attention" if i % GEMMA3_PATTERN == GEMMA3_PATTERN - 1 else "sliding_attention" for i in range(n)]
-    if list(cfg.layer_types) != want:
-        differ = [i for i in range(n) if cfg.layer_types[i] != want[i]]
-        raise UserError(f"llama.cpp's gemma3 makes every {GEMMA3_PATTERN}th layer global and the others sliding; "
-                        f"this model's layer types differ at layers {differ[:6]} (pruning shifts them), and no "
-                        "stock llama.cpp architecture takes Gemma 3 layers in another order: export it to onnx, "
-                        "executorch or coreml instead")
-    local = cfg.rope_parameters.get("sliding_attention", {})
-    if local.get("rope_type", "default") != "default" or float(local.get("rope_theta", 0)) != GEMMA3_LOCAL_THETA:
-        raise UserError(f"llama.cpp's gemma3 fixes the sliding layers' RoPE at base {GEMMA3_LOCAL_THETA:g}; "
-                        f"this model's is {local}")
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "attn_logit_softcapping", None):
-        raise UserError("Gemma 3 with logit soft-capping is not supported by the gguf target")
-    return dict(cfg.rope_parameters["full_attention"])
-
-
-def rope_theta(cfg) -> float:
-    params = getattr(cfg, "rope_parameters", None) or {}
-    return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
-
-
-def rope_supported(kind: str, arch: str) -> bool:
-    return (kind == "default" or (kind == "linear" and arch not in MIXED_MOE)
-            or (kind in FREQ_FACTOR_ROPE and arch in FREQ_FACTOR_ARCHS))
 
 
 def check_rope_config(config: dict) -> None:
@@ -292,37 +109,6 @@ def check_rope_config(config: dict) -> None:
     if partial not in (None, 1, 1.0):
         raise UserError(f"partial rotary RoPE (partial_rotary_factor {partial}) is not supported by the gguf "
                         "target yet")
-
-
-def check_rope(cfg, arch: str) -> dict:
-    params = check_gemma3(cfg) if arch == "gemma3" else dict(getattr(cfg, "rope_parameters", None) or {})
-    kind = params.get("rope_type", "default")
-    if rope_supported(kind, arch):
-        return params
-    raise UserError(f"RoPE type {kind!r} is not supported by the gguf target for {cfg.model_type} models")
-
-
-def rope_freq_factors(cfg) -> np.ndarray | None:
-    """llama.cpp's per-dimension frequency divisors (`rope_freqs.weight`, [head_dim / 2]) for RoPE types that
-    rescale each frequency on its own (llama3), else None: transformers' default inverse frequencies over
-    the ones transformers' own init for this RoPE type computes, so llama.cpp's θ_i / f_i is transformers'
-    frequency (a frequency kept is divided by exactly 1, a scaled one by exactly `factor`)."""
-    import torch
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    params = getattr(cfg, "rope_parameters", None) or {}
-    kind = params.get("rope_type", "default")
-    if kind not in FREQ_FACTOR_ROPE:
-        return None
-    inv_freq, attention = ROPE_INIT_FUNCTIONS[kind](cfg)
-    if float(attention) != 1.0:
-        raise UserError(f"RoPE type {kind!r} with an attention factor {attention} is not supported by the gguf target")
-    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    base = float(params["rope_theta"])
-    default = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    if inv_freq.shape != default.shape:
-        raise UserError(f"RoPE type {kind!r} over part of the head is not supported by the gguf target yet")
-    return (default / inv_freq.float()).numpy().astype(np.float32)
 
 
 def add_metadata(w: gguf.GGUFWriter, cfg, arch: str, quant: str, name: str) -> None:

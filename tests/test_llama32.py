@@ -230,8 +230,10 @@ def test_gguf_without_the_divisors_fails_parity(llama32, tmp_path, capsys, monke
     """The parity check sees llama3 RoPE: the same file with plain RoPE (no rope_freqs) is refused."""
     pytest.importorskip("llama_cpp")
     import converters.gguf
+    import converters.gguf_tensors
 
-    monkeypatch.setattr(converters.gguf, "rope_freq_factors", lambda cfg: None)
+    for module in (converters.gguf, converters.gguf_tensors):     # the tensors and the manifest's account
+        monkeypatch.setattr(module, "rope_freq_factors", lambda cfg: None)
     code, _, err = run_cli(capsys, "--target", "gguf", "--model", llama32["dense"], "--threads", 2,
                            "--out", tmp_path / "out")
     assert code == 1 and "parity check failed" in err, err
