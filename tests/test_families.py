@@ -3,14 +3,20 @@ q/k norms) is analysed, converted (lfuc, prune, upcycle, lfuc with --heal), heal
 trained, taken back to dense (moe2dense) and exported to every target with parity in its runtime.
 The exactness identities are in test_surgery.py and test_moe2dense.py; llama.cpp's free-running
 greedy decoding in test_gguf.py.
+
+Mistral and Granite 3.x dense, shaped as the published models, are read as Llama (Granite's multipliers
+folded into its weights): the view equals the family's own model, LF-UC at an empty plan, LF-UC with a zero
+router and prune are exact against it, and every target exports them with fp32 parity. A windowed Mistral,
+and families we do not read (GPT-2, Mamba), are refused in one line with nothing written.
 """
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
-from conftest import family_workspace, run_cli
+from conftest import assert_user_error, family_workspace, run_cli, save_with_tokenizer
 from d2m_export.cli import main
 
 @pytest.fixture(scope="module")
@@ -98,3 +104,222 @@ def test_exports_match_transformers(capsys, qwen3, qwen3_lfuc, tmp_path, target,
     if target == "onnx":
         genai = parity["other_runtimes"]["onnxruntime-genai"]
         assert genai["greedy_match"] == 64 and genai["max_abs_logit_err"] < 1e-4
+
+
+# --- Mistral and Granite 3.x dense, read as Llama (issue 35) ----------------------------------------------
+# Each tiny model's config.json has the published model's keys and layout, with the sizes shrunk (4 layers,
+# 64 wide, 4 heads over 1 KV head as 32 over 8, the test tokenizer's vocabulary and token ids); the weights
+# are stored (and so declared) as float32. Mistral-Nemo's head_dim, unequal to hidden/heads, is kept on a
+# Mistral-7B-v0.3 shape. The MLPs are wide beside the 49k-token LM head so that convert's default active
+# ratio (0.8) is reachable (as conftest's CONVERT_DENSE).
+MISTRAL_7B_V03 = {
+    "architectures": ["MistralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+    "max_position_embeddings": 32768, "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.42.0.dev0",
+    "use_cache": True, "vocab_size": 32768,
+}
+GRANITE_33_2B = {
+    "architectures": ["GraniteForCausalLM"], "attention_bias": False, "attention_dropout": 0.1,
+    "attention_multiplier": 0.015625, "bos_token_id": 0, "embedding_multiplier": 12.0, "eos_token_id": 0,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+    "logits_scaling": 8.0, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "granite",
+    "num_attention_heads": 32, "num_hidden_layers": 40, "num_key_value_heads": 8, "pad_token_id": 0,
+    "residual_multiplier": 0.22, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000000.0,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.49.0", "use_cache": True,
+    "vocab_size": 49159,
+}
+SHRUNK = {"hidden_size": 64, "intermediate_size": 2048, "num_attention_heads": 4, "num_key_value_heads": 1,
+          "num_hidden_layers": 4, "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
+PUBLISHED = {"mistral": {**MISTRAL_7B_V03, **SHRUNK, "head_dim": 32},       # Mistral-Nemo: 128 beside 5120/32
+             "granite": {**GRANITE_33_2B, **SHRUNK, "pad_token_id": 0}}
+LOOSE = {"mistral": 0.0, "granite": 1e-5}    # view against the family's own model: exact; folded multipliers
+
+
+def published_tiny(config, folder, tokenizer_dir):
+    """The tiny model of `config` (a published layout) saved in `folder`; (folder, the family's own model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{k: v for k, v in config.items()
+                                                                      if k not in ("torch_dtype", "architectures")}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif "q_proj" in name or "k_proj" in name:
+                p.normal_(0, 0.25)          # sharp attention, as in a trained model
+    folder = save_with_tokenizer(model.eval(), folder, tokenizer_dir)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder, AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+@pytest.fixture(scope="module", params=["mistral", "granite"])
+def family(request, tmp_path_factory, tokenizer_dir):
+    """{"name", "dense": the folder, "model": the family's own model, "lfuc": convert's defaults (--no-heal)}.
+    The cached view is removed afterwards."""
+    import shutil
+
+    from d2m_export.architectures import ARCHITECTURES
+    from d2m_export.sources.views import view_path
+
+    root = tmp_path_factory.mktemp(request.param)
+    dense, model = published_tiny(PUBLISHED[request.param], root / request.param, tokenizer_dir)
+    (root / "plan.yaml").write_text("blocks:\n  - {host: 1, donors: [2]}\n")
+    (root / "empty.yaml").write_text("blocks: []\n")
+    assert main(["convert", "--model", str(dense), "--no-heal", "--out", str(root / "lfuc")]) == 0
+    yield {"name": request.param, "dense": dense, "model": model, "root": root, "lfuc": root / "lfuc"}
+    shutil.rmtree(view_path(dense, ARCHITECTURES[request.param]), ignore_errors=True)
+
+
+IDS = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS, use_cache=False).logits
+
+
+def loaded(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def test_read_as_llama_exactly(family):
+    from d2m_export.sources.models import resolve_model
+
+    assert type(family["model"]).__name__ == {"mistral": "MistralForCausalLM", "granite": "GraniteForCausalLM"}[
+        family["name"]]
+    view = resolve_model(family["dense"])
+    llama = loaded(view)
+    assert type(llama).__name__ == "LlamaForCausalLM"
+    assert llama.config.head_dim == PUBLISHED[family["name"]].get("head_dim", 16)
+    assert llama.config.tie_word_embeddings == PUBLISHED[family["name"]]["tie_word_embeddings"]
+    torch.testing.assert_close(logits(llama), logits(family["model"]), rtol=LOOSE[family["name"]], atol=LOOSE[family["name"]])
+    if family["name"] == "mistral":      # nothing folded: the view links to the stored weights
+        assert (view / "model.safetensors").is_symlink()
+    cfg = config(family["lfuc"])
+    assert cfg["model_type"] == "qwen2_moe" and cfg["num_hidden_layers"] < 4
+
+
+def test_empty_plan_lfuc_and_prune_are_exact(family, tmp_path):
+    """Through the command line: LF-UC at an empty plan is the family's own model; LF-UC with a zero router
+    over every expert is the dense model with the donor's attention removed and its MLP added to the host's
+    (test_surgery's reference, built on the family's own model); prune is it with the donor deleted."""
+    import copy
+
+    from test_surgery import fused_reference
+
+    from d2m_export.plan import Block
+
+    model, root, tol = family["model"], family["root"], LOOSE[family["name"]]
+    runs = {"empty": ["--plan", root / "empty.yaml"],
+            "lfuc": ["--plan", root / "plan.yaml", "--router-init", "zero", "--top-k", 2, "--num-experts", 2],
+            "prune": ["--method", "prune", "--plan", root / "plan.yaml"]}
+    for name, flags in runs.items():
+        assert main([str(a) for a in ["convert", "--model", family["dense"], *flags, "--no-heal", "--calib-tokens",
+                                      256, "--out", tmp_path / name]]) == 0
+    empty = loaded(tmp_path / "empty")
+    assert type(empty).__name__ == "Qwen2MoeForCausalLM"
+    torch.testing.assert_close(logits(empty), logits(model), rtol=tol, atol=tol)
+    torch.testing.assert_close(logits(loaded(tmp_path / "lfuc")), logits(fused_reference(model, [Block(1, [2])])),
+                               rtol=1e-5, atol=1e-5)
+    reference = copy.deepcopy(model)
+    del reference.model.layers[2]
+    pruned = loaded(tmp_path / "prune")
+    assert type(pruned).__name__ == "LlamaForCausalLM" and pruned.config.num_hidden_layers == 3
+    torch.testing.assert_close(logits(pruned), logits(reference), rtol=tol, atol=tol)
+
+
+FAMILY_TARGETS = [("onnx", "dense"), ("onnx", "lfuc"), ("gguf", "dense"), ("gguf", "lfuc"), ("executorch", "lfuc"),
+                  ("coreml", "lfuc")]
+
+
+@pytest.mark.parametrize("target, model", FAMILY_TARGETS, ids=[f"{t}-{m}" for t, m in FAMILY_TARGETS])
+def test_family_exports_match_transformers(capsys, family, tmp_path, target, model):
+    """fp32 parity in each runtime (ONNX also in onnxruntime-genai; Core ML as its lowered module in
+    PyTorch, as on Linux), for the dense model given in its own family's layout and its LF-UC conversion."""
+    pytest.importorskip({"onnx": "onnxruntime", "gguf": "llama_cpp", "executorch": "executorch",
+                         "coreml": "coremltools"}[target])
+    flags = ["--max-seq-len", 128] if target in ("executorch", "coreml") else []
+    code, out, err = run_cli(capsys, "--target", target, "--model", family[model], *flags, "--threads", 2,
+                             "--out", tmp_path / "x")
+    assert code == 0, err
+    parity = json.loads((tmp_path / "x" / "manifest.json").read_text())["parity"]
+    assert parity["greedy_match"] == parity["greedy_total"] >= 64 and parity["max_abs_logit_err"] < 1e-4
+    for other in (parity.get("other_runtimes") or {}).values():
+        assert other["greedy_match"] == other["greedy_total"] and other["max_abs_logit_err"] < 1e-4
+    if target == "onnx":
+        assert "onnxruntime-genai" in parity["other_runtimes"]
+    if target == "coreml":
+        assert parity["checked_on"] == "pytorch-lowered-module" and parity["free_running_greedy_identical"]
+
+
+def test_analyze_upcycle_heal_eval_train(capsys, family, tmp_path):
+    from conftest import write_tiny_corpus
+
+    dense = family["dense"]
+    code, _, err = run_cli(capsys, "analyze", "--model", dense, "--calib-tokens", 256, "--out", tmp_path / "an")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "convert", "--model", dense, "--method", "upcycle", "--num-experts", 2,
+                           "--router-init", "zero", "--no-heal", "--out", tmp_path / "up")
+    assert code == 0, err
+    tol = max(LOOSE[family["name"]], 1e-5)
+    torch.testing.assert_close(logits(loaded(tmp_path / "up")), logits(family["model"]), rtol=tol, atol=tol)
+    code, out, err = run_cli(capsys, "heal", "--model", family["lfuc"], "--calib-tokens", 512, "--steps", 2,
+                             "--out", tmp_path / "healed")
+    assert code == 0 and "healed" in out, err
+    code, _, err = run_cli(capsys, "eval", "--model", tmp_path / "healed", "--tasks", "piqa", "--limit", 2,
+                           "--ppl-tokens", 512, "--out", tmp_path / "eval.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "eval.json").read_text())["perplexity"]["value"] > 1
+    code, _, err = run_cli(capsys, "train", "--model", dense, "--corpus", write_tiny_corpus(tmp_path / "corpus.txt"),
+                           "--tokens", 256, "--seq-len", 32, "--global-batch", 4, "--micro-batch", 2,
+                           "--out", tmp_path / "trained")
+    assert code == 0, err
+    assert config(tmp_path / "trained")["model_type"] == "llama"
+
+
+def test_a_sliding_window_shorter_than_the_positions_is_refused(capsys, tmp_path, tokenizer_dir):
+    """Mistral 7B v0.1's window (4096 of 32768 positions) no target holds; Ministral's (all positions) reads as
+    Llama. Refused before anything is written, in one line naming the window and the targets."""
+    from d2m_export.architectures import ARCHITECTURES
+    from d2m_export.sources.models import resolve_model
+    from d2m_export.sources.views import view_path
+
+    windowed, _ = published_tiny({**PUBLISHED["mistral"], "sliding_window": 4096}, tmp_path / "v01", tokenizer_dir)
+    ministral, _ = published_tiny({**PUBLISHED["mistral"], "sliding_window": 32768}, tmp_path / "ministral",
+                                  tokenizer_dir)
+    for argv in (["convert"], ["analyze"], ["--target", "onnx"], ["--target", "gguf"]):
+        code, _, err = run_cli(capsys, *argv, "--model", windowed, "--out", tmp_path / "out")
+        assert_user_error(code, err, "sliding_window 4096 < max_position_embeddings 32768", "onnx, gguf")
+        assert not (tmp_path / "out").exists()
+    view = resolve_model(ministral)
+    try:
+        assert config(view)["model_type"] == "llama" and "sliding_window" not in config(view)
+    finally:
+        import shutil
+        shutil.rmtree(view_path(ministral, ARCHITECTURES["mistral"]))
+
+
+@pytest.fixture(scope="module")
+def unread_families(tmp_path_factory):
+    """A tiny GPT-2 and a tiny Mamba, saved with save_pretrained."""
+    from transformers import GPT2Config, GPT2LMHeadModel, MambaConfig, MambaForCausalLM
+
+    root = tmp_path_factory.mktemp("unread")
+    GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_embd=32, n_layer=2, n_head=2)).save_pretrained(root / "gpt2")
+    MambaForCausalLM(MambaConfig(vocab_size=1000, hidden_size=32, state_size=4, num_hidden_layers=2)) \
+        .save_pretrained(root / "mamba")
+    return root
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "mamba"])
+@pytest.mark.parametrize("argv", [["analyze"], ["convert"], ["--target", "onnx"]], ids=["analyze", "convert", "onnx"])
+def test_a_family_we_do_not_read_is_refused_naming_those_we_do(capsys, unread_families, tmp_path, model_type, argv):
+    code, _, err = run_cli(capsys, *argv, "--model", unread_families / model_type, "--out", tmp_path / "out")
+    assert_user_error(code, err, f"unsupported architecture {model_type!r}", "granite", "llama", "mistral", "qwen2",
+                      "qwen3", "gemma3_text")
+    assert not (tmp_path / "out").exists()

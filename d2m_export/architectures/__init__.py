@@ -26,6 +26,7 @@ class Architecture:
     norm_offset: float = 0.0     # RMSNorm scales by (offset + weight): Gemma stores weight - 1
     norms_per_layer: int = 2     # RMSNorms of hidden width per layer (Gemma 3: 4, around attention and MLP)
     params_from_modules: bool = False   # count parameters off the module tree (layouts params.py's formula lacks)
+    reads_as: str | None = None  # a family every stage reads through an exact view as this one (`ReadAs`)
 
     # --- MoE families we write --------------------------------------------------------------
     def moe_config(self, dense_config, *, num_layers: int, mlp_only_layers: list[int], num_experts: int,
@@ -73,6 +74,28 @@ class MoeInput(Architecture):
         """(config, state dict) of the dense model holding the MoE model's attention exactly, its MLPs
         of `width` under `model.layers.i.mlp.{gate,up,down}_proj.weight` in `state`."""
         raise NotImplementedError
+
+
+class ReadAs(Architecture):
+    """A dense family every stage and target reads as another (`reads_as`) through an exact view: the
+    config rewritten as the other family's, the weights as stored or with what the other family lacks
+    folded into them (`view_tensor`). `sources.views` writes the view once; nothing after it sees this
+    family. `refusal` names what no view can hold."""
+
+    def view_config(self, config) -> dict:
+        """The view's config as `AutoConfig.for_model` takes it, from this family's config object."""
+        raise NotImplementedError
+
+    def folds_weights(self, config) -> bool:
+        """Whether the view's tensors differ from the stored ones (else the view links to them)."""
+        return False
+
+    def view_tensor(self, config, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def refusal(self, config) -> str | None:
+        """Why this model cannot be read as `reads_as` exactly, or None."""
+        return None
 
 
 def register(arch: Architecture) -> Architecture:

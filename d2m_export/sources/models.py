@@ -96,7 +96,8 @@ def architecture_of(model_dir: Path) -> Architecture:
 def resolve_model(spec: str | Path | None) -> Path:
     """Turn `--model` into a local Hugging Face folder: an embedded name (built on first use), a folder,
     a `.gguf` file (dequantized once through transformers' GGUF loader and cached) or a Hub id
-    `org/name` (resolved through huggingface_hub's cache, honouring HF_HOME and HF_HUB_OFFLINE)."""
+    `org/name` (resolved through huggingface_hub's cache, honouring HF_HOME and HF_HUB_OFFLINE). A family
+    read as another (`architectures.ReadAs`) resolves to its cached view (`sources.views`)."""
     spec = str(spec or DEFAULT_MODEL)
     if spec in EMBEDDED:
         return embedded_model_dir(spec)
@@ -110,7 +111,10 @@ def resolve_model(spec: str | Path | None) -> Path:
                         f"(org/name) or one of {', '.join(EMBEDDED)}")
     elif path.is_file():
         raise UserError(f"model {spec!r} is a file, not a Hugging Face model directory or a .gguf file")
-    architecture_of(path)
+    arch = architecture_of(path)
+    if arch.reads_as:          # Mistral, Granite: every stage reads the model's exact view as Llama
+        from d2m_export.sources.views import read_as
+        return read_as(path, arch, load_config(path))
     return path
 
 
