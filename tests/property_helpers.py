@@ -1,5 +1,5 @@
-"""What the property-based tests (test_properties.py, test_properties_damaged.py) share: the property
-itself, hypothesis budgets, and the tiny model and exports they run on, made once per test module."""
+"""What the property-based tests (test_properties.py, test_properties_flags.py) share: the property
+itself, hypothesis budgets, and the tiny model and exports the commands run on, made once per test module."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, note, settings
-from hypothesis import strategies as st
 
 from conftest import save_with_tokenizer, tiny_dense, write_tiny_corpus
 from d2m_export.cli import main
@@ -100,10 +99,3 @@ def is_export(out: Path) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["parity"]["greedy_total"] > 0 and manifest["files"]
     verify_checksums(out, manifest["checksums"])
-
-
-# JSON of any shape: plan files, and values put into the JSON files we write
-JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-3, 9) | st.floats(allow_nan=False) | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
-    max_leaves=12)
