@@ -235,7 +235,7 @@ def same_weights_layout(trained, source) -> None:
 # kill and full-disk tests, and the slowest exports (ExecuTorch's lowering takes a minute a model). A node id
 # starting with an entry is `full`; seconds measured in one `make test-all` run are what chose them.
 FULL_ONLY = (
-    "test_properties.py", "test_full_disk.py",
+    "test_properties.py", "test_properties_flags.py", "test_full_disk.py",
     *(f"test_converted_layouts.py::test_exports_with_exact_parity[{layout}-" for layout in
       ("lfuc-qwen2", "lfuc-qwen3", "lfuc-bf16", "lfuc-shared", "lfuc-top2", "prune", "upcycle", "moe2dense")),
     *(f"test_converted_layouts.py::test_moe_to_dense[{layout}]" for layout in
@@ -252,7 +252,7 @@ FULL_ONLY = (
     "test_families.py::test_convert[lfuc-flags0-qwen3_moe]",
     *(f"test_families.py::test_family_exports_match_transformers[{family}-{export}]" for family in ("mistral", "granite")
       for export in ("executorch-lfuc", "coreml-lfuc", "gguf-dense")),
-    "test_heal.py::test_healed_model_exports_with_parity[executorch-",
+    "test_heal_cli.py::test_healed_model_exports_with_parity[executorch-",
     "test_train_bf16.py::test_bf16_sigkill_then_resume_matches_uninterrupted",
     "test_shards.py::test_sigkill_then_resume_from_shards_matches_uninterrupted",
     "test_shards.py::test_training_from_shards_keeps_memory_flat_when_the_corpus_grows_tenfold",

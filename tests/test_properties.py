@@ -1,181 +1,27 @@
-"""Property-based tests (hypothesis) of every surface that takes input: numeric flags, plan files,
-the JSON files we write and read back, and model files.
+"""Property-based tests (hypothesis) of every surface that takes input: numeric flags (at parse time:
+test_properties_flags.py; here in whole commands), plan files, the JSON files we write and read back,
+and model files.
 
 The property, everywhere: the command exits 0 with a valid output, or exits 2 with one
 `d2m-export: error:` line and nothing at --out. Never a traceback, never a half-written output.
 
 Budgets scale with the hypothesis profile (`--hypothesis-profile long` for a longer local run; the
 default `ci` profile keeps the whole file to a few minutes). Each test's budget is in units of
-the profile's `max_examples` / 100.
+the profile's `max_examples` / 100. The property and the models it runs on: property_helpers.py.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import math
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import given, note
 from hypothesis import strategies as st
 
-from conftest import save_with_tokenizer, tiny_dense, write_tiny_corpus
-from d2m_export.cli import main
-from d2m_export.cli.parser import build_parser
-
-PLAN = "blocks:\n  - {host: 1, donors: [2, 3]}\n"
-
-
-def budget(n: int):
-    """`n` examples under the ci profile; the chosen profile's max_examples / 100 times that otherwise."""
-    return settings(max_examples=max(1, n * settings.default.max_examples // 100), deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                           HealthCheck.data_too_large])
-
-
-# --- the property -------------------------------------------------------------------------------
-
-def run(argv) -> tuple[int, str]:
-    """`d2m-export argv...` in this process: (exit code, stderr). Any exception fails the test."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main([str(a) for a in argv])
-    return code, err.getvalue()
-
-
-def error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("d2m-export: error:")]
-
-
-def check_outcome(code: int, err: str, out: Path | None, valid) -> None:
-    """Exit 0 and `valid(out)` holds, or exit 2 with one error line and nothing at `out`."""
-    note(f"exit {code}; stderr tail: {err[-600:]!r}")
-    assert "Traceback" not in err
-    assert code in (0, 2), f"exit {code}"
-    if code == 2:
-        assert len(error_lines(err)) == 1, err[-2000:]
-        if out is not None:
-            assert not out.exists(), f"{out} written by a refused command"
-    else:
-        valid(out)
-    if out is not None:       # no temporary of ours left beside --out either way
-        assert not list(out.parent.glob(f".{out.name}.tmp-*")), list(out.parent.iterdir())
-
-
-def fresh(tmp: Path, name: str) -> Path:
-    """A path that does not exist yet, under a per-example directory (examples share the fixture's tmp)."""
-    d = Path(tempfile.mkdtemp(dir=tmp))
-    return d / name
-
-
-# --- models, made once -------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, tokenizer_dir):
-    root = tmp_path_factory.mktemp("props")
-    dense = save_with_tokenizer(tiny_dense("llama"), root / "dense", tokenizer_dir)
-    (root / "plan.yaml").write_text(PLAN)
-    lfuc = root / "lfuc"
-    code, err = run(["convert", "--model", dense, "--plan", root / "plan.yaml", "--calib-tokens", 256, "--out", lfuc])
-    assert code == 0, err
-    exports = {}
-    for target in ("gguf", "onnx"):
-        code, err = run(["--target", target, "--model", lfuc, "--threads", 1, "--out", root / target])
-        assert code == 0, err
-        exports[target] = root / target
-    write_tiny_corpus(root / "corpus.txt")
-    work = root / "work"
-    work.mkdir()
-    return {"dense": dense, "lfuc": lfuc, "corpus": root / "corpus.txt", "work": work, **exports}
-
-
-def loads_as_checkpoint(out: Path) -> None:
-    from transformers import AutoModelForCausalLM
-
-    json.loads((out / "d2m_plan.json").read_text())
-    AutoModelForCausalLM.from_pretrained(out)
-
-
-def is_results_json(keys):
-    def valid(out: Path) -> None:
-        assert keys <= json.loads(out.read_text()).keys()
-    return valid
-
-
-def is_export(out: Path) -> None:
-    from d2m_export.outputs import verify_checksums
-
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["parity"]["greedy_total"] > 0 and manifest["files"]
-    verify_checksums(out, manifest["checksums"])
-
-
-# --- 1. every numeric flag, at parse time --------------------------------------------------------
-
-def numeric_flags():
-    """(command or None for the export group, flag, its validator) for every typed flag of every command."""
-    parser = build_parser()
-    found = [(None, a.option_strings[-1], a.dest, a.type) for a in parser._actions if hasattr(a.type, "bounds")]
-    for action in parser._actions:
-        for name, sub in (getattr(action, "choices", None) or {}).items():
-            if isinstance(sub, type(parser)):
-                found += [(name, a.option_strings[-1], a.dest, a.type) for a in sub._actions
-                          if hasattr(a.type, "bounds")]
-    return found
-
-
-NUMERIC_FLAGS = numeric_flags()
-NUMBER_TEXT = st.one_of(
-    st.integers(-10**12, 10**12).map(str),
-    st.floats(allow_nan=True, allow_infinity=True).map(repr),
-    st.floats(-2, 2).map(str),
-    st.sampled_from(["", " ", "-0", "0", "1", "1e309", "-1e-320", "0x10", "1_000", " 3", "nan", "-inf", "½", "٣",
-                     "1.5", "2**8", "None", "--", "-1"]),
-    st.text(max_size=6))
-REQUIRED = {"analyze": ["--out", "o"], "convert": ["--out", "o"], "heal": ["--model", "m", "--out", "o"],
-            "train": ["--model", "m", "--out", "o"], "report": ["r", "--out", "o"], "sweep": ["--out", "o"],
-            "bench": ["d", "--out", "o"], "generate": ["d", "--prompt", "p"], "tokenize": ["c", "--out", "o"]}
-
-
-def test_the_flag_table_is_complete():
-    commands = {c for c, *_ in NUMERIC_FLAGS}
-    assert {None, "analyze", "convert", "heal", "eval", "train", "bench", "generate", "sweep", "demo"} <= commands
-    assert len(NUMERIC_FLAGS) >= 50
-
-
-@budget(1500)
-@given(st.sampled_from(NUMERIC_FLAGS), NUMBER_TEXT)
-def test_every_numeric_flag_is_in_range_or_refused_in_one_line(flag, text):
-    command, option, dest, kind = flag
-    argv = ([command] if command else []) + REQUIRED.get(command, []) + [f"{option}={text}"]
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) if _refused(kind, text) else contextlib.nullcontext():
-        args = build_parser().parse_args(argv)
-    if err.getvalue():                    # refused: one line, and it names the flag
-        lines = err.getvalue().strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("d2m-export: error: ") and option in lines[0], lines
-        return
-    value = getattr(args, dest)
-    low, high, integer = kind.bounds
-    assert math.isfinite(value) and (not integer or isinstance(value, int))
-    assert (low is None or value >= low) and (high is None or value <= high)
-
-
-def _refused(kind, text: str) -> bool:
-    """What the validator must refuse, decided independently of it."""
-    low, high, integer = kind.bounds
-    try:
-        value = int(text) if integer else float(text)
-    except ValueError:
-        return True
-    if not math.isfinite(value):
-        return True
-    return bool((low is not None and value < low) or (high is not None and value > high)
-                or (value == low and kind.open_low) or (value == high and kind.open_high))
+from property_helpers import (budget, check_outcome, error_lines, fresh, is_export, is_results_json,  # noqa: F401
+                              loads_as_checkpoint, run, world)                  # world: a fixture
 
 
 # --- 2. whole commands on tiny models, with numeric flags in and around their ranges ------------

@@ -20,7 +20,7 @@ from conftest import assert_user_error, export_with_cli, run_cli, save_with_toke
 
 onnx = pytest.importorskip("onnx")
 from runtimes.transformersjs import SCRIPT, WEB_DIR  # noqa: E402
-from test_onnx import PROMPT, build, hf_greedy, hf_model, moe_layers, routed_experts, sensitive  # noqa: E402
+from onnx_helpers import PROMPT, build, hf_greedy, hf_model, moe_layers, routed_experts, sensitive  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which("node") is None or not (WEB_DIR / "node_modules").is_dir(),
                                 reason="needs Node.js and web/node_modules (make web)")
