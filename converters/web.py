@@ -9,6 +9,8 @@ Layout, as transformers.js looks for it (`from_pretrained(folder, {local_files_o
     onnx/model{suffix}.onnx      the decoder graph; suffix by --quant: fp32 '', fp16 '_fp16', q8 '_quantized', q4 '_q4'
     onnx/model{suffix}.onnx_data its weights (then `_data_1`, `_data_2`, ... past CHUNK_BYTES each: a browser
                                  holds each file in one buffer); the location stored in the graph is the file's name
+    index.html, page.js          a page that runs the folder in the browser (`web/page/`; `d2m-export serve DIR`
+                                 serves it with the runtime's files: `runtimes.web_server`)
 
 The graph is the onnx target's (`converters.onnx_graph`), with the interface transformers.js feeds:
 `input_ids`, `attention_mask`, `position_ids`, `past_key_values.N.key/value`, `num_logits_to_keep` -> `logits`,
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from converters.base import Exporter, exact, lossy, register_target
@@ -47,6 +50,7 @@ FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text":
             "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "mixtral": "mistral"}
 POSITION_START = {"gemma3_text": 1}    # transformers.js counts these models' position_ids from 1
 MIN_MAX_SEQ_LEN = 64
+PAGE_FILES = ("index.html", "page.js")
 
 
 def model_file(quant: str) -> str:
@@ -100,7 +104,7 @@ class WebExporter(Exporter):
             data.close()
         onnx.save_model(proto, out_tmp / graph)            # its weights are in the data files already
         onnx.checker.check_model(str(out_tmp / graph))
-        return [graph, *(f"{ONNX_DIR}/{p.name}" for p in data.paths)]
+        return [graph, *(f"{ONNX_DIR}/{p.name}" for p in data.paths), *write_page(out_tmp)]
 
     def adapt_config(self, out_tmp: Path) -> None:
         """config.json tells transformers.js which graph to load and how many data files it has."""
@@ -120,7 +124,8 @@ class WebExporter(Exporter):
 
         info = graph_details(Path(out_tmp) / files[0], files[0])
         quant = next(q for q in QUANTS if files[0] == model_file(q))
-        return {**info, "dtype": quant, "external_data": files[1:],
+        return {**info, "dtype": quant, "external_data": [f for f in files[1:] if f.startswith(f"{ONNX_DIR}/")],
+                "page": "index.html (d2m-export serve DIR serves it)",
                 "loads_with": "transformers.js 4.x: AutoModelForCausalLM.from_pretrained(folder, "
                               "{local_files_only: true}) (dtype and data files from config.json)"}
 
@@ -160,6 +165,15 @@ class WebExporter(Exporter):
                                            **({"tokens": c["tokens"]} if c["prefix_match"] < c["total"] else {})}
                                           for c in checks]}
         return result
+
+
+def write_page(out_tmp: Path) -> list[str]:
+    """index.html and its script, copied from web/page/ (the page loads the folder it is in)."""
+    from runtimes.transformersjs import WEB_DIR
+
+    for name in PAGE_FILES:
+        shutil.copyfile(WEB_DIR / "page" / name, Path(out_tmp) / name)
+    return list(PAGE_FILES)
 
 
 def check_fits_wasm(config: dict, quant: str) -> None:

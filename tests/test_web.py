@@ -63,7 +63,7 @@ def check_layout(out, manifest, quant):
     and its data file, whose name is the location the graph stores."""
     graph_file = f"onnx/model{SUFFIX[quant]}.onnx"
     assert manifest["target"] == "web" and manifest["quant"] == quant
-    assert manifest["files"] == [graph_file, graph_file + "_data"]
+    assert manifest["files"] == [graph_file, graph_file + "_data", "index.html", "page.js"]   # and the page
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "manifest.json"):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
@@ -200,7 +200,7 @@ def test_large_weights_split_into_chunks_transformers_js_loads(capsys, tmp_path,
                                     tokenizer_dir)
     out = tmp_path / "web"
     manifest = export_with_cli(capsys, "web", model_dir, out)
-    data = manifest["files"][1:]
+    data = manifest["files"][1:-2]                       # then index.html and page.js
     assert data == ["onnx/model.onnx_data", *(f"onnx/model.onnx_data_{i}" for i in range(1, len(data)))]
     assert len(data) >= 2 and all((out / f).stat().st_size <= 7 << 20 for f in data)
     config = json.loads((out / "config.json").read_text())
