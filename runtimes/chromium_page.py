@@ -23,6 +23,8 @@ from d2m_export.errors import UserError
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
          "--disable-extensions", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--mute-audio", "--remote-debugging-pipe"]
+# WebGPU without a GPU: Chromium's software Vulkan (SwiftShader), which it offers only when asked (slow, no shader-f16)
+SOFTWARE_WEBGPU = ["--enable-unsafe-webgpu", "--use-angle=swiftshader", "--enable-features=Vulkan"]
 # the result elements' texts, and every URL the page fetched (resource timing)
 READ_RESULT = """JSON.stringify({...Object.fromEntries(['status', 'token-ids', 'tok-s', 'backend', 'output']
     .map((id) => [id, document.getElementById(id)?.textContent ?? null])),
@@ -42,7 +44,7 @@ def page_query(prompt: str, max_new_tokens: int, **params) -> str:
 class DevTools:
     """One headless Chromium process and the DevTools protocol over its pipe."""
 
-    def __init__(self, timeout_s: float = 60.0):
+    def __init__(self, timeout_s: float = 60.0, webgpu: bool = False):
         binary = chromium()
         if binary is None:
             raise UserError("headless Chromium is not installed (Debian: apt-get install chromium)")
@@ -54,7 +56,8 @@ class DevTools:
         self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             [shutil.which("bash") or "/bin/bash", "-c", f'exec "$0" "$@" 3<&{to_child} 4>&{from_child} {to_child}<&- {from_child}>&-',
-             binary, *FLAGS, f"--user-data-dir={self.profile.name}", "about:blank"],
+             binary, *(f for f in FLAGS if not (webgpu and f == "--disable-gpu")), *(SOFTWARE_WEBGPU if webgpu else []),
+             f"--user-data-dir={self.profile.name}", "about:blank"],
             pass_fds=(to_child, from_child), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.stderr)
         os.close(to_child)
         os.close(from_child)
@@ -138,10 +141,11 @@ class DevTools:
         self.close()
 
 
-def run_page(url: str, timeout_s: float = 300.0, poll_s: float = 0.25) -> dict:
+def run_page(url: str, timeout_s: float = 300.0, poll_s: float = 0.25, webgpu: bool = False) -> dict:
     """Open the page at `url` (with its query) in headless Chromium and wait for it to finish: its result
-    elements' texts, `token-ids` parsed, `tok-s` as a float. A page error or a timeout raises UserError."""
-    with DevTools() as browser:
+    elements' texts, `token-ids` parsed, `tok-s` as a float. A page error or a timeout raises UserError.
+    `webgpu`: offer WebGPU on Chromium's software renderer (else the GPU is off: WebAssembly only)."""
+    with DevTools(webgpu=webgpu) as browser:
         session = browser.open(url)
         deadline = time.monotonic() + timeout_s
         state = {}

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -115,9 +116,16 @@ def page_url(server: PageServer) -> str:
     return f"http://{HOST}:{server.server_address[1]}/{PAGE}"
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
 def serve(export_dir: Path, port: int = 8000) -> int:
-    """Serve until Ctrl-C; prints the page's URL first."""
+    """Serve until Ctrl-C (SIGINT) or SIGTERM; prints the page's URL first."""
     server = make_server(export_dir, port)
+    # a process started in the background inherits SIGINT ignored; a server's only way to stop is a signal
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
     print(f"serving {export_dir} at {page_url(server)} (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()

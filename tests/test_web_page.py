@@ -43,7 +43,11 @@ def served(export_dir: Path):
         yield line.split(" at ")[1].split()[0]
     finally:
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
     assert proc.returncode == 0 and out.strip().endswith("stopped"), (proc.returncode, out, err)
 
 
@@ -80,6 +84,9 @@ def test_the_page_generates_transformers_greedy_tokens_in_chromium(capsys, conve
     with served(out) as url:
         got = page_tokens(url, PROMPT, 8, threads=2)
         check_served_files(url)
+        if layout == "lfuc-routed-k1":   # where navigator.gpu gives an adapter the page picks WebGPU by itself
+            gpu = run_page(url + page_query(PROMPT, 8, min_new_tokens=8), timeout_s=180, webgpu=True)
+            assert gpu["backend"] == "WebGPU" and gpu["token-ids"] == want
     assert got["token-ids"] == want
     assert got["backend"] == "WASM (2 threads)"       # cross-origin isolated: the headers let threads run
     assert got["tok-s"] > 0 and got["output"].startswith(PROMPT)
