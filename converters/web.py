@@ -20,7 +20,8 @@ the cache grows by the step's length (transformers.js reads the past length from
 empty past takes the declared head size. MoE layers route in plain ONNX (`gather`: ArgMax or TopK, then
 each expert's own MatMuls on the rows that chose it), which is exact on every execution provider; WebGPU
 has no MoE kernel. Quantized weights are MatMulNBits (q8: 8-bit, q4: 4-bit blocks of 32) as in the onnx
-target's int8/int4; fp16 stores fp16 weights that a Cast widens (activations and the KV cache stay fp32).
+target's int8/int4, the embedding read from the same bytes by Gather and arithmetic (the browser build of
+onnxruntime-web has no GatherBlockQuantized kernel); fp16 stores fp16 weights that a Cast widens (activations and the KV cache stay fp32).
 
 The parity check runs the folder through transformers.js itself (`runtimes.transformersjs`, the script in
 `web/`): teacher-forced logits step by step in onnxruntime-node and in onnxruntime-web's WebAssembly build
@@ -99,7 +100,7 @@ class WebExporter(Exporter):
         try:
             proto = build_model(model_dir, QUANTS[quant][1], max_seq_len, "gather", None, data,
                                 position_offset=POSITION_START.get(read_config(model_dir).get("model_type"), 0),
-                                logits_to_keep=True)
+                                logits_to_keep=True, plain_embedding=True)
         finally:
             data.close()
         onnx.save_model(proto, out_tmp / graph)            # its weights are in the data files already

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, run_cli, save_with_tokenizer
 from runtimes.chromium_page import chromium, page_query, run_page
 from runtimes.transformersjs import WEB_DIR
 from test_onnx import build, hf_greedy, hf_model
@@ -72,7 +72,6 @@ def test_the_page_generates_transformers_greedy_tokens_in_chromium(capsys, conve
     if layout == "convert-lfuc":
         model_dir = converted("lfuc")
     else:
-        from conftest import save_with_tokenizer
         model_dir = save_with_tokenizer(build(layout), tmp_path / layout, tokenizer_dir)
     out = tmp_path / "web"
     manifest = export_web(capsys, model_dir, out)
@@ -94,6 +93,22 @@ def test_the_page_generates_transformers_greedy_tokens_in_chromium(capsys, conve
     origin = url.rsplit("/", 1)[0] + "/"
     assert got["resources"] and all(r.startswith(origin) for r in got["resources"]), got["resources"]
     assert any(r.endswith("/d2m-runtime/onnxruntime-web/ort-wasm-simd-threaded.asyncify.wasm") for r in got["resources"])
+
+
+def test_a_q4_export_runs_in_chromium_as_in_node(capsys, tmp_path, tokenizer_dir, quant="q4"):
+    """A q4 graph (MatMulNBits; the embedding looked up in standard ops, as the browser build has no
+    GatherBlockQuantized: q8 takes the same path at 8 bits, test_web.py compares both lookups) loads in the
+    browser and generates the tokens transformers.js generates in Node."""
+    from test_web import node_generate
+    from transformers import AutoTokenizer
+
+    model_dir = save_with_tokenizer(build("lfuc-routed-k1"), tmp_path / "model", tokenizer_dir)
+    out = tmp_path / "web"
+    export_web(capsys, model_dir, out, quant)
+    ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT)["input_ids"]
+    with served(out) as url:
+        got = page_tokens(url, PROMPT, 8, threads=2)
+    assert got["token-ids"] == node_generate(out, ids, 8)["tokens"]
 
 
 def check_served_files(url: str) -> None:
