@@ -48,8 +48,9 @@ SUFFIX = {"fp32": "", "q8": "_quantized", "q4": "_q4"}
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def optimum_folder(venv: Path, dense: Path, work: Path, quants: tuple[str, ...]) -> Path:
-    """optimum's export of the dense model as a transformers.js folder: onnx/model{suffix}.onnx per quant."""
+def optimum_folder(venv: Path, dense: Path, tokenizer_from: Path, work: Path, quants: tuple[str, ...]) -> Path:
+    """optimum's export of the dense model as a transformers.js folder: onnx/model{suffix}.onnx per quant; the
+    tokenizer files from `tokenizer_from` where optimum wrote none."""
     out = work / "optimum-web"
     raw = work / "optimum-onnx"
     if not done(raw, "model.onnx"):
@@ -59,8 +60,9 @@ def optimum_folder(venv: Path, dense: Path, work: Path, quants: tuple[str, ...])
         tmp.rename(raw)
     (out / "onnx").mkdir(parents=True, exist_ok=True)
     for name in COPIED:
-        if (raw / name).is_file() and not (out / name).is_file():
-            shutil.copy2(raw / name, out / name)
+        source = raw / name if (raw / name).is_file() else tokenizer_from / name
+        if source.is_file() and not (out / name).is_file():
+            shutil.copy2(source, out / name)
     for name in ("index.html", "page.js"):           # the same page as ours
         shutil.copy2(WEB_DIR / "page" / name, out / name)
     graph = out / "onnx" / "model.onnx"
@@ -77,7 +79,7 @@ def optimum_folder(venv: Path, dense: Path, work: Path, quants: tuple[str, ...])
                 "import onnx; from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer; "
                 "q = MatMulNBitsQuantizer(onnx.load(sys.argv[1]), block_size=32, is_symmetric=True); q.process(); "
                 "q.model.save_model_to_file(sys.argv[2], False)")
-        sh([venv / "bin" / "python", "-c", "import sys; " + code, graph, target])
+        sh([sys.executable, "-c", "import sys; " + code, graph, target])      # onnxruntime's tools, in our venv
     return out
 
 
@@ -142,14 +144,20 @@ def main() -> None:
     missing = []
     optimum_quants = tuple(q for q in args.optimum_quants.split(",") if q in quants)
     if (args.optimum_venv / "bin" / "optimum-cli").is_file():
-        anchor = optimum_folder(args.optimum_venv, dense, work, optimum_quants)
+        anchor = optimum_folder(args.optimum_venv, dense, folders[f"dense {quants[0]}"], work, optimum_quants)
         for quant in optimum_quants:         # one folder per dtype: config.json names the graph to load
             folder = work / f"optimum-{quant}"
-            if not folder.is_dir():
+            if not (folder / "tokenizer.json").is_file():
+                shutil.rmtree(folder, ignore_errors=True)
                 shutil.copytree(anchor, folder, ignore=shutil.ignore_patterns("model*.onnx*"))
                 (folder / "onnx").mkdir(exist_ok=True)
                 (folder / "onnx" / f"model{SUFFIX[quant]}.onnx").symlink_to(anchor / "onnx" / f"model{SUFFIX[quant]}.onnx")
                 set_dtype(folder, quant)
+            if not (folder / "manifest.json").is_file():     # what `serve` checks: a web folder with its page
+                files = [f"onnx/model{SUFFIX[quant]}.onnx", "index.html", "page.js"]
+                (folder / "manifest.json").write_text(json.dumps(
+                    {"target": "web", "files": files, "quant": quant,
+                     "made_by": "optimum-cli export onnx, arranged by bench/web_smollm2.py"}, indent=2) + "\n")
             folders[f"optimum {quant}"] = folder
     else:
         missing.append(f"optimum's export: no optimum-cli in {args.optimum_venv} (make optimum-env)")
@@ -235,8 +243,8 @@ def render(r: dict) -> str:
         lines.append(f"| {name} | " + " | ".join("—" if c is None else f"{c}" for c in cells)
                      + f" | {r['artifact_mb'].get(name, '')} |")
     lines += ["", "Ratios, each taken within a round (median over rounds); roofline: LF-UC ÷ dense bytes per token.", "",
-              "| quant, runtime | LF-UC ÷ dense | roofline | of roofline | LF-UC ÷ prune | dense ÷ optimum | LF-UC ÷ optimum |",
-              "|---|---|---|---|---|---|---|"]
+              "| quant | runtime | LF-UC ÷ dense | roofline | of roofline | LF-UC ÷ prune | dense ÷ optimum | LF-UC ÷ optimum |",
+              "|---|---|---|---|---|---|---|---|"]
     fmt = lambda v: "—" if v is None else f"{v}"  # noqa: E731
     for key, e in r["ratios"].items():
         lines.append(f"| {key} | {fmt(e['lfuc/dense'])} | {e['roofline']} | {fmt(e.get('of_roofline'))} | "
