@@ -11,6 +11,7 @@ COPY runtimes runtimes
 # The web target's runtime (transformers.js, onnxruntime-node), pinned by the lock file; onnxruntime-node's
 # install script (a CUDA download) is skipped: its CPU binding ships in the package.
 COPY web/package.json web/package-lock.json web/d2m_web.mjs web/
+COPY web/page web/page
 RUN cd web && ONNXRUNTIME_NODE_INSTALL=skip npm ci --ignore-scripts --no-audit --no-fund
 # torch first, pinned as in the Makefile (use a CPU-only wheel index if you have one: it is much smaller).
 RUN pip install --no-cache-dir "torch==2.13.0" \

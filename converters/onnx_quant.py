@@ -5,7 +5,7 @@
 - routed experts: `com.microsoft.QMoE` with the same per-block layout per expert ([E, N, K·bits/8]);
 - the embedding: `com.microsoft.GatherBlockQuantized` over the same bytes, so a tied embedding /
   LM head is stored once also when quantized (the head's MatMulNBits reads it through a Reshape
-  that ONNX Runtime folds at load).
+  that ONNX Runtime folds at load); for the web, the same lookup in standard ops (`plain_embedding`).
 
 Kept in fp32: norms, biases, the routers (routing decisions are sensitive and the routers tiny), the
 rotary tables. The LM head (and so a tied embedding) is stored at the projections' bits, as ONNX
@@ -64,12 +64,17 @@ HEAD_BITS = {"int8": 8, "int4": 4}
 
 
 class NBitsLinears(Linears):
-    def __init__(self, g: Graph, quant: str, accuracy_level: int = ACCURACY_LEVEL, head_bits: int | None = None):
+    """`plain_embedding`: the quantized embedding's lookup in standard ONNX ops instead of GatherBlockQuantized,
+    which onnxruntime-web's browser build has no kernel for (the web target)."""
+
+    def __init__(self, g: Graph, quant: str, accuracy_level: int = ACCURACY_LEVEL, head_bits: int | None = None,
+                 plain_embedding: bool = False):
         super().__init__(g)
         self.quant = quant
         self.bits = BITS[quant]
         self.head_bits = head_bits or HEAD_BITS[quant]
         self.accuracy_level = accuracy_level
+        self.plain_embedding = plain_embedding
 
     def _nbits(self, x: str, q: str, scales: str, n: int, k: int, bits: int, name: str, output=None) -> str:
         return self.g.op("MatMulNBits", [x, q, scales], name, outputs=[output] if output else 1, domain=MS,
@@ -113,20 +118,43 @@ class NBitsLinears(Linears):
         q, s = quantize_blocks(embed, bits, BLOCK)
         data = g.const(f"embed_tokens.weight_q{bits}", q.reshape(v, -1))
         scales = g.const("embed_tokens.scales", s)
-        hidden = g.op("GatherBlockQuantized", [data, input_ids, scales], "embed", domain=MS, bits=bits,
-                      block_size=BLOCK, gather_axis=0, quantize_axis=1)
+        hidden = self._gather_rows(data, scales, input_ids, bits, h) if self.plain_embedding else g.op(
+            "GatherBlockQuantized", [data, input_ids, scales], "embed", domain=MS, bits=bits, block_size=BLOCK,
+            gather_axis=0, quantize_axis=1)
         if lm_head is not None:
             return hidden, lambda x: self.matmul(x, lm_head, "lm_head", output="logits", bits=bits)
         head = g.op("Reshape", [data, g.const("lm_head.packed_shape", np.array(q.shape, np.int64))], "lm_head.packed")
         return hidden, lambda x: self._nbits(x, head, scales, v, h, bits, "lm_head", output="logits")
+
+    def _gather_rows(self, data: str, scales: str, input_ids: str, bits: int, h: int) -> str:
+        """GatherBlockQuantized's result from Gather, Cast and arithmetic: the looked-up rows' bytes and block
+        scales only (never the whole table), 4-bit values unpacked low nibble first, as `quantize_blocks` packs."""
+        g = self.g
+        f32 = lambda name, v: g.const(name, np.array(v, np.float32))     # noqa: E731
+        shape = lambda name, dims: g.const(name, np.array(dims, np.int64))   # noqa: E731
+        rows = g.op("Cast", [g.op("Gather", [data, input_ids], "embed.rows", axis=0)], "embed.rows_f32",
+                    to=TensorProto.FLOAT)                                      # [B, S, H·bits/8]
+        if bits == 4:
+            high = g.op("Floor", [g.op("Mul", [rows, f32("embed.one_16th", 1 / 16)], "embed.rows_16th")], "embed.high")
+            low = g.op("Sub", [rows, g.op("Mul", [high, f32("embed.sixteen", 16)], "embed.high_16")], "embed.low")
+            last = shape("embed.last_axis", [-1])
+            rows = g.op("Concat", [g.op("Unsqueeze", [low, last], "embed.low_1"),
+                                   g.op("Unsqueeze", [high, last], "embed.high_1")], "embed.nibbles", axis=-1)
+        values = g.op("Sub", [rows, f32("embed.zero_point", 2 ** (bits - 1))], "embed.centered")
+        blocks = g.op("Reshape", [values, shape("embed.block_shape", [0, 0, -1, BLOCK])], "embed.blocks")
+        row_scales = g.op("Unsqueeze", [g.op("Gather", [scales, input_ids], "embed.row_scales", axis=0),
+                                        shape("embed.scale_axis", [-1])], "embed.row_scales_1")
+        return g.op("Reshape", [g.op("Mul", [blocks, row_scales], "embed.scaled"), shape("embed.hidden_shape", [0, 0, h])],
+                    "embed")
 
     def describe(self) -> dict:
         return {"weights": f"{self.quant}: MatMulNBits/QMoE block {BLOCK}, symmetric; LM head and embedding "
                            f"int{self.head_bits}; accuracy_level {self.accuracy_level}; norms, biases, routers fp32"}
 
 
-def quantized_linears(g: Graph, quant: str, head_bits: int | None = None) -> Linears:
-    return Fp16Linears(g) if quant == "fp16" else NBitsLinears(g, quant, head_bits=head_bits)
+def quantized_linears(g: Graph, quant: str, head_bits: int | None = None, plain_embedding: bool = False) -> Linears:
+    return Fp16Linears(g) if quant == "fp16" else NBitsLinears(g, quant, head_bits=head_bits,
+                                                               plain_embedding=plain_embedding)
 
 
 class Fp16Linears(Linears):

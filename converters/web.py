@@ -9,6 +9,8 @@ Layout, as transformers.js looks for it (`from_pretrained(folder, {local_files_o
     onnx/model{suffix}.onnx      the decoder graph; suffix by --quant: fp32 '', fp16 '_fp16', q8 '_quantized', q4 '_q4'
     onnx/model{suffix}.onnx_data its weights (then `_data_1`, `_data_2`, ... past CHUNK_BYTES each: a browser
                                  holds each file in one buffer); the location stored in the graph is the file's name
+    index.html, page.js          a page that runs the folder in the browser (`web/page/`; `d2m-export serve DIR`
+                                 serves it with the runtime's files: `runtimes.web_server`)
 
 The graph is the onnx target's (`converters.onnx_graph`), with the interface transformers.js feeds:
 `input_ids`, `attention_mask`, `position_ids`, `past_key_values.N.key/value`, `num_logits_to_keep` -> `logits`,
@@ -18,7 +20,8 @@ the cache grows by the step's length (transformers.js reads the past length from
 empty past takes the declared head size. MoE layers route in plain ONNX (`gather`: ArgMax or TopK, then
 each expert's own MatMuls on the rows that chose it), which is exact on every execution provider; WebGPU
 has no MoE kernel. Quantized weights are MatMulNBits (q8: 8-bit, q4: 4-bit blocks of 32) as in the onnx
-target's int8/int4; fp16 stores fp16 weights that a Cast widens (activations and the KV cache stay fp32).
+target's int8/int4, the embedding read from the same bytes by Gather and arithmetic (the browser build of
+onnxruntime-web has no GatherBlockQuantized kernel); fp16 stores fp16 weights that a Cast widens (activations and the KV cache stay fp32).
 
 The parity check runs the folder through transformers.js itself (`runtimes.transformersjs`, the script in
 `web/`): teacher-forced logits step by step in onnxruntime-node and in onnxruntime-web's WebAssembly build
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from converters.base import Exporter, exact, lossy, register_target
@@ -47,6 +51,7 @@ FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text":
             "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "mixtral": "mistral"}
 POSITION_START = {"gemma3_text": 1}    # transformers.js counts these models' position_ids from 1
 MIN_MAX_SEQ_LEN = 64
+PAGE_FILES = ("index.html", "page.js")
 
 
 def model_file(quant: str) -> str:
@@ -95,12 +100,12 @@ class WebExporter(Exporter):
         try:
             proto = build_model(model_dir, QUANTS[quant][1], max_seq_len, "gather", None, data,
                                 position_offset=POSITION_START.get(read_config(model_dir).get("model_type"), 0),
-                                logits_to_keep=True)
+                                logits_to_keep=True, plain_embedding=True)
         finally:
             data.close()
         onnx.save_model(proto, out_tmp / graph)            # its weights are in the data files already
         onnx.checker.check_model(str(out_tmp / graph))
-        return [graph, *(f"{ONNX_DIR}/{p.name}" for p in data.paths)]
+        return [graph, *(f"{ONNX_DIR}/{p.name}" for p in data.paths), *write_page(out_tmp)]
 
     def adapt_config(self, out_tmp: Path) -> None:
         """config.json tells transformers.js which graph to load and how many data files it has."""
@@ -120,7 +125,8 @@ class WebExporter(Exporter):
 
         info = graph_details(Path(out_tmp) / files[0], files[0])
         quant = next(q for q in QUANTS if files[0] == model_file(q))
-        return {**info, "dtype": quant, "external_data": files[1:],
+        return {**info, "dtype": quant, "external_data": [f for f in files[1:] if f.startswith(f"{ONNX_DIR}/")],
+                "page": "index.html (d2m-export serve DIR serves it)",
                 "loads_with": "transformers.js 4.x: AutoModelForCausalLM.from_pretrained(folder, "
                               "{local_files_only: true}) (dtype and data files from config.json)"}
 
@@ -160,6 +166,15 @@ class WebExporter(Exporter):
                                            **({"tokens": c["tokens"]} if c["prefix_match"] < c["total"] else {})}
                                           for c in checks]}
         return result
+
+
+def write_page(out_tmp: Path) -> list[str]:
+    """index.html and its script, copied from web/page/ (the page loads the folder it is in)."""
+    from runtimes.transformersjs import WEB_DIR
+
+    for name in PAGE_FILES:
+        shutil.copyfile(WEB_DIR / "page" / name, Path(out_tmp) / name)
+    return list(PAGE_FILES)
 
 
 def check_fits_wasm(config: dict, quant: str) -> None:

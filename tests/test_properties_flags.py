@@ -40,7 +40,8 @@ NUMBER_TEXT = st.one_of(
     st.text(max_size=6))
 REQUIRED = {"analyze": ["--out", "o"], "convert": ["--out", "o"], "heal": ["--model", "m", "--out", "o"],
             "train": ["--model", "m", "--out", "o"], "report": ["r", "--out", "o"], "sweep": ["--out", "o"],
-            "bench": ["d", "--out", "o"], "generate": ["d", "--prompt", "p"], "tokenize": ["c", "--out", "o"]}
+            "bench": ["d", "--out", "o"], "generate": ["d", "--prompt", "p"], "tokenize": ["c", "--out", "o"],
+            "serve": ["d"]}
 
 
 def test_the_flag_table_is_complete():

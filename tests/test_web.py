@@ -63,7 +63,7 @@ def check_layout(out, manifest, quant):
     and its data file, whose name is the location the graph stores."""
     graph_file = f"onnx/model{SUFFIX[quant]}.onnx"
     assert manifest["target"] == "web" and manifest["quant"] == quant
-    assert manifest["files"] == [graph_file, graph_file + "_data"]
+    assert manifest["files"] == [graph_file, graph_file + "_data", "index.html", "page.js"]   # and the page
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "manifest.json"):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
@@ -200,7 +200,7 @@ def test_large_weights_split_into_chunks_transformers_js_loads(capsys, tmp_path,
                                     tokenizer_dir)
     out = tmp_path / "web"
     manifest = export_with_cli(capsys, "web", model_dir, out)
-    data = manifest["files"][1:]
+    data = manifest["files"][1:-2]                       # then index.html and page.js
     assert data == ["onnx/model.onnx_data", *(f"onnx/model.onnx_data_{i}" for i in range(1, len(data)))]
     assert len(data) >= 2 and all((out / f).stat().st_size <= 7 << 20 for f in data)
     config = json.loads((out / "config.json").read_text())
@@ -280,3 +280,32 @@ def test_node_script_reports_a_folder_it_cannot_load(tmp_path):
                          text=True, timeout=120, cwd=WEB_DIR)
     assert res.returncode == 1 and res.stderr.startswith("d2m_web: ") and res.stderr.count("\n") == 1
     assert not res.stdout
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_the_quantized_embedding_lookup_in_standard_ops_equals_gather_block_quantized(quant):
+    """onnxruntime-web's browser build has no GatherBlockQuantized: the web target looks the rows up with
+    Gather and arithmetic over the same bytes. Both, run in onnxruntime, give the same rows."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    from converters.onnx_ops import MS, Graph
+    from converters.onnx_quant import NBitsLinears
+
+    embed = np.random.default_rng(0).normal(size=(50, 96)).astype(np.float32)
+    ids = np.array([[3, 49, 0, 7], [7, 7, 1, 22]], np.int64)
+    rows = []
+    for plain in (False, True):
+        g = Graph()
+        hidden, _ = NBitsLinears(g, quant, plain_embedding=plain).embedding_and_head(embed, None, "input_ids")
+        assert plain == ("GatherBlockQuantized" not in {n.op_type for n in g.nodes})
+        graph = helper.make_graph(g.nodes, "embed", [helper.make_tensor_value_info("input_ids", TensorProto.INT64,
+                                                                                  ["b", "s"])],
+                                  [helper.make_tensor_value_info(hidden, TensorProto.FLOAT, None)], g.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)])
+        model.ir_version = 10
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        rows.append(session.run(None, {"input_ids": ids})[0])
+    assert rows[0].shape == (2, 4, 96)
+    np.testing.assert_array_equal(rows[1], rows[0])
+    assert np.abs(rows[1] - embed[ids]).max() < (0.1 if quant == "int8" else 1.0)    # and they are the embedding

@@ -47,6 +47,18 @@ def int_at_least(low: int, why: str = ""):
     return parse
 
 
+def int_in(low: int, high: int):
+    """An integer in [low, high]."""
+    def parse(text: str) -> int:
+        value = _number(int, text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], not {value}")
+        return value
+    parse.__name__ = f"integer in [{low}, {high}]"
+    parse.bounds, parse.open_low, parse.open_high = (low, high, True), False, False
+    return parse
+
+
 def float_in(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False):
     """A finite float in [low, high] (an open end where asked; None: unbounded)."""
     def parse(text: str) -> float:
@@ -73,6 +85,7 @@ NON_NEGATIVE_FLOAT = float_in(0, None)
 FRACTION = float_in(0, 1)                              # [0, 1]
 RATIO = float_in(0, 1, low_open=True)                  # (0, 1]
 FINITE = float_in()
+PORT = int_in(0, 65535)                                # 0: a free port, chosen when the server binds
 # Token budgets hold at least one window of the stage's text (calibration.calibration_ids: 256;
 # heal.WINDOW: 256, one window fitted and one held out; evaluation.perplexity: 512)
 CALIB_TOKENS = int_at_least(256, "one calibration window")

@@ -7,10 +7,10 @@ from pathlib import Path
 from d2m_export._version import __version__
 from d2m_export.api import DEFAULT_TASKS
 from d2m_export.cli.args import (CALIB_TOKENS, FINITE, FRACTION, HEAL_TOKENS, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE,
-                                 POSITIVE_FLOAT, PPL_TOKENS, RATIO, OneLineParser, float_in)
+                                 PORT, POSITIVE_FLOAT, PPL_TOKENS, RATIO, OneLineParser, float_in)
 from d2m_export.cli.stages import cmd_analyze, cmd_convert, cmd_eval, cmd_heal, cmd_tokenize, cmd_train
 from d2m_export.cli.studies import cmd_demo, cmd_profile, cmd_report, cmd_sweep
-from d2m_export.cli.targets import cmd_bench, cmd_generate
+from d2m_export.cli.targets import cmd_bench, cmd_generate, cmd_serve
 from d2m_export.errors import UserError
 
 
@@ -270,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=POSITIVE, default=None)
     p.add_argument("--runtime", default=None, help=RUNTIME_HELP)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve a web export's page (index.html) on 127.0.0.1, to run it in a browser")
+    p.add_argument("dir", help="a web export directory (from --target web)")
+    p.add_argument("--port", type=PORT, default=8000, help="the port (default 8000; 0: any free one, printed)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

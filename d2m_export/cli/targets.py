@@ -1,4 +1,4 @@
-"""Exports and runtimes: export (when no command is given), the ExecuTorch job, bench, generate."""
+"""Exports and runtimes: export (when no command is given), the ExecuTorch job, bench, generate, serve."""
 from __future__ import annotations
 
 import sys
@@ -117,3 +117,10 @@ def cmd_generate(args) -> int:
               f"{context} tokens" + (f" ({len(filler)} of them filler text before the prompt)" if filler else ""),
               file=sys.stderr)
     return 0
+
+
+def cmd_serve(args) -> int:
+    """A web export's page with the runtime's files and the headers WebAssembly threads need, until Ctrl-C."""
+    from runtimes.web_server import serve
+
+    return serve(Path(args.dir), args.port)
