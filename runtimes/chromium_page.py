@@ -26,7 +26,7 @@ FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "-
 # WebGPU without a GPU: Chromium's software Vulkan (SwiftShader), which it offers only when asked (slow, no shader-f16)
 SOFTWARE_WEBGPU = ["--enable-unsafe-webgpu", "--use-angle=swiftshader", "--enable-features=Vulkan"]
 # the result elements' texts, and every URL the page fetched (resource timing)
-READ_RESULT = """JSON.stringify({...Object.fromEntries(['status', 'token-ids', 'tok-s', 'backend', 'output']
+READ_RESULT = """JSON.stringify({...Object.fromEntries(['status', 'token-ids', 'tok-s', 'backend', 'output', 'top1-ids']
     .map((id) => [id, document.getElementById(id)?.textContent ?? null])),
     resources: performance.getEntriesByType('resource').map((e) => e.name)})"""
 
@@ -153,7 +153,8 @@ def run_page(url: str, timeout_s: float = 300.0, poll_s: float = 0.25, webgpu: b
             state = json.loads(browser.evaluate(session, READ_RESULT) or "{}")
             status = state.get("status") or ""
             if status == "done":
-                return {**state, "token-ids": json.loads(state["token-ids"]),
+                return {**state, "token-ids": json.loads(state["token-ids"] or "null"),
+                        "top1-ids": json.loads(state.get("top1-ids") or "null"),
                         "tok-s": float(state["tok-s"]) if state.get("tok-s") else None}
             if status.startswith("error"):
                 raise UserError(f"the page in Chromium: {status}")

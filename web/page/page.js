@@ -5,9 +5,11 @@
 //   prompt=TEXT  max_new_tokens=N (default 64)  min_new_tokens=N (no end-of-sequence before N tokens)
 //   device=wasm|webgpu (default: WebGPU when navigator.gpu gives an adapter, else WebAssembly)
 //   threads=N (WebAssembly threads; default onnxruntime-web's choice, 1 where the page is not cross-origin isolated)
+//   score_ids=ID,ID,... (instead of generating: one teacher-forced forward pass over these token ids; #top1-ids
+//   gets each position's argmax, for checking a quantized export in the browser against its reference)
 // When done, #token-ids holds the generated token ids as JSON, #tok-s the decode speed (tokens/s) and
 // #status "done" (or "error: ..."): scripts and tests read these.
-import { AutoModelForCausalLM, AutoTokenizer, TextStreamer, env } from '@huggingface/transformers';
+import { AutoModelForCausalLM, AutoTokenizer, Tensor, TextStreamer, env } from '@huggingface/transformers';
 
 // onnxruntime-web's own files (its .mjs glue and .wasm binary), from the installed npm package that
 // `d2m-export serve` serves under this prefix; transformers.js would otherwise fetch them from a CDN
@@ -35,6 +37,12 @@ async function chooseDevice() {
     if (asked) return asked;
     const adapter = navigator.gpu ? await navigator.gpu.requestAdapter().catch(() => null) : null;
     return adapter ? 'webgpu' : 'wasm';
+}
+
+function tokenIdOf(name, text) {
+    const n = Number(text);
+    if (text === '' || !Number.isInteger(n) || n < 0) throw new Error(`${name} holds token ids, not ${JSON.stringify(text)}`);
+    return n;
 }
 
 let model, tokenizer;
@@ -77,6 +85,22 @@ async function generate(prompt, maxNewTokens, minNewTokens) {
     $('run').disabled = false;
 }
 
+async function score(ids) {
+    $('status').textContent = 'scoring';
+    const n = ids.length;
+    const input_ids = new Tensor('int64', BigInt64Array.from(ids, BigInt), [1, n]);
+    const attention_mask = new Tensor('int64', new BigInt64Array(n).fill(1n), [1, n]);
+    const { logits } = await model({ input_ids, attention_mask });
+    const vocab = logits.dims[2], data = logits.data, top1 = [];
+    for (let row = 0; row < n; row++) {
+        let best = 0;
+        for (let j = 1; j < vocab; j++) if (data[row * vocab + j] > data[row * vocab + best]) best = j;
+        top1.push(best);
+    }
+    $('top1-ids').textContent = JSON.stringify(top1);
+    $('status').textContent = 'done';
+}
+
 function fail(e) {
     $('status').textContent = `error: ${String(e?.message ?? e).split('\n')[0]}`;
     $('run').disabled = false;
@@ -93,10 +117,12 @@ try {
     const minNewTokens = positiveInt('min_new_tokens', undefined);
     if (prompt !== null) $('prompt').value = prompt;
     $('max-new-tokens').value = maxNewTokens;
+    const scoreIds = params.get('score_ids');
     await load();
     $('run').disabled = false;
     $('status').textContent = 'ready';
-    if (prompt !== null) await generate(prompt, maxNewTokens, minNewTokens);
+    if (scoreIds !== null) await score(scoreIds.split(',').map((t) => tokenIdOf('score_ids', t)));
+    else if (prompt !== null) await generate(prompt, maxNewTokens, minNewTokens);
 } catch (e) {
     fail(e);
 }
