@@ -109,8 +109,10 @@ def run_side(side: str, model: str, model_dir: Path, target: str, quant: str, ou
         if side == "ours":
             manifest = json.loads((out / "manifest.json").read_text())
             result["timings_s"] = manifest.get("timings_s", {})
-            if isinstance(steps := manifest.get(target, {}).get("wall_s"), dict):
-                result["toolchain_s"] = steps      # executorch: its build's own steps, timed in its worker process
+            # the steps the exporter times itself (executorch: in its worker process; coreml)
+            steps = manifest.get(target, {}).get("wall_s") or (manifest.get("verification") or {}).get("export_wall_s")
+            if isinstance(steps, dict):
+                result["toolchain_s"] = {k: round(v, 1) for k, v in steps.items()}
             result["phases_s"] = phases(result["timings_s"], result["wall_s"])
             p = manifest.get("parity") or {}
             result["parity"] = ({k: p.get(k) for k in ("greedy_match", "greedy_total", "max_abs_logit_err")}
@@ -191,8 +193,9 @@ def render(result: dict) -> str:
              f"Same machine ({m['cpus']} cores, {m['memory_gb']} GiB), same model, each command in its own process "
              "(wall time and peak RSS by `os.wait4`), ours and the anchor run one after the other. The machine is "
              "shared and was busy with other work: every command ran under `nice`, and the 1-minute load average "
-             "at the start and end of each command is in the JSON (`load_avg_1min`); absolute seconds are "
-             "pessimistic, ratios taken minutes apart are rough.", "",
+             "at the start of each command is in the table (start and end in the JSON, `load_avg_1min`): at a load of "
+             "6–9 on 2 cores a command took up to 5× its time at a load near 1, so absolute seconds are "
+             "pessimistic and ratios of commands run minutes apart are rough.", "",
              f"- ours: `d2m-export --target T --model M --quant Q --threads {result['threads']}`, the whole "
              "process, parity check included (it is on by default: transformers reference + the export run in "
              "its runtime).",
@@ -210,15 +213,16 @@ def render(result: dict) -> str:
         if not rows:
             continue
         lines += [f"## {model}", "", "| target | quant | ours | wall s | peak RSS GB | wall less parity s | anchor tool "
-                  "| anchor | wall s | peak RSS GB | ours ÷ anchor (wall) | less parity ÷ anchor |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| anchor | wall s | peak RSS GB | ours ÷ anchor (wall) | less parity ÷ anchor | load at start: ours, anchor |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             tool = (r["anchor"] or {}).get("tool", "")
             ours = r["ours"] or {}
             less = round(ours["wall_s"] - parity_s(ours), 1) if ours.get("phases_s") else ""
             lines.append(f"| {r['target']} | {r['quant']} | {side_cells(r['ours'])} | {less} | {tool} | "
                          f"{side_cells(r['anchor'])} | {r['ours_over_anchor_wall'] or ''} | "
-                         f"{r.get('ours_less_parity_over_anchor_wall') or ''} |")
+                         f"{r.get('ours_less_parity_over_anchor_wall') or ''} | "
+                         + ", ".join(str((x or {}).get("load_avg_1min", [""])[0]) for x in (r["ours"], r["anchor"])) + " |")
         timed_rows = [r for r in rows if r["ours"] and r["ours"].get("phases_s")]
         if timed_rows:
             names = list(timed_rows[0]["ours"]["phases_s"])
@@ -231,8 +235,7 @@ def render(result: dict) -> str:
                              + f" | {top} ({ph[top] / wall:.0%}) |")
             for r in timed_rows:
                 if steps := r["ours"].get("toolchain_s"):
-                    lines += ["", f"{r['target']} {r['quant']}: its export phase runs in a worker process, which "
-                              "times its own steps (manifest `" + r["target"] + ".wall_s`): "
+                    lines += ["", f"{r['target']} {r['quant']}: the steps its exporter times itself (in the manifest): "
                               + ", ".join(f"{k} {v} s" for k, v in steps.items()) + "."]
         lines.append("")
     missing = result["missing"]
