@@ -84,6 +84,12 @@ def phases(timings: dict, wall_s: float) -> dict:
     return {k: round(max(v, 0.0), 2) for k, v in out.items()}
 
 
+def shown(text: str, model_dir: Path, model: str) -> str:
+    """Commands and errors as recorded: the model by its name, paths inside the repository relative to it."""
+    text = text.replace(str(model_dir), model).replace(sys.executable, "python")
+    return text.replace(str(ROOT) + "/", "").replace(str(ROOT), ".")
+
+
 def run_side(side: str, model: str, model_dir: Path, target: str, quant: str, out: Path, work: Path) -> dict:
     from converters.executorch import DEFAULT_MAX_SEQ_LEN
     from export_anchors import LABELS, PARTS, NoAnchor
@@ -102,7 +108,8 @@ def run_side(side: str, model: str, model_dir: Path, target: str, quant: str, ou
         except NoAnchor as why:
             return {"rc": None, "tool": tool, "why_none": str(why)}
         out.mkdir(parents=True, exist_ok=True)   # the gguf parts write files into it
-    result = {"tool": tool, **timed(parts), "load_avg_1min": [round(load, 2)]}
+    result = json.loads(shown(json.dumps(timed(parts)), model_dir, model))
+    result = {"tool": tool, **result, "load_avg_1min": [round(load, 2)]}
     result["load_avg_1min"].append(round(os.getloadavg()[0], 2))
     if result["rc"] == 0:
         result["output_gb"] = dir_gb(out)
