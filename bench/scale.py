@@ -149,10 +149,10 @@ def stages(model: Path, work: Path, which: list[str]) -> dict[str, list]:
 NEEDED_LATER = {"lfuc", "healed", "gguf-q4_0"}     # read by the stages after them
 
 
-def run_stage(cmd: list) -> dict:
-    """Wall time and peak RSS of one CLI call in its own process."""
+def run_stage(cmd: list, prefix: tuple | list = tuple(CLI)) -> dict:
+    """Wall time and peak RSS of one CLI call (or, with `prefix=()`, any command) in its own process."""
     t0 = time.time()
-    proc = subprocess.Popen([str(c) for c in [*CLI, *cmd]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([str(c) for c in [*prefix, *cmd]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     tail: list[str] = []
     for line in proc.stdout:
