@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -85,6 +86,7 @@ def cell(work: Path, sources: dict, runtime: str, quant: str, context: int, roun
         return json.loads(path.read_text())
     target, _, runs_in = RUNTIMES[runtime]
     dirs = exports_of(work, sources, target, quant)
+    load = round(os.getloadavg()[0], 2)             # other work on the machine when the timing started
     timing = interleaved({m: (d, runs_in) for m, d in dirs.items()}, rounds=rounds, tokens=16, context=context)
     roof = {m: roofline_bytes(sources[m], quant, context, KV_BYTES.get(target, 4.0)) for m in MODELS}
     rows = {}
@@ -97,7 +99,7 @@ def cell(work: Path, sources: dict, runtime: str, quant: str, context: int, roun
             rows[m].update({"over_prune": speed[f"{m} over prune"]["median"] if m != "prune" else 1.0,
                             "over_dense": over_dense, "roofline_over_dense": round(roof["dense"] / roof[m], 3),
                             "of_roofline": round(over_dense / (roof["dense"] / roof[m]), 3)})
-    result = {"runtime": runtime, "quant": quant, "context": context, "rounds": rounds, "models": rows,
+    result = {"runtime": runtime, "quant": quant, "context": context, "rounds": rounds, "load_1min": load, "models": rows,
               "speedups": timing["speedups"]}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -115,6 +117,11 @@ def render(result: dict) -> str:
                          f"{r.get('over_prune', '')} | {r.get('over_dense', '')} | {r.get('roofline_over_dense', '')} | "
                          f"{r.get('of_roofline', '')} | {r['files_mb']} | {r['peak_rss_mb']} |")
     missing = result["missing"]
+    loads = {f"{c['runtime']} {c['quant']} @{c['context']}": c.get("load_1min", "not recorded") for c in result["cells"]}
+    lines += ["", "1-minute load average when each cell's timing began (2 cores): "
+              + ", ".join(f"{k} {v}" for k, v in loads.items()) + "."]
+    if result.get("note"):
+        lines += ["", result["note"]]
     lines += ["", "Cells not run yet: " + (", ".join(missing) if missing else "none."), "",
               f"Rerun: `python bench/decode_context_smollm2.py {result['argv']}`", ""]
     return "\n".join(lines)
@@ -126,6 +133,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     ap.add_argument("--only", default=",".join(RUNTIMES), help=f"runtimes, of {', '.join(RUNTIMES)}")
+    ap.add_argument("--note", default="", help="a remark printed under the table (e.g. what else ran)")
     ap.add_argument("--prepare", action="store_true",
                     help="only convert and export (no timing): that part needs no quiet machine")
     ap.add_argument("--no-heal", action="store_true", help="convert without healing (speed does not depend on it)")
@@ -160,7 +168,7 @@ def main() -> None:
              f"Models {'not ' if args.no_heal else ''}healed (speed depends on the layout only). ÷ prune / ÷ dense: "
              "median of per-round speed ratios; roofline ÷ dense: dense's bytes per step over the model's (weights at the precision + KV cache at the context); of roofline: measured ÷ "
              "roofline.")
-    publish(args.out, {"about": about, "cells": cells, "missing": missing, "argv": " ".join(sys.argv[1:])}, render)
+    publish(args.out, {"about": about, "note": args.note, "cells": cells, "missing": missing, "argv": " ".join(sys.argv[1:])}, render)
 
 
 if __name__ == "__main__":

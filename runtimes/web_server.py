@@ -109,7 +109,11 @@ def make_server(export_dir: Path, port: int = 8000) -> PageServer:
     export_dir = Path(export_dir).resolve()
     check_web_export(export_dir)
     handler = type("ExportPageHandler", (PageHandler,), {"mounts": runtime_mounts()})
-    return PageServer((HOST, port), partial(handler, directory=str(export_dir)))
+    try:
+        return PageServer((HOST, port), partial(handler, directory=str(export_dir)))
+    except OSError as e:             # the port is taken (or not ours to bind)
+        raise UserError(f"cannot serve on {HOST}:{port} ({e.strerror or e}): choose another --port, or 0 for a "
+                        f"free one") from None
 
 
 def page_url(server: PageServer) -> str:

@@ -153,6 +153,18 @@ def test_serve_refuses_what_is_not_a_web_export_before_binding_a_port(capsys, tm
     assert_user_error(code, err, "--port must be in [0, 65535]")
 
 
+def test_serve_on_a_taken_port_says_so(capsys, tmp_path):
+    import socket
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"target": "web", "files": ["index.html"]}))
+    (tmp_path / "index.html").write_text("<!doctype html>")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code, _, err = run_cli(capsys, "serve", tmp_path, "--port", taken.getsockname()[1])
+    assert_user_error(code, err, "cannot serve on 127.0.0.1:", "choose another --port")
+
+
 @pytest.fixture(scope="module")
 def smollm2_lfuc(tmp_path_factory) -> Path:
     """The real SmolLM2-135M, LF-UC at 0.8 (unhealed), as `convert` writes it."""
