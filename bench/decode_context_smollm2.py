@@ -127,6 +127,19 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
+def rerun_args(argv: list[str]) -> list[str]:
+    """The command line to print under the table, without its --note."""
+    out, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--note="):
+            skip = False
+            continue
+        skip = arg == "--note"
+        if not skip:
+            out.append(arg)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=0.8)
@@ -168,7 +181,7 @@ def main() -> None:
              f"Models {'not ' if args.no_heal else ''}healed (speed depends on the layout only). ÷ prune / ÷ dense: "
              "median of per-round speed ratios; roofline ÷ dense: dense's bytes per step over the model's (weights at the precision + KV cache at the context); of roofline: measured ÷ "
              "roofline.")
-    publish(args.out, {"about": about, "note": args.note, "cells": cells, "missing": missing, "argv": " ".join(sys.argv[1:])}, render)
+    publish(args.out, {"about": about, "note": args.note, "cells": cells, "missing": missing, "argv": " ".join(rerun_args(sys.argv[1:]))}, render)
 
 
 if __name__ == "__main__":
