@@ -242,7 +242,7 @@ def reference(model_dir: Path, prompts: tuple[str, ...], new_tokens: int, contex
 
     shared = greedy_key in cache and text_key()[0] in cache
     if not shared:
-        model, tokenizer = loaded or load_fp32_compute(model_dir)[:2]
+        model, tokenizer = loaded or load_fp32_compute(model_dir, whole_if_fits=True)[:2]
         cache[(key, "config")] = model.config
         if greedy_key not in cache:
             encoded = [tokenizer(p)["input_ids"] for p in prompts]
