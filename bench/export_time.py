@@ -29,12 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sidebyside import ROOT, publish  # noqa: E402
 
 MODELS = ("smollm2", "llama-3.2-1b", "qwen2.5-3b")
-ROWS = (("gguf", "q4_0"), ("gguf", "q4_k_m"), ("onnx", "int4"), ("executorch", "8da4w"), ("coreml", "int4"))
+ROWS = (("gguf", "q4_0"), ("gguf", "q4_k_m"), ("onnx", "int4"), ("executorch", "8da4w"), ("coreml", "int4"),
+        ("onnx+gguf", "int4+q4_0"))
+# onnx+gguf: one run, `--target onnx,gguf --quant int4,q4_0`, against the two single-target runs above it
 SIDES = ("ours", "anchor")
 EXPORT_PHASES = ("load", "convert", "quantize", "write")
 PARITY_PHASES = ("parity_reference", "runtime_check")
 TOP_PHASES = ("prepare", "export", "manifest", "parity", "checksums")
 THREADS = 2
+QUIET_LOAD = 2.5        # the highest 1-minute load at a command's start called quiet
 
 
 def source(name: str, work: Path) -> Path:
@@ -98,9 +101,12 @@ def run_side(side: str, model: str, model_dir: Path, target: str, quant: str, ou
     max_seq_len = DEFAULT_MAX_SEQ_LEN      # ours' default KV cache (executorch), given to the anchor too
     load = os.getloadavg()[0]
     if side == "ours":
-        parts = [("d2m-export", [sys.executable, "-m", "d2m_export.cli", "--target", target, "--model", model_dir,
-                                 "--quant", quant, "--threads", THREADS, "--out", out])]
+        parts = [("d2m-export", [sys.executable, "-m", "d2m_export.cli", "--target", target.replace("+", ","),
+                                 "--model", model_dir, "--quant", quant.replace("+", ","), "--threads", THREADS,
+                                 "--out", out])]
         tool = "d2m-export"
+    elif "+" in target:
+        return {"rc": None, "tool": "the single-target runs", "why_none": "compared with the single-target runs"}
     else:
         tool = LABELS[target]
         try:
@@ -113,7 +119,12 @@ def run_side(side: str, model: str, model_dir: Path, target: str, quant: str, ou
     result["load_avg_1min"].append(round(os.getloadavg()[0], 2))
     if result["rc"] == 0:
         result["output_gb"] = dir_gb(out)
-        if side == "ours":
+        if side == "ours" and "+" in target:      # one folder per target, each with its own manifest
+            manifests = {t: json.loads((out / t / "manifest.json").read_text()) for t in target.split("+")}
+            result["targets"] = {t: {"timings_s": m.get("timings_s", {}), "parity": m.get("parity") is not None,
+                                     "reference_shared": (m.get("parity") or {}).get("reference_shared")}
+                                 for t, m in manifests.items()}
+        elif side == "ours":
             manifest = json.loads((out / "manifest.json").read_text())
             result["timings_s"] = manifest.get("timings_s", {})
             # the steps the exporter times itself (executorch: in its worker process; coreml)
@@ -164,6 +175,15 @@ def ratio(ours: dict | None, anchor: dict | None, less_parity: bool = False) -> 
     return round((ours["wall_s"] - (parity_s(ours) if less_parity else 0)) / anchor["wall_s"], 2)
 
 
+def single_runs(work: Path, model: str, target: str, quant: str, ours: dict | None) -> dict:
+    """A several-target run against the single-target runs of the same exports: their walls added."""
+    singles = [row_file(work, model, t, q, "ours") for t, q in zip(target.split("+"), quant.split("+"))]
+    walls = [json.loads(f.read_text()).get("wall_s") if f.is_file() else None for f in singles]
+    if None in walls or not ours or ours.get("rc") != 0:
+        return {"single_runs_wall_s": None, "over_single_runs": None}
+    return {"single_runs_wall_s": round(sum(walls), 1), "over_single_runs": round(ours["wall_s"] / sum(walls), 2)}
+
+
 def collect(work: Path) -> dict:
     rows, missing = [], []
     for model in MODELS:
@@ -174,6 +194,10 @@ def collect(work: Path) -> dict:
                 missing.append(f"{model} {target} {quant}")
                 continue
             missing += [f"{model} {target} {quant} ({s})" for s, r in sides.items() if r is None]
+            if "+" in target:
+                rows.append({"model": model, "target": target, "quant": quant, **sides,
+                             **single_runs(work, model, target, quant, sides["ours"])})
+                continue
             rows.append({"model": model, "target": target, "quant": quant, **sides,
                          "ours_over_anchor_wall": ratio(sides["ours"], sides["anchor"]),
                          "ours_less_parity_over_anchor_wall": ratio(sides["ours"], sides["anchor"], less_parity=True)})
@@ -192,17 +216,26 @@ def side_cells(r: dict | None) -> str:
     return f"ok | {r['wall_s']} | {r['peak_rss_gb']}"
 
 
+def load_note(result: dict) -> str:
+    """What the machine was doing: the 1-minute load at the start of each command (the table has each)."""
+    loads = [r[s]["load_avg_1min"][0] for r in result["rows"] for s in SIDES if (r[s] or {}).get("load_avg_1min")]
+    if loads and max(loads) <= QUIET_LOAD:
+        return (f"The machine was otherwise quiet: the 1-minute load average at the start of each command, in the "
+                f"table, was {min(loads)}–{max(loads)} (two cores: a load of 2 is the command itself).")
+    return ("The machine is shared and was at times busy with other work: the 1-minute load average at the start "
+            "of each command is in the table (start and end in the JSON, `load_avg_1min`); at a load of 6–9 on 2 "
+            "cores a command took up to 5× its time at a load near 1, so ratios of commands started at different "
+            "loads are rough.")
+
+
 def render(result: dict) -> str:
     from export_anchors import GGUF_INTERMEDIATE
 
     m = result["machine"]
     lines = ["# Export time: our dense export against each runtime's own tool", "",
              f"Same machine ({m['cpus']} cores, {m['memory_gb']} GiB), same model, each command in its own process "
-             "(wall time and peak RSS by `os.wait4`), ours and the anchor run one after the other. The machine is "
-             "shared and was busy with other work: every command ran under `nice`, and the 1-minute load average "
-             "at the start of each command is in the table (start and end in the JSON, `load_avg_1min`): at a load of "
-             "6–9 on 2 cores a command took up to 5× its time at a load near 1, so absolute seconds are "
-             "pessimistic and ratios of commands run minutes apart are rough.", "",
+             "(wall time and peak RSS by `os.wait4`), ours and the anchor run one after the other. " + load_note(result),
+             "",
              f"- ours: `d2m-export --target T --model M --quant Q --threads {result['threads']}`, the whole "
              "process, parity check included (it is on by default: transformers reference + the export run in "
              "its runtime).",
@@ -216,7 +249,8 @@ def render(result: dict) -> str:
              "- No anchor runs a parity check; ours ÷ anchor is the wall-time ratio, and beside it ours less "
              "its parity phases (what `--no-parity` would leave, within the process's own overheads).", ""]
     for model in MODELS:
-        rows = [r for r in result["rows"] if r["model"] == model]
+        rows = [r for r in result["rows"] if r["model"] == model and "+" not in r["target"]]
+        multi = [r for r in result["rows"] if r["model"] == model and "+" in r["target"]]
         if not rows:
             continue
         lines += [f"## {model}", "", "| target | quant | ours | wall s | peak RSS GB | wall less parity s | anchor tool "
@@ -244,6 +278,17 @@ def render(result: dict) -> str:
                 if steps := r["ours"].get("toolchain_s"):
                     lines += ["", f"{r['target']} {r['quant']}: the steps its exporter times itself (in the manifest): "
                               + ", ".join(f"{k} {v} s" for k, v in steps.items()) + "."]
+        for r in multi:
+            ours, q = r["ours"] or {}, r["quant"].replace("+", ",")
+            if ours.get("rc") == 0 and r["single_runs_wall_s"]:
+                lines += ["", f"One run, `--target {r['target'].replace('+', ',')} --quant {q}`: {ours['wall_s']} s "
+                          f"(peak RSS {ours['peak_rss_gb']} GB, load {ours['load_avg_1min'][0]} at its start), "
+                          f"against {r['single_runs_wall_s']} s for the single-target runs above added: "
+                          f"**{r['over_single_runs']}×**; each folder has its own parity record, the later "
+                          "target's with `reference_shared: true`."]
+            elif ours.get("rc") not in (0, None):
+                lines += ["", f"One run, `--target {r['target'].replace('+', ',')}`: failed (exit {ours['rc']}): "
+                          f"{ours['error']}"]
         lines.append("")
     missing = result["missing"]
     lines += ["Rows not run yet: " + (", ".join(missing) if missing else "none."), "",
