@@ -17,6 +17,15 @@ GGUF_INTERMEDIATE = "f16"
 QUANTIZE = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[4]); "
             "from converters.gguf import llama_quantize; llama_quantize(Path(sys.argv[1]), Path(sys.argv[2]), "
             "int(sys.argv[3]))")
+# The bench/scale.py shapes pair a Qwen2 config with SmolLM2's tokenizer.json. transformers 5 loads it for a
+# qwen2 model as Qwen2's tokenizer class, which rebuilds the pre-tokenizer as Qwen2's, whose hash llama.cpp's
+# converter then does not find among SmolLM2's; a real Qwen2.5 checkpoint has Qwen2's own tokenizer and no such
+# mismatch. So the converter runs with AutoTokenizer taking tokenizer.json as stored (SmolLM2's, which it knows).
+AS_STORED = ("import os, runpy, sys, transformers; "
+             "transformers.AutoTokenizer.from_pretrained = lambda path, *a, **k: "
+             "transformers.PreTrainedTokenizerFast.from_pretrained(path); "
+             "sys.argv = sys.argv[1:]; sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0]))); "
+             "runpy.run_path(sys.argv[0], run_name='__main__')")
 COREML_WHY = ("none timed: coremltools has no converter for Hugging Face causal LMs; its documented flow "
               "(torch.export/jit.trace, ct.convert, ct.optimize.coreml) is code each user writes, which is what "
               "our exporter is (Apple's tools for LLMs, e.g. Hugging Face exporters, are not maintained for "
@@ -39,7 +48,8 @@ def gguf_parts(model: Path, quant: str, out: Path, work: Path, max_seq_len: int)
     file_type = K_QUANTS.get(quant) or getattr(gguf.LlamaFileType, f"MOSTLY_{quant.upper()}")
     intermediate = out / f"model-{GGUF_INTERMEDIATE}.gguf"
     return [(f"convert_hf_to_gguf.py --outtype {GGUF_INTERMEDIATE}",
-             [sys.executable, script, model, "--outtype", GGUF_INTERMEDIATE, "--outfile", intermediate]),
+             [sys.executable, "-c", AS_STORED, script, model, "--outtype", GGUF_INTERMEDIATE, "--outfile",
+              intermediate]),
             (f"llama.cpp quantizer ({GGUF_INTERMEDIATE} -> {quant})",
              [sys.executable, "-c", QUANTIZE, intermediate, out / f"model-{quant}.gguf", int(file_type), ROOT])]
 
