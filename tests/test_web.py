@@ -153,9 +153,12 @@ def test_gemma3_positions_count_from_one_in_transformers_js_up_to_the_last_table
 
 @pytest.mark.parametrize("variant,quant", [("llama", "q4"), ("lfuc-routed-k1-qwen3", "q4"), ("lfuc-gated-k2", "q8"),
                                            ("lfuc-routed-k1", "fp16")])
-def test_lossy_quants_pass_their_floor(capsys, models, tmp_path, variant, quant):
+def test_lossy_quants_pass_their_floor(capsys, models, tmp_path, monkeypatch, variant, quant):
+    import converters.onnx_quant as onnx_quant
     from converters.web import WebExporter
 
+    # q8: the tiny widths (32, 48) split into blocks of input channels, as a real model's (576, 1536) do at 128
+    monkeypatch.setattr(onnx_quant, "ACTIVATION_BLOCK", 16)
     out = tmp_path / "web"
     manifest = export_with_cli(capsys, "web", models(variant), out, quant=quant)
     graph = check_layout(out, manifest, quant)
@@ -165,13 +168,32 @@ def test_lossy_quants_pass_their_floor(capsys, models, tmp_path, variant, quant)
     for checked in (parity, parity["other_runtimes"]["web-wasm"]):
         assert text_gate_failure(checked["text"], WebExporter.tolerances[quant]) is None
     ops = {n.op_type for n in graph.node}
-    if quant in ("q4", "q8"):
+    if quant == "q4":
         bits = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
-        assert bits == {4 if quant == "q4" else 8}
+        assert bits == {4}
+    elif quant == "q8":
+        check_dynamic_int8(graph)
     else:
         assert "Cast" in ops and "MatMulNBits" not in ops
     got = node_generate(out, PROMPT, 16)
     assert len(got["tokens"]) == 16 and got["settings"]["dtype"] == quant
+
+
+def check_dynamic_int8(graph):
+    """q8 is DynamicQuantizeMatMul over int8 weights (onnxruntime-web's WebAssembly build runs 8-bit MatMulNBits
+    several times slower): every projection, expert and the LM head, in blocks of input channels; only the
+    routers and the shared expert's gate stay fp32 MatMuls; the embedding is gathered from the head's int8 bytes."""
+    int8 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    assert not [n for n in graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized", "MatMulInteger")]
+    dqmm = [n for n in graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    assert dqmm and all(n.domain == "com.microsoft" and n.input[1] in int8 for n in dqmm)
+    assert {n.name for n in graph.node if n.op_type == "MatMul"} <= {n.name for n in graph.node
+                                                                    if n.name.endswith((".router", ".shared_gate"))}
+    blocked = {n.output[0] for n in graph.node if n.op_type == "Sum"}
+    head = next(n for n in graph.node if "logits" in n.output)
+    assert head.op_type == "Sum" and blocked and len(dqmm) > 2 * len(blocked)   # split into blocks, the head too
+    lookups = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in int8]
+    assert lookups and {n.input[0] for n in lookups} <= {i for n in dqmm for i in n.input}
 
 
 def test_num_logits_to_keep_runs_the_lm_head_on_the_last_positions_only(capsys, models, tmp_path):
@@ -309,3 +331,43 @@ def test_the_quantized_embedding_lookup_in_standard_ops_equals_gather_block_quan
     assert rows[0].shape == (2, 4, 96)
     np.testing.assert_array_equal(rows[1], rows[0])
     assert np.abs(rows[1] - embed[ids]).max() < (0.1 if quant == "int8" else 1.0)    # and they are the embedding
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_web_q8_weights_embedding_and_blocks_in_onnxruntime(tied):
+    """q8's pieces run in onnxruntime: weights quantized per output channel as onnxruntime's own
+    `quantize_dynamic(per_channel=True, weight_type=QInt8)` quantizes them; the embedding looked up from the
+    int8 bytes is exactly the dequantized table; a 300-wide input split into blocks of at most 128 channels
+    gives x @ W.T within the int8 error."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+    from onnxruntime.quantization.quant_utils import quantize_data
+
+    from converters.onnx_ops import MS, Graph
+    from converters.onnx_quant import DynamicInt8Linears, quantize_columns
+
+    rng = np.random.default_rng(0)
+    embed, w = rng.normal(size=(50, 300)).astype(np.float32), rng.normal(size=(40, 300)).astype(np.float32)
+    q, scale = quantize_columns(embed)
+    for row in (0, 17):
+        zero, lib_scale, lib_q = quantize_data(embed[row], TensorProto.INT8, True)
+        assert zero == 0 and np.isclose(lib_scale, scale[row]) and np.array_equal(lib_q, q[row])
+    g = Graph()
+    lin = DynamicInt8Linears(g)
+    hidden, head = lin.embedding_and_head(embed, None if tied else w, "input_ids")
+    y = lin.matmul("x", w, "proj")
+    head(hidden)
+    assert sum(n.op_type == "DynamicQuantizeMatMul" for n in g.nodes) == 6 and "GatherBlockQuantized" not in \
+        {n.op_type for n in g.nodes}                     # 3 blocks (100 channels each) for the projection and the head
+    graph = helper.make_graph(g.nodes, "q8", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+                                              helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 300])],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in (hidden, y)],
+                              g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)])
+    model.ir_version = 10
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids, x = np.array([[3, 49, 0], [7, 7, 1]], np.int64), rng.normal(size=(2, 300)).astype(np.float32)
+    rows, out = session.run(None, {"input_ids": ids, "x": x})
+    np.testing.assert_array_equal(rows, (q * scale[:, None])[ids])
+    want = x @ w.T
+    assert np.abs(out - want).max() < 0.02 * np.abs(want).max()

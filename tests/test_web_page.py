@@ -97,8 +97,8 @@ def test_the_page_generates_transformers_greedy_tokens_in_chromium(capsys, conve
 
 def test_a_q4_export_runs_in_chromium_as_in_node(capsys, tmp_path, tokenizer_dir, quant="q4"):
     """A q4 graph (MatMulNBits; the embedding looked up in standard ops, as the browser build has no
-    GatherBlockQuantized: q8 takes the same path at 8 bits, test_web.py compares both lookups) loads in the
-    browser and generates the tokens transformers.js generates in Node."""
+    GatherBlockQuantized: test_web.py compares both lookups) loads in the browser and generates the tokens
+    transformers.js generates in Node."""
     from test_web import node_generate
     from transformers import AutoTokenizer
 
