@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -130,6 +131,7 @@ def main() -> None:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
+    args.load_at_start = round(os.getloadavg()[0], 2)
 
     dense = resolve_model(DEFAULT_MODEL)
     models = {"dense": DEFAULT_MODEL,
@@ -220,7 +222,8 @@ def write(args, rows, models, folders, runtimes, quants, missing, t_start) -> No
               "artifact_mb": {name: round(sum(f.stat().st_size for f in (folder / "onnx").iterdir()) / 2**20, 1)
                               for name, folder in folders.items()},
               "cells": cells, "ratios": ratios, "rows": rows, "missing": missing + [f"{k}: failed" for k in unmeasured],
-              "wall_s": round(time.time() - t_start, 1)}
+              "wall_s": round(time.time() - t_start, 1),
+              "load_1min": [args.load_at_start, round(os.getloadavg()[0], 2)]}
     publish(args.out, result, render)
 
 
@@ -251,7 +254,9 @@ def render(r: dict) -> str:
                      f"{fmt(e['lfuc/prune'])} | {fmt(e['dense/optimum'])} | {fmt(e['lfuc/optimum'])} |")
     if r["missing"]:
         lines += ["", "Not measured:", "", *(f"- {m}" for m in r["missing"])]
-    lines += ["", f"Wall time: {r['wall_s']:.0f} s. Rerun: `python bench/web_smollm2.py` (niced).", ""]
+    lines += ["", f"Wall time: {r['wall_s']:.0f} s; 1-minute load average at the start {r['load_1min'][0]}, at the "
+              f"end {r['load_1min'][1]} (two cores; the benchmark itself keeps about 1-2 busy). Rerun: "
+              f"`python bench/web_smollm2.py --optimum-quants fp32,q8,q4`.", ""]
     return "\n".join(lines)
 
 
