@@ -230,6 +230,7 @@ def reference(model_dir: Path, prompts: tuple[str, ...], new_tokens: int, contex
     earlier check computed them (`shared` is then True), else computed now from the model in fp32 (and
     kept, inside `shared_reference()`): `loaded` (model, tokenizer) where the caller holds it, else loaded."""
     from d2m_export.sources.lazy_weights import release_memory
+    from d2m_export.sources.memory import fp32_copy_fits
     from d2m_export.sources.models import load_fp32_compute
 
     cache = _SHARED if _SHARED is not None else {}
@@ -242,7 +243,7 @@ def reference(model_dir: Path, prompts: tuple[str, ...], new_tokens: int, contex
 
     shared = greedy_key in cache and text_key()[0] in cache
     if not shared:
-        model, tokenizer = loaded or load_fp32_compute(model_dir, whole_if_fits=True)[:2]
+        model, tokenizer = loaded or load_fp32_compute(model_dir, whole=fp32_copy_fits(model_dir))[:2]
         cache[(key, "config")] = model.config
         if greedy_key not in cache:
             encoded = [tokenizer(p)["input_ids"] for p in prompts]

@@ -166,17 +166,19 @@ def test_a_bf16_conversion_exports_exactly(tmp_path, tokenizer_dir, capsys, targ
 
 
 def test_the_parity_reference_upcasts_once_only_when_the_fp32_copy_fits(tmp_path, tokenizer_dir, monkeypatch):
-    from d2m_export.sources.memory import LIMIT_ENV
+    from d2m_export.sources.memory import LIMIT_ENV, fp32_copy_fits
     from d2m_export.sources.models import load_fp32_compute
 
     src = save_with_tokenizer(tiny_dense("llama").to(torch.bfloat16), tmp_path / "dense", tokenizer_dir)
-    reference = load_fp32_compute(src, whole_if_fits=True)[0](input_ids=IDS).logits
-    assert {p.dtype for p in load_fp32_compute(src, whole_if_fits=True)[0].parameters()} == {torch.float32}
+    assert fp32_copy_fits(src)
+    whole = load_fp32_compute(src, whole=True)[0]
+    assert {p.dtype for p in whole.parameters()} == {torch.float32}
     monkeypatch.setenv(LIMIT_ENV, "1")            # less than 1.5 x (fp32 copy + runtime): layer by layer
-    model = load_fp32_compute(src, whole_if_fits=True)[0]
+    assert not fp32_copy_fits(src)
+    model = load_fp32_compute(src)[0]
     assert {p.dtype for p in model.model.layers.parameters()} == {torch.bfloat16}
     with torch.no_grad():
-        assert torch.equal(model(input_ids=IDS).logits, reference.detach())
+        assert torch.equal(model(input_ids=IDS).logits, whole(input_ids=IDS).logits)
 
 
 def test_gguf_quantizes_a_block_of_rows_at_a_time_with_the_same_bytes():

@@ -51,6 +51,11 @@ def weight_bytes(model_dir: Path, dtype: str) -> int:
     return params * (4 if dtype == "float32" else 2)
 
 
+def fp32_copy_fits(model_dir: Path) -> bool:
+    """Whether the model upcast to fp32 whole, with the runtime, fits 1.5 times over in the available memory."""
+    return 1.5 * (weight_bytes(model_dir, "float32") + RUNTIME_BYTES) <= available_bytes()
+
+
 def check_memory(model_dir: Path, stage: str, need: int, how: str = "", other_ways: str = "") -> None:
     """Refuse `stage` when its estimated peak `need` (bytes, weights and activations) plus the runtime
     exceeds what is available. `other_ways`: what else would make it fit, said after the usual remedies."""

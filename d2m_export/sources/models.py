@@ -318,24 +318,22 @@ def page_out_checkpoint(model_dir: Path) -> None:
             libc.madvise(start, end - start, MADV_PAGEOUT)
 
 
-def load_fp32_compute(spec: str | Path | None, whole_if_fits: bool = False):
+def load_fp32_compute(spec: str | Path | None, whole: bool = False):
     """(model, tokenizer, model_dir) computing in fp32 while holding a bf16/fp16 checkpoint's weights as
     stored: each decoder layer is upcast just before it runs and cast back after (exact: the stored
     values are representable in fp32), so a reference costs one copy of the checkpoint, not two.
 
-    `whole_if_fits`: upcast the whole model once instead, when its fp32 copy fits in two thirds of the available
-    memory. Token-by-token decoding then runs about 7x faster (1B, 2 cores: 0.22 s a token against 1.6 s),
-    since each step no longer converts every layer twice."""
+    `whole`: upcast the whole model once instead (`sources.memory.fp32_copy_fits` says when it fits).
+    Token-by-token decoding then runs about 7x faster (1B, 2 cores: 0.22 s a token against 1.6 s), since
+    each step no longer converts every layer twice."""
     import torch
-
-    from d2m_export.sources.memory import RUNTIME_BYTES, available_bytes, weight_bytes
 
     model_dir = resolve_model(spec)
     stored = stored_dtype(model_dir)
     if stored == "float32":
         return load_model(spec, dtype="float32")
     model, tokenizer, model_dir = load_model(spec, dtype=stored)
-    if whole_if_fits and 1.5 * (weight_bytes(model_dir, "float32") + RUNTIME_BYTES) <= available_bytes():
+    if whole:
         return model.float(), tokenizer, model_dir
     dtype = getattr(torch, stored)
     decoder = model.get_decoder()
