@@ -85,12 +85,12 @@ class CoreMLExporter(Exporter):
 
     def check_options(self, config: dict, options: dict) -> dict:
         from converters.coreml_module import check_supported
-        from d2m_export.architectures import check_table_rope
+        from d2m_export.architectures import check_table_rope, table_positions
 
         check_supported(config)
-        check_table_rope(config, "coreml")            # RoPE tables come from transformers' rotary module
-        context = config.get("max_position_embeddings")
         n = options.get("max_seq_len")
+        check_table_rope(config, "coreml", n)         # RoPE tables come from transformers' rotary module
+        context = table_positions(config)
         if n is None:
             n = min(context or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
         if n < MIN_MAX_SEQ_LEN:

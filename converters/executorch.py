@@ -84,7 +84,7 @@ class ExecuTorchExporter(Exporter):
     def check_options(self, config: dict, options: dict) -> dict:
         """Refuse what this target cannot export, and bad options, before anything is written."""
         from converters.executorch_model import LOWERINGS
-        from d2m_export.architectures import check_table_rope
+        from d2m_export.architectures import check_table_rope, table_positions
 
         max_seq_len, moe_lowering = options.get("max_seq_len"), options.get("moe_lowering")
 
@@ -94,8 +94,8 @@ class ExecuTorchExporter(Exporter):
             raise UserError(f"the executorch target exports {', '.join(ARCHS)} models, not {model_type!r}")
         if config.get("use_sliding_window"):
             raise UserError("sliding-window attention is not supported by the executorch target")
-        check_table_rope(config, "executorch")        # RoPE tables come from transformers' rotary module
-        context = int(config.get("max_position_embeddings") or DEFAULT_MAX_SEQ_LEN)
+        check_table_rope(config, "executorch", max_seq_len)   # RoPE tables come from transformers' rotary module
+        context = table_positions(config) or DEFAULT_MAX_SEQ_LEN
         if max_seq_len is not None:
             if not MIN_MAX_SEQ_LEN <= max_seq_len <= context:
                 raise UserError(f"--max-seq-len {max_seq_len} must be between {MIN_MAX_SEQ_LEN} and the model's "
@@ -108,10 +108,11 @@ class ExecuTorchExporter(Exporter):
                moe_lowering: str | None = None) -> list[str]:
         from concurrent.futures.process import BrokenProcessPool
 
+        from d2m_export.architectures import table_positions
+
         config = read_config(Path(model_dir))
         self.check_options(config, {"max_seq_len": max_seq_len, "moe_lowering": moe_lowering})
-        max_seq_len = max_seq_len or min(int(config.get("max_position_embeddings") or DEFAULT_MAX_SEQ_LEN),
-                                         DEFAULT_MAX_SEQ_LEN)
+        max_seq_len = max_seq_len or min(table_positions(config) or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
         moe_lowering = moe_lowering or "cond"
         bos, eos = special_ids(Path(model_dir), config)
         metadata = {"get_max_seq_len": max_seq_len, "get_max_context_len": max_seq_len,

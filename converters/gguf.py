@@ -66,8 +66,10 @@ from converters.gguf_rope import (FREQ_FACTOR_ROPE, MIXED_MOE, check_gemma3, che
 from converters.gguf_tensors import (Q, T, all_tensors, identity_swa_layer, quantize_in_rows,  # noqa: F401 (Q: tests)
                                      stored_layout, tensor_type, tname)
 from converters.gguf_vocab import add_vocab
+from d2m_export.architectures import table_positions
 from d2m_export.errors import UserError
 from d2m_export.sources.models import read_config
+from d2m_export.sources.views import source_name
 
 log = logging.getLogger(__name__)
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -115,7 +117,7 @@ def add_metadata(w: gguf.GGUFWriter, cfg, arch: str, quant: str, name: str) -> N
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rope = check_rope(cfg, arch)
     w.add_name(name)
-    w.add_context_length(cfg.max_position_embeddings)
+    w.add_context_length(table_positions(cfg))     # longrope: exact up to its original context (gguf_rope)
     w.add_embedding_length(cfg.hidden_size)
     n, identity = cfg.num_hidden_layers, identity_swa_layer(cfg, arch)
     w.add_block_count(n + identity)
@@ -220,7 +222,7 @@ class GGUFExporter(Exporter):
         filename = f"model-{quant}.gguf"
         written = "model-f32.source.gguf" if quant in K_QUANTS else filename
         writer = gguf.GGUFWriter(Path(out_tmp) / written, arch)
-        add_metadata(writer, cfg, arch, "f32" if quant in K_QUANTS else quant, Path(model_dir).name)
+        add_metadata(writer, cfg, arch, "f32" if quant in K_QUANTS else quant, source_name(model_dir))
         pre = add_vocab(writer, model_dir, cfg.vocab_size)
         # Streamed: a first pass learns every tensor's name and shape (the header comes first in the
         # file) without making the large ones, a second makes, quantizes and writes them one at a time.

@@ -10,9 +10,10 @@ from d2m_export.errors import UserError
 MIXED_MOE = ("step35", "hy_v3")   # architectures whose layers are each dense or MoE
 GEMMA3_PATTERN = 6        # llama.cpp's gemma3: layer i is global when i % 6 == 5, else sliding
 GEMMA3_LOCAL_THETA = 10000.0
-# RoPE types llama.cpp takes as per-dimension frequency divisors (`rope_freqs.weight`), and the architectures
-# here whose llama.cpp graph applies them to every layer that needs them
-FREQ_FACTOR_ROPE = ("llama3",)
+# RoPE types llama.cpp takes as per-dimension frequency divisors (`rope_freqs.weight`; longrope's short factors,
+# exact within its original context), with the attention factor that scales cos and sin folded into q and k
+# (`rope_attention_factor`), and the architectures here whose llama.cpp graph applies them to every layer
+FREQ_FACTOR_ROPE = ("llama3", "yarn", "longrope")
 FREQ_FACTOR_ARCHS = ("llama", "step35")
 
 
@@ -53,11 +54,21 @@ def check_rope(cfg, arch: str) -> dict:
     raise UserError(f"RoPE type {kind!r} is not supported by the gguf target for {cfg.model_type} models")
 
 
+def rope_attention_factor(cfg) -> float:
+    """The factor transformers scales RoPE's cos and sin by (yarn's and longrope's attention factor), 1 for the
+    others: llama.cpp applies none with `rope_freqs`, so the writer folds it into q and k (q·k by its square)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    kind = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
+    return float(ROPE_INIT_FUNCTIONS[kind](cfg)[1]) if kind in FREQ_FACTOR_ROPE else 1.0
+
+
 def rope_freq_factors(cfg) -> np.ndarray | None:
     """llama.cpp's per-dimension frequency divisors (`rope_freqs.weight`, [head_dim / 2]) for RoPE types that
-    rescale each frequency on its own (llama3), else None: transformers' default inverse frequencies over
-    the ones transformers' own init for this RoPE type computes, so llama.cpp's θ_i / f_i is transformers'
-    frequency (a frequency kept is divided by exactly 1, a scaled one by exactly `factor`)."""
+    rescale each frequency on its own (llama3, yarn, longrope's short factors), else None: transformers' default
+    inverse frequencies over the ones transformers' own init for this RoPE type computes, so llama.cpp's
+    θ_i / f_i is transformers' frequency (llama3: a frequency kept is divided by exactly 1, a scaled one by
+    exactly `factor`)."""
     import torch
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -65,9 +76,7 @@ def rope_freq_factors(cfg) -> np.ndarray | None:
     kind = params.get("rope_type", "default")
     if kind not in FREQ_FACTOR_ROPE:
         return None
-    inv_freq, attention = ROPE_INIT_FUNCTIONS[kind](cfg)
-    if float(attention) != 1.0:
-        raise UserError(f"RoPE type {kind!r} with an attention factor {attention} is not supported by the gguf target")
+    inv_freq, _ = ROPE_INIT_FUNCTIONS[kind](cfg)
     dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     base = float(params["rope_theta"])
     default = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gguf
 import numpy as np
 
-from converters.gguf_rope import rope_freq_factors
+from converters.gguf_rope import rope_attention_factor, rope_freq_factors
 from d2m_export.errors import UserError
 
 Q = gguf.GGMLQuantizationType
@@ -81,13 +81,19 @@ def layer_tensors(state: dict, cfg, arch: str):
     """(GGUF name, array) for every layer tensor, experts split and shared expert folded."""
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     table = {**LAYER_TENSORS, **GEMMA3_NORMS} if arch == "gemma3" else LAYER_TENSORS
+    attention = rope_attention_factor(cfg)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
+        # RoPE's attention factor goes where q and k are last scaled before RoPE: their norms, else projections
+        scaled = (("self_attn.q_norm", "self_attn.k_norm") if p + "self_attn.q_norm.weight" in state
+                  else ("self_attn.q_proj", "self_attn.k_proj")) if attention != 1.0 else ()
         for hf, kind in table.items():
             for suffix in (".weight", ".bias"):
                 w = state.get(p + hf + suffix)
                 if w is None:
                     continue
+                if hf in scaled:
+                    w = w * np.float32(attention)
                 if arch == "llama" and hf in ("self_attn.q_proj", "self_attn.k_proj"):
                     w = rope_rows_to_pairs(w, heads if hf.endswith("q_proj") else kv_heads)
                 if arch == "gemma3" and hf == "self_attn.q_norm":

@@ -79,8 +79,8 @@ class OnnxExporter(Exporter):
     def check_options(self, config: dict, options: dict) -> dict:
         from d2m_export.architectures import check_table_rope
 
-        check_table_rope(config, "onnx")      # the graph's cos/sin tables come from transformers' rotary module
         n = options.get("max_seq_len")
+        check_table_rope(config, "onnx", n)   # the graph's cos/sin tables come from transformers' rotary module
         if n is not None and n < MIN_MAX_SEQ_LEN:
             raise UserError(f"--max-seq-len must be at least {MIN_MAX_SEQ_LEN} (the parity check decodes ~60 "
                             f"positions), not {n}")
@@ -149,11 +149,12 @@ def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe
     from converters.onnx_graph import build_graph, rotary_tables_by_type, spec_of
     from converters.onnx_ops import Graph, Linears
     from converters.onnx_quant import quantized_linears
+    from d2m_export.architectures import table_positions
 
     with phase("load"):
         model, _, _ = load_model(model_dir)       # any load failure is a one-line UserError
     config = model.config
-    spec = spec_of(config, max_positions=min(int(config.max_position_embeddings), max_seq_len or MAX_POSITIONS))
+    spec = spec_of(config, max_positions=min(table_positions(config), max_seq_len or MAX_POSITIONS))
     rotary = rotary_tables_by_type(model, spec)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     sd = Float32Arrays(model)

@@ -76,6 +76,7 @@ class WebExporter(Exporter):
     other_runtimes = ("web-wasm",)
 
     def check_options(self, config: dict, options: dict) -> dict:
+        from d2m_export.architectures import check_table_rope
         from runtimes.transformersjs import node_command
 
         model_type = config.get("model_type")
@@ -83,6 +84,7 @@ class WebExporter(Exporter):
             raise UserError(f"the web target exports {', '.join(FAMILIES)} models, not {model_type!r}")
         node_command()                  # the parity check runs transformers.js in Node: say so before exporting
         n = options.get("max_seq_len")
+        check_table_rope(config, "web", n)
         if n is not None and n < MIN_MAX_SEQ_LEN:
             raise UserError(f"--max-seq-len must be at least {MIN_MAX_SEQ_LEN} (the parity check decodes ~60 "
                             f"positions), not {n}")

@@ -4,8 +4,8 @@ trained, taken back to dense (moe2dense) and exported to every target with parit
 The exactness identities are in test_surgery.py and test_moe2dense.py; llama.cpp's free-running
 greedy decoding in test_gguf.py.
 
-Mistral and Granite 3.x dense, shaped as the published models, are read as Llama (Granite's multipliers
-folded into its weights): the view equals the family's own model, LF-UC at an empty plan, LF-UC with a zero
+Mistral, Granite 3.x dense and Phi-4-mini, shaped as the published models, are read as Llama (Granite's
+multipliers folded into its weights; Phi's fused projections split, its partial rotary and longrope held): the view equals the family's own model, LF-UC at an empty plan, LF-UC with a zero
 router and prune are exact against it, and every target exports them with fp32 parity. A windowed Mistral,
 and families we do not read (GPT-2, Mamba), are refused in one line with nothing written.
 """
@@ -130,11 +130,38 @@ GRANITE_33_2B = {
     "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.49.0", "use_cache": True,
     "vocab_size": 49159,
 }
+# Phi-4-mini-instruct: fused qkv_proj and gate_up_proj, RoPE on 96 of each 128-wide head (partial rotary
+# 0.75) with longrope (short and long factor lists, original context 4096 of 131072), tied embeddings. Shrunk,
+# the head is 32 wide (24 turned, 12 factors: the published 48 long factors taken every fourth; short ones
+# made distinct from them so that a mix-up of the two shows).
+PHI4_LONG_FACTOR = [1, 1.118320672, 1.250641126, 1.398617824, 1.564103225, 1.74916897, 1.956131817, 2.187582649,
+                    2.446418898, 2.735880826, 3.059592084, 3.421605075, 3.826451687, 4.279200023, 4.785517845,
+                    5.351743533, 5.984965424, 6.693110555, 7.485043894, 8.370679318, 9.36110372, 10.4687158,
+                    11.70738129, 13.09260651, 14.64173252, 16.37415215, 18.31155283, 20.47818807, 22.90118105,
+                    25.61086418, 28.64115884, 32.03, 32.1, 32.13, 32.23, 32.6, 32.61, 32.64, 32.66, 32.7, 32.71,
+                    32.93, 32.97, 33.28, 33.49, 33.5, 44.16, 47.77]
+PHI4_MINI = {
+    "architectures": ["Phi3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 199999,
+    "embd_pdrop": 0.0, "eos_token_id": 199999, "full_attn_mod": 1, "hidden_act": "silu", "hidden_size": 3072,
+    "initializer_range": 0.02, "intermediate_size": 8192, "interpolate_factor": 1, "lm_head_bias": False,
+    "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "phi3", "num_attention_heads": 24,
+    "num_hidden_layers": 32, "num_key_value_heads": 8, "original_max_position_embeddings": 4096,
+    "pad_token_id": 199999, "partial_rotary_factor": 0.75, "resid_pdrop": 0.0, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"long_factor": PHI4_LONG_FACTOR, "short_factor": PHI4_LONG_FACTOR, "type": "longrope"},
+    "rope_theta": 10000.0, "sliding_window": 262144, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "transformers_version": "4.45.0", "use_cache": True, "vocab_size": 200064,
+}
 SHRUNK = {"hidden_size": 64, "intermediate_size": 2048, "num_attention_heads": 4, "num_key_value_heads": 1,
           "num_hidden_layers": 4, "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"}
 PUBLISHED = {"mistral": {**MISTRAL_7B_V03, **SHRUNK, "head_dim": 32},       # Mistral-Nemo: 128 beside 5120/32
-             "granite": {**GRANITE_33_2B, **SHRUNK, "pad_token_id": 0}}
-LOOSE = {"mistral": 0.0, "granite": 1e-5}    # view against the family's own model: exact; folded multipliers
+             "granite": {**GRANITE_33_2B, **SHRUNK, "pad_token_id": 0},
+             "phi3": {**PHI4_MINI, **SHRUNK, "hidden_size": 128, "pad_token_id": 2,
+                      "rope_scaling": {"type": "longrope", "long_factor": PHI4_LONG_FACTOR[::4],
+                                       "short_factor": [1.0 + 0.01 * i for i in range(12)]}}}
+# view against the family's own model: exact (Mistral), or to fp32 rounding where something is folded (Granite's
+# multipliers; Phi-3's attention factor, 4e-5 here where Phi's own fp32 logits are 3e-5 from fp64)
+LOOSE = {"mistral": 0.0, "granite": 1e-5, "phi3": 1e-4}
+OWN_CLASS = {"mistral": "MistralForCausalLM", "granite": "GraniteForCausalLM", "phi3": "Phi3ForCausalLM"}
 
 
 def published_tiny(config, folder, tokenizer_dir):
@@ -148,14 +175,14 @@ def published_tiny(config, folder, tokenizer_dir):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-            elif "q_proj" in name or "k_proj" in name:
+            elif "q_proj" in name or "k_proj" in name or "qkv_proj" in name:
                 p.normal_(0, 0.25)          # sharp attention, as in a trained model
     folder = save_with_tokenizer(model.eval(), folder, tokenizer_dir)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder, AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
-@pytest.fixture(scope="module", params=["mistral", "granite"])
+@pytest.fixture(scope="module", params=["mistral", "granite", "phi3"])
 def family(request, tmp_path_factory, tokenizer_dir):
     """{"name", "dense": the folder, "model": the family's own model, "lfuc": convert's defaults (--no-heal)}.
     The cached view is removed afterwards."""
@@ -165,7 +192,9 @@ def family(request, tmp_path_factory, tokenizer_dir):
     from d2m_export.sources.views import view_path
 
     root = tmp_path_factory.mktemp(request.param)
-    dense, model = published_tiny(PUBLISHED[request.param], root / request.param, tokenizer_dir)
+    # a neutral folder name: llama.cpp looks Phi's `<|end|>` token up in a file whose general.name (the folder's)
+    # names Phi, and the test tokenizer has none
+    dense, model = published_tiny(PUBLISHED[request.param], root / "published-tiny", tokenizer_dir)
     (root / "plan.yaml").write_text("blocks:\n  - {host: 1, donors: [2]}\n")
     (root / "empty.yaml").write_text("blocks: []\n")
     assert main(["convert", "--model", str(dense), "--no-heal", "--out", str(root / "lfuc")]) == 0
@@ -190,18 +219,47 @@ def loaded(folder):
 def test_read_as_llama_exactly(family):
     from d2m_export.sources.models import resolve_model
 
-    assert type(family["model"]).__name__ == {"mistral": "MistralForCausalLM", "granite": "GraniteForCausalLM"}[
-        family["name"]]
+    published = PUBLISHED[family["name"]]
+    assert type(family["model"]).__name__ == OWN_CLASS[family["name"]]
     view = resolve_model(family["dense"])
     llama = loaded(view)
     assert type(llama).__name__ == "LlamaForCausalLM"
-    assert llama.config.head_dim == PUBLISHED[family["name"]].get("head_dim", 16)
+    assert llama.config.head_dim == published.get("head_dim", published["hidden_size"] // 4)
     assert llama.config.tie_word_embeddings == PUBLISHED[family["name"]]["tie_word_embeddings"]
     torch.testing.assert_close(logits(llama), logits(family["model"]), rtol=LOOSE[family["name"]], atol=LOOSE[family["name"]])
     if family["name"] == "mistral":      # nothing folded: the view links to the stored weights
         assert (view / "model.safetensors").is_symlink()
     cfg = config(family["lfuc"])
     assert cfg["model_type"] == "qwen2_moe" and cfg["num_hidden_layers"] < 4
+
+
+def test_phi4_mini_view_holds_longrope_past_its_original_context(capsys, tmp_path, tokenizer_dir):
+    """Past position 4096 transformers switches Phi-4-mini to its long factors, and the view follows (exact at
+    position 5000 as at 0). The table targets hold 4096 positions (their default): a --max-seq-len past them is
+    refused in one line naming the target, the RoPE type and the limit, with nothing written."""
+    import shutil
+
+    from d2m_export.architectures import ARCHITECTURES, table_positions
+    from d2m_export.sources.models import resolve_model
+    from d2m_export.sources.views import view_path
+
+    dense, phi = published_tiny(PUBLISHED["phi3"], tmp_path / "published-tiny", tokenizer_dir)
+    try:
+        llama = loaded(resolve_model(dense))
+        assert table_positions(llama.config) == 4096 and llama.config.max_position_embeddings == 131072
+        for start in (0, 5000):
+            pos = torch.arange(IDS.shape[1])[None].expand(IDS.shape[0], -1) + start
+            with torch.no_grad():
+                want, got = (m(input_ids=IDS, position_ids=pos, use_cache=False).logits for m in (phi, llama))
+            torch.testing.assert_close(got, want, rtol=LOOSE["phi3"], atol=LOOSE["phi3"])
+        for target in ("onnx", "executorch", "coreml"):
+            code, _, err = run_cli(capsys, "--target", target, "--model", dense, "--max-seq-len", 5000,
+                                   "--out", tmp_path / target)
+            assert_user_error(code, err, f"--max-seq-len 5000 is beyond what the {target} target holds exactly",
+                              "'longrope'", "4096 positions")
+            assert not (tmp_path / target).exists()
+    finally:
+        shutil.rmtree(view_path(dense, ARCHITECTURES["phi3"]), ignore_errors=True)
 
 
 def test_empty_plan_lfuc_and_prune_are_exact(family, tmp_path):
@@ -225,7 +283,7 @@ def test_empty_plan_lfuc_and_prune_are_exact(family, tmp_path):
     assert type(empty).__name__ == "Qwen2MoeForCausalLM"
     torch.testing.assert_close(logits(empty), logits(model), rtol=tol, atol=tol)
     torch.testing.assert_close(logits(loaded(tmp_path / "lfuc")), logits(fused_reference(model, [Block(1, [2])])),
-                               rtol=1e-5, atol=1e-5)
+                               rtol=max(tol, 1e-5), atol=max(tol, 1e-5))
     reference = copy.deepcopy(model)
     del reference.model.layers[2]
     pruned = loaded(tmp_path / "prune")

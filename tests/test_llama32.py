@@ -15,6 +15,8 @@ greedy tokens.
   onnxruntime-genai and llama.cpp equal to transformers.
 - A GGUF file without the divisors fails the parity check; RoPE a target cannot hold exactly is refused
   before any work in one line naming the target and the RoPE type.
+- yarn RoPE (its original context shrunk to 64): fp32 parity past it in onnx, gguf (dense and LF-UC, the
+  attention factor folded into q and k), executorch and coreml.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_user_error, run_cli, save_with_tokenizer, tiny_dense
+from conftest import CONVERT_DENSE, assert_user_error, run_cli, save_with_tokenizer, tiny_dense
 
 # Llama-3.2-1B's config.json as published, with the sizes that shrink and the token ids, which must be
 # the test tokenizer's, set below
@@ -261,3 +263,42 @@ def test_rope_a_target_cannot_hold_is_refused_before_any_work(tmp_path, tokenize
     code, _, err = run_cli(capsys, "--target", target, "--model", model_dir, "--out", tmp_path / "out")
     assert_user_error(code, err, f"the {target} target", repr(rope["rope_type"]))
     assert not (tmp_path / "out").exists()
+
+
+# yarn (Qwen2.5's and DeepSeek's long-context RoPE) as Qwen2.5 writes it, with the original context shrunk to 64
+# so that the parity check's 313-position text runs past it: its frequencies are fixed per dimension (a table
+# holds them at any position) and it scales cos and sin by an attention factor (1.139 at factor 4)
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 500000.0}
+
+
+@pytest.fixture(scope="module")
+def yarn_models(tmp_path_factory, tokenizer_dir):
+    """A tiny Llama with yarn RoPE and sharp attention, and its LF-UC conversion (convert's defaults)."""
+    root = tmp_path_factory.mktemp("yarn")
+    model = tiny_dense("llama", num_hidden_layers=4, rope_parameters=YARN, **CONVERT_DENSE)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.normal_(0, QK_STD)
+    dense = save_with_tokenizer(model, root / "dense", tokenizer_dir)
+    assert run_cli_plain("convert", "--model", dense, "--no-heal", "--out", root / "lfuc") == 0
+    return {"dense": dense, "lfuc": root / "lfuc"}
+
+
+YARN_CASES = [("onnx", "dense"), ("gguf", "dense"), ("gguf", "lfuc"), ("executorch", "lfuc"), ("coreml", "lfuc")]
+
+
+@pytest.mark.parametrize("target, model", YARN_CASES, ids=[f"{t}-{m}" for t, m in YARN_CASES])
+def test_yarn_exports_match_transformers_past_the_original_context(yarn_models, capsys, tmp_path, target, model):
+    """fp32 parity over 64 greedy tokens and the 313-position text (past the original 64): llama.cpp with
+    yarn's frequencies as `rope_freqs` divisors and its attention factor folded into q and k (dense `llama`
+    and LF-UC `step35`), the table targets with transformers' own table."""
+    pytest.importorskip(MODULES[target])
+    flags = ["--max-seq-len", 256] if target in ("executorch", "coreml") else []
+    code, out, err = run_cli(capsys, "--target", target, "--model", yarn_models[model], *flags, "--threads", 2,
+                             "--out", tmp_path / "x")
+    assert code == 0, err
+    parity = json.loads((tmp_path / "x" / "manifest.json").read_text())["parity"]
+    assert parity["greedy_match"] == parity["greedy_total"] >= 64 and parity["max_abs_logit_err"] < 1e-3
+    if target != "coreml":
+        assert parity["text"]["positions"] > 64 and parity["text"]["top1_agreement"] == 1.0

@@ -93,6 +93,11 @@ class ReadAs(Architecture):
     def view_tensor(self, config, name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def view_tensors(self, config, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The view's tensors made from stored tensor `name`: one, folded (`view_tensor`), or several where
+        the family stores fused what the other family keeps apart (Phi-3's qkv_proj)."""
+        return {name: self.view_tensor(config, name, tensor)}
+
     def refusal(self, config) -> str | None:
         """Why this model cannot be read as `reads_as` exactly, or None."""
         return None
@@ -141,10 +146,11 @@ def rope_keys(config) -> list[str | None]:
     return [t if t in rope else None for t in layer_types(config)]
 
 
-# RoPE types whose cos/sin at a position do not depend on the sequence length: a table computed once by
-# transformers' own rotary module (the onnx, executorch and coreml targets) reproduces them exactly.
-# `dynamic` (NTK) and `longrope` pick their frequencies from the current length.
-TABLE_ROPE = ("default", "linear", "llama3", "yarn")
+# RoPE types a table of cos/sin per position, computed once by transformers' own rotary module (the onnx,
+# executorch and coreml targets), reproduces exactly. `dynamic` (NTK) picks its frequencies from the current
+# length; `longrope` too, but only between two sets: its short factors while a forward pass stays within
+# `original_max_position_embeddings`, so a table of that many positions holds it (`table_positions`).
+TABLE_ROPE = ("default", "linear", "llama3", "yarn", "longrope")
 
 
 def rope_types(config) -> list[str]:
@@ -159,14 +165,36 @@ def rope_types(config) -> list[str]:
     return sorted({g.get("rope_type") or g.get("type") or "default" for g in groups})
 
 
-def check_table_rope(config, target: str) -> None:
-    """Refuse, in one line naming the target and the RoPE type, RoPE that a precomputed table cannot hold."""
+def table_positions(config) -> int | None:
+    """How many positions a precomputed RoPE table holds exactly (a config object or its config.json dict):
+    the model's `max_position_embeddings`, or with `longrope` its `original_max_position_embeddings`: a
+    forward pass reaching past those switches every position to the long factors, which no table fixed per
+    position follows."""
+    def get(obj, key):
+        return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+    positions = get(config, "max_position_embeddings")
+    if "longrope" in rope_types(config):
+        params = get(config, "rope_parameters") or get(config, "rope_scaling") or {}
+        original = get(params, "original_max_position_embeddings") or get(config, "original_max_position_embeddings")
+        positions = min(int(original), int(positions or original)) if original else positions
+    return int(positions) if positions else None
+
+
+def check_table_rope(config, target: str, max_seq_len: int | None = None) -> None:
+    """Refuse, in one line naming the target and the RoPE type, RoPE that a precomputed table cannot hold,
+    and a `--max-seq-len` past the positions it holds exactly (longrope's original context)."""
     from d2m_export.errors import UserError
 
     for kind in rope_types(config):
         if kind not in TABLE_ROPE:
             raise UserError(f"RoPE type {kind!r} is not supported by the {target} target: its frequencies depend on "
                             f"the sequence length (supported: {', '.join(TABLE_ROPE)})")
+    limit = table_positions(config)
+    if "longrope" in rope_types(config) and max_seq_len is not None and limit and max_seq_len > limit:
+        raise UserError(f"--max-seq-len {max_seq_len} is beyond what the {target} target holds exactly with RoPE type "
+                        f"'longrope': {limit} positions (original_max_position_embeddings; past them transformers "
+                        f"switches every position to the long factors, which a table per position cannot follow)")
 
 
 def norms_as_scales(config, state: dict) -> dict:

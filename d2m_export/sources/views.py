@@ -1,4 +1,4 @@
-"""Families read as another through an exact view (`architectures.ReadAs`: Mistral and Granite as Llama).
+"""Families read as another through an exact view (`architectures.ReadAs`: Mistral, Granite and Phi-3 as Llama).
 
 The view is a model folder in the cache, written once per checkpoint: the other family's config.json, the
 weights linked to the stored files or, where the family folds something into them, rewritten with the fold,
@@ -26,6 +26,12 @@ def weight_files(model_dir: Path) -> list[str]:
     if index.is_file():
         return sorted(set(json.loads(index.read_text())["weight_map"].values()))
     return sorted(f.name for f in model_dir.glob("*.safetensors"))
+
+
+def source_name(model_dir: Path) -> str:
+    """The name of the folder a model came from: a view's source folder, else the folder itself."""
+    origin = Path(model_dir) / ORIGIN
+    return Path(json.loads(origin.read_text())["source"]).name if origin.is_file() else Path(model_dir).name
 
 
 def view_path(model_dir: Path, arch: ReadAs) -> Path:
@@ -68,15 +74,21 @@ def _write_view(model_dir: Path, arch: ReadAs, config, files: list[str], out: Pa
 
     logging.getLogger(__name__).info("reading %s (%s) as %s (once)", model_dir, arch.model_type, arch.reads_as)
     fold = arch.folds_weights(config)
+    weight_map = {}         # a folded view's tensor names (split tensors are renamed) -> file, for its index
     with atomic_dir(out) as tmp:
         for name in files:
             if not fold:
                 (tmp / name).symlink_to(model_dir / name)
                 continue
             with safe_open(model_dir / name, framework="pt") as f:
-                tensors = {k: arch.view_tensor(config, k, f.get_tensor(k)) for k in f.keys()}
+                tensors = {}
+                for k in f.keys():
+                    tensors.update(arch.view_tensors(config, k, f.get_tensor(k)))
             save_file(tensors, tmp / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, name))
             del tensors
+        if fold and (model_dir / INDEX).is_file():
+            (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
         for f in model_dir.iterdir():
             if f.is_file() and f.name != "config.json" and f.suffix != ".safetensors" and not (tmp / f.name).exists():
                 (tmp / f.name).symlink_to(f)
