@@ -66,7 +66,7 @@ def check_supported(config) -> None:
         raise UserError("MLP biases are not supported by the coreml target yet")
 
 
-FAMILIES = ("llama", "qwen2", "qwen3", "gemma3_text", "qwen2_moe", "qwen3_moe", "mixtral")
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma3_text", "smollm3", "qwen2_moe", "qwen3_moe", "mixtral")
 
 
 class StableRMSNorm(nn.Module):
@@ -205,7 +205,7 @@ class LoweredDecoder(nn.Module):
         check_supported(config)
         self.config = config
         self.max_seq_len = int(max_seq_len)
-        from d2m_export.architectures import ARCHITECTURES, layer_types, rope_keys
+        from d2m_export.architectures import ARCHITECTURES, layer_types, rope_keys, rotary_cos_sin
 
         self.embed = model.model.embed_tokens
         types = layer_types(config)
@@ -223,7 +223,7 @@ class LoweredDecoder(nn.Module):
             positions = torch.arange(self.max_seq_len).unsqueeze(0)
             for t in sorted(set(self.rope_keys), key=str):
                 probe = torch.zeros(1, dtype=torch.float32)
-                cos, sin = model.model.rotary_emb(probe, positions, t) if t else model.model.rotary_emb(probe, positions)
+                cos, sin = rotary_cos_sin(model.model.rotary_emb, probe, positions, t)
                 suffix = f"_{t}" if t else ""
                 self.register_buffer(f"rope_cos{suffix}", cos[0].float().clone(), persistent=False)   # [S, d]
                 self.register_buffer(f"rope_sin{suffix}", sin[0].float().clone(), persistent=False)

@@ -329,7 +329,7 @@ class Decoder(nn.Module):
         self.max_seq_len = max_seq_len
         self.embed_tokens = inner.embed_tokens.float()
         t0 = time.time()
-        from d2m_export.architectures import ARCHITECTURES, layer_types, rope_keys
+        from d2m_export.architectures import ARCHITECTURES, layer_types, rope_keys, rotary_cos_sin
 
         keys = rope_keys(config)                  # RoPE per layer type (Gemma 3)
         self.layers = nn.ModuleList()
@@ -358,7 +358,7 @@ class Decoder(nn.Module):
             positions = torch.arange(max_seq_len).unsqueeze(0)
             probe = torch.zeros(1, max_seq_len, config.hidden_size)
             for t in sorted(set(keys), key=str):
-                cos, sin = rotary(probe, positions, t) if t else rotary(probe, positions)
+                cos, sin = rotary_cos_sin(rotary, probe, positions, t)
                 suffix = f"_{t}" if t else ""
                 self.register_buffer(f"rope_cos{suffix}", cos[0].float().contiguous(), persistent=False)  # [S, hd]
                 self.register_buffer(f"rope_sin{suffix}", sin[0].float().contiguous(), persistent=False)

@@ -61,8 +61,8 @@ import numpy as np
 
 from converters.base import Exporter, exact, lossy, register_target
 from converters.phases import phase
-from converters.gguf_rope import (FREQ_FACTOR_ROPE, MIXED_MOE, check_gemma3, check_rope, rope_freq_factors,
-                                  rope_supported, rope_theta)
+from converters.gguf_rope import (FREQ_FACTOR_ROPE, MIXED_MOE, check_gemma3, check_rope, check_smollm3,
+                                  rope_freq_factors, rope_supported, rope_theta)
 from converters.gguf_tensors import (Q, T, all_tensors, identity_swa_layer, quantize_in_rows,  # noqa: F401 (Q: tests)
                                      stored_layout, tensor_type, tname)
 from converters.gguf_vocab import add_vocab
@@ -79,7 +79,7 @@ FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTL
 K_QUANTS = {"q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M, "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M,
             "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K}
 ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",  # HF model_type -> GGUF
-         "qwen2_moe": "step35", "qwen3_moe": "hy_v3"}
+         "smollm3": "smollm3", "qwen2_moe": "step35", "qwen3_moe": "hy_v3"}
 SWA_WINDOW = 1 << 20      # "sliding" window of the one SWA-flagged step35 layer: wider than any context
 
 
@@ -200,6 +200,8 @@ class GGUFExporter(Exporter):
 
     def check_options(self, config: dict, options: dict) -> dict:
         check_rope_config(config)
+        if config.get("model_type") == "smollm3" and config.get("no_rope_layers"):
+            check_smollm3(config["no_rope_layers"])
         return options
 
     def tolerance(self, quant, config):

@@ -10,6 +10,7 @@ from d2m_export.errors import UserError
 MIXED_MOE = ("step35", "hy_v3")   # architectures whose layers are each dense or MoE
 GEMMA3_PATTERN = 6        # llama.cpp's gemma3: layer i is global when i % 6 == 5, else sliding
 GEMMA3_LOCAL_THETA = 10000.0
+SMOLLM3_NO_ROPE_STEP = 4  # llama.cpp's smollm3: layer i applies no RoPE when (i + 1) % 4 == 0
 # RoPE types llama.cpp takes as per-dimension frequency divisors (`rope_freqs.weight`; longrope's short factors,
 # exact within its original context), with the attention factor that scales cos and sin folded into q and k
 # (`rope_attention_factor`), and the architectures here whose llama.cpp graph applies them to every layer
@@ -36,6 +37,20 @@ def check_gemma3(cfg) -> dict:
     return dict(cfg.rope_parameters["full_attention"])
 
 
+def check_smollm3(no_rope_layers: list[int]) -> None:
+    """llama.cpp's smollm3 applies no RoPE in every fourth layer, fixed; refuse a model whose NoPE layers
+    (`no_rope_layers`: 1 where a layer applies RoPE) differ."""
+    n = len(no_rope_layers)
+    want = [int((i + 1) % SMOLLM3_NO_ROPE_STEP != 0) for i in range(n)]
+    have = [int(bool(f)) for f in no_rope_layers]
+    if have != want:
+        differ = [i for i in range(n) if have[i] != want[i]]
+        raise UserError(f"llama.cpp's smollm3 applies no RoPE in every {SMOLLM3_NO_ROPE_STEP}th layer and RoPE in the "
+                        f"others; this model's layers differ at {differ[:6]} (pruning shifts them), and no stock "
+                        "llama.cpp architecture takes NoPE layers in another order: export it to onnx, executorch or "
+                        "coreml instead")
+
+
 def rope_theta(cfg) -> float:
     params = getattr(cfg, "rope_parameters", None) or {}
     return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
@@ -47,6 +62,8 @@ def rope_supported(kind: str, arch: str) -> bool:
 
 
 def check_rope(cfg, arch: str) -> dict:
+    if arch == "smollm3":
+        check_smollm3(cfg.no_rope_layers)
     params = check_gemma3(cfg) if arch == "gemma3" else dict(getattr(cfg, "rope_parameters", None) or {})
     kind = params.get("rope_type", "default")
     if rope_supported(kind, arch):

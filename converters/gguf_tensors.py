@@ -71,6 +71,9 @@ def quantize_in_rows(data: np.ndarray, qtype: Q, chunk_bytes: int = 64 << 20) ->
     return np.concatenate(parts).reshape(*data.shape[:-1], parts[0].shape[-1])
 
 
+ROTATE_PAIRS = ("llama", "smollm3")      # llama.cpp architectures that rotate adjacent elements (its NORM RoPE)
+
+
 def rope_rows_to_pairs(w: np.ndarray, heads: int) -> np.ndarray:
     """Llama q/k rows: HF's rotate-half order (first half, second half of each head) -> llama.cpp's
     interleaved pairs (its `llama` architecture rotates adjacent elements)."""
@@ -94,7 +97,7 @@ def layer_tensors(state: dict, cfg, arch: str):
                     continue
                 if hf in scaled:
                     w = w * np.float32(attention)
-                if arch == "llama" and hf in ("self_attn.q_proj", "self_attn.k_proj"):
+                if arch in ROTATE_PAIRS and hf in ("self_attn.q_proj", "self_attn.k_proj"):
                     w = rope_rows_to_pairs(w, heads if hf.endswith("q_proj") else kv_heads)
                 if arch == "gemma3" and hf == "self_attn.q_norm":
                     w = w * gemma3_query_fold(cfg)

@@ -51,6 +51,7 @@ from onnx import TensorProto, helper
 
 from converters.onnx_moe import moe_block
 from converters.onnx_ops import MS, Graph, Linears, Spec
+from d2m_export.architectures import rope_keys
 from d2m_export.errors import UserError
 
 OPSET = 23
@@ -77,7 +78,8 @@ def spec_of(config, max_positions: int) -> Spec:
                 kv_heads=config.num_key_value_heads or heads, head_dim=head_dim, vocab=config.vocab_size,
                 eps=float(config.rms_norm_eps), max_positions=max_positions,
                 moe_top_k=int(getattr(config, "num_experts_per_tok", 0) or 0),
-                norm_topk_prob=bool(getattr(config, "norm_topk_prob", True)), **gemma_spec(config))
+                norm_topk_prob=bool(getattr(config, "norm_topk_prob", True)), rope_keys=tuple(rope_keys(config)),
+                **gemma_spec(config))
 
 
 def gemma_spec(config) -> dict:
@@ -91,8 +93,11 @@ def gemma_spec(config) -> dict:
 def rotary_tables(model, spec: Spec, layer_type: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin caches [max_positions, head_dim_padded / 2], computed by the model's own rotary module
     (so every RoPE variant transformers implements, with its attention scaling, comes out as it does);
-    `layer_type` picks the table of a family with one per layer type (Gemma 3's local and global bases)."""
+    `layer_type` is the layer's RoPE key (`architectures.rope_keys`): the table of a family with one per layer
+    type (Gemma 3's local and global bases), or the identity of a layer without RoPE (SmolLM3's NoPE layers)."""
     import torch
+
+    from d2m_export.architectures import rotary_cos_sin
 
     rope = model.model.rotary_emb
     if getattr(rope, "rope_type", "default") == "dynamic":
@@ -100,7 +105,7 @@ def rotary_tables(model, spec: Spec, layer_type: str | None = None) -> tuple[np.
     with torch.no_grad():
         pos = torch.arange(spec.max_positions)[None]
         x = torch.zeros(1, dtype=torch.float32)
-        cos, sin = rope(x, pos, layer_type) if layer_type else rope(x, pos)
+        cos, sin = rotary_cos_sin(rope, x, pos, layer_type)
     half, halfp = spec.head_dim // 2, spec.head_dim_padded // 2
     cos_t = np.ones((spec.max_positions, halfp), np.float32)
     sin_t = np.zeros((spec.max_positions, halfp), np.float32)
@@ -111,8 +116,6 @@ def rotary_tables(model, spec: Spec, layer_type: str | None = None) -> tuple[np.
 
 def rotary_tables_by_type(model, spec: Spec) -> dict[str | None, tuple[np.ndarray, np.ndarray]]:
     """One table per RoPE the layers use: keyed by layer type where RoPE is given per type, else by None."""
-    from d2m_export.architectures import rope_keys
-
     return {t: rotary_tables(model, spec, t) for t in sorted(set(rope_keys(model.config)), key=str)}
 
 
@@ -215,7 +218,7 @@ def build_graph(spec: Spec, sd: dict[str, np.ndarray], rotary: dict, lin: Linear
         else:
             q_k_v = [lin.linear(x, np.concatenate([wq, wk, wv]), bias, f"layers.{i}.qkv"), "", ""]
         layer_type = spec.layer_types[i] if spec.layer_types else None
-        cos_c, sin_c = caches[layer_type if layer_type in caches else None]
+        cos_c, sin_c = caches[spec.rope_keys[i] if spec.rope_keys else None]
         window = {"local_window_size": spec.sliding_window} if layer_type == "sliding_attention" else {}
         attn, _, _ = g.op("GroupQueryAttention",
                           [*q_k_v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total,

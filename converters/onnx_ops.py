@@ -34,6 +34,7 @@ class Spec:
     sandwich_norms: bool = False        # Gemma: norms on the attention and MLP outputs too
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()   # per layer, "sliding_attention" or "full_attention"; () all full
+    rope_keys: tuple[str | None, ...] = ()   # per layer, the RoPE table it reads (`architectures.rope_keys`)
 
     @property
     def head_dim_padded(self) -> int:

@@ -139,11 +139,25 @@ def layer_types(config) -> list[str | None]:
     return list(getattr(config, "layer_types", None) or [None] * config.num_hidden_layers)
 
 
+NO_ROPE = "no_rope"     # the RoPE key of a layer that applies none (SmolLM3's NoPE layers): cos 1, sin 0
+
+
 def rope_keys(config) -> list[str | None]:
     """Per layer, which RoPE table it reads: its layer type where RoPE is given per type (Gemma 3's local
-    and global bases; `rotary_emb(x, pos, key)`), else None (one table, `rotary_emb(x, pos)`)."""
+    and global bases; `rotary_emb(x, pos, key)`), `NO_ROPE` where the layer applies none (SmolLM3's
+    `no_rope_layers`, 0 there), else None (one table, `rotary_emb(x, pos)`)."""
     rope = getattr(config, "rope_parameters", None) or {}
-    return [t if t in rope else None for t in layer_types(config)]
+    keys = [t if t in rope else None for t in layer_types(config)]
+    applies = getattr(config, "no_rope_layers", None)
+    return [k if a else NO_ROPE for k, a in zip(keys, applies)] if applies else keys
+
+
+def rotary_cos_sin(rotary, x: torch.Tensor, positions: torch.Tensor, key: str | None):
+    """(cos, sin) of transformers' rotary module `rotary` at `positions` for a layer whose RoPE key is `key`."""
+    if key == NO_ROPE:
+        cos, sin = rotary(x, positions)
+        return torch.ones_like(cos), torch.zeros_like(sin)
+    return rotary(x, positions, key) if key else rotary(x, positions)
 
 
 # RoPE types a table of cos/sin per position, computed once by transformers' own rotary module (the onnx,

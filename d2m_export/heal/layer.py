@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from d2m_export.architectures import ARCHITECTURES, layer_types, rope_keys
+from d2m_export.architectures import ARCHITECTURES, layer_types, rope_keys, rotary_cos_sin
 
 
 class LayerRunner:
@@ -40,7 +40,7 @@ class LayerRunner:
             if self.window:     # token i sees the `window` tokens ending at i
                 blocked |= torch.ones_like(blocked).tril(-self.window)
             mask = torch.zeros(t, t, device=x.device).masked_fill(blocked, float("-inf"))[None, None].to(x.dtype)
-            pe = self.rotary(x, pos, self.layer_type) if self.layer_type else self.rotary(x, pos)
+            pe = rotary_cos_sin(self.rotary, x, pos, self.layer_type)
             self._masks[key] = (pos, mask, pe)
         return self._masks[key]
 

@@ -21,8 +21,9 @@ class Prune(Method):
         config = copy.deepcopy(dense_config)
         kept = [i for i in range(plan.num_layers) if i not in set(plan.donors)]
         config.num_hidden_layers = len(kept)
-        if getattr(config, "layer_types", None):
-            config.layer_types = [config.layer_types[i] for i in kept]
+        for per_layer in ("layer_types", "no_rope_layers"):      # Gemma 3's, SmolLM3's
+            if getattr(config, per_layer, None):
+                setattr(config, per_layer, [getattr(config, per_layer)[i] for i in kept])
         return config
 
     def convert_state(self, dense_config, src, plan: Plan, acts=None, dtype=torch.float32):

@@ -1,0 +1,147 @@
+"""SmolLM3 (issue 35): Llama whose every fourth layer applies no RoPE (NoPE).
+
+A tiny model whose config.json has SmolLM3-3B's keys and layout (`no_rope_layers`, every fourth 0; tied
+embeddings; 4:1 grouped KV heads), sizes shrunk to 8 layers (two NoPE), 64 wide, the test tokenizer's
+vocabulary. q/k projections are drawn wide so that attention is sharp: a NoPE layer given RoPE, or the
+reverse, moves the greedy tokens.
+
+- Every export of it with fp32 parity: onnx (ONNX Runtime and onnxruntime-genai), gguf (llama.cpp's own
+  `smollm3`), executorch, coreml (its lowered module in PyTorch, as on Linux).
+- prune keeps SmolLM3, each kept layer with its RoPE or NoPE, exact against the model with the donor deleted;
+  its onnx export keeps parity, and gguf refuses it in one line (llama.cpp fixes NoPE at every fourth layer).
+- LF-UC and upcycling are refused in one line naming why; analyze, eval and train take it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import assert_user_error, run_cli, save_with_tokenizer, write_tiny_corpus
+
+SMOLLM3_3B = {
+    "architectures": ["SmolLM3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": None,
+    "eos_token_id": 128012, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 11008, "max_position_embeddings": 65536, "max_window_layers": 28, "mlp_bias": False,
+    "model_type": "smollm3", "no_rope_layer_interval": 4, "num_attention_heads": 16, "num_hidden_layers": 36,
+    "num_key_value_heads": 4, "pad_token_id": 128004, "pretraining_tp": 2, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 5000000.0, "sliding_window": None, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "transformers_version": "4.54.0.dev0", "use_cache": False,
+    "use_sliding_window": False, "vocab_size": 128256,
+}
+LAYERS = 8
+TINY = {**SMOLLM3_3B, "hidden_size": 64, "intermediate_size": 2048, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "num_hidden_layers": LAYERS, "vocab_size": 49152, "bos_token_id": 1,
+        "eos_token_id": 2, "pad_token_id": 2, "torch_dtype": "float32",
+        "no_rope_layers": [int((i + 1) % 4 != 0) for i in range(LAYERS)],
+        "layer_types": ["full_attention"] * LAYERS}
+IDS = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS, use_cache=False).logits
+
+
+def loaded(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+@pytest.fixture(scope="module")
+def smollm3(tmp_path_factory, tokenizer_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("smollm3")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        **{k: v for k, v in TINY.items() if k not in ("torch_dtype", "architectures")}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif "q_proj" in name or "k_proj" in name:
+                p.normal_(0, 0.25)
+    dense = save_with_tokenizer(model.eval(), root / "dense", tokenizer_dir)
+    (dense / "config.json").write_text(json.dumps(TINY, indent=2))
+    (root / "plan.yaml").write_text("blocks:\n  - {host: 1, donors: [2]}\n")
+    return {"dense": dense, "model": loaded(dense), "root": root}
+
+
+def test_nope_layers_matter(smollm3):
+    """The model is SmolLM3 with its NoPE layers; the same weights with RoPE everywhere differ."""
+    from transformers import AutoModelForCausalLM
+
+    assert type(smollm3["model"]).__name__ == "SmolLM3ForCausalLM"
+    everywhere = AutoModelForCausalLM.from_pretrained(smollm3["dense"], no_rope_layers=[1] * LAYERS).eval()
+    assert (logits(everywhere) - logits(smollm3["model"])).abs().max() > 1e-2
+
+
+@pytest.fixture(scope="module")
+def pruned(smollm3):
+    out = smollm3["root"] / "prune"
+    from d2m_export.cli import main
+
+    assert main(["convert", "--model", str(smollm3["dense"]), "--method", "prune", "--plan",
+                 str(smollm3["root"] / "plan.yaml"), "--no-heal", "--calib-tokens", "256", "--out", str(out)]) == 0
+    return out
+
+
+def test_prune_keeps_each_layers_rope_exactly(smollm3, pruned):
+    reference = copy.deepcopy(smollm3["model"])
+    del reference.model.layers[2]                # each layer keeps its own use_rope
+    model = loaded(pruned)
+    assert type(model).__name__ == "SmolLM3ForCausalLM"
+    assert model.config.no_rope_layers == [1, 1, 0, 1, 1, 1, 0]
+    torch.testing.assert_close(logits(model), logits(reference), rtol=0, atol=0)
+
+
+TARGETS = [("onnx", "dense"), ("gguf", "dense"), ("executorch", "dense"), ("coreml", "dense"), ("onnx", "prune")]
+
+
+@pytest.mark.parametrize("target, model", TARGETS, ids=[f"{t}-{m}" for t, m in TARGETS])
+def test_exports_match_transformers(capsys, smollm3, pruned, tmp_path, target, model):
+    pytest.importorskip({"onnx": "onnxruntime", "gguf": "llama_cpp", "executorch": "executorch",
+                         "coreml": "coremltools"}[target])
+    flags = ["--max-seq-len", 128] if target in ("executorch", "coreml") else []
+    src = smollm3["dense"] if model == "dense" else pruned
+    code, out, err = run_cli(capsys, "--target", target, "--model", src, *flags, "--threads", 2,
+                             "--out", tmp_path / "x")
+    assert code == 0, err
+    parity = json.loads((tmp_path / "x" / "manifest.json").read_text())["parity"]
+    assert parity["greedy_match"] == parity["greedy_total"] >= 64 and parity["max_abs_logit_err"] < 1e-4
+    for other in (parity.get("other_runtimes") or {}).values():
+        assert other["greedy_match"] == other["greedy_total"] and other["max_abs_logit_err"] < 1e-4
+    if target == "onnx":
+        assert "onnxruntime-genai" in parity["other_runtimes"]
+
+
+def test_gguf_refuses_nope_layers_llama_cpp_does_not_fix(capsys, pruned, tmp_path):
+    pytest.importorskip("llama_cpp")
+    code, _, err = run_cli(capsys, "--target", "gguf", "--model", pruned, "--out", tmp_path / "x")
+    assert_user_error(code, err, "llama.cpp's smollm3", "every 4th layer", "differ at [2, 3")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("method", ["lfuc", "upcycle"])
+def test_lfuc_and_upcycle_are_refused_naming_why(capsys, smollm3, tmp_path, method):
+    code, _, err = run_cli(capsys, "convert", "--model", smollm3["dense"], "--method", method, "--out", tmp_path / "x")
+    assert_user_error(code, err, "smollm3 models cannot be converted to MoE", "without RoPE")
+    assert not (tmp_path / "x").exists()
+
+
+def test_analyze_eval_train(capsys, smollm3, tmp_path):
+    dense = smollm3["dense"]
+    code, _, err = run_cli(capsys, "analyze", "--model", dense, "--calib-tokens", 256, "--out", tmp_path / "an")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "eval", "--model", dense, "--tasks", "piqa", "--limit", 2, "--ppl-tokens", 512,
+                           "--out", tmp_path / "eval.json")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", "--model", dense, "--corpus", write_tiny_corpus(tmp_path / "c.txt"),
+                           "--tokens", 256, "--seq-len", 32, "--global-batch", 4, "--micro-batch", 2,
+                           "--out", tmp_path / "trained")
+    assert code == 0, err
+    assert json.loads((tmp_path / "trained" / "config.json").read_text())["model_type"] == "smollm3"
