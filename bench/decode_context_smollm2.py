@@ -78,11 +78,11 @@ def peak_rss(path: Path, runtime: str | None, context: int, work: Path) -> float
     return json.loads(out.read_text())["peak_rss_mb"]
 
 
-def cell(work: Path, sources: dict, runtime: str, quant: str, context: int, rounds: int) -> dict:
+def cell(work: Path, sources: dict, runtime: str, quant: str, context: int, rounds: int, redo: bool = False) -> dict:
     from runtimes.bench import interleaved
 
     path = work / "cells" / f"{runtime}-{quant}-{context}.json"
-    if path.is_file():
+    if path.is_file() and not redo:
         return json.loads(path.read_text())
     target, _, runs_in = RUNTIMES[runtime]
     dirs = exports_of(work, sources, target, quant)
@@ -150,6 +150,8 @@ def main() -> None:
     ap.add_argument("--prepare", action="store_true",
                     help="only convert and export (no timing): that part needs no quiet machine")
     ap.add_argument("--no-heal", action="store_true", help="convert without healing (speed does not depend on it)")
+    ap.add_argument("--redo", action="store_true", help="time the cells asked for again (a finished cell is kept "
+                                                         "otherwise, so an interrupted run resumes)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "decode_context")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "decode_context_smollm2.md")
     args = ap.parse_args()
@@ -171,12 +173,13 @@ def main() -> None:
             for context in CONTEXTS:
                 key = f"{runtime} {quant} @{context}"
                 if runtime in only and context in contexts:
-                    cells.append(cell(work, sources, runtime, quant, context, args.rounds))
+                    cells.append(cell(work, sources, runtime, quant, context, args.rounds, args.redo))
                 elif (work / "cells" / f"{runtime}-{quant}-{context}.json").is_file():
                     cells.append(json.loads((work / "cells" / f"{runtime}-{quant}-{context}.json").read_text()))
                 else:
                     missing.append(key)
-    about = (f"2 threads; {args.rounds} rounds of 16-token bursts at positions `context`.. (a `context`-token prompt "
+    rounds = "/".join(str(r) for r in sorted({c["rounds"] for c in cells})) or str(args.rounds)
+    about = (f"2 threads; {rounds} rounds of 16-token bursts at positions `context`.. (a `context`-token prompt "
              "prefilled once, the KV cache rewound to it after each burst), all four models in turn in one process. "
              f"Models {'not ' if args.no_heal else ''}healed (speed depends on the layout only). ÷ prune / ÷ dense: "
              "median of per-round speed ratios; roofline ÷ dense: dense's bytes per step over the model's (weights at the precision + KV cache at the context); of roofline: measured ÷ "

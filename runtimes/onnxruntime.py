@@ -23,7 +23,8 @@ DEFAULT_CTX = 4096
 @register_runner("onnx")
 class OnnxRuntimeRunner(Runner):
     """Options: `n_ctx` (KV buffer length; default min(max positions, 4096)), `kv_type` (only "f32"),
-    `optimization` ("all" | "extended" | "basic" | "none"; default "all")."""
+    `optimization` ("all" | "extended" | "basic" | "none"; default "all"), `profile` (a file prefix: ONNX
+    Runtime's profiler records every node's time; `end_profiling()` writes the trace and returns its path)."""
 
     def load(self, export_dir: Path) -> "OnnxRuntimeRunner":
         try:
@@ -50,6 +51,9 @@ class OnnxRuntimeRunner(Runner):
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = levels[level]
         so.log_severity_level = 3
+        if self.options.get("profile"):
+            so.enable_profiling = True
+            so.profile_file_prefix = str(self.options["profile"])
         self.session = ort.InferenceSession(str(self.export_dir / graph), so, providers=["CPUExecutionProvider"])
 
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -124,6 +128,9 @@ class OnnxRuntimeRunner(Runner):
     def rewind(self, n_tokens: int) -> None:
         self._check_rewind(n_tokens, self.pos)
         self.pos = n_tokens
+
+    def end_profiling(self) -> Path:
+        return Path(self.session.end_profiling())
 
     def close(self) -> None:
         self.io = None
