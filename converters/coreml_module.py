@@ -66,7 +66,7 @@ def check_supported(config) -> None:
         raise UserError("MLP biases are not supported by the coreml target yet")
 
 
-FAMILIES = ("llama", "qwen2", "qwen3", "gemma3_text", "smollm3", "qwen2_moe", "qwen3_moe", "mixtral")
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma3_text", "smollm3", "olmo2", "qwen2_moe", "qwen3_moe", "mixtral")
 
 
 class StableRMSNorm(nn.Module):
@@ -136,6 +136,9 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         self.q_norm = StableRMSNorm(attn.q_norm, offset) if hasattr(attn, "q_norm") else None     # Qwen3, Gemma 3
         self.k_norm = StableRMSNorm(attn.k_norm, offset) if hasattr(attn, "k_norm") else None
+        from d2m_export.architectures import ARCHITECTURES
+
+        self.qk_norm_full = ARCHITECTURES[config.model_type].qk_norm_full   # OLMo 2: before the split in heads
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -145,10 +148,13 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, key_cache, value_cache):     # x [1, q, H]
         past, end = mask.shape[-1] - x.shape[1], mask.shape[-1]
-        q = self.q_proj(x).view(1, -1, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(1, -1, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.qk_norm_full:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(1, -1, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(1, -1, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(1, -1, self.kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.q_scale != 1.0:
             q = q * self.q_scale
@@ -174,10 +180,10 @@ class Layer(nn.Module):
 
         arch = ARCHITECTURES[config.model_type]
         off = arch.norm_offset
-        self.input_norm = StableRMSNorm(layer.input_layernorm, off)
-        self.attn = Attention(layer.self_attn, config, index, off)
-        self.post_norm = StableRMSNorm(getattr(layer, arch.mlp_norm), off)      # the MLP's input norm
         identity = nn.Identity()
+        self.input_norm = StableRMSNorm(getattr(layer, arch.attn_norm), off) if arch.attn_norm else identity
+        self.attn = Attention(layer.self_attn, config, index, off)
+        self.post_norm = StableRMSNorm(getattr(layer, arch.mlp_norm), off) if arch.mlp_norm else identity  # MLP's input
         self.attn_out_norm = StableRMSNorm(getattr(layer, arch.attn_out_norm), off) if arch.attn_out_norm else identity
         self.mlp_out_norm = StableRMSNorm(getattr(layer, arch.mlp_out_norm), off) if arch.mlp_out_norm else identity
         self.layer_type = layer_type

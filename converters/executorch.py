@@ -31,7 +31,7 @@ from d2m_export.outputs import die_with_parent
 
 log = logging.getLogger(__name__)
 PROGRAM = "model.pte"
-ARCHS = ("llama", "qwen2", "qwen3", "gemma3_text", "smollm3", "qwen2_moe", "qwen3_moe")
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3_text", "smollm3", "olmo2", "qwen2_moe", "qwen3_moe")
 DEFAULT_MAX_SEQ_LEN = 4096 + 64   # a 4096-token context and 64 decoded tokens (at most the model's)
 MIN_MAX_SEQ_LEN = 64            # the parity check decodes ~60 positions
 

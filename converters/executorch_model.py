@@ -258,9 +258,10 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         from d2m_export.architectures import ARCHITECTURES
 
-        offset = ARCHITECTURES[config.model_type].norm_offset
-        self.q_norm = RMSNorm(attn.q_norm, offset) if hasattr(attn, "q_norm") else None    # Qwen3, Gemma 3
-        self.k_norm = RMSNorm(attn.k_norm, offset) if hasattr(attn, "k_norm") else None
+        arch = ARCHITECTURES[config.model_type]
+        self.q_norm = RMSNorm(attn.q_norm, arch.norm_offset) if hasattr(attn, "q_norm") else None  # Qwen3, Gemma 3
+        self.k_norm = RMSNorm(attn.k_norm, arch.norm_offset) if hasattr(attn, "k_norm") else None
+        self.qk_norm_full = arch.qk_norm_full     # OLMo 2: over the whole projection, before it is split in heads
         self.scale = float(attn.scaling)
         shape = (1, max_seq_len, self.kv_heads, self.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
@@ -268,10 +269,13 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, start_pos: int, mask=None):
         t = x.shape[1]
-        q = self.q_proj(x).view(1, t, self.heads, self.head_dim)
-        k = self.k_proj(x).view(1, t, self.kv_heads, self.head_dim)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.qk_norm_full:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(1, t, self.heads, self.head_dim)
+        k = k.view(1, t, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(1, t, self.kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -298,8 +302,8 @@ class Layer(nn.Module):
         arch = ARCHITECTURES[config.model_type]
         identity = nn.Identity()
         off = arch.norm_offset
-        self.input_layernorm = RMSNorm(layer.input_layernorm, off)
-        self.ffn_norm = RMSNorm(getattr(layer, arch.mlp_norm), off)
+        self.input_layernorm = RMSNorm(getattr(layer, arch.attn_norm), off) if arch.attn_norm else identity
+        self.ffn_norm = RMSNorm(getattr(layer, arch.mlp_norm), off) if arch.mlp_norm else identity
         self.attn_out_norm = RMSNorm(getattr(layer, arch.attn_out_norm), off) if arch.attn_out_norm else identity
         self.mlp_out_norm = RMSNorm(getattr(layer, arch.mlp_out_norm), off) if arch.mlp_out_norm else identity
         self.layer_type = layer_type

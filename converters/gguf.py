@@ -63,8 +63,8 @@ from converters.base import Exporter, exact, lossy, register_target
 from converters.phases import phase
 from converters.gguf_rope import (FREQ_FACTOR_ROPE, MIXED_MOE, check_gemma3, check_rope, check_smollm3,
                                   rope_freq_factors, rope_supported, rope_theta)
-from converters.gguf_tensors import (Q, T, all_tensors, identity_swa_layer, quantize_in_rows,  # noqa: F401 (Q: tests)
-                                     stored_layout, tensor_type, tname)
+from converters.gguf_tensors import (REQUIRES_OUTPUT, Q, T, all_tensors, identity_swa_layer,  # noqa: F401 (Q: tests)
+                                     quantize_in_rows, stored_layout, tensor_type, tname)
 from converters.gguf_vocab import add_vocab
 from d2m_export.architectures import table_positions
 from d2m_export.errors import UserError
@@ -79,7 +79,7 @@ FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTL
 K_QUANTS = {"q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M, "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M,
             "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K}
 ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3",  # HF model_type -> GGUF
-         "smollm3": "smollm3", "qwen2_moe": "step35", "qwen3_moe": "hy_v3"}
+         "smollm3": "smollm3", "olmo2": "olmo2", "qwen2_moe": "step35", "qwen3_moe": "hy_v3"}
 SWA_WINDOW = 1 << 20      # "sliding" window of the one SWA-flagged step35 layer: wider than any context
 
 
@@ -179,7 +179,8 @@ def head_tensor(names: list[str]) -> str:
 
 @register_target("gguf")
 class GGUFExporter(Exporter):
-    description = "llama.cpp (GGUF): llama/qwen2/qwen3 for dense models, hy_v3 or step35 for LF-UC mixtures"
+    description = ("llama.cpp (GGUF): llama/qwen2/qwen3/gemma3/smollm3/olmo2 for dense models, hy_v3 or step35 for "
+                   "LF-UC mixtures")
     quants = ("f32", "f16", "q8_0", "q4_0", *K_QUANTS)
     default_quant = "f32"
     # Lossy quants are gated on the fixed text (converters.parity): top-1 agreement where the reference is
@@ -254,8 +255,8 @@ class GGUFExporter(Exporter):
         self._written[str(Path(out_tmp) / filename)] = {
             "quantized_by": "llama.cpp's quantizer, from f32" if quant in K_QUANTS else "d2m-export (gguf-py)",
             "architecture": arch, "tokenizer_pre": pre, "tensor_types": types, "quant_fallbacks": deviations,
-            # step35 has no fallback from the LM head to the token embedding: tied models store it twice
-            "output_copies_embedding": arch == "step35" and bool(cfg.tie_word_embeddings),
+            # step35 and olmo2 have no fallback from the LM head to the token embedding: tied models store it twice
+            "output_copies_embedding": arch in REQUIRES_OUTPUT and bool(cfg.tie_word_embeddings),
             "rope": rope_details(cfg, arch),
             "checked_with": checked_with()}
         return [filename]

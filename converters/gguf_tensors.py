@@ -25,6 +25,10 @@ LAYER_TENSORS = {
 # Gemma 3 norms around attention and MLP (where Llama's post-attention norm is the MLP's input norm)
 GEMMA3_NORMS = {"post_attention_layernorm": T.ATTN_POST_NORM, "pre_feedforward_layernorm": T.FFN_NORM,
                 "post_feedforward_layernorm": T.FFN_POST_NORM}
+# OLMo 2 norms on the attention and MLP outputs (it has none on their inputs)
+OLMO2_NORMS = {"post_attention_layernorm": T.ATTN_POST_NORM, "post_feedforward_layernorm": T.FFN_POST_NORM}
+OUTPUT_NORMS = {"gemma3": GEMMA3_NORMS, "olmo2": OLMO2_NORMS}
+REQUIRES_OUTPUT = ("step35", "olmo2")   # llama.cpp architectures whose loader needs output.weight (no tied fallback)
 GLOBAL_TENSORS = {"model.embed_tokens": T.TOKEN_EMBD, "model.norm": T.OUTPUT_NORM, "lm_head": T.OUTPUT}
 
 
@@ -83,7 +87,7 @@ def rope_rows_to_pairs(w: np.ndarray, heads: int) -> np.ndarray:
 def layer_tensors(state: dict, cfg, arch: str):
     """(GGUF name, array) for every layer tensor, experts split and shared expert folded."""
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    table = {**LAYER_TENSORS, **GEMMA3_NORMS} if arch == "gemma3" else LAYER_TENSORS
+    table = {**LAYER_TENSORS, **OUTPUT_NORMS.get(arch, {})}
     attention = rope_attention_factor(cfg)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
@@ -133,9 +137,9 @@ def all_tensors(state: dict, cfg, arch: str):
     for hf, kind in GLOBAL_TENSORS.items():
         w = state.get(hf + ".weight")
         if kind == T.OUTPUT and cfg.tie_word_embeddings:
-            if arch != "step35":
+            if arch not in REQUIRES_OUTPUT:
                 continue                                          # the others fall back to token_embd
-            w = state["model.embed_tokens.weight"]                # step35 requires output.weight
+            w = state["model.embed_tokens.weight"]
         if w is not None:
             yield tname(kind), w
     factors = rope_freq_factors(cfg)

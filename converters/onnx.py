@@ -33,7 +33,7 @@ MIN_MAX_SEQ_LEN = 64       # the parity check decodes ~60 positions
 # as a dense MLP of MatMulNBits, so int8/int4 keep the one kernel node
 DEFAULT_LOWERING = {"fp32": "switch", "fp16": "switch", "int8": "sparse", "int4": "sparse"}
 # MoE model type -> the dense family with the same attention, named in the export's config.json
-FAMILIES = ("llama", "qwen2", "qwen3", "gemma3_text", "smollm3", "qwen2_moe", "qwen3_moe", "mixtral")
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma3_text", "smollm3", "olmo2", "qwen2_moe", "qwen3_moe", "mixtral")
 OPTIMUM_ATTENTION_FAMILY = {"qwen2_moe": "qwen2", "qwen3_moe": "qwen3", "mixtral": "mistral"}
 
 

@@ -51,7 +51,7 @@ from onnx import TensorProto, helper
 
 from converters.onnx_moe import moe_block
 from converters.onnx_ops import MS, Graph, Linears, Spec
-from d2m_export.architectures import rope_keys
+from d2m_export.architectures import ARCHITECTURES, rope_keys
 from d2m_export.errors import UserError
 
 OPSET = 23
@@ -79,7 +79,7 @@ def spec_of(config, max_positions: int) -> Spec:
                 eps=float(config.rms_norm_eps), max_positions=max_positions,
                 moe_top_k=int(getattr(config, "num_experts_per_tok", 0) or 0),
                 norm_topk_prob=bool(getattr(config, "norm_topk_prob", True)), rope_keys=tuple(rope_keys(config)),
-                **gemma_spec(config))
+                output_norms_only=ARCHITECTURES[config.model_type].attn_norm is None, **gemma_spec(config))
 
 
 def gemma_spec(config) -> dict:
@@ -195,11 +195,22 @@ def build_graph(spec: Spec, sd: dict[str, np.ndarray], rotary: dict, lin: Linear
         return lin.swiglu(x, *(sd[f"{prefix}{k}_proj.weight"] for k in ("gate", "up", "down")), name, down_scale,
                           spec.activation)
 
-    def out_norm(x, weight_key, name):       # Gemma: a norm on a branch's output, before its residual add
+    def out_norm(x, weight_key, name):       # Gemma, OLMo 2: a norm on a branch's output, before its residual add
         return g.op("RMSNormalization", [x, g.const(weight_key, sd[weight_key].astype(np.float32))], name, axis=-1,
-                    epsilon=spec.eps) if spec.sandwich_norms else x
+                    epsilon=spec.eps) if spec.sandwich_norms or spec.output_norms_only else x
 
-    x, residual = rms(hidden, None, "model.layers.0.input_layernorm.weight", "layers.0.input_norm")
+    def add_branch(branch, residual, next_norm, name):
+        """(the next block's input, the residual stream) after adding `branch`: normed by `next_norm`, or, with
+        output norms only, the stream itself (the final norm still applies)."""
+        if not spec.output_norms_only:
+            return rms(branch, residual, next_norm, name)
+        total = g.op("Add", [residual, branch], f"{name}/sum")
+        return (rms(total, None, next_norm, name)[0] if next_norm == "model.norm.weight" else total), total
+
+    if spec.output_norms_only:
+        x = residual = hidden
+    else:
+        x, residual = rms(hidden, None, "model.layers.0.input_layernorm.weight", "layers.0.input_norm")
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
         a = p + "self_attn."
@@ -210,11 +221,12 @@ def build_graph(spec: Spec, sd: dict[str, np.ndarray], rotary: dict, lin: Linear
         if a + "q_proj.bias" in sd:
             bias = np.concatenate([pad_heads_rows(sd[a + f"{n}_proj.bias"], h, spec)
                                    for n, h in (("q", spec.heads), ("k", spec.kv_heads), ("v", spec.kv_heads))])
-        if a + "q_norm.weight" in sd:      # Qwen3: per-head RMSNorm on q and k, so they are projected apart
+        if a + "q_norm.weight" in sd:      # Qwen3, OLMo 2: RMSNorm on q and k, so they are projected apart
             b = np.split(bias, [len(wq), len(wq) + len(wk)]) if bias is not None else (None, None, None)
             q_k_v = [lin.linear(x, w, bw, f"layers.{i}.{n}_proj") for w, bw, n in zip((wq, wk, wv), b, "qkv")]
-            q_k_v[0] = head_norm(g, spec, q_k_v[0], sd[a + "q_norm.weight"], spec.heads, f"layers.{i}.q_norm")
-            q_k_v[1] = head_norm(g, spec, q_k_v[1], sd[a + "k_norm.weight"], spec.kv_heads, f"layers.{i}.k_norm")
+            qk_norm = projection_norm if sd[a + "q_norm.weight"].shape[0] != hd else head_norm
+            q_k_v[0] = qk_norm(g, spec, q_k_v[0], sd[a + "q_norm.weight"], spec.heads, f"layers.{i}.q_norm")
+            q_k_v[1] = qk_norm(g, spec, q_k_v[1], sd[a + "k_norm.weight"], spec.kv_heads, f"layers.{i}.k_norm")
         else:
             q_k_v = [lin.linear(x, np.concatenate([wq, wk, wv]), bias, f"layers.{i}.qkv"), "", ""]
         layer_type = spec.layer_types[i] if spec.layer_types else None
@@ -230,7 +242,7 @@ def build_graph(spec: Spec, sd: dict[str, np.ndarray], rotary: dict, lin: Linear
                        f"layers.{i}.o_proj")
         o = out_norm(o, p + "post_attention_layernorm.weight", f"layers.{i}.post_attn_norm")
         ffn_norm = p + ("pre_feedforward_layernorm.weight" if spec.sandwich_norms else "post_attention_layernorm.weight")
-        x, residual = rms(o, residual, ffn_norm, f"layers.{i}.ffn_norm")
+        x, residual = add_branch(o, residual, ffn_norm, f"layers.{i}.ffn_norm")
 
         m = p + "mlp."
         if m + "experts.gate_up_proj" in sd:
@@ -240,7 +252,7 @@ def build_graph(spec: Spec, sd: dict[str, np.ndarray], rotary: dict, lin: Linear
         ffn = out_norm(ffn, p + "post_feedforward_layernorm.weight", f"layers.{i}.post_ffn_norm")
         last = i == spec.num_layers - 1
         norm_key = "model.norm.weight" if last else f"model.layers.{i + 1}.input_layernorm.weight"
-        x, residual = rms(ffn, residual, norm_key, "final_norm" if last else f"layers.{i + 1}.input_norm")
+        x, residual = add_branch(ffn, residual, norm_key, "final_norm" if last else f"layers.{i + 1}.input_norm")
 
     if logits_to_keep:                                    # x[:, -k:], and x[:, 0:] (all) for k = 0
         inputs.append(helper.make_tensor_value_info("num_logits_to_keep", i64, []))
@@ -255,6 +267,14 @@ def build_graph(spec: Spec, sd: dict[str, np.ndarray], rotary: dict, lin: Linear
                               producer_name="d2m-export")
     model.ir_version = 10
     return model
+
+
+def projection_norm(g: Graph, spec: Spec, x: str, gamma: np.ndarray, n_heads: int, name: str) -> str:
+    """RMSNorm over the whole [B, S, n_heads·head_dim_padded] projection (OLMo 2's q/k norms). The padding's
+    zeros add nothing to the sum of squares but count in the mean: γ scaled by sqrt(hd/hdp), ε by hd/hdp."""
+    ratio = spec.head_dim / spec.head_dim_padded
+    gamma = pad_heads_rows(gamma.astype(np.float32), n_heads, spec) * np.float32(np.sqrt(ratio))
+    return g.op("RMSNormalization", [x, g.const(f"{name}.weight", gamma)], name, axis=-1, epsilon=spec.eps * ratio)
 
 
 def head_norm(g: Graph, spec: Spec, x: str, gamma: np.ndarray, n_heads: int, name: str) -> str:

@@ -35,6 +35,7 @@ class Spec:
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()   # per layer, "sliding_attention" or "full_attention"; () all full
     rope_keys: tuple[str | None, ...] = ()   # per layer, the RoPE table it reads (`architectures.rope_keys`)
+    output_norms_only: bool = False     # OLMo 2: norms on the attention and MLP outputs, none on their inputs
 
     @property
     def head_dim_padded(self) -> int:

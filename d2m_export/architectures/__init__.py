@@ -17,10 +17,12 @@ class Architecture:
     model_type: str
     is_moe: bool                 # a Mixture-of-Experts family (our conversions' outputs, or read for moe2dense)
     qkv_bias: bool = False       # q/k/v projections carry a bias (Qwen2)
-    qk_norm: bool = False        # per-head RMSNorm on q and k before RoPE (Qwen3)
+    qk_norm: bool = False        # RMSNorm on q and k before RoPE: per head (Qwen3), or
+    qk_norm_full: bool = False   # over the whole projection, every head at once (OLMo 2)
     fuses_into: str | None = None   # dense families: the MoE family LF-UC and upcycling write
     no_fusion_reason: str | None = None   # dense families with no exact MoE form: why (LF-UC/upcycle refuse)
-    mlp_norm: str = "post_attention_layernorm"   # the norm whose output is the MLP's input
+    attn_norm: str | None = "input_layernorm"    # the norm whose output is the attention's input; None: no norm
+    mlp_norm: str | None = "post_attention_layernorm"   # the norm whose output is the MLP's input; None: no norm
     attn_out_norm: str | None = None   # a norm on the attention's output before the residual add (Gemma)
     mlp_out_norm: str | None = None    # a norm on the MLP's output before the residual add (Gemma)
     norm_offset: float = 0.0     # RMSNorm scales by (offset + weight): Gemma stores weight - 1

@@ -94,9 +94,12 @@ def collect(model, input_ids: torch.Tensor, batch_size: int | None = None, progr
 
     arch = ARCHITECTURES[model.config.model_type]
     layers = model.model.layers
-    norms = [getattr(layer, arch.mlp_norm) for layer in layers]
-    gamma = [norm.weight.detach().float() + arch.norm_offset for norm in norms]
-    eps = float(getattr(norms[0], "variance_epsilon", getattr(norms[0], "eps", 1e-6)))
+    # r: each MLP's input before its norm, caught where that norm is entered; with no norm (OLMo 2), the MLP's
+    # own input, scaled by 1 (its RMS-normalised form still compares layers)
+    norms = [getattr(layer, arch.mlp_norm) if arch.mlp_norm else layer.mlp for layer in layers]
+    gamma = ([norm.weight.detach().float() + arch.norm_offset for norm in norms] if arch.mlp_norm
+             else [torch.ones(model.config.hidden_size) for _ in layers])
+    eps = float(model.config.rms_norm_eps)
     h: list[list[torch.Tensor]] = [[] for _ in range(len(layers) + 1)]
     r: list[list[torch.Tensor]] = [[] for _ in range(len(layers))]
     scorer = None if keep_streams else BlockScorer()

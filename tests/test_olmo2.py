@@ -1,0 +1,118 @@
+"""OLMo 2 (issue 35): norms on the attention and MLP outputs only, and q/k norms over the whole projection.
+
+A tiny model whose config.json has OLMo-2-0425-1B's keys and layout (untied embeddings; q/k RMSNorm over
+every head at once; post-attention and post-feedforward norms, no input norms), sizes shrunk (4 layers,
+64 wide, 8 heads of 8; the test tokenizer's vocabulary). Its q/k projections are drawn wide and its norm weights
+away from 1, so that a norm in the wrong place, or q/k normed per head, moves the greedy tokens.
+
+- Every export of it with fp32 parity: onnx (ONNX Runtime and onnxruntime-genai; its 8-wide heads padded to
+  the GQA kernel's 16, so the whole-projection norm over padded heads is exercised), gguf (llama.cpp's
+  own `olmo2`), executorch, coreml (its lowered module in PyTorch, as on Linux).
+- prune keeps OLMo 2, exact against the model with the donor deleted; LF-UC and upcycling are refused in one
+  line naming why; analyze, eval and train take it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import assert_user_error, run_cli, save_with_tokenizer, write_tiny_corpus
+
+OLMO2_1B = {
+    "architectures": ["Olmo2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": None, "eos_token_id": 100257, "hidden_act": "silu", "hidden_size": 2048,
+    "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 4096, "model_type": "olmo2",
+    "num_attention_heads": 16, "num_hidden_layers": 16, "num_key_value_heads": 16, "pad_token_id": 100277,
+    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 500000, "tie_word_embeddings": False,
+    "torch_dtype": "float32", "transformers_version": "4.48.3", "use_cache": True, "vocab_size": 100352,
+}
+TINY = {**OLMO2_1B, "hidden_size": 64, "intermediate_size": 2048, "num_attention_heads": 8, "num_key_value_heads": 8,
+        "num_hidden_layers": 4, "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+IDS = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS, use_cache=False).logits
+
+
+def loaded(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+@pytest.fixture(scope="module")
+def olmo2(tmp_path_factory, tokenizer_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("olmo2")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        **{k: v for k, v in TINY.items() if k not in ("torch_dtype", "architectures")}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif "q_proj" in name or "k_proj" in name:
+                p.normal_(0, 0.25)
+    dense = save_with_tokenizer(model.eval(), root / "dense", tokenizer_dir)
+    (dense / "config.json").write_text(json.dumps(TINY, indent=2))
+    (root / "plan.yaml").write_text("blocks:\n  - {host: 1, donors: [2]}\n")
+    return {"dense": dense, "model": loaded(dense), "root": root}
+
+
+def test_prune_is_exact(olmo2, tmp_path):
+    from d2m_export.cli import main
+
+    assert main(["convert", "--model", str(olmo2["dense"]), "--method", "prune", "--plan",
+                 str(olmo2["root"] / "plan.yaml"), "--no-heal", "--calib-tokens", "256", "--out",
+                 str(tmp_path / "prune")]) == 0
+    reference = copy.deepcopy(olmo2["model"])
+    del reference.model.layers[2]
+    model = loaded(tmp_path / "prune")
+    assert type(model).__name__ == "Olmo2ForCausalLM" and model.config.num_hidden_layers == 3
+    torch.testing.assert_close(logits(model), logits(reference), rtol=0, atol=0)
+
+
+TARGETS = ["onnx", "gguf", "executorch", "coreml"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_exports_match_transformers(capsys, olmo2, tmp_path, target):
+    pytest.importorskip({"onnx": "onnxruntime", "gguf": "llama_cpp", "executorch": "executorch",
+                         "coreml": "coremltools"}[target])
+    flags = ["--max-seq-len", 128] if target in ("executorch", "coreml") else []
+    code, out, err = run_cli(capsys, "--target", target, "--model", olmo2["dense"], *flags, "--threads", 2,
+                             "--out", tmp_path / "x")
+    assert code == 0, err
+    parity = json.loads((tmp_path / "x" / "manifest.json").read_text())["parity"]
+    assert parity["greedy_match"] == parity["greedy_total"] >= 64 and parity["max_abs_logit_err"] < 1e-4
+    for other in (parity.get("other_runtimes") or {}).values():
+        assert other["greedy_match"] == other["greedy_total"] and other["max_abs_logit_err"] < 1e-4
+    if target == "onnx":
+        assert "onnxruntime-genai" in parity["other_runtimes"]
+
+
+@pytest.mark.parametrize("method", ["lfuc", "upcycle"])
+def test_lfuc_and_upcycle_are_refused_naming_why(capsys, olmo2, tmp_path, method):
+    code, _, err = run_cli(capsys, "convert", "--model", olmo2["dense"], "--method", method, "--out", tmp_path / "x")
+    assert_user_error(code, err, "olmo2 models cannot be converted to MoE", "OLMo 2's layout")
+    assert not (tmp_path / "x").exists()
+
+
+def test_analyze_eval_train(capsys, olmo2, tmp_path):
+    dense = olmo2["dense"]
+    code, _, err = run_cli(capsys, "analyze", "--model", dense, "--calib-tokens", 256, "--out", tmp_path / "an")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "eval", "--model", dense, "--tasks", "piqa", "--limit", 2, "--ppl-tokens", 512,
+                           "--out", tmp_path / "eval.json")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", "--model", dense, "--corpus", write_tiny_corpus(tmp_path / "c.txt"),
+                           "--tokens", 256, "--seq-len", 32, "--global-batch", 4, "--micro-batch", 2,
+                           "--out", tmp_path / "trained")
+    assert code == 0, err
+    assert json.loads((tmp_path / "trained" / "config.json").read_text())["model_type"] == "olmo2"
