@@ -9,7 +9,7 @@ away from 1, so that a norm in the wrong place, or q/k normed per head, moves th
   the GQA kernel's 16, so the whole-projection norm over padded heads is exercised), gguf (llama.cpp's
   own `olmo2`), executorch, coreml (its lowered module in PyTorch, as on Linux).
 - prune keeps OLMo 2, exact against the model with the donor deleted; LF-UC and upcycling are refused in one
-  line naming why; analyze, eval and train take it.
+  line naming why; analyze, eval and train take it; the pruned model heals (layers without input norms).
 """
 from __future__ import annotations
 
@@ -116,3 +116,14 @@ def test_analyze_eval_train(capsys, olmo2, tmp_path):
                            "--out", tmp_path / "trained")
     assert code == 0, err
     assert json.loads((tmp_path / "trained" / "config.json").read_text())["model_type"] == "olmo2"
+
+
+def test_a_pruned_olmo2_heals(capsys, olmo2, tmp_path):
+    """Healing a pruned OLMo 2 runs its layers without input norms (the local heal reruns each kept layer)."""
+    code, _, err = run_cli(capsys, "convert", "--model", olmo2["dense"], "--method", "prune", "--plan",
+                           olmo2["root"] / "plan.yaml", "--no-heal", "--calib-tokens", 256, "--out", tmp_path / "p")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "heal", "--model", tmp_path / "p", "--calib-tokens", 512, "--steps", 2,
+                             "--out", tmp_path / "healed")
+    assert code == 0 and "healed" in out, err
+    assert loaded(tmp_path / "healed").config.model_type == "olmo2"

@@ -9,7 +9,7 @@ reverse, moves the greedy tokens.
   `smollm3`), executorch, coreml (its lowered module in PyTorch, as on Linux).
 - prune keeps SmolLM3, each kept layer with its RoPE or NoPE, exact against the model with the donor deleted;
   its onnx export keeps parity, and gguf refuses it in one line (llama.cpp fixes NoPE at every fourth layer).
-- LF-UC and upcycling are refused in one line naming why; analyze, eval and train take it.
+- LF-UC and upcycling are refused in one line naming why; analyze, eval and train take it; the pruned model heals.
 """
 from __future__ import annotations
 
@@ -145,3 +145,11 @@ def test_analyze_eval_train(capsys, smollm3, tmp_path):
                            "--out", tmp_path / "trained")
     assert code == 0, err
     assert json.loads((tmp_path / "trained" / "config.json").read_text())["model_type"] == "smollm3"
+
+
+def test_a_pruned_smollm3_heals(capsys, pruned, tmp_path):
+    """Healing a pruned SmolLM3 reruns each kept layer with its own RoPE or NoPE."""
+    code, out, err = run_cli(capsys, "heal", "--model", pruned, "--calib-tokens", 512, "--steps", 2,
+                             "--out", tmp_path / "healed")
+    assert code == 0 and "healed" in out, err
+    assert loaded(tmp_path / "healed").config.no_rope_layers == [1, 1, 0, 1, 1, 1, 0]

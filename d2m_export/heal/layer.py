@@ -51,12 +51,12 @@ class LayerRunner:
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """r = x + Attn(norm(x)): the residual entering the FFN."""
         pos, mask, pe = self._pos(x)
-        out, _ = self.layer.self_attn(hidden_states=self.layer.input_layernorm(x), attention_mask=mask,
+        out, _ = self.layer.self_attn(hidden_states=self._norm(self.arch.attn_norm, x), attention_mask=mask,
                                       position_ids=pos, position_embeddings=pe)
         return x + self._norm(self.arch.attn_out_norm, out)
 
     def ffn_input(self, r: torch.Tensor) -> torch.Tensor:
-        return getattr(self.layer, self.arch.mlp_norm)(r)
+        return self._norm(self.arch.mlp_norm, r)
 
     def ffn_parameters(self) -> list[torch.nn.Parameter]:
         """What the FFN branch owns: its MLP and the norm on the MLP's output, if the family has one."""
