@@ -57,9 +57,17 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--exports", default="", help="other onnx exports to compare, as dense=DIR,prune=DIR,lfuc=DIR "
+                                                   "(e.g. the healing study's at another ratio)")
+    ap.add_argument("--label", default="", help="what --exports are, for the table's title and file name")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     exports = {m: args.work / "exports" / f"{m}-onnx-{args.quant}" for m in MODELS}
+    for item in filter(None, args.exports.split(",")):
+        name, _, path = item.partition("=")
+        if name not in MODELS:
+            sys.exit(f"--exports takes {', '.join(MODELS)}, not {name!r}")
+        exports[name] = Path(path)
     if missing := [str(p) for p in exports.values() if not (p / "manifest.json").is_file()]:
         sys.exit(f"no export at {', '.join(missing)}: run bench/decode_context_smollm2.py --prepare --only onnx "
                  f"--work {args.work} first")
@@ -73,20 +81,24 @@ def main() -> None:
     ops = sorted({op for rows in samples.values() for row in rows for op in row})
     table = {m: {op: round(statistics.median(row.get(op, 0.0) for row in samples[m]), 4) for op in ops}
              for m in MODELS}
-    out = args.out or ROOT / "bench" / "results" / f"profile_decode_onnx_{args.quant}_{args.context}.md"
+    suffix = f"_{args.label}" if args.label else ""
+    out = args.out or ROOT / "bench" / "results" / f"profile_decode_onnx_{args.quant}_{args.context}{suffix}.md"
+    argv = f"--quant {args.quant} --context {args.context}" + (
+        f" --exports {args.exports} --label {args.label}" if args.exports else "")
     publish(out, {"quant": args.quant, "context": args.context, "tokens": args.tokens, "rounds": args.rounds,
-                  "threads": args.threads, "ms_per_step": table,
-                  "argv": f"--quant {args.quant} --context {args.context}"}, render)
+                  "threads": args.threads, "ms_per_step": table, "label": args.label,
+                  "exports": {m: str(p) for m, p in exports.items()}, "argv": argv}, render)
 
 
 def render(result: dict) -> str:
     t = result["ms_per_step"]
     ops = sorted((op for op in t["dense"] if op != "(model_run)"), key=lambda op: -t["dense"].get(op, 0.0))
-    lines = [f"# ONNX Runtime decode profile: SmolLM2 {result['quant']}, context {result['context']}", "",
+    what = f" ({result['label']})" if result.get("label") else ""
+    lines = [f"# ONNX Runtime decode profile: SmolLM2 {result['quant']}, context {result['context']}{what}", "",
              f"ONNX Runtime's profiler, {result['threads']} threads, {result['tokens']} greedy decode steps after a "
              f"{result['context']}-token prompt, median of {result['rounds']} rounds; ms per decode step by operator "
              "type (the profiler's per-node overhead included, so totals exceed unprofiled ms/token).", "",
-             "| operator | dense | prune@0.8 | LF-UC@0.8 | LF-UC − prune | dense − prune |", "|---|---|---|---|---|---|"]
+             "| operator | dense | prune | LF-UC | LF-UC − prune | dense − prune |", "|---|---|---|---|---|---|"]
     for op in [*ops, "(model_run)"]:
         d, p, lf = (t[m].get(op, 0.0) for m in MODELS)
         lines.append(f"| {op} | {d:.3f} | {p:.3f} | {lf:.3f} | {lf - p:+.3f} | {d - p:+.3f} |")
