@@ -19,7 +19,8 @@ import json
 import pytest
 import torch
 
-from conftest import assert_user_error, run_cli, save_with_tokenizer, write_tiny_corpus
+from conftest import assert_user_error, run_cli, write_tiny_corpus
+from test_families import loaded, logits, published_tiny
 
 OLMO2_1B = {
     "architectures": ["Olmo2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
@@ -31,38 +32,14 @@ OLMO2_1B = {
 }
 TINY = {**OLMO2_1B, "hidden_size": 64, "intermediate_size": 2048, "num_attention_heads": 8, "num_key_value_heads": 8,
         "num_hidden_layers": 4, "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
-IDS = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(1))
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(input_ids=IDS, use_cache=False).logits
-
-
-def loaded(folder):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
 @pytest.fixture(scope="module")
 def olmo2(tmp_path_factory, tokenizer_dir):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("olmo2")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
-        **{k: v for k, v in TINY.items() if k not in ("torch_dtype", "architectures")}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif "q_proj" in name or "k_proj" in name:
-                p.normal_(0, 0.25)
-    dense = save_with_tokenizer(model.eval(), root / "dense", tokenizer_dir)
-    (dense / "config.json").write_text(json.dumps(TINY, indent=2))
+    dense, model = published_tiny(TINY, root / "dense", tokenizer_dir)
     (root / "plan.yaml").write_text("blocks:\n  - {host: 1, donors: [2]}\n")
-    return {"dense": dense, "model": loaded(dense), "root": root}
+    return {"dense": dense, "model": model, "root": root}
 
 
 def test_prune_is_exact(olmo2, tmp_path):

@@ -47,7 +47,7 @@ def _phi_rope(config) -> tuple[dict, float]:
 def head_permutation(head: int, rot: int) -> torch.Tensor:
     """view row j of a head <- Phi row perm[j]: Phi's turned pairs (i, i + rot/2) on Llama's (i, i + head/2),
     the passing dimensions rot.. in the remaining slots of each half."""
-    half, rhalf, rest = head // 2, rot // 2, (head - rot) // 2
+    rhalf, rest = rot // 2, (head - rot) // 2
     first = list(range(rhalf)) + list(range(rot, rot + rest))
     second = list(range(rhalf, rot)) + list(range(rot + rest, head))
     return torch.tensor(first + second)
