@@ -295,22 +295,45 @@ FAMILY_TARGETS = [("onnx", "dense"), ("onnx", "lfuc"), ("gguf", "dense"), ("gguf
                   ("coreml", "lfuc")]
 
 
-@pytest.mark.parametrize("target, model", FAMILY_TARGETS, ids=[f"{t}-{m}" for t, m in FAMILY_TARGETS])
-def test_family_exports_match_transformers(capsys, family, tmp_path, target, model):
-    """fp32 parity in each runtime (ONNX also in onnxruntime-genai; Core ML as its lowered module in
-    PyTorch, as on Linux), for the dense model given in its own family's layout and its LF-UC conversion."""
+def export_with_fp32_parity(capsys, model_dir, target, out) -> dict:
+    """Export `model_dir` to `target` at fp32 through the command line; its parity record, asserted exact: every
+    greedy token of 64 and logits within 1e-4, in each runtime (ONNX also in onnxruntime-genai)."""
     pytest.importorskip({"onnx": "onnxruntime", "gguf": "llama_cpp", "executorch": "executorch",
                          "coreml": "coremltools"}[target])
     flags = ["--max-seq-len", 128] if target in ("executorch", "coreml") else []
-    code, out, err = run_cli(capsys, "--target", target, "--model", family[model], *flags, "--threads", 2,
-                             "--out", tmp_path / "x")
+    code, _, err = run_cli(capsys, "--target", target, "--model", model_dir, *flags, "--threads", 2, "--out", out)
     assert code == 0, err
-    parity = json.loads((tmp_path / "x" / "manifest.json").read_text())["parity"]
+    parity = json.loads((out / "manifest.json").read_text())["parity"]
     assert parity["greedy_match"] == parity["greedy_total"] >= 64 and parity["max_abs_logit_err"] < 1e-4
     for other in (parity.get("other_runtimes") or {}).values():
         assert other["greedy_match"] == other["greedy_total"] and other["max_abs_logit_err"] < 1e-4
     if target == "onnx":
         assert "onnxruntime-genai" in parity["other_runtimes"]
+    return parity
+
+
+def analyze_eval_train(capsys, dense, tmp_path, model_type: str) -> None:
+    """analyze, eval and train take `dense` through the command line; training keeps its family."""
+    from conftest import write_tiny_corpus
+
+    code, _, err = run_cli(capsys, "analyze", "--model", dense, "--calib-tokens", 256, "--out", tmp_path / "an")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "eval", "--model", dense, "--tasks", "piqa", "--limit", 2, "--ppl-tokens", 512,
+                           "--out", tmp_path / "eval.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "eval.json").read_text())["perplexity"]["value"] > 1
+    code, _, err = run_cli(capsys, "train", "--model", dense, "--corpus", write_tiny_corpus(tmp_path / "c.txt"),
+                           "--tokens", 256, "--seq-len", 32, "--global-batch", 4, "--micro-batch", 2,
+                           "--out", tmp_path / "trained")
+    assert code == 0, err
+    assert config(tmp_path / "trained")["model_type"] == model_type
+
+
+@pytest.mark.parametrize("target, model", FAMILY_TARGETS, ids=[f"{t}-{m}" for t, m in FAMILY_TARGETS])
+def test_family_exports_match_transformers(capsys, family, tmp_path, target, model):
+    """fp32 parity in each runtime (ONNX also in onnxruntime-genai; Core ML as its lowered module in
+    PyTorch, as on Linux), for the dense model given in its own family's layout and its LF-UC conversion."""
+    parity = export_with_fp32_parity(capsys, family[model], target, tmp_path / "x")
     if target == "coreml":
         assert parity["checked_on"] == "pytorch-lowered-module" and parity["free_running_greedy_identical"]
 

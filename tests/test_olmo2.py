@@ -14,13 +14,12 @@ away from 1, so that a norm in the wrong place, or q/k normed per head, moves th
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 
-from conftest import assert_user_error, run_cli, write_tiny_corpus
-from test_families import loaded, logits, published_tiny
+from conftest import assert_user_error, run_cli
+from test_families import analyze_eval_train, export_with_fp32_parity, loaded, logits, published_tiny
 
 OLMO2_1B = {
     "architectures": ["Olmo2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
@@ -60,18 +59,7 @@ TARGETS = ["onnx", "gguf", "executorch", "coreml"]
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_exports_match_transformers(capsys, olmo2, tmp_path, target):
-    pytest.importorskip({"onnx": "onnxruntime", "gguf": "llama_cpp", "executorch": "executorch",
-                         "coreml": "coremltools"}[target])
-    flags = ["--max-seq-len", 128] if target in ("executorch", "coreml") else []
-    code, out, err = run_cli(capsys, "--target", target, "--model", olmo2["dense"], *flags, "--threads", 2,
-                             "--out", tmp_path / "x")
-    assert code == 0, err
-    parity = json.loads((tmp_path / "x" / "manifest.json").read_text())["parity"]
-    assert parity["greedy_match"] == parity["greedy_total"] >= 64 and parity["max_abs_logit_err"] < 1e-4
-    for other in (parity.get("other_runtimes") or {}).values():
-        assert other["greedy_match"] == other["greedy_total"] and other["max_abs_logit_err"] < 1e-4
-    if target == "onnx":
-        assert "onnxruntime-genai" in parity["other_runtimes"]
+    export_with_fp32_parity(capsys, olmo2["dense"], target, tmp_path / "x")
 
 
 @pytest.mark.parametrize("method", ["lfuc", "upcycle"])
@@ -82,17 +70,7 @@ def test_lfuc_and_upcycle_are_refused_naming_why(capsys, olmo2, tmp_path, method
 
 
 def test_analyze_eval_train(capsys, olmo2, tmp_path):
-    dense = olmo2["dense"]
-    code, _, err = run_cli(capsys, "analyze", "--model", dense, "--calib-tokens", 256, "--out", tmp_path / "an")
-    assert code == 0, err
-    code, _, err = run_cli(capsys, "eval", "--model", dense, "--tasks", "piqa", "--limit", 2, "--ppl-tokens", 512,
-                           "--out", tmp_path / "eval.json")
-    assert code == 0, err
-    code, _, err = run_cli(capsys, "train", "--model", dense, "--corpus", write_tiny_corpus(tmp_path / "c.txt"),
-                           "--tokens", 256, "--seq-len", 32, "--global-batch", 4, "--micro-batch", 2,
-                           "--out", tmp_path / "trained")
-    assert code == 0, err
-    assert json.loads((tmp_path / "trained" / "config.json").read_text())["model_type"] == "olmo2"
+    analyze_eval_train(capsys, olmo2["dense"], tmp_path, "olmo2")
 
 
 def test_a_pruned_olmo2_heals(capsys, olmo2, tmp_path):

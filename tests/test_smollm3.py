@@ -14,13 +14,12 @@ reverse, moves the greedy tokens.
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 
-from conftest import assert_user_error, run_cli, write_tiny_corpus
-from test_families import loaded, logits, published_tiny
+from conftest import assert_user_error, run_cli
+from test_families import analyze_eval_train, export_with_fp32_parity, loaded, logits, published_tiny
 
 SMOLLM3_3B = {
     "architectures": ["SmolLM3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": None,
@@ -81,19 +80,7 @@ TARGETS = [("onnx", "dense"), ("gguf", "dense"), ("executorch", "dense"), ("core
 
 @pytest.mark.parametrize("target, model", TARGETS, ids=[f"{t}-{m}" for t, m in TARGETS])
 def test_exports_match_transformers(capsys, smollm3, pruned, tmp_path, target, model):
-    pytest.importorskip({"onnx": "onnxruntime", "gguf": "llama_cpp", "executorch": "executorch",
-                         "coreml": "coremltools"}[target])
-    flags = ["--max-seq-len", 128] if target in ("executorch", "coreml") else []
-    src = smollm3["dense"] if model == "dense" else pruned
-    code, out, err = run_cli(capsys, "--target", target, "--model", src, *flags, "--threads", 2,
-                             "--out", tmp_path / "x")
-    assert code == 0, err
-    parity = json.loads((tmp_path / "x" / "manifest.json").read_text())["parity"]
-    assert parity["greedy_match"] == parity["greedy_total"] >= 64 and parity["max_abs_logit_err"] < 1e-4
-    for other in (parity.get("other_runtimes") or {}).values():
-        assert other["greedy_match"] == other["greedy_total"] and other["max_abs_logit_err"] < 1e-4
-    if target == "onnx":
-        assert "onnxruntime-genai" in parity["other_runtimes"]
+    export_with_fp32_parity(capsys, smollm3["dense"] if model == "dense" else pruned, target, tmp_path / "x")
 
 
 def test_gguf_refuses_nope_layers_llama_cpp_does_not_fix(capsys, pruned, tmp_path):
@@ -111,17 +98,7 @@ def test_lfuc_and_upcycle_are_refused_naming_why(capsys, smollm3, tmp_path, meth
 
 
 def test_analyze_eval_train(capsys, smollm3, tmp_path):
-    dense = smollm3["dense"]
-    code, _, err = run_cli(capsys, "analyze", "--model", dense, "--calib-tokens", 256, "--out", tmp_path / "an")
-    assert code == 0, err
-    code, _, err = run_cli(capsys, "eval", "--model", dense, "--tasks", "piqa", "--limit", 2, "--ppl-tokens", 512,
-                           "--out", tmp_path / "eval.json")
-    assert code == 0, err
-    code, _, err = run_cli(capsys, "train", "--model", dense, "--corpus", write_tiny_corpus(tmp_path / "c.txt"),
-                           "--tokens", 256, "--seq-len", 32, "--global-batch", 4, "--micro-batch", 2,
-                           "--out", tmp_path / "trained")
-    assert code == 0, err
-    assert json.loads((tmp_path / "trained" / "config.json").read_text())["model_type"] == "smollm3"
+    analyze_eval_train(capsys, smollm3["dense"], tmp_path, "smollm3")
 
 
 def test_a_pruned_smollm3_heals(capsys, pruned, tmp_path):
