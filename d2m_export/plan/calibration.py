@@ -99,7 +99,8 @@ def collect(model, input_ids: torch.Tensor, batch_size: int | None = None, progr
     norms = [getattr(layer, arch.mlp_norm) if arch.mlp_norm else layer.mlp for layer in layers]
     gamma = ([norm.weight.detach().float() + arch.norm_offset for norm in norms] if arch.mlp_norm
              else [torch.ones(model.config.hidden_size) for _ in layers])
-    eps = float(model.config.rms_norm_eps)
+    eps = float(getattr(norms[0], "variance_epsilon", getattr(norms[0], "eps", model.config.rms_norm_eps))
+                if arch.mlp_norm else model.config.rms_norm_eps)
     h: list[list[torch.Tensor]] = [[] for _ in range(len(layers) + 1)]
     r: list[list[torch.Tensor]] = [[] for _ in range(len(layers))]
     scorer = None if keep_streams else BlockScorer()
