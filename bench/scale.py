@@ -160,8 +160,9 @@ def run_stage(cmd: list, prefix: tuple | list = tuple(CLI)) -> dict:
         tail = (tail + [line.rstrip()])[-20:]
     _, status, usage = os.wait4(proc.pid, 0)
     rc = os.waitstatus_to_exitcode(status)
+    last = next((t for t in reversed(tail) if t.strip()), "")
     return {"rc": rc, "wall_s": round(time.time() - t0, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
-            "error": None if rc == 0 else next((t for t in reversed(tail) if t.strip()), "")[-300:]}
+            "error": None if rc == 0 else last[-300:], "last_line": last[-2000:]}
 
 
 def dir_gb(path: Path) -> float:
