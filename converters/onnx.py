@@ -135,13 +135,14 @@ def graph_details(path: Path, graph: str) -> dict:
 
 def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe_lowering: str = "switch",
                 head_bits: int | None = None, data=None, position_offset: int = 0, logits_to_keep: bool = False,
-                plain_embedding: bool = False):
+                plain_embedding: bool = False, inline_branches: bool = False):
     """The ONNX ModelProto for a Hugging Face folder, at `quant`; positions up to `max_seq_len` (default:
     the model's context, at most MAX_POSITIONS); MoE layers `switch` (an If per expert), `sparse` (one MoE/QMoE node), `gather` (routed
     in-graph, per-expert MatMuls) or `dense` (every expert, masked). Large weights go to `data` (an
     `ExternalData` file) as they are made, when given; `position_offset`: where the consumer's position_ids
     start; `logits_to_keep`: a `num_logits_to_keep` input (see `build_graph`); `plain_embedding`: a quantized
-    embedding looked up in standard ops (onnxruntime-web has no GatherBlockQuantized). The model is held in its stored dtype and each weight converted to fp32 only when the graph takes it."""
+    embedding looked up in standard ops (onnxruntime-web has no GatherBlockQuantized); `inline_branches`: the
+    `switch` lowering's expert weights in the graph file, not in `data` (onnxruntime-web's need). The model is held in its stored dtype and each weight converted to fp32 only when the graph takes it."""
     import onnx
 
     from d2m_export.sources.lazy_weights import Float32Arrays
@@ -158,7 +159,7 @@ def build_model(model_dir: Path, quant: str, max_seq_len: int | None = None, moe
     rotary = rotary_tables_by_type(model, spec)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     sd = Float32Arrays(model)
-    g = Graph(data=data)
+    g = Graph(data=data, inline_branches=inline_branches)
     lin = Linears(g) if quant == "fp32" else quantized_linears(g, quant, head_bits, plain_embedding)
     if moe_lowering == "dense" and quant != "fp32":
         raise UserError("--moe-lowering dense is offered at fp32 only (it is there for comparison)")

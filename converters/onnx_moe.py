@@ -173,7 +173,7 @@ def switched_experts(g: Graph, lin: Linears, x: str, logits: str, gate_up: np.nd
     terms = []
     for d, (members, cond) in enumerate(zip(groups, conds)):
         j = members[0]
-        branch = Graph(names=g.names, data=g.data)
+        branch = Graph(names=g.names, data=None if g.inline_branches else g.data)
         sub = copy.copy(lin)
         sub.g = branch
         y = sub.swiglu(x, gate_up[j, :i], gate_up[j, i:], down[j], f"{name}.{d}")

@@ -92,11 +92,14 @@ class ExternalData:
 
 @dataclass
 class Graph:
-    """Nodes and initializers, with unique names; large initializers go straight to `data` when given."""
+    """Nodes and initializers, with unique names; large initializers go straight to `data` when given.
+    `inline_branches`: an If branch's own initializers stay in the graph file whatever their size
+    (onnxruntime-web reads no external data inside a branch)."""
     nodes: list = field(default_factory=list)
     initializers: list = field(default_factory=list)
     names: set = field(default_factory=set)
     data: ExternalData | None = None
+    inline_branches: bool = False
 
     def fresh(self, base: str) -> str:
         name, i = base, 1

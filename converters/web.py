@@ -17,9 +17,13 @@ The graph is the onnx target's (`converters.onnx_graph`), with the interface tra
 `present.N.key/value` (`generate()` feeds num_logits_to_keep 1: a prompt's LM head runs on its last position
 only, so a long prompt never holds [prompt, vocab] logits in WebAssembly's memory). GroupQueryAttention appends each step's keys and values to the past it is given, so
 the cache grows by the step's length (transformers.js reads the past length from dims[-2]); its first,
-empty past takes the declared head size. MoE layers route in plain ONNX (`gather`: ArgMax or TopK, then
-each expert's own MatMuls on the rows that chose it), which is exact on every execution provider; WebGPU
-has no MoE kernel. q8 is the int8 form transformers.js's own q8 models have (onnxruntime's dynamic
+empty past takes the declared head size. MoE layers route in plain ONNX, exact on every execution provider
+(WebGPU has no MoE kernel): each distinct expert in an `If` whose branch owns that expert's weights
+(`switch`), so onnxruntime prepacks them like a dense MLP's and a decode step runs only its chosen
+experts. onnxruntime-web reads no external data inside a branch, so the experts' weights stay in the graph
+file; where that file would pass GRAPH_FILE_BYTES the graph routes by `gather` instead (ArgMax or TopK, then each
+expert's MatMuls on the rows that chose it, its weights in the data files), which WebAssembly decodes
+slower (`docs/runtimes/web.md`). q8 is the int8 form transformers.js's own q8 models have (onnxruntime's dynamic
 quantization): DynamicQuantizeMatMul, int8 weights with one scale per output channel, activations quantized
 to uint8 as the kernel runs, one scale per block of at most 128 input channels (`onnx_quant.DynamicInt8Linears`);
 onnxruntime-web's WebAssembly build runs it 3-4x faster than the 8-bit MatMulNBits of the onnx target's int8.
@@ -56,6 +60,10 @@ FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text":
             "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "mixtral": "mistral"}
 POSITION_START = {"gemma3_text": 1}    # transformers.js counts these models' position_ids from 1
 MIN_MAX_SEQ_LEN = 64
+# MoE lowerings, in order of preference: `switch` while its graph file (the experts' weights in it) stays
+# within GRAPH_FILE_BYTES (a browser holds the file in one buffer), else `gather`
+LOWERINGS = ("switch", "gather")
+GRAPH_FILE_BYTES = CHUNK_BYTES
 PAGE_FILES = ("index.html", "page.js")
 
 
@@ -104,14 +112,21 @@ class WebExporter(Exporter):
         out_tmp = Path(out_tmp)
         (out_tmp / ONNX_DIR).mkdir()
         graph = model_file(quant)
-        data = ExternalData(out_tmp / f"{graph}_data", chunk_bytes=CHUNK_BYTES)
-        try:
-            proto = build_model(model_dir, QUANTS[quant][1], max_seq_len, "gather", None, data,
-                                position_offset=POSITION_START.get(read_config(model_dir).get("model_type"), 0),
-                                logits_to_keep=True, plain_embedding=True)
-        finally:
-            data.close()
-        onnx.save_model(proto, out_tmp / graph)            # its weights are in the data files already
+        for lowering in LOWERINGS:
+            data = ExternalData(out_tmp / f"{graph}_data", chunk_bytes=CHUNK_BYTES)
+            try:
+                proto = build_model(model_dir, QUANTS[quant][1], max_seq_len, lowering, None, data,
+                                    position_offset=POSITION_START.get(read_config(model_dir).get("model_type"), 0),
+                                    logits_to_keep=True, plain_embedding=True, inline_branches=True)
+            finally:
+                data.close()
+            if graph_file_fits(proto):
+                break
+            log.info("web: the experts' weights would make %s larger than %d MiB: routing by gather instead",
+                     graph, GRAPH_FILE_BYTES >> 20)
+            for path in data.paths:
+                path.unlink()
+        onnx.save_model(proto, out_tmp / graph)            # the rest of its weights are in the data files already
         onnx.checker.check_model(str(out_tmp / graph))
         return [graph, *(f"{ONNX_DIR}/{p.name}" for p in data.paths), *write_page(out_tmp)]
 
@@ -174,6 +189,14 @@ class WebExporter(Exporter):
                                            **({"tokens": c["tokens"]} if c["prefix_match"] < c["total"] else {})}
                                           for c in checks]}
         return result
+
+
+def graph_file_fits(proto) -> bool:
+    """Whether the graph file (the weights kept in it: the experts' under `switch`) stays within GRAPH_FILE_BYTES."""
+    try:
+        return proto.ByteSize() <= GRAPH_FILE_BYTES
+    except (ValueError, OverflowError):     # protobuf refuses to size a message past 2 GB
+        return False
 
 
 def write_page(out_tmp: Path) -> list[str]:

@@ -19,6 +19,7 @@ import torch
 from conftest import assert_user_error, export_with_cli, run_cli, save_with_tokenizer, tiny_dense
 
 onnx = pytest.importorskip("onnx")
+from converters.onnx_moe import distinct_experts  # noqa: E402
 from runtimes.transformersjs import SCRIPT, WEB_DIR  # noqa: E402
 from onnx_helpers import PROMPT, build, hf_greedy, hf_model, moe_layers, routed_experts, sensitive  # noqa: E402
 
@@ -82,8 +83,16 @@ def check_layout(out, manifest, quant):
     past, present = graph.input[3].type.tensor_type.shape.dim, graph.output[1].type.tensor_type.shape.dim
     assert past[2].dim_param and present[2].dim_param and past[2].dim_param != present[2].dim_param
     # MoE routing in plain ONNX: no MoE/QMoE kernel (WebGPU has none)
-    assert not [n for n in graph.node if n.op_type in ("MoE", "QMoE")] and manifest["web"]["moe_lowering"] == "gather"
+    assert not [n for n in graph.node if n.op_type in ("MoE", "QMoE")] and manifest["web"]["moe_lowering"] == "switch"
     return graph
+
+
+def expert_branches(graph) -> list:
+    """The then-branches of the graph's Ifs (one per distinct expert), each holding its expert's weights in the
+    graph file: onnxruntime-web reads no external data inside a branch."""
+    branches = [a.g for n in graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch"]
+    assert all(b.initializer and not any(t.external_data for t in b.initializer) for b in branches)
+    return branches
 
 
 def exact(parity):
@@ -102,11 +111,12 @@ def test_fp32_generates_transformers_greedy_tokens_in_node(capsys, models, tmp_p
     exact(manifest["parity"])
     assert manifest["parity"]["runtime_settings"]["runtime"] == "transformers.js + onnxruntime-node (cpu)"
     model = hf_model(models(variant))
-    if variant in MOE:          # routing really varies, and each expert has its own MatMuls behind a ScatterND
+    if variant in MOE:          # routing really varies, and each expert has its own If branch with its weights
         chosen = routed_experts(model, PROMPT + manifest["parity"]["prompts"][0]["reference_tokens"])
         assert chosen and all(len({tuple(sorted(row)) for row in c.tolist()}) > 1 for c in chosen.values())
-        experts = len(moe_layers(model)) * model.config.num_experts
-        assert len([n for n in graph.node if n.op_type == "ScatterND"]) == experts
+        experts = [model.model.layers[i].mlp.experts for i in moe_layers(model)]
+        assert len(expert_branches(graph)) == sum(len(distinct_experts(e.gate_up_proj.detach().numpy(),
+                                                                       e.down_proj.detach().numpy())) for e in experts)
     # independently of the export's check: a fresh Node process, transformers.js generate() from the folder
     got = node_generate(out, PROMPT, 40)
     assert got["tokens"] == hf_greedy(model, PROMPT, 40)
@@ -182,14 +192,19 @@ def test_lossy_quants_pass_their_floor(capsys, models, tmp_path, monkeypatch, va
 def check_dynamic_int8(graph):
     """q8 is DynamicQuantizeMatMul over int8 weights (onnxruntime-web's WebAssembly build runs 8-bit MatMulNBits
     several times slower): every projection, expert and the LM head, in blocks of input channels; only the
-    routers and the shared expert's gate stay fp32 MatMuls; the embedding is gathered from the head's int8 bytes."""
-    int8 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
-    assert not [n for n in graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized", "MatMulInteger")]
-    dqmm = [n for n in graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    routers, the shared expert's gate and the sum of copied experts' routing weights stay fp32 MatMuls; the
+    embedding is gathered from the head's int8 bytes. The experts' nodes and weights are in their If branches."""
+    graphs = [graph, *expert_branches(graph)]
+    nodes = [n for g in graphs for n in g.node]
+    int8 = {t.name for g in graphs for t in g.initializer if t.data_type == onnx.TensorProto.INT8}
+    assert not [n for n in nodes if n.op_type in ("MatMulNBits", "GatherBlockQuantized", "MatMulInteger")]
+    dqmm = [n for n in nodes if n.op_type == "DynamicQuantizeMatMul"]
     assert dqmm and all(n.domain == "com.microsoft" and n.input[1] in int8 for n in dqmm)
-    assert {n.name for n in graph.node if n.op_type == "MatMul"} <= {n.name for n in graph.node
-                                                                    if n.name.endswith((".router", ".shared_gate"))}
-    blocked = {n.output[0] for n in graph.node if n.op_type == "Sum"}
+    assert [n for g in graphs[1:] for n in g.node if n.op_type == "DynamicQuantizeMatMul"]
+    assert {n.name for n in nodes if n.op_type == "MatMul"} <= {
+        n.name for n in nodes if n.name.endswith((".router", ".shared_gate", ".distinct_weights"))}
+    blocked = {n.output[0] for n in nodes if n.op_type == "Sum" and n.input[0] not in
+               {o for m in graph.node if m.op_type == "If" for o in m.output}}      # not the experts' sum
     head = next(n for n in graph.node if "logits" in n.output)
     assert head.op_type == "Sum" and blocked and len(dqmm) > 2 * len(blocked)   # split into blocks, the head too
     lookups = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in int8]
@@ -210,6 +225,25 @@ def test_num_logits_to_keep_runs_the_lm_head_on_the_last_positions_only(capsys, 
     last2 = session.run(["logits"], {**feed, "num_logits_to_keep": np.array(2, np.int64)})[0]
     assert every.shape[1] == len(PROMPT) and last2.shape[1] == 2
     np.testing.assert_allclose(last2, every[:, -2:], rtol=0, atol=1e-5)
+
+
+def test_experts_past_the_graph_file_limit_route_by_gather_with_their_weights_in_the_data_files(
+        capsys, models, tmp_path, monkeypatch):
+    """`switch` keeps the experts' weights in the graph file; where that would pass GRAPH_FILE_BYTES the export
+    routes by `gather` instead (each expert's MatMuls behind a ScatterND), and is exact all the same."""
+    import converters.web as web
+
+    model = hf_model(models("lfuc-routed-k1"))
+    experts = len(moe_layers(model)) * model.config.num_experts
+    limit = 64 << 10           # the tiny model's graph file: ~110 KiB with its experts in it, ~26 KiB without
+    monkeypatch.setattr(web, "GRAPH_FILE_BYTES", limit)
+    out = tmp_path / "web"
+    manifest = export_with_cli(capsys, "web", models("lfuc-routed-k1"), out)
+    graph = graph_of(out)
+    assert manifest["web"]["moe_lowering"] == "gather" and not expert_branches(graph)
+    assert len([n for n in graph.node if n.op_type == "ScatterND"]) == experts
+    assert (out / "onnx" / "model.onnx").stat().st_size <= limit
+    exact(manifest["parity"])
 
 
 def test_large_weights_split_into_chunks_transformers_js_loads(capsys, tmp_path, tokenizer_dir, monkeypatch):
