@@ -23,7 +23,7 @@ empty past takes the declared head size. MoE layers route in plain ONNX, exact o
 experts. onnxruntime-web reads no external data inside a branch, so the experts' weights stay in the graph
 file; where that file would pass GRAPH_FILE_BYTES the graph routes by `gather` instead (ArgMax or TopK, then each
 expert's MatMuls on the rows that chose it, its weights in the data files), which WebAssembly decodes
-slower (`docs/runtimes/web.md`). q8 is the int8 form transformers.js's own q8 models have (onnxruntime's dynamic
+slower (`docs/runtimes/web.md`). q8 always routes by `gather` (LOWERINGS says why). q8 is the int8 form transformers.js's own q8 models have (onnxruntime's dynamic
 quantization): DynamicQuantizeMatMul, int8 weights with one scale per output channel, activations quantized
 to uint8 as the kernel runs, one scale per block of at most 128 input channels (`onnx_quant.DynamicInt8Linears`);
 onnxruntime-web's WebAssembly build runs it 3-4x faster than the 8-bit MatMulNBits of the onnx target's int8.
@@ -61,8 +61,10 @@ FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text":
 POSITION_START = {"gemma3_text": 1}    # transformers.js counts these models' position_ids from 1
 MIN_MAX_SEQ_LEN = 64
 # MoE lowerings, in order of preference: `switch` while its graph file (the experts' weights in it) stays
-# within GRAPH_FILE_BYTES (a browser holds the file in one buffer), else `gather`
-LOWERINGS = ("switch", "gather")
+# within GRAPH_FILE_BYTES (a browser holds the file in one buffer), else `gather`. q8 takes `gather` only: its
+# kernel quantizes activations with one scale over the rows it is given, and a `switch` branch is given every
+# row of a prompt, those routed elsewhere too (their outliers would coarsen the scale of the rows it serves)
+LOWERINGS = {"fp32": ("switch", "gather"), "fp16": ("switch", "gather"), "q8": ("gather",), "q4": ("switch", "gather")}
 GRAPH_FILE_BYTES = CHUNK_BYTES
 PAGE_FILES = ("index.html", "page.js")
 
@@ -112,7 +114,7 @@ class WebExporter(Exporter):
         out_tmp = Path(out_tmp)
         (out_tmp / ONNX_DIR).mkdir()
         graph = model_file(quant)
-        for lowering in LOWERINGS:
+        for lowering in LOWERINGS[quant]:
             data = ExternalData(out_tmp / f"{graph}_data", chunk_bytes=CHUNK_BYTES)
             try:
                 proto = build_model(model_dir, QUANTS[quant][1], max_seq_len, lowering, None, data,
@@ -120,7 +122,7 @@ class WebExporter(Exporter):
                                     logits_to_keep=True, plain_embedding=True, inline_branches=True)
             finally:
                 data.close()
-            if graph_file_fits(proto):
+            if lowering == LOWERINGS[quant][-1] or graph_file_fits(proto):
                 break
             log.info("web: the experts' weights would make %s larger than %d MiB: routing by gather instead",
                      graph, GRAPH_FILE_BYTES >> 20)
