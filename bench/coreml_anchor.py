@@ -2,14 +2,16 @@
 for a Hugging Face causal LM (coremltools ships no converter for one).
 
     python bench/coreml_anchor.py MODEL_DIR OUT.mlpackage [--quant int4|int8|fp16] [--max-seq-len N]
+                                  [--dtype float32|float16]
 
 The steps are the ones coremltools documents for PyTorch models and weight compression: load the model
 with transformers, `torch.jit.trace` it, `ct.convert` to an ML Program (iOS 18, fp16 compute, a flexible
 sequence length), `ct.optimize.coreml.linear_quantize_weights` (int4: symmetric, blocks of 32 inputs, the
 same scheme as d2m-export's int4; int8: per output channel), then `save`. It traces the model without a KV
-cache (input_ids and a causal mask -> logits for every position), the shortest flow that gives a working package: less work
-than d2m-export's stateful, cached one, so a ratio against it favours the anchor. No parity check.
-Each step's wall time is printed as JSON on the last line.
+cache (input_ids and a causal mask -> logits for every position; the mask is an input, as in Apple's
+Llama-on-Core-ML example, because transformers' own mask building uses ops coremltools cannot convert): the
+shortest flow that gives a working package, less work than d2m-export's stateful, cached one, so a ratio
+against it favours the anchor. No parity check. Each step's wall time is printed as JSON on the last line.
 """
 from __future__ import annotations
 
@@ -76,8 +78,6 @@ def main() -> None:
             self.lm = lm
 
         def forward(self, input_ids, causal_mask):
-            # the mask as an input, as Apple's Llama-on-Core-ML example has it: transformers then uses it as
-            # is (its own mask building calls ops coremltools cannot convert)
             return self.lm(input_ids=input_ids, attention_mask=causal_mask, use_cache=False,
                            return_dict=False)[0]
 
