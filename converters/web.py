@@ -25,8 +25,9 @@ file; where that file would pass GRAPH_FILE_BYTES the graph routes by `gather` i
 expert's MatMuls on the rows that chose it, its weights in the data files), which WebAssembly decodes
 slower (`docs/runtimes/web.md`); q8 always routes by `gather` (LOWERINGS says why).
 
-q8 is the int8 form transformers.js's own q8 models have (onnxruntime's dynamic quantization): DynamicQuantizeMatMul, int8 weights with one scale per output channel, activations quantized
-to uint8 as the kernel runs, one scale per block of at most 128 input channels (`onnx_quant.DynamicInt8Linears`);
+q8 is the int8 form transformers.js's own q8 models have (onnxruntime's dynamic quantization):
+DynamicQuantizeMatMul, int8 weights with one scale per output channel, activations quantized to uint8 as
+the kernel runs, one scale per block of at most 128 input channels (`onnx_quant.DynamicInt8Linears`);
 onnxruntime-web's WebAssembly build runs it 3-4x faster than the 8-bit MatMulNBits of the onnx target's int8.
 q4 is MatMulNBits, 4-bit blocks of 32, as the onnx target's int4. Both look the embedding up from the LM
 head's (or embedding's) quantized bytes by Gather and arithmetic (the browser build of onnxruntime-web has
